@@ -1,0 +1,6 @@
+"""m3jax: MiniMax-M3 in JAX, with MiniMax Sparse Attention kernels for GPU and TPU."""
+
+from m3jax.config import ConfigError, M3Config, MSAConfig
+from m3jax.model import M3ForCausalLM
+
+__all__ = ["ConfigError", "M3Config", "MSAConfig", "M3ForCausalLM"]

@@ -1,0 +1,75 @@
+"""Small building blocks: Gemma RMSNorm, partial NeoX RoPE, SwiGLU-OAI MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m3jax.config import M3Config
+
+f32 = jnp.float32
+
+
+def _init(rngs: nnx.Rngs, shape, dtype, std: float = 0.02):
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, f32).astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+    """Gemma RMSNorm: normalise in float32, scale by (1 + w), cast back. Weights are stored near 0."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=f32, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.zeros((dim,), dtype))
+
+    def __call__(self, x):
+        xf = x.astype(f32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.weight[...].astype(f32))).astype(x.dtype)
+
+
+def rope_cos_sin(positions, rotary_dim: int, theta: float):
+    """cos, sin of shape [*positions.shape, rotary_dim], NeoX layout (the frequency table repeated twice)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=f32) / rotary_dim))
+    freqs = positions.astype(f32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """Partial NeoX RoPE on the first rotary_dim channels of x [B, T, heads, X]; the rest passes through.
+
+    Channel i is paired with i + rotary_dim/2 ("rotate_half"). cos/sin: [B, T, rotary_dim].
+    """
+    rot = cos.shape[-1]
+    if rot == 0:
+        return x
+    xf = x.astype(f32)
+    xr, xp = xf[..., :rot], xf[..., rot:]
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([xr * c + rotated * s, xp], axis=-1).astype(x.dtype)
+
+
+def swiglu_oai(gate, up, alpha: float, limit: float):
+    """SwiGLU-OAI (non-interleaved): min(g, limit) * sigmoid(alpha * g) * (clip(u, -limit, limit) + 1)."""
+    g = jnp.minimum(gate, limit)
+    u = jnp.clip(up, -limit, limit)
+    return g * jax.nn.sigmoid(alpha * g) * (u + 1.0)
+
+
+class MLP(nnx.Module):
+    """down(swiglu_oai(x @ gate, x @ up)): the dense MLP of full layers and the MoE's shared expert."""
+
+    def __init__(self, cfg: M3Config, width: int, *, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
+        self.gate_df = _init(rngs, (d, width), dtype)
+        self.up_df = _init(rngs, (d, width), dtype)
+        self.down_fd = _init(rngs, (width, d), dtype)
+
+    def __call__(self, x_btd):
+        g = jnp.einsum("btd,df->btf", x_btd, self.gate_df[...])
+        u = jnp.einsum("btd,df->btf", x_btd, self.up_df[...])
+        return jnp.einsum("btf,fd->btd", swiglu_oai(g, u, self.alpha, self.limit), self.down_fd[...])

@@ -1,0 +1,60 @@
+"""M3ForCausalLM: embedding, the decoder stacks, final norm and the untied lm_head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m3jax.config import M3Config
+from m3jax.model.decoder import LayerStack
+from m3jax.model.layers import RMSNorm, _init, rope_cos_sin
+
+f32 = jnp.float32
+
+
+class M3ForCausalLM(nnx.Module):
+    """The MiniMax-M3 text model.
+
+    `model(input_ids)` is the full causal forward with exact MSA semantics and no cache: int32 [B, S] ->
+    float32 logits [B, S, vocab]. `attn_impl` picks the MSA/attention implementation (see
+    pallas_kernels.dispatch: None = the backend's default, or "reference", "gpu", "gpu-interpret", "tpu", ...).
+    """
+
+    def __init__(self, cfg: M3Config, *, dtype=jnp.bfloat16, attn_impl: str | None = None, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.attn_impl = attn_impl
+        self.embed_vd = _init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.stacks = nnx.List([
+            LayerStack(cfg, first, n, a, m, dtype=dtype, rngs=rngs) for first, n, a, m in cfg.layer_groups
+        ])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head_dv = _init(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+
+    def embed(self, input_ids):
+        return jnp.take(self.embed_vd[...], input_ids, axis=0)
+
+    def logits(self, h_btd):
+        h = self.final_norm(h_btd)
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("btd,vd->btv", h, self.embed_vd[...], preferred_element_type=f32)
+        return jnp.einsum("btd,dv->btv", h, self.lm_head_dv[...], preferred_element_type=f32)
+
+    def rope(self, positions):
+        return rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
+
+    def __call__(self, input_ids, positions=None):
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be int [batch, seq], got shape {input_ids.shape}")
+        b, s = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        positions = jnp.asarray(positions, jnp.int32)
+        cos, sin = self.rope(positions)
+        h = self.embed(input_ids)
+        for stack in self.stacks:
+            h = stack(h, positions, cos, sin, impl=self.attn_impl)
+        return self.logits(h)

@@ -1,0 +1,1 @@
+"""Pallas kernels for MiniMax Sparse Attention, their float32 references and the backend dispatch."""

@@ -1,0 +1,78 @@
+"""One entry point per MSA op; picks the implementation from the backend or an explicit `impl`.
+
+    impl=None         the default for jax.default_backend(): "gpu" on GPU, "tpu" on TPU, "reference" on CPU
+    impl="reference"  the float32 jnp reference (reference.py)
+    impl="gpu"        Pallas GPU kernels;   impl="gpu-interpret": the same kernels in the Pallas interpreter
+    impl="tpu"        Pallas TPU kernels;   impl="tpu-interpret": the same kernels in the TPU interpreter
+
+On GPU and TPU the default list does not end with the reference: an input the kernel refuses raises an error
+naming every implementation tried, instead of silently running a 100x slower path. `impl` is a static
+Python value chosen by the caller (the model holds it); nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Sequence
+
+import jax
+
+from pallas_kernels import reference
+
+OPS = ("indexer_topk", "sparse_attention", "dense_attention")
+IMPLS = ("reference", "gpu", "gpu-interpret", "tpu", "tpu-interpret")
+_DEFAULT = {"gpu": ("gpu",), "cuda": ("gpu",), "tpu": ("tpu",), "cpu": ("reference",)}
+_BACKEND_MODULE = {"gpu": "pallas_kernels.gpu", "tpu": "pallas_kernels.tpu"}
+
+
+class NoImplementationError(RuntimeError):
+    """No implementation in the requested list accepts these inputs."""
+
+
+def default_impls() -> tuple[str, ...]:
+    return _DEFAULT.get(jax.default_backend(), ("reference",))
+
+
+def _resolve(op: str, name: str) -> Callable:
+    """The function implementing `op` for `name`, with `interpret` bound for the interpreter variants."""
+    if name not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {name!r}")
+    if name == "reference":
+        return getattr(reference, op)
+    backend, _, mode = name.partition("-")
+    try:
+        module = importlib.import_module(_BACKEND_MODULE[backend])
+    except ImportError as e:
+        raise NotImplementedError(f"{name}: kernels for {backend} are not available ({e})") from None
+    fn = getattr(module, op, None)
+    if fn is None:
+        raise NotImplementedError(f"{name}: no {backend} kernel for {op}")
+    if mode == "interpret":
+        return lambda *a, **kw: fn(*a, interpret=True, **kw)
+    return fn
+
+
+def _call(op: str, impl: str | Sequence[str] | None, *args, **kwargs):
+    order = default_impls() if impl is None else ((impl,) if isinstance(impl, str) else tuple(impl))
+    errors = []
+    for name in order:
+        try:
+            return _resolve(op, name)(*args, **kwargs)
+        except NotImplementedError as e:
+            errors.append(f"{name}: {e}")
+    raise NoImplementationError(f"{op}: no implementation in {order} accepts these inputs: " + "; ".join(errors))
+
+
+def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1, impl=None):
+    """MSA block selection; see reference.indexer_topk for layouts and semantics."""
+    return _call("indexer_topk", impl, iq_btki, ik_pages, page_table, q_pos, topk=topk, local_blocks=local_blocks)
+
+
+def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale=None, impl=None):
+    """MSA main branch over the chosen blocks; see reference.sparse_attention."""
+    return _call("sparse_attention", impl, q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, scale=scale)
+
+
+def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, impl=None):
+    """Causal GQA over the paged cache; see reference.dense_attention."""
+    return _call("dense_attention", impl, q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale)

@@ -80,6 +80,9 @@ def _attend(q_btnh, k_pages, v_pages, page_table, keep_btks, scale):
     kh = k_pages.shape[0]
     k = gather_sequence(k_pages, page_table).astype(f32)                  # [B, K, S, H]
     v = gather_sequence(v_pages, page_table).astype(f32)
+    # Slots no query may see (past the sequence, unwritten page tails) can hold anything, NaN included.
+    seen = keep_btks.any(axis=(1, 2))                                      # [B, S]
+    v = jnp.where(seen[:, None, :, None], v, 0.0)
     q = q_btnh.astype(f32).reshape(b, t, kh, n // kh, h)                   # [B, T, K, G, H]
     logits = jnp.einsum("btkgh,bksh->btkgs", q, k, precision="highest") * scale
     logits = jnp.where(keep_btks[:, :, :, None, :], logits, -jnp.inf)

@@ -1,6 +1,8 @@
 """m3jax: MiniMax-M3 in JAX, with MiniMax Sparse Attention kernels for GPU and TPU."""
 
+from m3jax import testing
+from m3jax.api import load
 from m3jax.config import ConfigError, M3Config, MSAConfig
 from m3jax.model import M3ForCausalLM
 
-__all__ = ["ConfigError", "M3Config", "MSAConfig", "M3ForCausalLM"]
+__all__ = ["ConfigError", "M3Config", "MSAConfig", "M3ForCausalLM", "load", "testing"]

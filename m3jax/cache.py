@@ -1,0 +1,224 @@
+"""Paged KV + index-K cache (device arrays) and the host-side page allocator.
+
+Layout (axis letters as in STYLE.md; R = rows per page = the MSA block size, so one selected block is one page):
+
+  per layer    K/V pages  [K, P, R, H]   head-major: one (head, page) tile is contiguous
+               index-K    [P, R, I]      sparse (MSA) layers only: the shared index-k head, post norm + RoPE
+  per stack    the L layers of one LayerStack are stored in one pool with the layer folded into the page axis:
+               k/v `[K, L*P, R, H]`, ik `[L*P, R, I]`; layer l's page p sits at l*P + p. A layer's view is
+               `k[:, l*P:(l+1)*P]`, exactly the per-layer layout above.
+
+Folding the layer into the page axis lets the cached forward keep the whole pool in the carry of the layer
+scan and update it in place (a scatter), and lets an attention kernel read layer l through the ordinary page
+table shifted by l*P: no per-layer slice of the pool is ever copied. Page 0 of every layer (l*P) is the sink
+that padding tokens write to; the allocator never hands it out.
+
+`PageAllocator` lives on the host: it owns the physical page ids 1..P-1, hands out whole pages per request
+and takes them back when a request finishes. Running out of pages is signalled by `OutOfPages`; a double free
+or a foreign page id raises instead of corrupting another request's cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+
+from m3jax.config import M3Config, SPARSE_ATTENTION
+
+log = logging.getLogger(__name__)
+
+SINK_PAGE = 0
+
+
+class OutOfPages(RuntimeError):
+    """The page pool cannot satisfy an allocation (the caller queues the request instead of failing it)."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StackCache:
+    """The cache of one LayerStack: L layers folded into the page axis (see the module docstring)."""
+
+    k_pages: jax.Array                 # [K, L*P, R, H]
+    v_pages: jax.Array                 # [K, L*P, R, H]
+    ik_pages: jax.Array | None = None  # [L*P, R, I], MSA stacks only
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """One StackCache per LayerStack of the model, in order; `num_pages` physical pages per layer."""
+
+    stacks: list[StackCache]
+    num_pages: int = dataclasses.field(metadata=dict(static=True))
+    page_size: int = dataclasses.field(metadata=dict(static=True))
+
+    def layer_k(self, layer: int) -> jax.Array:
+        """[K, P, R, H]: the K pages of global layer `layer` (a copy; for tests and debugging)."""
+        s, l = self._locate(layer)
+        return self.stacks[s].k_pages[:, l * self.num_pages:(l + 1) * self.num_pages]
+
+    def layer_v(self, layer: int) -> jax.Array:
+        s, l = self._locate(layer)
+        return self.stacks[s].v_pages[:, l * self.num_pages:(l + 1) * self.num_pages]
+
+    def layer_ik(self, layer: int) -> jax.Array | None:
+        s, l = self._locate(layer)
+        ik = self.stacks[s].ik_pages
+        return None if ik is None else ik[l * self.num_pages:(l + 1) * self.num_pages]
+
+    def _locate(self, layer: int) -> tuple[int, int]:
+        n = 0
+        for i, st in enumerate(self.stacks):
+            num = st.k_pages.shape[1] // self.num_pages
+            if layer < n + num:
+                return i, layer - n
+            n += num
+        raise IndexError(f"layer {layer} out of range (the cache has {n} layers)")
+
+
+def bytes_per_page(cfg: M3Config, dtype) -> int:
+    """Device bytes of one page across all layers (K + V everywhere, index-K on MSA layers)."""
+    item = jnp.dtype(dtype).itemsize
+    r = cfg.msa.block_size
+    kv = 2 * cfg.num_key_value_heads * r * cfg.head_dim * item * cfg.num_hidden_layers
+    num_sparse = sum(t == SPARSE_ATTENTION for t in cfg.layer_types)
+    return kv + num_sparse * r * cfg.msa.index_dim * item
+
+
+def pages_per_sequence(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fraction: float = 0.5,
+                         device: jax.Device | None = None) -> int:
+    """Pages that fit in `memory_fraction` of the device's free memory, at most `max_pages`, at least 2.
+
+    Devices that report no memory statistics (CPU) get `max_pages`. The rest of the free memory is left for
+    activations and the attention workspace of a step.
+    """
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+    device = device or jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:          # noqa: BLE001 - backends without statistics raise assorted errors
+        stats = None
+    if not stats or "bytes_limit" not in stats:
+        return max_pages
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    fit = int(free * memory_fraction) // bytes_per_page(cfg, dtype)
+    if fit < 2:
+        raise OutOfPages(f"free device memory ({free / 2**30:.2f} GiB x {memory_fraction}) holds {fit} pages of "
+                         f"{bytes_per_page(cfg, dtype) / 2**20:.2f} MiB; at least 2 (sink + one) are needed")
+    return min(fit, max_pages)
+
+
+def init_cache(model, num_pages: int, dtype=None, sharding=None) -> KVCache:
+    """A zeroed KVCache for `model` (an M3ForCausalLM) with `num_pages` pages per layer (page 0 = sink)."""
+    cfg = model.config
+    if num_pages < 2:
+        raise ValueError(f"num_pages must be >= 2 (page 0 is the sink), got {num_pages}")
+    dtype = jnp.dtype(dtype or model.dtype)
+    k, r, h, i = cfg.num_key_value_heads, cfg.msa.block_size, cfg.head_dim, cfg.msa.index_dim
+    stacks = []
+    for stack in model.stacks:
+        n = stack.num_layers * num_pages
+        zeros = (lambda shape: jnp.zeros(shape, dtype)) if sharding is None else (
+            lambda shape: jax.device_put(jnp.zeros(shape, dtype), sharding))
+        ik = zeros((n, r, i)) if stack.attention_type == SPARSE_ATTENTION else None
+        stacks.append(StackCache(zeros((k, n, r, h)), zeros((k, n, r, h)), ik))
+    return KVCache(stacks, num_pages, r)
+
+
+class PageAllocator:
+    """Host-side owner of the physical page ids 1..num_pages-1 (page 0 is the sink).
+
+    `allocate(owner, n)` gives `owner` n more pages (appended to its page list) or raises OutOfPages and
+    changes nothing; `release(owner)` returns all of the owner's pages. Every page belongs to at most one
+    owner at a time, and the allocator checks it.
+    """
+
+    def __init__(self, num_pages: int):
+        if num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is the sink), got {num_pages}")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, 0, -1))   # pop() hands out low ids first
+        self._owner: dict[int, object] = {}
+        self._pages: dict[object, list[int]] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        """Pages a single request could ever hold (all but the sink)."""
+        return self.num_pages - 1
+
+    def pages(self, owner) -> list[int]:
+        """The owner's pages in logical order (block m of the sequence is pages(owner)[m])."""
+        return list(self._pages.get(owner, ()))
+
+    def owners(self) -> list:
+        return list(self._pages)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, owner, n: int) -> list[int]:
+        """Append n pages to owner's list and return them; raises OutOfPages (changing nothing) if short."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} pages")
+        if n > len(self._free):
+            raise OutOfPages(f"{owner!r} needs {n} pages, {len(self._free)} of {self.capacity} are free")
+        got = [self._free.pop() for _ in range(n)]
+        for p in got:
+            self._owner[p] = owner
+        self._pages.setdefault(owner, []).extend(got)
+        return got
+
+    def ensure(self, owner, num_tokens: int, page_size: int) -> list[int]:
+        """Grow owner's page list to hold num_tokens tokens; returns the new pages (maybe none)."""
+        need = pages_per_sequence(num_tokens, page_size) - len(self._pages.get(owner, ()))
+        return self.allocate(owner, need) if need > 0 else []
+
+    def release(self, owner) -> int:
+        """Return all of owner's pages to the pool; returns how many. Unknown owners raise KeyError."""
+        if owner not in self._pages:
+            raise KeyError(f"{owner!r} holds no pages")
+        pages = self._pages.pop(owner)
+        for p in pages:
+            if self._owner.get(p) != owner:
+                raise RuntimeError(f"page {p} listed for {owner!r} is owned by {self._owner.get(p)!r}")
+            del self._owner[p]
+        self._free.extend(reversed(pages))
+        return len(pages)
+
+    def check(self) -> None:
+        """Invariants: every page 1..P-1 is free xor owned once; the sink is never handed out."""
+        free = set(self._free)
+        if len(free) != len(self._free):
+            raise RuntimeError("page allocator: a page is on the free list twice")
+        if SINK_PAGE in free or SINK_PAGE in self._owner:
+            raise RuntimeError("page allocator: the sink page was handed out")
+        if free & set(self._owner):
+            raise RuntimeError("page allocator: a page is both free and owned")
+        if len(free) + len(self._owner) != self.num_pages - 1:
+            raise RuntimeError(f"page allocator: {len(free)} free + {len(self._owner)} owned != "
+                               f"{self.num_pages - 1} pages")
+
+
+def page_table_row(pages: list[int], max_blocks: int) -> list[int]:
+    """A request's page-table row: its pages, then the sink up to max_blocks."""
+    if len(pages) > max_blocks:
+        raise ValueError(f"{len(pages)} pages exceed the page table width {max_blocks}")
+    return list(pages) + [SINK_PAGE] * (max_blocks - len(pages))
+
+
+def max_blocks(max_seq_len: int, page_size: int) -> int:
+    return max(1, math.ceil(max_seq_len / page_size))

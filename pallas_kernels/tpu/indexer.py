@@ -1,0 +1,166 @@
+"""MSA index branch on TPU (Mosaic): block selection by streaming the paged index-K cache.
+
+ids[b, t, k, :] = the topk logical blocks with the largest max_{s in block, s <= q_pos} <iq[b,t,k], ik[s]>,
+the query's own `local_blocks` blocks forced first, ties to the lower id, -1 where fewer blocks are visible.
+Same semantics as reference.indexer_topk (no 1/sqrt(I) scale: ranking-invariant).
+
+Schedule (why it looks like this):
+  * grid (B, T_tiles). One program owns one request and a tile of tq query tokens; its rows are the
+    tq x K index heads (row r = token r // K, head r % K). The index-K head is shared by all K groups, so
+    one streamed page [R, I] feeds all tq*K rows in one MXU matmul: intensity ~ rows flop per byte.
+  * The pages are streamed in logical order 0 .. (last position in the tile) // R with manually
+    double-buffered DMAs (`make_async_copy`, 2 slots); the page table and the per-tile page count are
+    scalar-prefetched into SMEM. Decode and prefill chunks are the same kernel (decode: tq tokens of one
+    request, usually tq = 1 padded to 8 rows).
+  * Per page: scores [rows, R] (f32 accumulate), key-level causal mask before pooling, max over the R lanes
+    -> one block score per row, written into lane (m % 128) of a [rows, M_pad] f32 VMEM scratch (a
+    read-modify-write of one aligned 128-lane tile: lane-dense, no dynamic single-lane store).
+  * After the stream, the forced blocks are set to +inf and top-k is `topk` rounds of (row max, lowest lane
+    holding it, knock it out) over the scratch: exact, deterministic ties, O(topk * M) VPU work per row,
+    small next to the O(M * R * I) MXU work of the scores.
+
+Limits: I % 128 == 0 (lane dim of iq/ik tiles, MXU contraction), R a multiple of the ik dtype's sublane
+tile, rows * M_pad * 4 bytes <= INDEXER_SCORES_VMEM_BYTES (tq shrinks to fit; 8 rows at M = 262144 blocks).
+A padding row (q_pos = -1) gets all -1; pages past the tile's last position are never read.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.tpu import _compat, tiling
+
+
+def _stream_block_scores(b, n, table_ref, iq_ref, rowpos, ik_hbm, ikbuf, sems, scores_ref, page_rows):
+    """Fill scores_ref[:, m] = max over visible keys of block m of <iq_row, ik_key>, for m < n."""
+    def copy(m, slot):
+        return _compat.make_async_copy(ik_hbm.at[table_ref[b, m]], ikbuf.at[slot], sems.at[slot])
+
+    @pl.when(n > 0)
+    def _():
+        copy(0, 0).start()
+
+    def body(m, carry):
+        slot = m % 2
+
+        @pl.when(m + 1 < n)
+        def _():
+            copy(m + 1, 1 - slot).start()
+
+        copy(m, slot).wait()
+        s = jax.lax.dot_general(iq_ref[...], ikbuf[slot].astype(iq_ref.dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)                 # [rows, R]
+        key = m * page_rows + jax.lax.broadcasted_iota(jnp.int32, (1, page_rows), 1)
+        s = jnp.where(key <= rowpos, s, -jnp.inf)                                    # causal per key
+        best = jnp.max(s, axis=1, keepdims=True)                                     # [rows, 1]
+        col = pl.multiple_of((m // tiling.LANES) * tiling.LANES, tiling.LANES)
+        lane = jax.lax.broadcasted_iota(jnp.int32, (1, tiling.LANES), 1)
+        tile = scores_ref[:, pl.ds(col, tiling.LANES)]
+        scores_ref[:, pl.ds(col, tiling.LANES)] = jnp.where(lane == m % tiling.LANES, best, tile)
+        return carry
+
+    jax.lax.fori_loop(0, n, body, 0)
+
+
+def _select_topk(scores, rowpos, page_rows, local_blocks, topk):
+    """i32[rows, topk]: forced blocks (+inf) then the best scores; lowest id on ties; -1 for -inf."""
+    rows, m_pad = scores.shape
+    blk = jax.lax.broadcasted_iota(jnp.int32, (rows, m_pad), 1)
+    own = jnp.where(rowpos >= 0, rowpos // page_rows, -1 - local_blocks)           # [rows, 1]
+    forced = (blk <= own) & (blk > own - local_blocks)
+    scores = jnp.where(forced, jnp.inf, scores)
+    out_lane = jax.lax.broadcasted_iota(jnp.int32, (rows, topk), 1)
+    out = jnp.full((rows, topk), -1, jnp.int32)
+    for j in range(topk):
+        best = jnp.max(scores, axis=1, keepdims=True)                                # [rows, 1]
+        idx = jnp.min(jnp.where(scores == best, blk, m_pad), axis=1, keepdims=True)  # lowest id on ties
+        out = jnp.where(out_lane == j, jnp.where(best == -jnp.inf, -1, idx), out)
+        scores = jnp.where(blk == idx, -jnp.inf, scores)
+    return out
+
+
+def _indexer_kernel(table_ref,    # i32[B, M]   SMEM (scalar prefetch): page table
+                    count_ref,    # i32[B, NT]  SMEM (scalar prefetch): pages to stream for this tile
+                    iq_ref,       # [rows, I]   VMEM: index queries, row = token * K + index head
+                    rowpos_ref,   # i32[rows, 1] VMEM: absolute position of the row's token, -1 padding
+                    ik_hbm,       # [P, R, I]   HBM (pl.ANY): index-K page pool, manual DMA only
+                    out_ref,      # i32[rows, topk] VMEM: selected logical block ids
+                    ikbuf,        # [2, R, I]   VMEM double buffer
+                    sems,         # DMA semaphores [2]
+                    scores_ref,   # f32[rows, M_pad] VMEM block scores
+                    *, page_rows: int, local_blocks: int, topk: int):
+    b, t = pl.program_id(0), pl.program_id(1)
+    n = count_ref[b, t]
+    rowpos = rowpos_ref[...]
+    scores_ref[...] = jnp.full(scores_ref.shape, -jnp.inf, jnp.float32)
+    _stream_block_scores(b, n, table_ref, iq_ref, rowpos, ik_hbm, ikbuf, sems, scores_ref, page_rows)
+    out_ref[...] = _select_topk(scores_ref[...], rowpos, page_rows, local_blocks, topk)
+
+
+def _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks):
+    shapes = dict(iq=iq_btki.shape, ik_pages=ik_pages.shape, page_table=page_table.shape, q_pos=q_pos.shape)
+    b, t, _, i = iq_btki.shape
+    if ik_pages.ndim != 3 or ik_pages.shape[-1] != i or page_table.shape[0] != b or q_pos.shape != (b, t):
+        raise ValueError(f"indexer_topk: need iq [B,T,K,I], ik_pages [P,R,I], page_table [B,M], q_pos [B,T]; "
+                         f"got {shapes}")
+    if not (isinstance(topk, int) and topk >= 1 and isinstance(local_blocks, int) and local_blocks >= 0):
+        raise ValueError(f"indexer_topk: need int topk >= 1 and local_blocks >= 0, got {topk=}, {local_blocks=}")
+    tiling.check_dtype("indexer_topk: iq", iq_btki)
+    tiling.check_dtype("indexer_topk: ik_pages", ik_pages)
+    tiling.check_lanes("indexer_topk", "index_dim I", i, shapes)
+    tiling.check_page_rows("indexer_topk", ik_pages.shape[1], ik_pages.dtype, shapes)
+
+
+def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1,
+                 interpret: bool = False):
+    """MSA block selection on TPU: i32[B, T, K, topk] logical block ids, best first, -1 right-padded.
+
+    iq_btki [B, T, K, I] f32|bf16 (one index query per KV group), ik_pages [P, R, I] f32|bf16 (the shared
+    index-K head, paged), page_table i32[B, M], q_pos i32[B, T] (-1 = padding row -> all -1).
+    Semantics, schedule and limits: module docstring. Mixed dtypes are computed in the wider one.
+    """
+    _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks)
+    b, t, kh, i = iq_btki.shape
+    _, r, _ = ik_pages.shape
+    m = page_table.shape[1]
+    m_pad = tiling.round_up(max(m, 1), tiling.LANES)
+    max_rows = tiling.INDEXER_SCORES_VMEM_BYTES // (m_pad * 4)
+    tq = tiling.row_tile(t, kh, min(tiling.INDEXER_TARGET_ROWS, max_rows))
+    rows = tq * kh
+    if rows * m_pad * 4 > tiling.INDEXER_SCORES_VMEM_BYTES:
+        raise NotImplementedError(f"indexer_topk: M={m} blocks need {rows * m_pad * 4} B of score scratch for "
+                                  f"{rows} rows, over {tiling.INDEXER_SCORES_VMEM_BYTES}")
+    tp = tiling.round_up(t, tq)
+    nt = tp // tq
+    q_pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=-1)
+    iq = jnp.pad(iq_btki, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+    iq = iq.astype(jnp.promote_types(iq.dtype, ik_pages.dtype))
+    iq_rows = iq.reshape(b, tp * kh, i)                                              # row = token * K + k
+    rowpos = jnp.repeat(q_pos, kh, axis=1)[..., None]                                # i32[B, Tp*K, 1]
+    last = jnp.max(q_pos.reshape(b, nt, tq), axis=-1)
+    count = jnp.where(last >= 0, jnp.minimum(last // r + 1, m), 0).astype(jnp.int32)  # [B, NT]
+
+    itemsize = jnp.dtype(iq.dtype).itemsize
+    vmem = (2 * r * i * itemsize + 2 * rows * i * itemsize + rows * m_pad * 4 * 3
+            + 2 * rows * tiling.LANES * 4 * 2)
+    grid_spec = _compat.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(b, nt),
+        in_specs=[pl.BlockSpec((None, rows, i), lambda bi, ti, *_: (bi, ti, 0)),
+                  pl.BlockSpec((None, rows, 1), lambda bi, ti, *_: (bi, ti, 0)),
+                  pl.BlockSpec(memory_space=_compat.ANY)],
+        out_specs=pl.BlockSpec((None, rows, topk), lambda bi, ti, *_: (bi, ti, 0)),
+        scratch_shapes=[_compat.VMEM((2, r, i), ik_pages.dtype), _compat.DMA((2,)),
+                        _compat.VMEM((rows, m_pad), jnp.float32)])
+    kernel = functools.partial(_indexer_kernel, page_rows=r, local_blocks=local_blocks, topk=topk)
+    out = pl.pallas_call(
+        kernel, grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((b, tp * kh, topk), jnp.int32),
+        compiler_params=_compat.compiler_params(2, min(tiling.VMEM_CAP_BYTES, vmem + 4 * 2**20)),
+        interpret=_compat.interpret_arg(interpret),
+        name="m3_indexer_topk",
+    )(page_table.astype(jnp.int32), count, iq_rows, rowpos, ik_pages)
+    return out.reshape(b, tp, kh, topk)[:, :t]

@@ -1,0 +1,11 @@
+"""Pallas MSA kernels for NVIDIA GPUs (Triton lowering; runs on jax 0.10.2 interpret and 0.11.2 GPU).
+
+indexer_topk, sparse_attention and dense_attention take exactly the arguments of their float32 references in
+pallas_kernels/reference.py plus `interpret: bool = False`, and raise NotImplementedError (naming the
+shapes) for inputs outside their envelope. See indexer.py and attention.py for the schedules.
+"""
+
+from pallas_kernels.gpu.attention import dense_attention, sparse_attention
+from pallas_kernels.gpu.indexer import indexer_topk
+
+__all__ = ["indexer_topk", "sparse_attention", "dense_attention"]

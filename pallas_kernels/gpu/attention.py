@@ -1,0 +1,248 @@
+"""Paged MSA attention on NVIDIA GPUs (Triton-lowered Pallas): block-sparse and dense, prefill and decode.
+
+sparse_attention: out[b,t,n] = softmax(q[b,t,n] . K_sel^T * scale) V_sel over the keys s <= q_pos[b,t] of the
+    <= C blocks block_ids[b,t,n//G,:] (logical ids, -1 empty), each mapped to a physical page by page_table.
+dense_attention:  the same over every visible key (the full-attention layers).
+
+Schedule (sparse). One program per (token, KV group, split): its M dimension is the G query heads of the group
+(padded to 16 on the GPU: triton's dot needs >= 16 rows), and it walks its share of the token's chosen pages
+with an online softmax. The wrapper first compacts each (token, group) list (drops -1, out-of-range, future and
+repeated ids; ascending ids), so the kernel loop has no branches and never touches a page no key of which is
+visible. When the (token x group) grid cannot fill the chip (decode), the C chosen pages are split over
+`num_splits` programs and the partial results are merged with their log-sum-exp (split-K). The same kernel
+serves prefill chunks, decode and multi-token verification (any T).
+
+Schedule (dense). One program per (tile of TQ tokens, KV group, split): M = TQ tokens x G heads (<= 128 rows,
+tokens outer), walking all pages up to the tile's last visible block, causal mask per row; split-K over the
+context for decode. Tiles are launched longest-first (reverse token order) to shorten the causal tail.
+
+Edges: keys past q_pos get -inf logits; V rows past the tile's largest q_pos are zeroed before the PV product,
+so unwritten slots (NaN in the tests) never reach the output. A row with no visible key (q_pos = -1, or only
+empty slots) outputs 0, like the reference.
+
+Limits (NotImplementedError): H, R and TQ*G row tiles must be powers of two; on the GPU H and R must be >= 16;
+N % K == 0; float32 / bfloat16 / float16. The result has q's dtype (f32 accumulation inside).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gpu import _common as cm
+from pallas_kernels.gpu._compat import compiler_params, whole_array
+
+f32 = jnp.float32
+_ROWS_PER_TILE = 128       # dense: tokens x heads per program
+
+
+def _attend_block(q, k, v, blk, row_pos, max_pos, carry, *, scale, block_size, precision):
+    """One online-softmax step over one page. q [rows, H]; k, v [R, H]; row_pos i32[rows]."""
+    m, l, acc = carry                                                      # [rows], [rows], [rows, H]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=f32)
+    s = s * scale                                                          # [rows, R]
+    key_row = blk * block_size + lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+    s = jnp.where(key_row <= row_pos[:, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m - m_safe)
+    p = jnp.exp(s - m_safe[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    key_col = blk * block_size + lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
+    v = jnp.where(key_col <= max_pos, v, jnp.zeros_like(v))                # unwritten slots may hold NaN
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=f32)
+    return m_new, l, acc * alpha[:, None] + pv
+
+
+def _init_carry(rows, head_dim):
+    return (jnp.full((rows,), -jnp.inf, f32), jnp.zeros((rows,), f32), jnp.zeros((rows, head_dim), f32))
+
+
+def _store(carry, o_ref, lse_ref):
+    m, l, acc = carry
+    l_safe = jnp.where(l > 0, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    if lse_ref is not None:
+        lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _sparse_kernel(pt_ref, ids_ref, nvalid_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
+                   num_tokens, per_split, scale, block_size, precision):
+    # pt_ref i32[B, M]; ids_ref i32[B, T, K, C] compacted; nvalid_ref i32[B, T, K]; qpos_ref i32[B, T]
+    # q_ref [Gp, H] (one token, one group); k_ref, v_ref [K, P, R, H]; o_ref [Gp, H]; lse_ref f32[Gp]
+    i, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, t = i // num_tokens, i % num_tokens
+    pos = qpos_ref[b, t]
+    start = split * per_split
+    stop = jnp.minimum(start + per_split, nvalid_ref[b, t, kh])
+    q = q_ref[...]
+    rows, head_dim = q.shape
+    row_pos = jnp.full((rows,), pos, jnp.int32)
+
+    def body(c, carry):
+        blk = ids_ref[b, t, kh, c]
+        page = pt_ref[b, blk]
+        return _attend_block(q, k_ref[kh, page], v_ref[kh, page], blk, row_pos, pos, carry,
+                             scale=scale, block_size=block_size, precision=precision)
+
+    carry = lax.fori_loop(start, stop, body, _init_carry(rows, head_dim))
+    _store(carry, o_ref, lse_ref[0] if lse_ref else None)
+
+
+def _dense_kernel(pt_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
+                  num_tiles, per_split, num_blocks, scale, block_size, precision):
+    # pt_ref i32[B, M]; qpos_ref i32[rows] (token of each row); q_ref [rows, H]; k_ref, v_ref [K, P, R, H]
+    i, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b = i // num_tiles
+    q = q_ref[...]
+    row_pos = qpos_ref[...]
+    rows, head_dim = q.shape
+    max_pos = jnp.max(row_pos)
+    end = jnp.minimum(jnp.where(max_pos >= 0, max_pos // block_size + 1, 0), num_blocks)
+    start = split * per_split
+    stop = jnp.minimum(start + per_split, end)
+
+    def body(blk, carry):
+        page = pt_ref[b, blk]
+        return _attend_block(q, k_ref[kh, page], v_ref[kh, page], blk, row_pos, max_pos, carry,
+                             scale=scale, block_size=block_size, precision=precision)
+
+    carry = lax.fori_loop(start, stop, body, _init_carry(rows, head_dim))
+    _store(carry, o_ref, lse_ref[0] if lse_ref else None)
+
+
+def combine_splits(o, lse):
+    """Merge split-K partials: o f32[S, ..., H] (each normalised), lse f32[S, ...] -> f32[..., H]."""
+    mx = jnp.max(lse, axis=0)
+    w = jnp.exp(lse - jnp.where(jnp.isfinite(mx), mx, 0.0))                # -inf partials weigh 0
+    den = jnp.sum(w, axis=0)
+    return jnp.sum(w[..., None] * o, axis=0) / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+def num_splits(programs: int, units: int, min_units: int = 1) -> int:
+    """Split-K factor: enough programs to fill the chip ~4 times over, each with >= min_units units."""
+    want = cm.cdiv(4 * cm.NUM_SMS_HINT, max(programs, 1))
+    return max(1, min(want, cm.cdiv(units, min_units)))
+
+
+def _check(op, q, k_pages, v_pages, page_table, q_pos, interpret):
+    b, t, n, h = q.shape
+    kh, _, r, hk = k_pages.shape
+    shapes = {"q": q.shape, "k_pages": k_pages.shape, "v_pages": v_pages.shape,
+              "page_table": page_table.shape, "q_pos": q_pos.shape}
+    if v_pages.shape != k_pages.shape or hk != h or q_pos.shape != (b, t) or page_table.shape[0] != b:
+        raise ValueError(f"gpu.{op}: inconsistent shapes {shapes}")
+    cm.require(n % kh == 0, op, "N must be a multiple of K", shapes)
+    cm.check_dtype(op, q, "q")
+    cm.check_dtype(op, k_pages, "k_pages")
+    cm.check_tile(op, h, "head_dim H", interpret, shapes)
+    cm.check_tile(op, r, "block size R", interpret, shapes)
+    g = n // kh
+    return b, t, n, h, kh, r, g, max(cm.next_pow2(g), 1 if interpret else 16)
+
+
+def compact_block_ids(block_ids, q_pos, block_size, num_blocks):
+    """Per (token, group): valid distinct ids ascending, then -1; and their count. i32[B,T,K,Cp], i32[B,T,K].
+
+    Valid = 0 <= id < num_blocks and the block starts at or before q_pos (has a visible key). Cp is C rounded
+    up to a power of two.
+    """
+    big = jnp.int32(2 ** 30)
+    ids = block_ids.astype(jnp.int32)
+    ok = (ids >= 0) & (ids < num_blocks) & (ids * block_size <= q_pos[:, :, None, None])
+    ids = jnp.sort(jnp.where(ok, ids, big), axis=-1)
+    dup = jnp.concatenate([jnp.zeros_like(ids[..., :1], bool), ids[..., 1:] == ids[..., :-1]], axis=-1)
+    ids = jnp.sort(jnp.where(dup, big, ids), axis=-1)
+    nvalid = jnp.sum(ids < big, axis=-1).astype(jnp.int32)
+    c = ids.shape[-1]
+    ids = jnp.pad(ids, ((0, 0),) * 3 + ((0, cm.next_pow2(c) - c),), constant_values=big)
+    return jnp.where(ids < big, ids, -1), nvalid
+
+
+def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale=None, interpret=False):
+    """Block-sparse paged attention (MSA main branch); see the module docstring and reference.sparse_attention.
+
+    q_btnh [B, T, N, H]; k_pages, v_pages [K, P, R, H]; page_table i32[B, M]; q_pos i32[B, T] (-1 = padding);
+    block_ids i32[B, T, K, C] (-1 = empty). Returns [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h, kh, r, g, gp = _check("sparse_attention", q_btnh, k_pages, v_pages, page_table, q_pos, interpret)
+    if block_ids.shape[:3] != (b, t, kh):
+        raise ValueError(f"gpu.sparse_attention: block_ids must be [B={b}, T={t}, K={kh}, C], got {block_ids.shape}")
+    m = page_table.shape[1]
+    scale = h ** -0.5 if scale is None else float(scale)
+    ids, nvalid = compact_block_ids(block_ids, q_pos, r, m)
+    c = block_ids.shape[-1]
+    splits = num_splits(b * t * kh, c, min_units=2)
+    per_split = cm.cdiv(c, splits)
+    splits = cm.cdiv(c, per_split)
+    q5 = q_btnh.reshape(b, t, kh, g, h)
+    if gp != g:
+        q5 = jnp.pad(q5, ((0, 0),) * 3 + ((0, gp - g), (0, 0)))
+    o_dtype = q_btnh.dtype if splits == 1 else f32
+    out_shape = [jax.ShapeDtypeStruct((splits, b, t, kh, gp, h), o_dtype)]
+    out_specs = [pl.BlockSpec((None, None, None, None, gp, h), lambda i, k, s: (s, i // t, i % t, k, 0, 0))]
+    if splits > 1:
+        out_shape.append(jax.ShapeDtypeStruct((splits, b, t, kh, gp), f32))
+        out_specs.append(pl.BlockSpec((None, None, None, None, gp), lambda i, k, s: (s, i // t, i % t, k, 0)))
+    kernel = functools.partial(_sparse_kernel, num_tokens=t, per_split=per_split, scale=scale, block_size=r,
+                               precision=cm.dot_precision(q_btnh.dtype))
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b * t, kh, splits),
+        in_specs=[whole_array(), whole_array(), whole_array(), whole_array(),
+                  pl.BlockSpec((None, None, None, gp, h), lambda i, k, s: (i // t, i % t, k, 0, 0)),
+                  whole_array(), whole_array()],
+        out_specs=out_specs, interpret=interpret, name="msa_sparse_attention",
+        compiler_params=compiler_params(num_warps=4, num_stages=2),
+    )(page_table.astype(jnp.int32), ids, nvalid, q_pos.astype(jnp.int32), q5, k_pages, v_pages)
+    o = outs[0][0] if splits == 1 else combine_splits(outs[0], outs[1])
+    return o[:, :, :, :g].reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, interpret=False):
+    """Causal GQA over the paged cache; see the module docstring and reference.dense_attention.
+
+    Same layouts as sparse_attention without block_ids. Returns [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h, kh, r, g, gp = _check("dense_attention", q_btnh, k_pages, v_pages, page_table, q_pos, interpret)
+    m = page_table.shape[1]
+    scale = h ** -0.5 if scale is None else float(scale)
+    tq = max(1, min(_ROWS_PER_TILE // gp, cm.next_pow2(t)))
+    num_tiles = cm.cdiv(t, tq)
+    tp, rows = num_tiles * tq, tq * gp
+    q5 = jnp.pad(q_btnh.reshape(b, t, kh, g, h), ((0, 0), (0, tp - t), (0, 0), (0, gp - g), (0, 0)))
+    q_rows = q5.transpose(0, 2, 1, 3, 4).reshape(b, kh, tp * gp, h)        # rows: token-major, then head
+    pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=-1)
+    pos_rows = jnp.repeat(pos, gp, axis=1)                                 # [B, Tp * Gp]
+    splits = num_splits(b * num_tiles * kh, m, min_units=4)
+    per_split = cm.cdiv(m, splits)
+    splits = cm.cdiv(m, per_split)
+    o_dtype = q_btnh.dtype if splits == 1 else f32
+    nt = num_tiles
+
+    def tile(i):                                                           # longest (last) tiles first
+        return nt - 1 - i % nt
+
+    out_shape = [jax.ShapeDtypeStruct((splits, b, kh, tp * gp, h), o_dtype)]
+    out_specs = [pl.BlockSpec((None, None, None, rows, h), lambda i, k, s: (s, i // nt, k, tile(i), 0))]
+    if splits > 1:
+        out_shape.append(jax.ShapeDtypeStruct((splits, b, kh, tp * gp), f32))
+        out_specs.append(pl.BlockSpec((None, None, None, rows), lambda i, k, s: (s, i // nt, k, tile(i))))
+    kernel = functools.partial(_dense_kernel, num_tiles=nt, per_split=per_split, num_blocks=m, scale=scale,
+                               block_size=r, precision=cm.dot_precision(q_btnh.dtype))
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b * nt, kh, splits),
+        in_specs=[whole_array(),
+                  pl.BlockSpec((None, rows), lambda i, k, s: (i // nt, tile(i))),
+                  pl.BlockSpec((None, None, rows, h), lambda i, k, s: (i // nt, k, tile(i), 0)),
+                  whole_array(), whole_array()],
+        out_specs=out_specs, interpret=interpret, name="msa_dense_attention",
+        compiler_params=compiler_params(num_warps=4 if rows <= 64 else 8, num_stages=2),
+    )(page_table.astype(jnp.int32), pos_rows, q_rows, k_pages, v_pages)
+    o = outs[0][0] if splits == 1 else combine_splits(outs[0], outs[1])    # [B, K, Tp*Gp, H]
+    o = o.reshape(b, kh, tp, gp, h)[:, :, :t, :g].transpose(0, 2, 1, 3, 4)
+    return o.reshape(b, t, n, h).astype(q_btnh.dtype)

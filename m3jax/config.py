@@ -277,6 +277,8 @@ def _translate_text_config(t: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config field 'rope_theta' must be a number, got {theta!r}")
     prf = rope.get("partial_rotary_factor", t.get("partial_rotary_factor"))
     rotary_dim = _optional(t, "rotary_dim", None, int)
+    if rotary_dim is not None and not (0 <= rotary_dim <= head_dim and rotary_dim % 2 == 0):
+        raise ConfigError(f"config field 'rotary_dim' must be even and in [0, head_dim={head_dim}], got {rotary_dim}")
     if prf is not None:
         if not isinstance(prf, (int, float)) or not 0 <= prf <= 1:
             raise ConfigError(f"config field 'partial_rotary_factor' must be in [0, 1], got {prf!r}")
@@ -287,7 +289,7 @@ def _translate_text_config(t: Mapping[str, Any]) -> dict[str, Any]:
                         "as transformers does", rotary_dim, from_prf, from_prf)
         rotary_dim = from_prf
     if rotary_dim is None:
-        rotary_dim = head_dim // 2 if "rotary_dim" not in t else t["rotary_dim"]
+        rotary_dim = head_dim       # transformers' default partial_rotary_factor is 1.0
 
     sparse = t.get("sparse_attention_config") or {}
     if not isinstance(sparse, Mapping):
@@ -347,7 +349,7 @@ def _translate_text_config(t: Mapping[str, Any]) -> dict[str, Any]:
         swiglu_alpha=float(_optional(t, "swiglu_alpha", 1.702, (int, float))),
         swiglu_limit=float(_optional(t, "swiglu_limit", 7.0, (int, float))),
         tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
-        bos_token_id=t.get("bos_token_id"),
+        bos_token_id=t.get("bos_token_id", 200034),
         eos_token_id=eos,
         layer_types=_per_layer(t, "layer_types", sparse_freq, "sparse_attention_config.sparse_attention_freq",
                                (FULL_ATTENTION, SPARSE_ATTENTION), num_layers),

@@ -159,3 +159,12 @@ def make_tiny_checkpoint(path: str, seed: int = 0, quant: str | None = None, num
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def bundled_tiny_checkpoint() -> str:
+    """The bundled tiny model (seed 0, bfloat16), written under ~/.cache/m3jax on first use."""
+    root = os.environ.get("M3JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "m3jax"))
+    path = os.path.join(root, "tiny-seed0-v1")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        make_tiny_checkpoint(path, seed=0)
+    return path

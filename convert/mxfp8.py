@@ -1,7 +1,13 @@
-"""MXFP8 (OCP microscaling, blocks of 1x32 along the input dim): E4M3 weights with E8M0 exponent scales.
+"""MXFP8 (OCP Microscaling v1.0, blocks of 1x32 along the input dim): E4M3 weights with E8M0 exponent scales.
 
 W[o, i] = float(W_e4m3[o, i]) * 2 ** (S_u8[o, i // 32] - 127). The scale tensor is stored as
 `<weight>_scale_inv`; despite the name it multiplies.
+
+Special values (OCP MX spec): E8M0 byte 255 is NaN, so every weight of its block dequantises to NaN; bytes 0 and
+254 are the ordinary extremes 2**-127 (a float32 subnormal, kept exactly) and 2**127. E4M3 (the "fn" variant) has
+no infinities; bytes 0x7F / 0xFF are NaN. The product is computed exactly in float32 (an E4M3 value has 4
+significant bits and the scale is a power of two, so the product is exact unless it overflows to inf) and rounded
+once to the output dtype: the result is bit-identical to float64 math followed by one cast.
 """
 
 from __future__ import annotations
@@ -12,17 +18,37 @@ import numpy as np
 BLOCK = 32
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E4M3_MAX = 448.0
+SCALE_NAN = 255                      # E8M0 NaN encoding
+
+# Lookup tables: every E4M3 byte and every E8M0 byte as float32 (exact).
+_E4M3_F32 = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
+with np.errstate(over="ignore"):
+    _E8M0_F32 = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - 127).astype(np.float32)
+_E8M0_F32[SCALE_NAN] = np.nan
+
+
+def scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """The [O, ceil(I/32)] shape of the E8M0 scales of an [O, I] weight."""
+    o, i = shape
+    return (o, -(-i // BLOCK))
 
 
 def dequantize(w_e4m3: np.ndarray, scale_u8: np.ndarray, out_dtype=np.float32) -> np.ndarray:
-    """[O, I] e4m3 and [O, I/32] uint8 exponents -> [O, I] out_dtype (exact in float32)."""
+    """[O, I] e4m3 and [O, ceil(I/32)] uint8 exponents -> [O, I] out_dtype (see the module docstring)."""
+    if w_e4m3.ndim != 2:
+        raise ValueError(f"MXFP8 weight must be 2-D [out, in], got shape {list(w_e4m3.shape)}")
     o, i = w_e4m3.shape
-    if scale_u8.shape != (o, -(-i // BLOCK)):
-        raise ValueError(f"MXFP8 scale must be [{o}, {-(-i // BLOCK)}] for a [{o}, {i}] weight, got {list(scale_u8.shape)}")
-    scale = np.ldexp(np.float32(1.0), scale_u8.astype(np.int32) - 127).astype(np.float32)   # exact 2**e
-    w = w_e4m3.astype(np.float32)
-    w = w * np.repeat(scale, BLOCK, axis=1)[:, :i]
-    return w.astype(out_dtype)
+    if tuple(scale_u8.shape) != scale_shape((o, i)):
+        raise ValueError(f"MXFP8 scale must be {list(scale_shape((o, i)))} for a [{o}, {i}] weight, "
+                         f"got {list(scale_u8.shape)}")
+    nb = scale_u8.shape[1]
+    w = np.zeros((o, nb * BLOCK), np.float32) if i % BLOCK else np.empty((o, i), np.float32)
+    np.take(_E4M3_F32, np.asarray(w_e4m3).view(np.uint8), out=w[:, :i])
+    s = np.take(_E8M0_F32, np.asarray(scale_u8, np.uint8))
+    w3 = w.reshape(o, nb, BLOCK)
+    with np.errstate(over="ignore", invalid="ignore"):
+        w3 *= s[:, :, None]
+        return w[:, :i].astype(out_dtype, copy=False)
 
 
 def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -166,3 +166,41 @@ def _write_json(file: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, file)
+
+
+# Region reads (positional reads into a fresh buffer: no mmap, so nothing but the result stays resident) -----
+
+_MAX_READ = 1 << 28
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int, info: TensorInfo) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:done + _MAX_READ]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name} "
+                                  f"(byte {offset + done} of {info.offset + info.nbytes} expected)")
+        done += n
+
+
+def read_region(fd: int, info: TensorInfo, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+    """[r0:r1, c0:c1] of a tensor viewed as 2-D [shape[0], prod(shape[1:])] (a 1-D tensor as [1, n]).
+
+    Whole rows are one read; a column range is one read per row, so only the region's bytes are read.
+    """
+    dt = DTYPES[info.dtype]
+    shape = info.shape if len(info.shape) >= 2 else (1, *info.shape)
+    width = int(np.prod(shape[1:], dtype=np.int64))
+    (r0, r1), (c0, c1) = rows, cols
+    out = np.empty((r1 - r0, c1 - c0), dt)
+    if out.size == 0:
+        return out
+    flat = memoryview(out.reshape(-1).view(np.uint8))
+    row_bytes = width * dt.itemsize
+    if c0 == 0 and c1 == width:
+        _pread_into(fd, flat, info.offset + r0 * row_bytes, info)
+        return out
+    n = (c1 - c0) * dt.itemsize
+    for k, r in enumerate(range(r0, r1)):
+        _pread_into(fd, flat[k * n:(k + 1) * n], info.offset + r * row_bytes + c0 * dt.itemsize, info)
+    return out

@@ -7,13 +7,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from convert.loader import load_host_params
+from convert import loader, orbax_io, placement
 from m3jax.config import M3Config
 from m3jax.model import M3ForCausalLM
-from m3jax.testing import _dotted
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -28,28 +26,26 @@ def _dtype(dtype) -> jnp.dtype:
 
 
 def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
-         attn_impl: str | None = None, progress: bool = True) -> M3ForCausalLM:
-    """Load a checkpoint directory (HF release format, BF16/FP32 or MXFP8) into an M3ForCausalLM.
+         attn_impl: str | None = None, progress: bool = True,
+         shardings: placement.ShardingsArg = None) -> M3ForCausalLM:
+    """Load a checkpoint directory into an M3ForCausalLM, placed (sharded) as it is read.
 
+    path: an HF release dir (BF16/FP32 or MXFP8 safetensors, single file or sharded with an index json) or a
+        dir written by `m3jax convert` (Orbax pieces); both stream: no host ever holds the whole model.
     dtype: parameter and activation dtype ("bfloat16" or "float32"); the MoE router stays float32.
-    mesh: parameters are placed on it (replicated; per-parameter sharding rules come with m3jax.sharding).
+    mesh: parameters are placed on it; `shardings` (param path -> NamedSharding / PartitionSpec, or a callable
+        (path, shape) -> one of them or None) overrides the default (routed experts over the mesh, the rest
+        replicated; see convert.placement). Without a mesh, everything goes to the first device.
     attn_impl: attention implementation (see pallas_kernels.dispatch); None picks the backend's default.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = M3Config.from_pretrained(path)
-    dt = _dtype(dtype)
-    abstract = nnx.eval_shape(lambda: M3ForCausalLM(cfg, dtype=dt, attn_impl=attn_impl, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    targets = {_dotted(p): (tuple(v.shape), np.dtype(v.dtype)) for p, v in leaves}
-    host = load_host_params(path, cfg, targets, progress=progress)
-    if mesh is not None:
-        log.info("load: parameters replicated over mesh %s", dict(mesh.shape))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        arrays = [jax.device_put(host[_dotted(p)], sharding) for p, _ in leaves]
+    graphdef, treedef, paths, targets = placement.abstract_params(cfg, _dtype(dtype), attn_impl)
+    resolved = placement.resolve_shardings({p: s for p, (s, _) in targets.items()}, mesh, shardings)
+    if orbax_io.is_converted(path):
+        arrays = orbax_io.restore(path, targets, resolved, progress=progress)
     else:
-        arrays = [jnp.asarray(host[_dotted(p)]) for p, _ in leaves]
-    model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
-    return model
+        arrays = loader.load_release(path, cfg, targets, resolved, progress=progress)
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in paths]))

@@ -1,0 +1,53 @@
+"""`m3jax convert SRC DST [--dtype] [--overwrite]`: the converter's command line.
+
+`add_arguments(parser)` declares the options and `convert_main(args)` runs them; `m3jax.cli` wires them as the
+`convert` subcommand. `python -m convert.cli SRC DST` works on its own. User errors (bad checkpoint, config,
+existing destination) print one line and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from convert.safetensors_io import CheckpointError
+from m3jax.config import ConfigError
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ConfigError, CheckpointError)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("src", help="HF release checkpoint dir (BF16/FP32 or MXFP8 safetensors, index json or single file)")
+    p.add_argument("dst", help="output dir (Orbax pieces + config.json + tokenizer files)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="parameter dtype of the converted checkpoint (MXFP8 is dequantised to it)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def convert_main(args: argparse.Namespace) -> None:
+    """Run a conversion; raises the USER_ERRORS for bad input (callers print them as one line)."""
+    from convert.orbax_io import convert
+
+    s = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                progress=getattr(args, "progress", True))
+    print(f"converted {s['tensors']} tensors ({s['bytes'] / 1e9:.2f} GB) from {args.src} to {s['dst']} "
+          f"in {s['seconds']:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = add_arguments(argparse.ArgumentParser(prog="m3jax convert",
+                                                 description="released safetensors -> m3jax Orbax")).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        convert_main(args)
+    except USER_ERRORS as e:
+        print(f"m3jax convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

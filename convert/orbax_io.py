@@ -1,0 +1,231 @@
+"""The converted format: Orbax checkpoints of parameter pieces, written streaming and restored onto any mesh.
+
+Layout of a converted directory:
+
+    DST/config.json             the source config.json without quantization_config (weights are dequantised)
+    DST/tokenizer.json ...      tokenizer / chat-template / generation files copied from the source
+    DST/m3jax_checkpoint.json   format, dtype, source, and per parameter: shape, dtype, pieces (group, key, box)
+    DST/params/gNNNNN/          Orbax (StandardCheckpointer) checkpoints of {key: piece} trees
+
+A piece is a box of one parameter cut along its leading axes (layers; then rows of the released tensors, so
+reads stay contiguous; the expert axis is never cut, so expert-parallel restores read only their experts). The
+converter reads at most `group_bytes` of pieces, saves them as one Orbax checkpoint and frees them, so host
+memory stays near `group_bytes` whatever the model size; it needs no accelerator. `restore` reads each group
+with the pieces' target shardings (every device reads only its slice from Orbax/TensorStore) and assembles the
+full parameters on device (`convert.placement.Assembler`), on any mesh. The whole directory is written under a
+temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from convert import placement
+from convert.safetensors_io import CheckpointError
+from convert.source import ReleaseCheckpoint, describe, raise_problems
+from m3jax.config import M3Config
+
+log = logging.getLogger(__name__)
+FORMAT, VERSION = "m3jax-orbax", 1
+META = "m3jax_checkpoint.json"
+PIECE_BYTES = 256 << 20
+GROUP_BYTES = 512 << 20
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
+               "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+_DTYPES = ("bfloat16", "float32")
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META))
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    return ocp.StandardCheckpointer()
+
+
+def convert_pieces(ckpt: ReleaseCheckpoint, piece_bytes: int):
+    """(path, box) of every piece: cut along the layer axis, then along the first axis that indexes rows of the
+    released tensors (contiguous reads); never along the expert axis."""
+    for path, leaf in ckpt.leaves.items():
+        k = leaf.num_index_axes
+        row_axis = k + (leaf.rule.in_axes if leaf.rule.layout == "t" else 0)
+        order = ((0,) if k else ()) + ((row_axis,) if row_axis < len(leaf.shape) else ())
+        for box in placement.leading_pieces(leaf.shape, leaf.dtype.itemsize, piece_bytes, order):
+            yield path, box
+
+
+def _clean_config(src: str) -> dict:
+    with open(os.path.join(src, "config.json")) as f:
+        d = json.load(f)
+    d.pop("quantization_config", None)
+    if isinstance(d.get("text_config"), dict):
+        d["text_config"].pop("quantization_config", None)
+    return d
+
+
+def convert(src: str, dst: str, dtype: str = "bfloat16", *, overwrite: bool = False, progress: bool = True,
+            piece_bytes: int = PIECE_BYTES, group_bytes: int = GROUP_BYTES) -> dict:
+    """Convert the release checkpoint `src` to the converted format at `dst`; returns a summary dict."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"source checkpoint directory {src} does not exist")
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"destination {dst} already exists (pass --overwrite to replace it)")
+    if is_converted(src):
+        raise ValueError(f"{src} is already a converted m3jax checkpoint")
+    t0 = time.perf_counter()
+    cfg = M3Config.from_pretrained(src)
+    _, _, _, targets = placement.abstract_params(cfg, jnp.dtype(dtype))
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    with ReleaseCheckpoint(src, targets, cfg) as ckpt:
+        log.info("converting %s: %s", src, describe(ckpt.tensors))
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+        try:
+            meta = _write_params(ckpt, tmp, dtype, progress, piece_bytes, group_bytes)
+            meta["source"] = {"path": src, "quant_method": (cfg.quantization or {}).get("quant_method"),
+                              "tensors": len(ckpt.tensors), "bytes": sum(t.nbytes for t in ckpt.tensors.values())}
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(_clean_config(src), f, indent=2)
+            for name in EXTRA_FILES:
+                if os.path.isfile(os.path.join(src, name)):
+                    shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+            with open(os.path.join(tmp, META), "w") as f:
+                json.dump(meta, f, indent=1)
+            _replace_dir(tmp, dst, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    summary = dict(meta["source"], seconds=time.perf_counter() - t0, dst=dst, groups=len(meta["groups"]))
+    log.info("converted %s -> %s in %.1f s", src, dst, summary["seconds"])
+    return summary
+
+
+def _replace_dir(tmp: str, dst: str, overwrite: bool) -> None:
+    if not os.path.exists(dst):
+        os.replace(tmp, dst)
+        return
+    if not overwrite:
+        raise FileExistsError(f"destination {dst} already exists (pass --overwrite to replace it)")
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
+    os.rmdir(old)
+    os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
+
+
+def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool, piece_bytes: int,
+                  group_bytes: int) -> dict:
+    params = {p: {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "pieces": []}
+              for p, leaf in ckpt.leaves.items()}
+    groups: list[str] = []
+    pending: dict[str, np.ndarray] = {}
+    pending_bytes = 0
+    ckptr = _checkpointer()
+    total = sum(ckpt.source_bytes(p) for p in ckpt.leaves)
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+            name = f"g{len(groups):05d}"
+            ckptr.save(os.path.join(out, "params", name), pending)
+            ckptr.wait_until_finished()
+            groups.append(name)
+            pending, pending_bytes = {}, 0
+
+    os.makedirs(os.path.join(out, "params"))
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
+            for path, box in convert_pieces(ckpt, piece_bytes):
+                leaf = ckpt.leaves[path]
+                arr = ckpt.read_box(path, box)
+                key = f"p{sum(len(v['pieces']) for v in params.values()):06d}"
+                params[path]["pieces"].append({"group": f"g{len(groups):05d}", "key": key,
+                                               "box": [list(b) for b in box]})
+                pending[key] = arr
+                pending_bytes += arr.nbytes
+                bar.update(ckpt.source_bytes(path) * placement.box_size(box) // math.prod(leaf.shape))
+                if pending_bytes >= group_bytes:
+                    flush()
+            flush()
+    finally:
+        ckptr.close()
+    return {"format": FORMAT, "version": VERSION, "dtype": dtype, "params": params, "groups": groups}
+
+
+def read_meta(path: str) -> dict:
+    file = os.path.join(path, META)
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not a readable m3jax checkpoint description ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{file}: format {meta.get('format')!r} version {meta.get('version')!r}, expected "
+                              f"{FORMAT!r} version {VERSION}")
+    return meta
+
+
+def _check_meta(path: str, meta: dict, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    params, problems = meta["params"], []
+    for p, (shape, _) in targets.items():
+        if p not in params:
+            problems.append(f"converted checkpoint {path} has no parameter {p} (expected by config.json)")
+        elif tuple(params[p]["shape"]) != tuple(shape):
+            problems.append(f"converted checkpoint {path}: parameter {p} has shape {params[p]['shape']}, expected "
+                            f"{list(shape)} from config.json")
+        elif sum(placement.box_size(tuple(map(tuple, x["box"]))) for x in params[p]["pieces"]) != math.prod(shape):
+            problems.append(f"converted checkpoint {path}: the pieces of parameter {p} do not cover it")
+    for p in params:
+        if p not in targets:
+            problems.append(f"converted checkpoint {path} has parameter {p}, which this model does not have")
+    for g in meta["groups"]:
+        if not os.path.isdir(os.path.join(path, "params", g)):
+            problems.append(f"converted checkpoint {path} is incomplete: params/{g} does not exist")
+    raise_problems(problems)
+
+
+def restore(path: str, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+            shardings: Mapping[str, jax.sharding.Sharding], *, progress: bool = True) -> dict[str, jax.Array]:
+    """{param path: jax.Array with its sharding} from a converted directory; the dtype of `targets` wins."""
+    meta = read_meta(path)
+    _check_meta(path, meta, targets)
+    by_group: dict[str, list[tuple[str, str, tuple]]] = {g: [] for g in meta["groups"]}
+    for p, info in meta["params"].items():
+        for piece in info["pieces"]:
+            by_group[piece["group"]].append((p, piece["key"], tuple(map(tuple, piece["box"]))))
+    asm = placement.Assembler(targets, shardings)
+    ckptr = _checkpointer()
+    try:
+        for g in tqdm(meta["groups"], desc="restoring", unit="group", disable=not progress):
+            abstract = {}
+            for p, key, box in by_group[g]:
+                shape = tuple(b - a for a, b in box)
+                sh = placement.piece_sharding(shardings[p], targets[p][0], box)
+                abstract[key] = jax.ShapeDtypeStruct(shape, jnp.dtype(meta["params"][p]["dtype"]), sharding=sh)
+            restored = ckptr.restore(os.path.join(path, "params", g), abstract)
+            for p, key, box in by_group[g]:
+                asm.add(p, box, restored[key])
+            del restored
+    finally:
+        ckptr.close()
+    return asm.result()
+
+
+__all__ = ["FORMAT", "META", "convert", "is_converted", "read_meta", "restore"]

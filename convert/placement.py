@@ -1,0 +1,187 @@
+"""Placing parameters onto devices piece by piece: shardings, pieces, and the on-device assembler.
+
+A parameter is placed as one or more *pieces* (boxes cut along its leading axes, e.g. a few layers of a stacked
+parameter). Each piece is created with `jax.make_array_from_callback` (every device reads only its own slice)
+or restored from Orbax, and written into the full sharded array with a donated `dynamic_update_slice`, so the
+host holds at most one piece's local slices and the devices one piece beyond the parameters.
+
+Shardings are pluggable: `shardings` maps a parameter path to a `NamedSharding` (or a `PartitionSpec` for the
+given mesh), or is a callable `(path, shape) -> NamedSharding | PartitionSpec | None`; paths it does not cover
+get `default_spec`: routed-expert weights spread over the whole mesh (expert parallel) when the expert count
+divides, everything else replicated. `m3jax.sharding` will supply the real table.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Iterator, Mapping, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from m3jax.config import M3Config
+
+Box = tuple[tuple[int, int], ...]
+ShardingsArg = Union[None, Mapping[str, Union[NamedSharding, P]],
+                     Callable[[str, tuple[int, ...]], Union[NamedSharding, P, None]]]
+EXPERT_SUFFIXES = ("gate_edf", "up_edf", "down_efd")      # [layer, expert, ...] routed-expert weights
+
+
+def abstract_params(cfg: M3Config, dtype, attn_impl: str | None = None):
+    """(graphdef, treedef, param paths in tree order, {path: (shape, dtype)}) of the model, never allocated."""
+    from m3jax.model import M3ForCausalLM
+    from m3jax.testing import _dotted
+
+    abstract = nnx.eval_shape(lambda: M3ForCausalLM(cfg, dtype=dtype, attn_impl=attn_impl, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    paths = [_dotted(p) for p, _ in leaves]
+    targets = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, (_, v) in zip(paths, leaves)}
+    return graphdef, treedef, paths, targets
+
+
+def default_spec(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
+    """Routed experts over every mesh axis (or the largest single axis that divides), the rest replicated."""
+    if path.endswith(EXPERT_SUFFIXES) and len(shape) >= 2:
+        e = shape[1]
+        names = tuple(n for n in mesh.axis_names if mesh.shape[n] > 1)
+        if names and e % math.prod(mesh.shape[n] for n in names) == 0:
+            return P(None, names if len(names) > 1 else names[0])
+        for n in sorted(names, key=lambda n: -mesh.shape[n]):
+            if e % mesh.shape[n] == 0:
+                return P(None, n)
+    return P()
+
+
+def resolve_shardings(paths_shapes: Mapping[str, tuple[int, ...]], mesh: jax.sharding.Mesh | None,
+                      shardings: ShardingsArg = None) -> dict[str, jax.sharding.Sharding]:
+    """The sharding of every parameter: `shardings` where it says, else `default_spec` (one device if no mesh)."""
+    out = {}
+    for path, shape in paths_shapes.items():
+        s = None
+        if callable(shardings):
+            s = shardings(path, shape)
+        elif shardings is not None:
+            s = shardings.get(path)
+        if isinstance(s, P):
+            if mesh is None:
+                raise ValueError(f"shardings[{path!r}] is a PartitionSpec, which needs a mesh")
+            s = NamedSharding(mesh, s)
+        if s is None:
+            s = (NamedSharding(mesh, default_spec(path, shape, mesh)) if mesh is not None
+                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        if not isinstance(s, jax.sharding.Sharding):
+            raise TypeError(f"shardings[{path!r}] must be a NamedSharding or PartitionSpec, got {type(s).__name__}")
+        out[path] = s
+    return out
+
+
+def piece_sharding(sharding: jax.sharding.Sharding, shape: tuple[int, ...], box: Box) -> jax.sharding.Sharding:
+    """The sharding of a piece: the parameter's, with any axis that the piece cuts replicated."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    cut = [(b - a) != n for (a, b), n in zip(box, shape)]
+    if not any(c and s is not None for c, s in zip(cut, spec)):
+        return sharding
+    return NamedSharding(sharding.mesh, P(*[None if c else s for c, s in zip(cut, spec)]))
+
+
+def leading_pieces(shape: tuple[int, ...], itemsize: int, budget: int, axis_order: tuple[int, ...]) -> list[Box]:
+    """Boxes covering `shape`, each at most `budget` bytes where possible, cut along the axes of `axis_order`
+    in turn (an axis is cut only when a single index of the axes before it still exceeds the budget)."""
+    full = [(0, n) for n in shape]
+    total = math.prod(shape) * itemsize
+    if total <= budget or not axis_order:
+        return [tuple(full)]
+    boxes: list[Box] = []
+
+    def rec(fixed: dict[int, tuple[int, int]], level: int):
+        ax = axis_order[level]
+        rest = math.prod(n for i, n in enumerate(shape) if i != ax and i not in fixed) * itemsize
+        step = max(1, budget // max(rest, 1))
+        for a in range(0, shape[ax], step):
+            f = dict(fixed)
+            f[ax] = (a, min(a + step, shape[ax]))
+            if step == 1 and rest > budget and level + 1 < len(axis_order):
+                rec(f, level + 1)
+            else:
+                boxes.append(tuple(f.get(i, full[i]) for i in range(len(shape))))
+
+    rec({}, 0)
+    return boxes
+
+
+def box_size(box: Box) -> int:
+    return math.prod(b - a for a, b in box)
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape, dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _update_fn(sharding):
+    def update(full, piece, starts):
+        return jax.lax.dynamic_update_slice(full, piece.astype(full.dtype), tuple(starts))
+    return jax.jit(update, out_shardings=sharding, donate_argnums=0)
+
+
+class Assembler:
+    """Collects pieces into full sharded parameters; checks at the end that every element was written."""
+
+    def __init__(self, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                 shardings: Mapping[str, jax.sharding.Sharding]):
+        self.targets, self.shardings = targets, shardings
+        self.arrays: dict[str, jax.Array] = {}
+        self.filled: dict[str, int] = {}
+
+    def add(self, path: str, box: Box, piece: jax.Array) -> None:
+        shape, dtype = self.targets[path]
+        sharding = self.shardings[path]
+        if box_size(box) == math.prod(shape):
+            if piece.dtype != dtype or piece.sharding != sharding:
+                piece = jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)(piece)
+            self.arrays[path] = piece
+        else:
+            if path not in self.arrays:
+                self.arrays[path] = _zeros_fn(tuple(shape), jnp.dtype(dtype), sharding)()
+            starts = jnp.asarray([a for a, _ in box], jnp.int32)
+            self.arrays[path] = _update_fn(sharding)(self.arrays[path], piece, starts)
+        self.filled[path] = self.filled.get(path, 0) + box_size(box)
+
+    def result(self) -> dict[str, jax.Array]:
+        for path, (shape, _) in self.targets.items():
+            if self.filled.get(path, 0) != math.prod(shape):
+                raise RuntimeError(f"parameter {path} was filled with {self.filled.get(path, 0)} of "
+                                   f"{math.prod(shape)} elements")
+        return self.arrays
+
+
+def make_piece(read: Callable[[Box], np.ndarray], box: Box, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A device array of parameter[box] with `jax.make_array_from_callback`: each device's callback reads only
+    its own slice, and identical slices (replicated axes) are read once."""
+    offset = [a for a, _ in box]
+    shape = tuple(b - a for a, b in box)
+    memo: dict[tuple, np.ndarray] = {}
+
+    def callback(index):
+        local = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+        if local not in memo:
+            memo[local] = read(tuple((o + a, o + b) for o, (a, b) in zip(offset, local)))
+        return memo[local]
+
+    arr = jax.make_array_from_callback(shape, sharding, callback)
+    memo.clear()
+    return arr
+
+
+def place_pieces(pieces: Iterator[tuple[str, Box, jax.Array]], assembler: Assembler) -> dict[str, jax.Array]:
+    for path, box, arr in pieces:
+        assembler.add(path, box, arr)
+    return assembler.result()

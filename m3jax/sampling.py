@@ -1,0 +1,125 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, optional logprobs.
+
+Every row of a batch is sampled independently from its own key `fold_in(key(seed), n)`, n = the number of
+tokens the request has generated so far, with Gumbel-max over the filtered, temperature-scaled logits. The
+result therefore depends only on the request's logits, its parameters, its seed and n: the same seed gives the
+same tokens whatever else is in the batch. Greedy rows (temperature 0) take the argmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the tokens of one request.
+
+    temperature 0 is greedy (argmax). top_k 0 disables top-k; top_p 1.0 disables nucleus filtering.
+    seed: per-request seed (None: derived from the request id, so runs differ per request but are
+    reproducible). stop_token_ids and the model's eos ids end a request with finish_reason "stop" (the id is
+    kept in token_ids, not in text); stop strings end it when the decoded text contains one (the text is cut
+    before it). logprobs: return the log-probability (under the model's unscaled, unfiltered distribution)
+    of each chosen token. Values are checked by the engine, which names the request in its error.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def check(self, request) -> None:
+        """Raise ValueError naming `request` and the field for any invalid value."""
+        def bad(field, want, got):
+            raise ValueError(f"request {request}: sampling.{field} must be {want}, got {got!r}")
+
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        if not isinstance(self.temperature, (int, float, np.floating)) or not np.isfinite(self.temperature) \
+                or self.temperature < 0:
+            bad("temperature", ">= 0 (0 = greedy)", self.temperature)
+        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            bad("top_k", "an integer >= 0 (0 = off)", self.top_k)
+        if not isinstance(self.top_p, (int, float, np.floating)) or not 0 < self.top_p <= 1:
+            bad("top_p", "in (0, 1]", self.top_p)
+        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**32):
+            bad("seed", "None or an integer in [0, 2**32)", self.seed)
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "a sequence of non-empty strings", self.stop)
+        if not all(isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
+            bad("stop_token_ids", "a sequence of ints", self.stop_token_ids)
+
+
+class SamplingBatch(NamedTuple):
+    """Per-row sampling parameters as device arrays (one row per request of the step)."""
+
+    temperature: jax.Array   # f32[B]; 0 = greedy
+    top_k: jax.Array         # i32[B]; 0 = off
+    top_p: jax.Array         # f32[B]; 1 = off
+    seed: jax.Array          # u32[B]
+    counter: jax.Array       # i32[B] tokens generated so far by the request
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
+                    pad_to: int) -> "SamplingBatch":
+        n = len(params)
+        pad = pad_to - n
+
+        def arr(vals, fill, dtype):
+            return np.asarray(list(vals) + [fill] * pad, dtype)
+
+        return cls(arr((p.temperature for p in params), 0.0, np.float32),
+                   arr((p.top_k for p in params), 0, np.int32),
+                   arr((p.top_p for p in params), 1.0, np.float32),
+                   arr(seeds, 0, np.uint32), arr(counters, 0, np.int32))
+
+
+def filter_logits(logits_bv, temperature_b, top_k_b, top_p_b):
+    """Temperature-scaled logits with everything outside top-k / top-p set to -inf (per row)."""
+    v = logits_bv.shape[-1]
+    t = jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
+    x = logits_bv.astype(f32) / t
+    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]                                  # descending
+    rank = jnp.arange(v)[None, :]
+    k = jnp.where(top_k_b > 0, jnp.minimum(top_k_b, v), v)[:, None]
+    keep = rank < k
+    probs = jax.nn.softmax(jnp.where(keep, sorted_x, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                               # mass strictly above this rank
+    keep &= (before < top_p_b[:, None]) | (rank == 0)
+    cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(x >= cutoff, x, -jnp.inf)
+
+
+def _row_key(seed, counter):
+    return jax.random.fold_in(jax.random.key(seed), counter)
+
+
+@functools.partial(jax.jit, static_argnames=("all_greedy", "want_logprobs"))
+def sample(logits_bv, batch: SamplingBatch, *, all_greedy: bool, want_logprobs: bool):
+    """(tokens i32[B], logprobs f32[B] or None) for one step. `all_greedy` skips the sort/noise entirely."""
+    greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    if all_greedy:
+        tokens = greedy
+    else:
+        x = filter_logits(logits_bv, batch.temperature, batch.top_k, batch.top_p)
+        keys = jax.vmap(_row_key)(batch.seed, batch.counter)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits_bv.shape[-1],), f32))(keys)
+        drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+        tokens = jnp.where(batch.temperature > 0, drawn, greedy)
+    if not want_logprobs:
+        return tokens, None
+    lp = jax.nn.log_softmax(logits_bv.astype(f32), axis=-1)
+    return tokens, jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,172 @@
+"""Engine: greedy equals repeated no-cache forwards, batch invariance, queueing on out-of-pages, stop rules,
+streaming, page accounting, no recompilation in steady decode, and bad input rejected before any work.
+
+Tiny config: blocks of 8 and top-3 selection, so prompts of 20-45 tokens cross several block boundaries
+and select a strict subset of their blocks. Every engine here shares one geometry (and thus one set of
+compiled step programs): 8 rows, chunks of 16, 40 pages of 8 tokens (5 full-length requests at once).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import m3jax
+from m3jax.config import M3Config
+from m3jax.engine import trace_count
+from m3jax.testing import random_model
+from m3jax.tokenizer import M3Tokenizer, write_byte_level_tokenizer
+
+MAX_LEN = 64
+ENGINE_KW = dict(max_batch_size=8, max_seq_len=MAX_LEN, num_pages=40, prefill_chunk=16, max_tokens_per_step=24,
+                 row_buckets=(8,), len_buckets=(16,))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(M3Config.tiny(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def no_cache_greedy(model):
+    """Greedy decoding by a full no-cache forward per token (right-padded to MAX_LEN: one compilation)."""
+    fwd = jax.jit(lambda ids: model(ids))
+
+    def run(prompt, n):
+        seq = list(prompt)
+        for _ in range(n):
+            ids = np.zeros((1, MAX_LEN), np.int32)
+            ids[0, :len(seq)] = seq
+            seq.append(int(np.asarray(fwd(ids))[0, len(seq) - 1].argmax()))
+        return seq[len(prompt):]
+
+    return run
+
+
+def prompts(lengths, seed=0):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(0, 256, n).tolist() for n in lengths]
+
+
+def engine(model, **kw):
+    return m3jax.Engine(model, **{**ENGINE_KW, **kw})
+
+
+GREEDY = m3jax.SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+
+def test_greedy_matches_no_cache_forward(model, no_cache_greedy):
+    ps = prompts([45, 29, 3, 17])          # 6, 4, 1, 3 blocks: chunked over several steps, sparse selection
+    eng = engine(model)
+    out = m3jax.generate(eng, ps, GREEDY)
+    for p, r in zip(ps, out):
+        assert r.token_ids == no_cache_greedy(p, 10)
+        assert r.finish_reason == "length" and r.prompt_token_ids == p
+    assert eng.allocator.num_free == eng.allocator.capacity
+    eng.allocator.check()
+
+
+def test_batch_invariance_and_queueing(model, no_cache_greedy):
+    """8 requests of mixed lengths join at different steps; 40 pages hold only 5 at once, so some queue."""
+    ps = prompts([9, 40, 22, 3, 33, 16, 27, 45], seed=1)
+    params = [m3jax.SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (12, 8, 20, 5, 10, 16, 9, 14)]
+    alone = [m3jax.generate(engine(model), [p], s)[0].token_ids for p, s in zip(ps[:2], params[:2])]
+    eng = engine(model)
+    ids, queued_seen = [], False
+    for i, (p, s) in enumerate(zip(ps, params)):
+        ids.append(eng.add_request(p, s))
+        for _ in range(i % 3):                         # requests join at different steps
+            eng.step()
+        queued_seen |= eng.num_waiting > 0 and eng.num_running < eng.max_batch_size
+    results = eng.run()
+    assert queued_seen, "the page pool never forced a request to wait"
+    assert [results[i].token_ids for i in ids[:2]] == alone
+    for i, p, s in zip(ids, ps, params):
+        assert results[i].token_ids == no_cache_greedy(p, s.max_new_tokens)
+    assert eng.allocator.num_free == eng.allocator.capacity and not eng.allocator.owners()
+    eng.allocator.check()
+
+
+def test_no_recompilation_in_steady_decode(model):
+    eng = engine(model)
+    m3jax.generate(eng, prompts([12, 30]), m3jax.SamplingParams(max_new_tokens=3, ignore_eos=True))  # warm up
+    for p in prompts([20, 7, 33], seed=2):
+        eng.add_request(p, m3jax.SamplingParams(max_new_tokens=20, ignore_eos=True))
+    counts = []
+    while eng.has_work():
+        eng.step()
+        counts.append(trace_count())
+    assert len(set(counts)) == 1, f"the step recompiled during decode: trace counts {counts}"
+
+
+def test_stop_rules(model, no_cache_greedy):
+    p = prompts([26], seed=3)[0]
+    ref = no_cache_greedy(p, 10)
+    eng = engine(model)
+    by_id = m3jax.generate(eng, [p], m3jax.SamplingParams(max_new_tokens=10, stop_token_ids=(ref[3],)))[0]
+    cut = ref.index(ref[3]) + 1
+    assert by_id.token_ids == ref[:cut] and by_id.finish_reason == "stop"
+    eos_engine = engine(model)
+    eos_engine.eos_ids = frozenset({ref[2]})         # as if the config's eos_token_id were ref[2]
+    by_eos = m3jax.generate(eos_engine, [p], m3jax.SamplingParams(max_new_tokens=10))[0]
+    assert by_eos.token_ids == ref[:ref.index(ref[2]) + 1] and by_eos.finish_reason == "stop"
+    by_len = m3jax.generate(eng, [p], m3jax.SamplingParams(max_new_tokens=1))[0]
+    assert by_len.token_ids == ref[:1] and by_len.finish_reason == "length"
+    # max_seq_len ends a request too: 60-token prompt + 10 wanted, room for 4.
+    long_p = prompts([60], seed=4)[0]
+    r = m3jax.generate(eng, [long_p], GREEDY)[0]
+    assert len(r.token_ids) == MAX_LEN - 60 and r.finish_reason == "length"
+
+
+def test_stop_strings_text_and_streaming(model, no_cache_greedy, tmp_path):
+    write_byte_level_tokenizer(str(tmp_path / "tokenizer.json"))
+    tok = M3Tokenizer.from_pretrained(str(tmp_path))
+    text = "The quick brown fox jumps"
+    p = tok.encode(text)
+    ref = no_cache_greedy(p, 10)
+    byte_ids = [t for t in ref if t < 256]
+    assert byte_ids, "the random model produced no byte tokens; pick another prompt"
+    eng = engine(model, tokenizer=tok)
+    streamed, seen = [], []
+    full = m3jax.generate(eng, [text], GREEDY, on_token=lambda i, t: streamed.append((i, t)))[0]
+    assert full.token_ids == ref and streamed == [(0, t) for t in ref]
+    assert full.text == tok.decode(ref)
+    stop = tok.decode([byte_ids[0]])
+    r = m3jax.generate(eng, [text], m3jax.SamplingParams(max_new_tokens=10, stop=(stop,), ignore_eos=True))[0]
+    k = ref.index(byte_ids[0]) + 1
+    assert r.finish_reason == "stop" and r.token_ids == ref[:k] and stop not in r.text
+    assert list(eng.stream(text, GREEDY, request_id="s")) == ref
+    seen = eng.pop_result("s")
+    assert seen.token_ids == ref
+    assert eng.allocator.num_free == eng.allocator.capacity
+
+
+@pytest.mark.parametrize("prompt, params, field", [
+    ([], None, "prompt is empty"),
+    (list(range(MAX_LEN + 1)), None, "max_seq_len"),
+    ([1, 2, 384], None, "outside the vocab"),
+    ([1, -1], None, "outside the vocab"),
+    ([1, 2], m3jax.SamplingParams(temperature=-0.5), "sampling.temperature"),
+    ([1, 2], m3jax.SamplingParams(top_p=0.0), "sampling.top_p"),
+    ([1, 2], m3jax.SamplingParams(top_p=1.5), "sampling.top_p"),
+    ([1, 2], m3jax.SamplingParams(max_new_tokens=0), "sampling.max_new_tokens"),
+    ([1, 2], m3jax.SamplingParams(top_k=-1), "sampling.top_k"),
+    ("hello", None, "no tokenizer"),
+])
+def test_bad_input_names_request_and_field(model, prompt, params, field):
+    eng = engine(model)
+    good = [[1, 2, 3], [4, 5]]
+    before = trace_count()
+    with pytest.raises(ValueError, match=rf"request 2: .*{field}"):
+        m3jax.generate(eng, good + [prompt], [m3jax.SamplingParams()] * 2 + [params or m3jax.SamplingParams()])
+    assert not eng.has_work() and eng.num_steps == 0 and trace_count() == before   # nothing ran
+    with pytest.raises(ValueError, match=rf"request r7: .*{field}"):
+        eng.add_request(prompt, params, request_id="r7")
+    assert not eng.has_work()
+
+
+def test_request_too_large_for_the_pool_is_rejected(model):
+    eng = engine(model, num_pages=4)            # 3 usable pages = 24 tokens
+    with pytest.raises(ValueError, match=r"request 0: needs 4 pages"):
+        m3jax.generate(eng, [[1] * 20], m3jax.SamplingParams(max_new_tokens=8))

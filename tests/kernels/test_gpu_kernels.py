@@ -1,0 +1,158 @@
+"""GPU (Pallas/Triton) MSA kernels against the float32 references.
+
+On CPU the kernels run in the Pallas interpreter (interpret=True); on a GPU backend the same tests run the
+compiled kernels. Shapes are tiny (block 16-32, head dim 32) to keep CPU time small; every case has NaN in the
+unused page slots so a stray read fails. Selections are compared as sets per (token, group) on rows whose
+reference block scores have no near-tie at the top-k boundary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import dispatch, gpu, reference
+from tests.kernels.cases import random_paged_case
+
+INTERPRET = jax.default_backend() == "cpu"
+IMPL = "gpu-interpret" if INTERPRET else "gpu"
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1e-2}
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def rel_l2(got, want, valid):
+    got = np.asarray(jnp.asarray(got, jnp.float32))[valid]
+    want = np.asarray(want, np.float32)[valid]
+    assert not np.isnan(got).any(), "NaN in kernel output"
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def case(kv_lens, q_lens, *, dtype=jnp.float32, block_size=16, seed=0, heads=(8, 2), dims=(32, 32)):
+    return random_paged_case(kv_lens, q_lens, num_heads=heads[0], num_kv_heads=heads[1], head_dim=dims[0],
+                             index_dim=dims[1], block_size=block_size, dtype=dtype, seed=seed)
+
+
+def tie_free_rows(c, topk, local_blocks, margin=1e-3):
+    """bool[B, T, K]: rows whose top-k set is unambiguous (gap at the boundary > margin, relative)."""
+    bs = np.asarray(reference.block_scores(c.iq_btki, c.ik_pages, c.page_table, c.q_pos))   # [B, T, K, M]
+    r = c.ik_pages.shape[1]
+    own = np.asarray(c.q_pos)[:, :, None, None] // r
+    blk = np.arange(bs.shape[-1])
+    bs = np.where((blk <= own) & (blk > own - local_blocks), np.inf, bs)
+    s = -np.sort(-bs, axis=-1)
+    if s.shape[-1] <= topk:
+        return np.ones(s.shape[:3], bool)
+    a, b = s[..., topk - 1], s[..., topk]
+    with np.errstate(invalid="ignore"):
+        gap = np.abs(a - b) > margin * np.maximum(1.0, np.abs(b))
+    return ~(np.isfinite(a) & np.isfinite(b)) | gap
+
+
+def check_selection(c, topk, local_blocks=1):
+    got = np.asarray(dispatch.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=topk,
+                                           local_blocks=local_blocks, impl=IMPL))
+    want = np.asarray(reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=topk,
+                                             local_blocks=local_blocks))
+    assert got.shape == want.shape and got.dtype == np.int32
+    ok = tie_free_rows(c, topk, local_blocks) & c.valid[:, :, None]
+    assert ok.sum() >= 0.5 * c.valid.sum() * ok.shape[-1]
+    np.testing.assert_array_equal(np.sort(got, -1)[ok], np.sort(want, -1)[ok])
+    assert (got[~c.valid] == -1).all()
+    # -1 only right-padded, never repeated blocks
+    for row in got.reshape(-1, topk):
+        v = row[row >= 0]
+        assert len(set(v.tolist())) == len(v) and (row[len(v):] == -1).all()
+    return want
+
+
+def check_sparse(c, block_ids, dtype):
+    args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, block_ids)
+    got = dispatch.sparse_attention(*args, impl=IMPL)
+    want = reference.sparse_attention(*args)
+    assert got.shape == c.q_btnh.shape
+    assert rel_l2(got, want, c.valid) <= TOL[dtype]
+    assert (np.asarray(jnp.asarray(got, jnp.float32))[~c.valid] == 0).all()
+
+
+def check_dense(c, dtype):
+    args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos)
+    got = dispatch.dense_attention(*args, impl=IMPL)
+    assert rel_l2(got, reference.dense_attention(*args), c.valid) <= TOL[dtype]
+
+
+# (kv_lens, q_lens): decode (ragged, partial and exact pages, 1 token), prefill, chunked prefill, mixed,
+# multi-token verification.
+SHAPES = [
+    ([1, 16, 37, 200], [1, 1, 1, 1]),
+    ([96], [96]),
+    ([150, 33], [37, 33]),
+    ([64, 250, 17], [3, 4, 17]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("kv_lens,q_lens", SHAPES)
+def test_msa_layer_matches_reference(kv_lens, q_lens, dtype):
+    """Selection, then sparse attention over it, then dense attention, on the same ragged case."""
+    c = case(kv_lens, q_lens, dtype=dtype, seed=sum(kv_lens))
+    sel = check_selection(c, topk=4)
+    check_sparse(c, jnp.asarray(sel), dtype)
+    check_dense(c, dtype)
+
+
+@pytest.mark.parametrize("topk,local_blocks", [(8, 1), (3, 2), (5, 0)])
+def test_indexer_topk_options(topk, local_blocks):
+    """More slots than visible blocks (-1 padding), wider local window, no forced block."""
+    c = case([130, 40], [50, 2], block_size=16, seed=topk)
+    check_selection(c, topk=topk, local_blocks=local_blocks)
+
+
+def test_block_size_32_and_group_of_16():
+    """M3-like grouping: 16 query heads per KV head, 4 KV heads, larger pages."""
+    c = case([300, 65], [9, 1], block_size=32, heads=(64, 4), dims=(32, 32), dtype=jnp.bfloat16, seed=3)
+    sel = check_selection(c, topk=4)
+    check_sparse(c, jnp.asarray(sel), jnp.bfloat16)
+    check_dense(c, jnp.bfloat16)
+
+
+def test_sparse_attention_messy_block_ids():
+    """-1 slots, repeated ids, future blocks and ids past the page table are all ignored like the reference."""
+    c = case([100, 47], [20, 5], seed=11)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-1, 9, size=(2, 20, 2, 6)).astype(np.int32)      # M = 7: ids 7, 8 are out of range
+    ids[..., 0] = ids[..., 1]                                            # duplicates
+    check_sparse(c, jnp.asarray(ids), jnp.float32)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_ragged_batches(data):
+    b = data.draw(st.integers(1, 3))
+    kv = data.draw(st.lists(st.integers(1, 160), min_size=b, max_size=b))
+    q = [data.draw(st.integers(1, min(n, 24))) for n in kv]
+    dtype = data.draw(st.sampled_from(DTYPES))
+    c = case(kv, q, dtype=dtype, seed=data.draw(st.integers(0, 10 ** 6)))
+    sel = check_selection(c, topk=data.draw(st.integers(1, 6)))
+    check_sparse(c, jnp.asarray(sel), dtype)
+
+
+def test_refuses_unsupported_shapes():
+    c = case([20], [2], dims=(24, 32))                                   # head dim not a power of two
+    with pytest.raises(NotImplementedError, match="head_dim"):
+        gpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=True)
+    c = case([20], [2])
+    with pytest.raises(NotImplementedError, match="local_blocks"):
+        gpu.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=2, local_blocks=3, interpret=True)
+    with pytest.raises(ValueError, match="block_ids"):
+        gpu.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos,
+                             jnp.zeros((1, 2, 3, 4), jnp.int32), interpret=True)
+    if not INTERPRET:
+        return
+    c = case([20], [2], block_size=8)                                    # fine in the interpreter only
+    check_dense(c, jnp.float32)
+    with pytest.raises(NotImplementedError, match="block size"):
+        gpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=False)

@@ -1,0 +1,191 @@
+"""Benchmark the GPU MSA kernels against dense cuDNN flash attention, on the lent GPU.
+
+    python benchmarks/kernels.py [--quick] [--out DIR]
+
+Full M3 attention geometry: 64 q heads, 4 KV heads, head dim 128, index 4 x 128, block (page) 128, top-16.
+Prefill: batch 1 at 8K / 32K / 128K (the whole prompt as one chunk). Decode: batch 1 / 8 / 32 / 64 x context
+8K / 32K / 128K, one new token per request, pages scattered over the pool. Random bf16 inputs (never zeros).
+The card's ceilings are measured in the same run: bf16 matmul (8192^3 jnp.dot) and a device-to-device copy
+(bytes read + written). FLOPs count only the useful work: the keys of the attended blocks that are causally
+visible (sparse), the visible keys (dense), the visible index keys (indexer). Bytes for decode count what must
+move once: the index-K history, the selected K/V pages, q and the output.
+Prints one table last and writes benchmarks.json under --out (default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from pallas_kernels import gpu  # noqa: E402
+
+N, K, H, I, R, C = 64, 4, 128, 128, 128, 16
+G = N // K
+
+
+def bench(fn, *args, iters=10, reps=5):
+    """Median seconds per call: `reps` batches of `iters` back-to-back calls, synchronised at the end."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def ceilings():
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(kb, (8192, 8192), jnp.bfloat16)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.bfloat16))
+    t = bench(mm, a, b, iters=10)
+    x = jax.random.normal(ka, (2 ** 30,), jnp.bfloat16)                   # 2 GiB
+    cp = jax.jit(lambda v: v * jnp.bfloat16(1.5))
+    tc = bench(cp, x, iters=10)
+    return {"matmul_tflops": 2 * 8192 ** 3 / t / 1e12, "copy_gbs": 2 * x.nbytes / tc / 1e9}
+
+
+def make_pool(key, batch, ctx, dtype=jnp.bfloat16):
+    """Random K/V/index-K page pools for `batch` requests of `ctx` keys, pages shuffled."""
+    m = ctx // R
+    p = batch * m + 1
+    kk, kv, ki, kp = jax.random.split(key, 4)
+    k_pages = jax.random.normal(kk, (K, p, R, H), dtype)
+    v_pages = jax.random.normal(kv, (K, p, R, H), dtype)
+    ik_pages = jax.random.normal(ki, (p, R, I), dtype)
+    table = (1 + jax.random.permutation(kp, batch * m)).reshape(batch, m).astype(jnp.int32)
+    return k_pages, v_pages, ik_pages, table
+
+
+def msa_fns():
+    idx = jax.jit(lambda iq, ik, pt, pos: gpu.indexer_topk(iq, ik, pt, pos, topk=C))
+    att = jax.jit(lambda q, k, v, pt, pos, sel: gpu.sparse_attention(q, k, v, pt, pos, sel))
+    return idx, att
+
+
+def cudnn_dense(q, k, v, causal):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+
+def prefill_case(s, idx, att):
+    key = jax.random.key(s)
+    k_pages, v_pages, ik_pages, table = make_pool(key, 1, s)
+    kq, ki, kk, kv = jax.random.split(jax.random.fold_in(key, 1), 4)
+    q = jax.random.normal(kq, (1, s, N, H), jnp.bfloat16)
+    iq = jax.random.normal(ki, (1, s, K, I), jnp.bfloat16)
+    pos = jnp.arange(s, dtype=jnp.int32)[None]
+    iters = 3 if s >= 65536 else 10
+    t_idx = bench(idx, iq, ik_pages, table, pos, iters=iters, reps=3)
+    sel = idx(iq, ik_pages, table, pos)
+    t_att = bench(att, q, k_pages, v_pages, table, pos, sel, iters=iters, reps=3)
+    del k_pages, v_pages, ik_pages
+    kc = jax.random.normal(kk, (1, s, K, H), jnp.bfloat16)
+    vc = jax.random.normal(kv, (1, s, K, H), jnp.bfloat16)
+    t_dense = bench(jax.jit(lambda a, b, c: cudnn_dense(a, b, c, True)), q, kc, vc, iters=iters, reps=3)
+    t = np.arange(s)
+    keys_sparse = (np.minimum(C, t // R + 1) - 1) * R + t % R + 1          # chosen non-local blocks are full
+    return {"kind": "prefill", "batch": 1, "ctx": s, "t_idx": t_idx, "t_att": t_att, "t_dense": t_dense,
+            "flops_att": 4 * H * N * float(keys_sparse.sum()), "flops_dense": 4 * H * N * float((t + 1).sum()),
+            "flops_idx": 2 * I * K * float((t + 1).sum())}
+
+
+def decode_case(batch, ctx, idx, att):
+    key = jax.random.key(batch * 1000 + ctx // 1024)
+    k_pages, v_pages, ik_pages, table = make_pool(key, batch, ctx)
+    kq, ki, kk, kv = jax.random.split(jax.random.fold_in(key, 1), 4)
+    q = jax.random.normal(kq, (batch, 1, N, H), jnp.bfloat16)
+    iq = jax.random.normal(ki, (batch, 1, K, I), jnp.bfloat16)
+    pos = jnp.full((batch, 1), ctx - 1, jnp.int32)
+    t_idx = bench(idx, iq, ik_pages, table, pos, iters=20)
+    sel = idx(iq, ik_pages, table, pos)
+    t_att = bench(att, q, k_pages, v_pages, table, pos, sel, iters=20)
+    del k_pages, v_pages, ik_pages
+    kc = jax.random.normal(kk, (batch, ctx, K, H), jnp.bfloat16)
+    vc = jax.random.normal(kv, (batch, ctx, K, H), jnp.bfloat16)
+    t_dense = bench(jax.jit(lambda a, b, c: cudnn_dense(a, b, c, False)), q, kc, vc, iters=20)
+    sel_keys = min(C, ctx // R) * R
+    bytes_idx = batch * ctx * I * 2
+    bytes_att = batch * (K * sel_keys * H * 2 * 2 + 2 * N * H * 2)
+    return {"kind": "decode", "batch": batch, "ctx": ctx, "t_idx": t_idx, "t_att": t_att, "t_dense": t_dense,
+            "flops_att": batch * 4 * H * N * sel_keys, "flops_dense": batch * 4 * H * N * ctx,
+            "flops_idx": batch * 2 * I * K * ctx, "bytes_idx": bytes_idx, "bytes_att": bytes_att,
+            "bytes_dense": batch * (ctx * K * H * 2 * 2 + 2 * N * H * 2)}
+
+
+def derive(r, ceil):
+    r["t_total"] = r["t_idx"] + r["t_att"]
+    r["speedup"] = r["t_dense"] / r["t_total"]
+    r["tflops_att"] = r["flops_att"] / r["t_att"] / 1e12
+    r["tflops_dense"] = r["flops_dense"] / r["t_dense"] / 1e12
+    r["tflops_idx"] = r["flops_idx"] / r["t_idx"] / 1e12
+    r["att_vs_dense_tflops"] = r["tflops_att"] / r["tflops_dense"]
+    if r["kind"] == "decode":
+        r["gbs_total"] = (r["bytes_idx"] + r["bytes_att"]) / r["t_total"] / 1e9
+        r["gbs_idx"] = r["bytes_idx"] / r["t_idx"] / 1e9
+        r["gbs_att"] = r["bytes_att"] / r["t_att"] / 1e9
+        r["gbs_dense"] = r["bytes_dense"] / r["t_dense"] / 1e9
+        r["copy_frac_total"] = r["gbs_total"] / ceil["copy_gbs"]
+    return r
+
+
+def table(rows, ceil):
+    head = (f"{'case':>16} {'idx ms':>8} {'attn ms':>8} {'total ms':>9} {'cuDNN ms':>9} {'x dense':>7} "
+            f"{'attn TF/s':>9} {'cuDNN TF/s':>10} {'idx TF/s':>8} {'GB/s':>7} {'%copy':>6}")
+    lines = [f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbs']:.0f} GB/s", head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kind']} b{r['batch']} {r['ctx'] // 1024}K: ERROR {r['error'][:90]}")
+            continue
+        name = f"{r['kind']} b{r['batch']} {r['ctx'] // 1024}K"
+        gbs = f"{r['gbs_total']:7.0f} {100 * r['copy_frac_total']:5.1f}%" if r["kind"] == "decode" else " " * 14
+        lines.append(f"{name:>16} {1e3 * r['t_idx']:8.3f} {1e3 * r['t_att']:8.3f} {1e3 * r['t_total']:9.3f} "
+                     f"{1e3 * r['t_dense']:9.3f} {r['speedup']:7.2f} {r['tflops_att']:9.1f} "
+                     f"{r['tflops_dense']:10.1f} {r['tflops_idx']:8.1f} {gbs}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="8K/32K prefill, batch 1/32 decode only")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    dev = jax.devices()[0]
+    meta = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.datetime.utcnow().isoformat()}
+    print(meta, flush=True)
+    ceil = ceilings()
+    print(ceil, flush=True)
+    idx, att = msa_fns()
+    prefill = [8192, 32768] if args.quick else [8192, 32768, 131072]
+    decode = [(b, c) for b in ((1, 32) if args.quick else (1, 8, 32, 64)) for c in (8192, 32768, 131072)]
+    jobs = [("prefill", 1, s) for s in prefill] + [("decode", b, c) for b, c in decode]
+    rows = []
+    for kind, b, s in jobs:
+        t0 = time.time()
+        try:
+            r = prefill_case(s, idx, att) if kind == "prefill" else decode_case(b, s, idx, att)
+            rows.append(derive(r, ceil))
+        except Exception as e:  # noqa: BLE001 - one failing case must not lose the others
+            traceback.print_exc()
+            rows.append({"kind": kind, "batch": b, "ctx": s, "error": f"{type(e).__name__}: {e}"})
+        print(f"{kind} b{b} {s}: {time.time() - t0:.1f}s", flush=True)
+        with open(os.path.join(args.out, "benchmarks.json"), "w") as f:
+            json.dump({"meta": meta, "ceilings": ceil, "rows": rows}, f, indent=1)
+    print(table(rows, ceil))
+
+
+if __name__ == "__main__":
+    main()

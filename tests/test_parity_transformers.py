@@ -132,7 +132,7 @@ def _with_dense_sparse_layers(model):
         def __call__(self, ids):
             orig = Attention.attend
 
-            def dense(self, p, kv, q_pos, *, impl=None):
+            def dense(self, p, kv, q_pos, *, block_ids=None, impl=None):
                 o = dispatch.dense_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, impl=impl)
                 return o.astype(p.q_btnh.dtype)
 
@@ -149,3 +149,18 @@ def test_dataclass_config_is_frozen(pair):
     _, ours, _ = pair
     with pytest.raises(dataclasses.FrozenInstanceError):
         ours.config.hidden_size = 1
+
+
+def test_trace_exposes_the_same_selections(pair):
+    """model.trace returns each MSA layer's selection; it equals transformers' on the full forward."""
+    theirs, ours, name = pair
+    ids = _prompt(150, ours.config.vocab_size, seed=11)
+    trace = ours.trace(jnp.asarray(ids, jnp.int32))
+    captured = hf.capture_indexer(theirs, ids)
+    assert sorted(trace.block_ids) == sorted(captured)
+    for layer, (_, hf_ids) in captured.items():
+        got = np.asarray(trace.block_ids[layer])
+        want = np.transpose(hf_ids, (0, 2, 1, 3))
+        want = np.pad(want, ((0, 0),) * 3 + ((0, got.shape[-1] - want.shape[-1]),), constant_values=-1)
+        agree = (np.sort(got, -1) == np.sort(want, -1)).all(-1).mean()
+        assert agree == 1.0, f"{name} layer {layer}: {agree:.3%} of (token, group) selections agree"

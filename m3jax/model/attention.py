@@ -74,10 +74,12 @@ class Attention(nnx.Module):
         ik = apply_rope(ik[:, :, None, :], cos, sin)[:, :, 0, :]
         return Projections(q, k, v, iq, ik)
 
-    def attend(self, p: Projections, kv: PagedKV, q_pos, *, impl=None):
-        """o [B, T, N, H] in the model dtype: MSA on sparse layers, causal GQA on full layers."""
+    def attend(self, p: Projections, kv: PagedKV, q_pos, *, block_ids=None, impl=None):
+        """o [B, T, N, H] in the model dtype: MSA on sparse layers (selecting blocks unless `block_ids` are
+        given), causal GQA on full layers."""
         if self.sparse:
-            block_ids = self.select_blocks(p, kv, q_pos, impl=impl)
+            if block_ids is None:
+                block_ids = self.select_blocks(p, kv, q_pos, impl=impl)
             o = dispatch.sparse_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, block_ids,
                                           impl=impl)
         else:
@@ -99,7 +101,16 @@ class Attention(nnx.Module):
         ik_pages = layout.index_pages_from_sequence(p.ik_bti, self.block_size)[0] if self.sparse else None
         return PagedKV(k_pages, v_pages, page_table, ik_pages)
 
-    def __call__(self, x_btd, positions_bt, cos, sin, *, impl=None):
-        """No-cache causal attention over the sequence itself; key slot s holds the token at position s."""
+    def forward(self, x_btd, positions_bt, cos, sin, *, impl=None):
+        """No-cache causal attention over the sequence itself; key slot s holds the token at position s.
+
+        Returns (output [B, T, D], block_ids i32[B, T, K, topk] on sparse layers else None).
+        """
         p = self.project(x_btd, cos, sin)
-        return self.output(self.attend(p, self.sequence_kv(p), positions_bt, impl=impl))
+        kv = self.sequence_kv(p)
+        block_ids = self.select_blocks(p, kv, positions_bt, impl=impl) if self.sparse else None
+        o = self.attend(p, kv, positions_bt, block_ids=block_ids, impl=impl)
+        return self.output(o), block_ids
+
+    def __call__(self, x_btd, positions_bt, cos, sin, *, impl=None):
+        return self.forward(x_btd, positions_bt, cos, sin, impl=impl)[0]

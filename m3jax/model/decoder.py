@@ -26,9 +26,13 @@ class DecoderLayer(nnx.Module):
     def ffn_block(self, h):
         return h + self.ffn(self.post_attention_norm(h))
 
+    def forward(self, h, positions, cos, sin, *, impl=None):
+        """(new h, MSA block ids of this layer or None)."""
+        a, block_ids = self.attn.forward(self.input_norm(h), positions, cos, sin, impl=impl)
+        return self.ffn_block(h + a), block_ids
+
     def __call__(self, h, positions, cos, sin, *, impl=None):
-        h = h + self.attn(self.input_norm(h), positions, cos, sin, impl=impl)
-        return self.ffn_block(h)
+        return self.forward(h, positions, cos, sin, impl=impl)[0]
 
 
 class LayerStack(nnx.Module):
@@ -61,6 +65,9 @@ class LayerStack(nnx.Module):
 
         return jax.lax.scan(step, carry, (state, xs))
 
+    def forward(self, h, positions, cos, sin, *, impl=None):
+        """(h, block ids stacked over the layers [L, B, T, K, topk], or None for full-attention stacks)."""
+        return self.scan(lambda layer, c, _: layer.forward(c, positions, cos, sin, impl=impl), h)
+
     def __call__(self, h, positions, cos, sin, *, impl=None):
-        h, _ = self.scan(lambda layer, c, _: (layer(c, positions, cos, sin, impl=impl), None), h)
-        return h
+        return self.forward(h, positions, cos, sin, impl=impl)[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,6 +13,12 @@ from m3jax.model.decoder import LayerStack
 from m3jax.model.layers import RMSNorm, _init, rope_cos_sin
 
 f32 = jnp.float32
+
+
+@dataclasses.dataclass
+class ForwardTrace:
+    logits: jax.Array                     # f32[B, S, vocab]
+    block_ids: dict[int, jax.Array]       # decoder layer -> i32[B, S, K, topk] logical block ids, -1 padded
 
 
 class M3ForCausalLM(nnx.Module):
@@ -45,16 +53,26 @@ class M3ForCausalLM(nnx.Module):
     def rope(self, positions):
         return rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
 
-    def __call__(self, input_ids, positions=None):
+    def _inputs(self, input_ids, positions):
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be int [batch, seq], got shape {input_ids.shape}")
         b, s = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        positions = jnp.asarray(positions, jnp.int32)
+        return input_ids, jnp.asarray(positions, jnp.int32)
+
+    def trace(self, input_ids, positions=None) -> ForwardTrace:
+        """The no-cache forward that also returns each MSA layer's block selection (for research)."""
+        input_ids, positions = self._inputs(input_ids, positions)
         cos, sin = self.rope(positions)
         h = self.embed(input_ids)
+        selections = {}
         for stack in self.stacks:
-            h = stack(h, positions, cos, sin, impl=self.attn_impl)
-        return self.logits(h)
+            h, ids = stack.forward(h, positions, cos, sin, impl=self.attn_impl)
+            if ids is not None:
+                selections.update({stack.first_layer + i: ids[i] for i in range(stack.num_layers)})
+        return ForwardTrace(self.logits(h), selections)
+
+    def __call__(self, input_ids, positions=None):
+        return self.trace(input_ids, positions).logits

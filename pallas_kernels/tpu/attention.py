@@ -66,6 +66,7 @@ def _attention_kernel(*refs, scale: float, page_rows: int, sparse: bool):
     if sparse:
         (table_ref,     # i32[B, M]    SMEM (scalar prefetch): physical page of logical block m of request b
          count_ref,     # i32[B, K, NT] SMEM (scalar prefetch): pages this program visits
+         last_ref,      # i32[B, NT]   SMEM (scalar prefetch): last query position in the tile (-1: none)
          blocks_ref,    # i32[U]       SMEM: logical ids to visit, ascending; first count entries valid
          q_ref,         # [rows, H]    VMEM: queries, row = token * G + head-in-group
          rowpos_ref,    # i32[rows, 1] VMEM: absolute position of the row's token, -1 padding
@@ -77,13 +78,13 @@ def _attention_kernel(*refs, scale: float, page_rows: int, sparse: bool):
          m_ref, l_ref,  # f32[rows, 1] running max / denominator
          acc_ref) = refs  # f32[rows, H] running numerator
     else:
-        (table_ref, count_ref, q_ref, rowpos_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sems,
+        (table_ref, count_ref, last_ref, q_ref, rowpos_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sems,
          m_ref, l_ref, acc_ref) = refs
         blocks_ref = rowsel_ref = None
     b, kv_head, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = count_ref[b, kv_head, t]
     rowpos = rowpos_ref[...]                                           # i32[rows, 1]
-    last_visible = jnp.max(rowpos)                                     # keys past this are never seen
+    last_visible = last_ref[b, t]                                      # keys past this are never seen
     m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
@@ -100,7 +101,7 @@ def _attention_kernel(*refs, scale: float, page_rows: int, sparse: bool):
             c.start()
 
     def body(u, carry):
-        slot = u % 2
+        slot = jax.lax.rem(u, 2)
 
         @pl.when(u + 1 < n)
         def _():
@@ -113,8 +114,9 @@ def _attention_kernel(*refs, scale: float, page_rows: int, sparse: bool):
         key_lane = blk * page_rows + jax.lax.broadcasted_iota(jnp.int32, (1, page_rows), 1)   # [1, R]
         keep = key_lane <= rowpos                                                              # [rows, R]
         if sparse:
-            hit = jnp.any(rowsel_ref[...] == blk, axis=1, keepdims=True)                       # [rows, 1]
-            keep = jnp.logical_and(keep, hit)
+            # f32 lane reduction (the best-supported Mosaic reduce): 1 where the row chose this block.
+            hit = jnp.max(jnp.where(rowsel_ref[...] == blk, 1.0, 0.0), axis=1, keepdims=True)  # [rows, 1]
+            keep = jnp.logical_and(keep, hit > 0.0)
         key_row = blk * page_rows + jax.lax.broadcasted_iota(jnp.int32, (page_rows, 1), 0)    # [R, 1]
         v = vbuf[slot]
         v = jnp.where(key_row <= last_visible, v, jnp.zeros_like(v))   # unwritten tails may be NaN
@@ -169,12 +171,16 @@ def _sparse_visit_lists(block_ids, q_pos, num_blocks, page_rows, tq):
     return jnp.where(ids < _BIG, ids, 0).astype(jnp.int32), count
 
 
-def _dense_visit_counts(q_pos, page_rows, tq, kh):
-    """Dense: a tile visits logical blocks 0 .. (last position in the tile) // R; none if all padding."""
+def _last_positions(q_pos, tq):
+    """i32[B, NT]: the last (largest) query position of each tile, -1 for an all-padding tile."""
     b, tp = q_pos.shape
-    last = jnp.max(q_pos.reshape(b, tp // tq, tq), axis=-1)
+    return jnp.max(q_pos.reshape(b, tp // tq, tq), axis=-1).astype(jnp.int32)
+
+
+def _dense_visit_counts(last, page_rows, kh):
+    """Dense: a tile visits logical blocks 0 .. (last position in the tile) // R; none if all padding."""
     count = jnp.where(last >= 0, last // page_rows + 1, 0).astype(jnp.int32)
-    return jnp.broadcast_to(count[:, None, :], (b, kh, tp // tq))
+    return jnp.broadcast_to(count[:, None, :], (last.shape[0], kh, last.shape[1]))
 
 
 def paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale, interpret, op):
@@ -195,6 +201,7 @@ def paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, s
     q_rows = q.reshape(b, tp, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, tp * g, h)
     rowpos = _rows_from_tokens(q_pos, g)[..., None]                           # i32[B, Tp*G, 1]
     table = page_table.astype(jnp.int32)
+    last = _last_positions(q_pos, tq)
 
     q_spec = pl.BlockSpec((None, None, rows, h), lambda bi, ki, ti, *_: (bi, ki, ti, 0))
     pos_spec = pl.BlockSpec((None, rows, 1), lambda bi, ki, ti, *_: (bi, ti, 0))
@@ -212,7 +219,7 @@ def paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, s
                     hbm_spec, hbm_spec]
         args = (visit, q_rows, rowpos, rowsel, k_pages, v_pages)
     else:
-        count = _dense_visit_counts(q_pos, r, tq, kh)
+        count = _dense_visit_counts(last, r, kh)
         in_specs = [q_spec, pos_spec, hbm_spec, hbm_spec]
         args = (q_rows, rowpos, k_pages, v_pages)
 
@@ -222,7 +229,7 @@ def paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, s
             + rows * (h + 2 * tiling.LANES) * 4           # acc, m, l (lane-padded)
             + 4 * rows * tiling.LANES * 4)                # rowpos / rowsel blocks (lane-padded)
     grid_spec = _compat.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(b, kh, nt), in_specs=in_specs,
+        num_scalar_prefetch=3, grid=(b, kh, nt), in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, rows, h), lambda bi, ki, ti, *_: (bi, ki, ti, 0)),
         scratch_shapes=[_compat.VMEM((2, r, h), k_pages.dtype), _compat.VMEM((2, r, h), v_pages.dtype),
                         _compat.DMA((2, 2)), _compat.VMEM((rows, 1), jnp.float32),
@@ -234,6 +241,6 @@ def paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, s
         compiler_params=_compat.compiler_params(3, min(tiling.VMEM_CAP_BYTES, 2 * vmem + 4 * 2**20)),
         interpret=_compat.interpret_arg(interpret),
         name=f"m3_{op}",
-    )(table, count, *args)
+    )(table, count, last, *args)
     o = o_rows.reshape(b, kh, tp, g, h).transpose(0, 2, 1, 3, 4).reshape(b, tp, n, h)
     return o[:, :t]

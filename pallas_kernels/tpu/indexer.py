@@ -45,7 +45,7 @@ def _stream_block_scores(b, n, table_ref, iq_ref, rowpos, ik_hbm, ikbuf, sems, s
         copy(0, 0).start()
 
     def body(m, carry):
-        slot = m % 2
+        slot = jax.lax.rem(m, 2)                 # lax.div/rem: m >= 0, and jnp's floor // needs sign
 
         @pl.when(m + 1 < n)
         def _():
@@ -57,10 +57,10 @@ def _stream_block_scores(b, n, table_ref, iq_ref, rowpos, ik_hbm, ikbuf, sems, s
         key = m * page_rows + jax.lax.broadcasted_iota(jnp.int32, (1, page_rows), 1)
         s = jnp.where(key <= rowpos, s, -jnp.inf)                                    # causal per key
         best = jnp.max(s, axis=1, keepdims=True)                                     # [rows, 1]
-        col = pl.multiple_of((m // tiling.LANES) * tiling.LANES, tiling.LANES)
+        col = pl.multiple_of(jax.lax.div(m, tiling.LANES) * tiling.LANES, tiling.LANES)
         lane = jax.lax.broadcasted_iota(jnp.int32, (1, tiling.LANES), 1)
         tile = scores_ref[:, pl.ds(col, tiling.LANES)]
-        scores_ref[:, pl.ds(col, tiling.LANES)] = jnp.where(lane == m % tiling.LANES, best, tile)
+        scores_ref[:, pl.ds(col, tiling.LANES)] = jnp.where(lane == jax.lax.rem(m, tiling.LANES), best, tile)
         return carry
 
     jax.lax.fori_loop(0, n, body, 0)
@@ -70,14 +70,16 @@ def _select_topk(scores, rowpos, page_rows, local_blocks, topk):
     """i32[rows, topk]: forced blocks (+inf) then the best scores; lowest id on ties; -1 for -inf."""
     rows, m_pad = scores.shape
     blk = jax.lax.broadcasted_iota(jnp.int32, (rows, m_pad), 1)
-    own = jnp.where(rowpos >= 0, rowpos // page_rows, -1 - local_blocks)           # [rows, 1]
+    blk_f = blk.astype(jnp.float32)            # ids < 2**24 are exact; lane reductions are done in f32
+    own = jnp.where(rowpos >= 0, jax.lax.div(jnp.maximum(rowpos, 0), page_rows), -1 - local_blocks)  # [rows, 1]
     forced = (blk <= own) & (blk > own - local_blocks)
     scores = jnp.where(forced, jnp.inf, scores)
     out_lane = jax.lax.broadcasted_iota(jnp.int32, (rows, topk), 1)
     out = jnp.full((rows, topk), -1, jnp.int32)
     for j in range(topk):
         best = jnp.max(scores, axis=1, keepdims=True)                                # [rows, 1]
-        idx = jnp.min(jnp.where(scores == best, blk, m_pad), axis=1, keepdims=True)  # lowest id on ties
+        idx = jnp.min(jnp.where(scores == best, blk_f, float(m_pad)), axis=1, keepdims=True)  # lowest on ties
+        idx = idx.astype(jnp.int32)
         out = jnp.where(out_lane == j, jnp.where(best == -jnp.inf, -1, idx), out)
         scores = jnp.where(blk == idx, -jnp.inf, scores)
     return out

@@ -164,3 +164,21 @@ def test_many_query_tiles(name, monkeypatch):
     got = tpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=True)
     _check_output(got, reference.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos),
                   c, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_kernels_lower_to_mosaic_at_m3_shapes(dtype):
+    """Pallas -> Mosaic lowering for a TPU target, from this CPU host, at M3's shapes (R = H = I = 128,
+    G = 16, top-16). This is the lowering only (Mosaic's own layout passes and codegen run in libtpu,
+    which needs a TPU); it catches ops that Mosaic has no rule for."""
+    from jax import export
+    b, t, n, k, m, c, p = 2, 8, 64, 4, 16, 16, 40
+    sds = jax.ShapeDtypeStruct
+    q, kv = sds((b, t, n, 128), dtype), sds((k, p, 128, 128), dtype)
+    iq, ik = sds((b, t, k, 128), dtype), sds((p, 128, 128), dtype)
+    table, pos, ids = sds((b, m), jnp.int32), sds((b, t), jnp.int32), sds((b, t, k, c), jnp.int32)
+    for fn, args in ((lambda *a: tpu.indexer_topk(*a, topk=c), (iq, ik, table, pos)),
+                     (tpu.sparse_attention, (q, kv, kv, table, pos, ids)),
+                     (tpu.dense_attention, (q, kv, kv, table, pos))):
+        text = export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+        assert "tpu_custom_call" in text

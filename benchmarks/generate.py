@@ -1,0 +1,274 @@
+"""Generation throughput of a scaled MiniMax-M3: m3jax Engine vs transformers==5.23.0 (PyTorch), same card.
+
+Scaled M3: the real hidden size and attention / MSA / MoE geometry (hidden 6144, 64 q heads, 4 KV heads, head dim
+128, index 4 x 128, blocks of 128, top-16, expert width 3072, top-4 + 1 shared expert, vocab 200064) with the first
+6 layers of the real pattern (3 dense full-attention layers, then 3 MSA + MoE layers), random bf16 weights.
+Fewer routed experts than the release (default 64 of 128) so that both frameworks fit one 80 GB card with a
+32 x 32K cache.
+
+Measured, one process per framework (`--part jax` / `--part torch`), results as JSON lines:
+  prefill tokens/s of one prompt of 8K and 32K tokens (m3jax: Engine, chunks of --jax-chunk tokens;
+  transformers: one forward at 8K; at 32K chunked through its DynamicCache, --torch-chunk tokens per forward,
+  because its SDPA path builds a [heads, T, S] block mask: 128 GiB at T = S = 32K);
+  decode tokens/s at batch 1 / 8 / 32 with 32K tokens of context per request (the caches are filled with
+  random keys directly instead of prefilling 1M tokens; MSA still scores every block and keeps 16).
+m3jax decode time is the whole Engine.step(): scheduling, the jitted cached forward, sampling and the host
+round trip. transformers decode is model(input_ids[B, 1], past_key_values=DynamicCache) (greedy argmax added).
+
+    python benchmarks/generate.py --part jax --out results.jsonl
+    python benchmarks/generate.py --part torch --out results.jsonl
+    python benchmarks/generate.py --small ...      # a tiny config that runs on CPU (checks the script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LAYERS = (("full_attention", "dense"),) * 3 + (("minimax_m3_sparse", "sparse"),) * 3
+
+
+def geometry(args) -> dict:
+    if args.small:
+        return dict(vocab=512, hidden=128, heads=8, kv=4, head_dim=32, index_dim=32, block=16, topk=4, experts=8,
+                    top_experts=2, expert_width=64, dense_width=256, rotary=16)
+    return dict(vocab=200064, hidden=6144, heads=64, kv=4, head_dim=128, index_dim=128, block=128, topk=16,
+                experts=args.experts, top_experts=4, expert_width=3072, dense_width=12288, rotary=64)
+
+
+def emit(args, **row):
+    row.update(part=args.part, experts=geometry(args)["experts"], small=args.small)
+    line = json.dumps(row)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ m3jax
+def run_jax(args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from m3jax.config import M3Config, MSAConfig
+    from m3jax.engine import Engine, _Request, trace_count
+    from m3jax.model import M3ForCausalLM
+    from m3jax.sampling import SamplingParams
+
+    g = geometry(args)
+    cfg = M3Config(vocab_size=g["vocab"], hidden_size=g["hidden"], num_hidden_layers=len(LAYERS),
+                   num_attention_heads=g["heads"], num_key_value_heads=g["kv"], head_dim=g["head_dim"],
+                   rotary_dim=g["rotary"], dense_intermediate_size=g["dense_width"],
+                   intermediate_size=g["expert_width"], shared_intermediate_size=g["expert_width"],
+                   num_local_experts=g["experts"], num_experts_per_tok=g["top_experts"],
+                   layer_types=tuple(a for a, _ in LAYERS), mlp_layer_types=tuple(m for _, m in LAYERS),
+                   msa=MSAConfig(num_index_heads=g["kv"], index_dim=g["index_dim"], block_size=g["block"],
+                                 topk_blocks=g["topk"]))
+    impl = args.impl
+    model = nnx.jit(lambda: M3ForCausalLM(cfg, dtype=jnp.bfloat16, attn_impl=impl, rngs=nnx.Rngs(0)))()
+    dev = jax.devices()[0]
+    emit(args, what="setup", device=str(getattr(dev, "device_kind", dev)), jax=jax.__version__, impl=impl or "default")
+    ctx, batches = args.context, args.batches
+    max_batch = max(batches)
+    max_seq = max(ctx, max(args.prefill)) + 64
+    blocks = math.ceil(max_seq / cfg.msa.block_size)
+    rs = np.random.RandomState(0)
+
+    # Prefill: one request, max_new_tokens=1 (the last chunk's logits give the token), chunks of jax_chunk.
+    eng = Engine(model, max_batch_size=1, max_seq_len=max_seq, num_pages=blocks + 2,
+                 prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1,
+                 len_buckets=(args.jax_chunk,))
+    for s in args.prefill:
+        prompt = rs.randint(0, cfg.vocab_size, s).tolist()
+        one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+        eng.add_request(prompt, one)
+        t0 = time.perf_counter(); eng.run(); warm = time.perf_counter() - t0       # compiles
+        times = []
+        for _ in range(args.reps):
+            eng.add_request(prompt, one)
+            t0 = time.perf_counter(); eng.run(); times.append(time.perf_counter() - t0)
+        best = float(np.median(times))
+        emit(args, what="prefill", tokens=s, chunk=args.jax_chunk, seconds=best, tokens_per_s=s / best,
+             first_run_s=warm)
+    del eng
+
+    # Decode: max_batch requests at `ctx` tokens of context each, cache filled with random keys.
+    eng = Engine(model, max_batch_size=max_batch, max_seq_len=max_seq, num_pages=max_batch * blocks + 1,
+                 prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + max_batch)
+    key = jax.random.key(1)
+
+    def fill(x, i):
+        return (jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32) * 0.5).astype(x.dtype)
+
+    leaves, treedef = jax.tree_util.tree_flatten(eng.cache)
+    eng.cache = jax.tree_util.tree_unflatten(treedef, [jax.jit(fill, static_argnums=1)(x, i)
+                                                       for i, x in enumerate(leaves)])
+    greedy = SamplingParams(max_new_tokens=10_000, ignore_eos=True)
+    for b in batches:
+        reqs = []
+        for i in range(b):
+            prompt = rs.randint(0, cfg.vocab_size, ctx).tolist()
+            r = _Request(("d", b, i), prompt, greedy, 0, None, tokens=list(prompt), num_computed=ctx - 1,
+                         max_total=max_seq)
+            eng.allocator.allocate(r.id, math.ceil(max_seq / cfg.msa.block_size))
+            reqs.append(r)
+        eng._running = reqs
+        before = trace_count()
+        for _ in range(args.warmup):
+            eng.step()
+        jax.block_until_ready(eng.cache)
+        compiled = trace_count() - before
+        t0 = time.perf_counter()
+        for _ in range(args.decode_steps):
+            eng.step()
+        dt = (time.perf_counter() - t0) / args.decode_steps
+        emit(args, what="decode", batch=b, context=ctx, step_ms=dt * 1e3, tokens_per_s=b / dt,
+             compiles_in_warmup=compiled, compiles_in_timing=trace_count() - before - compiled)
+        for r in reqs:
+            eng.allocator.release(r.id)
+        eng._running = []
+
+
+# ------------------------------------------------------------------------------------------------ torch
+def run_torch(args):
+    import torch
+    import transformers
+    from transformers.cache_utils import DynamicCache
+    from transformers.models.minimax_m3_vl import configuration_minimax_m3_vl as hf_config
+    from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf_modeling
+
+    g = geometry(args)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    text = dict(
+        vocab_size=g["vocab"], hidden_size=g["hidden"], intermediate_size=g["expert_width"],
+        num_hidden_layers=len(LAYERS), num_attention_heads=g["heads"], num_key_value_heads=g["kv"],
+        head_dim=g["head_dim"], dense_intermediate_size=g["dense_width"], shared_intermediate_size=g["expert_width"],
+        num_local_experts=g["experts"], num_experts_per_tok=g["top_experts"], index_n_heads=g["kv"],
+        index_head_dim=g["index_dim"], index_block_size=g["block"], index_topk_blocks=g["topk"],
+        index_local_blocks=1, layer_types=[a for a, _ in LAYERS], mlp_layer_types=[m for _, m in LAYERS],
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": g["rotary"] / g["head_dim"]},
+        rotary_dim=g["rotary"], max_position_embeddings=1 << 20, bos_token_id=None, eos_token_id=0,
+    )
+    cfg = hf_config.MiniMaxM3VLTextConfig(**text)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = hf_modeling.MiniMaxM3VLForCausalLM(cfg)
+    model = model.to_empty(device=dev).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.normal_(0.0, 0.2)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.05)
+        # to_empty() left the non-persistent RoPE buffers uninitialised: recompute (partial NeoX, theta 5e6).
+        rot = model.model.rotary_emb
+        inv = 1.0 / (5e6 ** (torch.arange(0, g["rotary"], 2, dtype=torch.float32, device=dev) / g["rotary"]))
+        for attr in ("inv_freq", "original_inv_freq"):
+            if isinstance(getattr(rot, attr, None), torch.Tensor):
+                getattr(rot, attr).copy_(inv)
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    emit(args, what="setup", device=name, torch=torch.__version__, transformers=transformers.__version__,
+         attn="sdpa")
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for s in args.prefill:
+            ids = torch.randint(0, g["vocab"], (1, s), generator=gen).to(dev)
+            chunk = s if s <= args.torch_chunk_above else args.torch_chunk
+
+            def prefill():
+                cache = DynamicCache(config=cfg)
+                out = None
+                for a in range(0, s, chunk):
+                    piece = ids[:, a:a + chunk]
+                    pos = torch.arange(a, a + piece.shape[1], device=dev)[None]
+                    out = model(input_ids=piece, position_ids=pos, past_key_values=cache, use_cache=True,
+                                logits_to_keep=1)
+                return out.logits.argmax(-1)
+
+            try:
+                prefill(); sync()
+                times = []
+                for _ in range(args.reps):
+                    t0 = time.perf_counter(); prefill(); sync(); times.append(time.perf_counter() - t0)
+                best = sorted(times)[len(times) // 2]
+                emit(args, what="prefill", tokens=s, chunk=chunk, seconds=best, tokens_per_s=s / best)
+            except torch.OutOfMemoryError as e:
+                emit(args, what="prefill", tokens=s, chunk=chunk, error=f"OOM: {str(e)[:120]}")
+            torch.cuda.empty_cache() if dev == "cuda" else None
+
+        ctx = args.context
+        kv, hd, idim = g["kv"], g["head_dim"], g["index_dim"]
+        for b in args.batches:
+            try:
+                cache = DynamicCache(config=cfg)
+                for li, layer in enumerate(cache.layers):
+                    k = torch.randn(b, kv, ctx, hd, device=dev, dtype=torch.bfloat16) * 0.5
+                    v = torch.randn(b, kv, ctx, hd, device=dev, dtype=torch.bfloat16) * 0.5
+                    cache.update(k, v, li)
+                    if hasattr(layer, "update_index"):
+                        layer.update_index(torch.randn(b, 1, ctx, idim, device=dev, dtype=torch.bfloat16) * 0.5)
+                tok = torch.randint(0, g["vocab"], (b, 1), generator=gen).to(dev)
+                n = 0
+
+                def step():
+                    nonlocal tok, n
+                    pos = torch.full((b, 1), ctx + n, device=dev)
+                    out = model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
+                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                    n += 1
+                    return tok
+
+                for _ in range(args.warmup):
+                    step()
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(args.decode_steps):
+                    step()
+                tok.cpu()
+                dt = (time.perf_counter() - t0) / args.decode_steps
+                emit(args, what="decode", batch=b, context=ctx, step_ms=dt * 1e3, tokens_per_s=b / dt)
+            except torch.OutOfMemoryError as e:
+                emit(args, what="decode", batch=b, context=ctx, error=f"OOM: {str(e)[:120]}")
+            del cache
+            torch.cuda.empty_cache() if dev == "cuda" else None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("jax", "torch"), required=True)
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--small", action="store_true", help="tiny geometry (CPU check of the script)")
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--impl", default=None, help="m3jax attention impl (default: the backend's kernels)")
+    ap.add_argument("--prefill", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--jax-chunk", type=int, default=8192)
+    ap.add_argument("--torch-chunk", type=int, default=2048)
+    ap.add_argument("--torch-chunk-above", type=int, default=8192, help="prompts longer than this are chunked")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--decode-steps", type=int, default=8)
+    args = ap.parse_args(argv)
+    (run_jax if args.part == "jax" else run_torch)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -77,6 +77,9 @@ def msa_fns():
     return idx, att
 
 
+OURS_DENSE = jax.jit(gpu.dense_attention)
+
+
 def cudnn_dense(q, k, v, causal):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
@@ -92,6 +95,7 @@ def prefill_case(s, idx, att):
     t_idx = bench(idx, iq, ik_pages, table, pos, iters=iters, reps=3)
     sel = idx(iq, ik_pages, table, pos)
     t_att = bench(att, q, k_pages, v_pages, table, pos, sel, iters=iters, reps=3)
+    t_ours_dense = bench(OURS_DENSE, q, k_pages, v_pages, table, pos, iters=1 if s >= 65536 else 3, reps=2)
     del k_pages, v_pages, ik_pages
     kc = jax.random.normal(kk, (1, s, K, H), jnp.bfloat16)
     vc = jax.random.normal(kv, (1, s, K, H), jnp.bfloat16)
@@ -99,7 +103,7 @@ def prefill_case(s, idx, att):
     t = np.arange(s)
     keys_sparse = (np.minimum(C, t // R + 1) - 1) * R + t % R + 1          # chosen non-local blocks are full
     return {"kind": "prefill", "batch": 1, "ctx": s, "t_idx": t_idx, "t_att": t_att, "t_dense": t_dense,
-            "flops_att": 4 * H * N * float(keys_sparse.sum()), "flops_dense": 4 * H * N * float((t + 1).sum()),
+            "t_ours_dense": t_ours_dense, "flops_att": 4 * H * N * float(keys_sparse.sum()), "flops_dense": 4 * H * N * float((t + 1).sum()),
             "flops_idx": 2 * I * K * float((t + 1).sum())}
 
 
@@ -113,6 +117,7 @@ def decode_case(batch, ctx, idx, att):
     t_idx = bench(idx, iq, ik_pages, table, pos, iters=20)
     sel = idx(iq, ik_pages, table, pos)
     t_att = bench(att, q, k_pages, v_pages, table, pos, sel, iters=20)
+    t_ours_dense = bench(OURS_DENSE, q, k_pages, v_pages, table, pos, iters=10)
     del k_pages, v_pages, ik_pages
     kc = jax.random.normal(kk, (batch, ctx, K, H), jnp.bfloat16)
     vc = jax.random.normal(kv, (batch, ctx, K, H), jnp.bfloat16)
@@ -121,7 +126,7 @@ def decode_case(batch, ctx, idx, att):
     bytes_idx = batch * ctx * I * 2
     bytes_att = batch * (K * sel_keys * H * 2 * 2 + 2 * N * H * 2)
     return {"kind": "decode", "batch": batch, "ctx": ctx, "t_idx": t_idx, "t_att": t_att, "t_dense": t_dense,
-            "flops_att": batch * 4 * H * N * sel_keys, "flops_dense": batch * 4 * H * N * ctx,
+            "t_ours_dense": t_ours_dense, "flops_att": batch * 4 * H * N * sel_keys, "flops_dense": batch * 4 * H * N * ctx,
             "flops_idx": batch * 2 * I * K * ctx, "bytes_idx": bytes_idx, "bytes_att": bytes_att,
             "bytes_dense": batch * (ctx * K * H * 2 * 2 + 2 * N * H * 2)}
 
@@ -131,6 +136,7 @@ def derive(r, ceil):
     r["speedup"] = r["t_dense"] / r["t_total"]
     r["tflops_att"] = r["flops_att"] / r["t_att"] / 1e12
     r["tflops_dense"] = r["flops_dense"] / r["t_dense"] / 1e12
+    r["tflops_ours_dense"] = r["flops_dense"] / r["t_ours_dense"] / 1e12
     r["tflops_idx"] = r["flops_idx"] / r["t_idx"] / 1e12
     r["att_vs_dense_tflops"] = r["tflops_att"] / r["tflops_dense"]
     if r["kind"] == "decode":
@@ -144,7 +150,7 @@ def derive(r, ceil):
 
 def table(rows, ceil):
     head = (f"{'case':>16} {'idx ms':>8} {'attn ms':>8} {'total ms':>9} {'cuDNN ms':>9} {'x dense':>7} "
-            f"{'attn TF/s':>9} {'cuDNN TF/s':>10} {'idx TF/s':>8} {'GB/s':>7} {'%copy':>6}")
+            f"{'attn TF/s':>9} {'cuDNN TF/s':>10} {'idx TF/s':>8} {'GB/s':>7} {'%copy':>6} {'ourdense ms':>11}")
     lines = [f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbs']:.0f} GB/s", head]
     for r in rows:
         if "error" in r:
@@ -154,17 +160,65 @@ def table(rows, ceil):
         gbs = f"{r['gbs_total']:7.0f} {100 * r['copy_frac_total']:5.1f}%" if r["kind"] == "decode" else " " * 14
         lines.append(f"{name:>16} {1e3 * r['t_idx']:8.3f} {1e3 * r['t_att']:8.3f} {1e3 * r['t_total']:9.3f} "
                      f"{1e3 * r['t_dense']:9.3f} {r['speedup']:7.2f} {r['tflops_att']:9.1f} "
-                     f"{r['tflops_dense']:10.1f} {r['tflops_idx']:8.1f} {gbs}")
+                     f"{r['tflops_dense']:10.1f} {r['tflops_idx']:8.1f} {gbs} {1e3 * r['t_ours_dense']:11.3f}")
     return "\n".join(lines)
+
+
+SPARSE_SWEEP = [(4, 2, 128), (4, 3, 128), (4, 1, 128), (8, 2, 128), (2, 2, 64), (4, 2, 64), (4, 3, 64),
+                (4, 4, 64), (2, 3, 64), (8, 3, 64), (4, 3, 32), (2, 4, 32)]     # (num_warps, num_stages, chunk)
+INDEXER_SWEEP = [(128, 8, 3), (128, 4, 3), (128, 8, 2), (128, 8, 4), (256, 8, 3), (256, 8, 2), (64, 4, 3)]
+
+
+def sweep(out_dir):
+    """Time Triton launch variants of the prefill kernels (32K, then the best three at 128K)."""
+    from pallas_kernels.gpu.attention import sparse_attention_tuned
+    from pallas_kernels.gpu.indexer import indexer_topk_tuned
+    results = []
+    for s in (32768, 131072):
+        key = jax.random.key(s)
+        k_pages, v_pages, ik_pages, table = make_pool(key, 1, s)
+        kq, ki = jax.random.split(jax.random.fold_in(key, 1))
+        q = jax.random.normal(kq, (1, s, N, H), jnp.bfloat16)
+        iq = jax.random.normal(ki, (1, s, K, I), jnp.bfloat16)
+        pos = jnp.arange(s, dtype=jnp.int32)[None]
+        sel = gpu.indexer_topk(iq, ik_pages, table, pos, topk=C)
+        prev = [r for r in results if r["ctx"] == 32768]
+        for op, grid in (("sparse", SPARSE_SWEEP), ("indexer", INDEXER_SWEEP)):
+            if s > 32768:
+                grid = [r["cfg"] for r in sorted((r for r in prev if r["op"] == op), key=lambda r: r["t"])[:3]]
+            for cfg in grid:
+                try:
+                    if op == "sparse":
+                        w, st, ch = cfg
+                        fn = jax.jit(lambda *a, w=w, st=st, ch=ch: sparse_attention_tuned(
+                            *a, scale=None, interpret=False, num_warps=w, num_stages=st, chunk=ch))
+                        t = bench(fn, q, k_pages, v_pages, table, pos, sel, iters=3, reps=3)
+                    else:
+                        rw, w, st = cfg
+                        fn = jax.jit(lambda *a, rw=rw, w=w, st=st: indexer_topk_tuned(
+                            *a, topk=C, local_blocks=1, interpret=False, rows=rw, num_warps=w, num_stages=st))
+                        t = bench(fn, iq, ik_pages, table, pos, iters=3, reps=3)
+                except Exception as e:  # noqa: BLE001
+                    print(f"sweep {op} {cfg} {s}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                results.append({"op": op, "cfg": list(cfg), "ctx": s, "t": t})
+                print(f"sweep {op:8s} {str(cfg):16s} {s // 1024:4d}K {1e3 * t:9.3f} ms", flush=True)
+        del k_pages, v_pages, ik_pages, q, iq, sel
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8K/32K prefill, batch 1/32 decode only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true", help="time Triton launch variants of the prefill kernels")
     args = ap.parse_args()
+    if args.sweep:
+        sweep(args.out)
+        return
     dev = jax.devices()[0]
-    meta = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.datetime.utcnow().isoformat()}
+    meta = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     print(meta, flush=True)
     ceil = ceilings()
     print(ceil, flush=True)

@@ -40,19 +40,20 @@ f32 = jnp.float32
 _ROWS_PER_TILE = 128       # dense: tokens x heads per program
 
 
-def _attend_block(q, k, v, blk, row_pos, max_pos, carry, *, scale, block_size, precision):
-    """One online-softmax step over one page. q [rows, H]; k, v [R, H]; row_pos i32[rows]."""
+def _attend_block(q, k, v, key0, row_pos, max_pos, carry, *, scale, precision):
+    """One online-softmax step over keys key0 .. key0 + W - 1. q [rows, H]; k, v [W, H]; row_pos i32[rows]."""
     m, l, acc = carry                                                      # [rows], [rows], [rows, H]
+    width = k.shape[0]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=f32)
-    s = s * scale                                                          # [rows, R]
-    key_row = blk * block_size + lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+    s = s * scale                                                          # [rows, W]
+    key_row = key0 + lax.broadcasted_iota(jnp.int32, (1, width), 1)
     s = jnp.where(key_row <= row_pos[:, None], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
-    key_col = blk * block_size + lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
+    key_col = key0 + lax.broadcasted_iota(jnp.int32, (width, 1), 0)
     v = jnp.where(key_col <= max_pos, v, jnp.zeros_like(v))                # unwritten slots may hold NaN
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=f32)
@@ -72,9 +73,10 @@ def _store(carry, o_ref, lse_ref):
 
 
 def _sparse_kernel(pt_ref, ids_ref, nvalid_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
-                   num_tokens, per_split, scale, block_size, precision):
+                   num_tokens, per_split, scale, block_size, chunk, precision):
     # pt_ref i32[B, M]; ids_ref i32[B, T, K, C] compacted; nvalid_ref i32[B, T, K]; qpos_ref i32[B, T]
     # q_ref [Gp, H] (one token, one group); k_ref, v_ref [K, P, R, H]; o_ref [Gp, H]; lse_ref f32[Gp]
+    # Each chosen page is visited in R // chunk steps of `chunk` keys (smaller tiles: more programs per SM).
     i, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, t = i // num_tokens, i % num_tokens
     pos = qpos_ref[b, t]
@@ -83,14 +85,17 @@ def _sparse_kernel(pt_ref, ids_ref, nvalid_ref, qpos_ref, q_ref, k_ref, v_ref, o
     q = q_ref[...]
     rows, head_dim = q.shape
     row_pos = jnp.full((rows,), pos, jnp.int32)
+    steps = block_size // chunk
 
-    def body(c, carry):
-        blk = ids_ref[b, t, kh, c]
+    def body(u, carry):
+        blk = ids_ref[b, t, kh, u // steps]
         page = pt_ref[b, blk]
-        return _attend_block(q, k_ref[kh, page], v_ref[kh, page], blk, row_pos, pos, carry,
-                             scale=scale, block_size=block_size, precision=precision)
+        off = (u % steps) * chunk
+        rows_kv = pl.ds(pl.multiple_of(off, chunk), chunk)
+        return _attend_block(q, k_ref[kh, page, rows_kv, :], v_ref[kh, page, rows_kv, :],
+                             blk * block_size + off, row_pos, pos, carry, scale=scale, precision=precision)
 
-    carry = lax.fori_loop(start, stop, body, _init_carry(rows, head_dim))
+    carry = lax.fori_loop(start * steps, stop * steps, body, _init_carry(rows, head_dim))
     _store(carry, o_ref, lse_ref[0] if lse_ref else None)
 
 
@@ -109,8 +114,8 @@ def _dense_kernel(pt_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
 
     def body(blk, carry):
         page = pt_ref[b, blk]
-        return _attend_block(q, k_ref[kh, page], v_ref[kh, page], blk, row_pos, max_pos, carry,
-                             scale=scale, block_size=block_size, precision=precision)
+        return _attend_block(q, k_ref[kh, page], v_ref[kh, page], blk * block_size, row_pos, max_pos, carry,
+                             scale=scale, precision=precision)
 
     carry = lax.fori_loop(start, stop, body, _init_carry(rows, head_dim))
     _store(carry, o_ref, lse_ref[0] if lse_ref else None)
@@ -164,12 +169,22 @@ def compact_block_ids(block_ids, q_pos, block_size, num_blocks):
     return jnp.where(ids < big, ids, -1), nvalid
 
 
+SPARSE_TUNING = {"num_warps": 4, "num_stages": 2, "chunk": 128}      # measured: benchmarks/RESULTS.md
+
+
 def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale=None, interpret=False):
     """Block-sparse paged attention (MSA main branch); see the module docstring and reference.sparse_attention.
 
     q_btnh [B, T, N, H]; k_pages, v_pages [K, P, R, H]; page_table i32[B, M]; q_pos i32[B, T] (-1 = padding);
     block_ids i32[B, T, K, C] (-1 = empty). Returns [B, T, N, H] in q's dtype.
     """
+    return sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, scale=scale,
+                                  interpret=interpret, **SPARSE_TUNING)
+
+
+def sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale, interpret,
+                           num_warps, num_stages, chunk):
+    """sparse_attention with explicit Triton launch parameters (for the benchmark's sweep)."""
     b, t, n, h, kh, r, g, gp = _check("sparse_attention", q_btnh, k_pages, v_pages, page_table, q_pos, interpret)
     if block_ids.shape[:3] != (b, t, kh):
         raise ValueError(f"gpu.sparse_attention: block_ids must be [B={b}, T={t}, K={kh}, C], got {block_ids.shape}")
@@ -189,15 +204,16 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
     if splits > 1:
         out_shape.append(jax.ShapeDtypeStruct((splits, b, t, kh, gp), f32))
         out_specs.append(pl.BlockSpec((None, None, None, None, gp), lambda i, k, s: (s, i // t, i % t, k, 0)))
+    chunk = min(chunk, r)
     kernel = functools.partial(_sparse_kernel, num_tokens=t, per_split=per_split, scale=scale, block_size=r,
-                               precision=cm.dot_precision(q_btnh.dtype))
+                               chunk=chunk, precision=cm.dot_precision(q_btnh.dtype))
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b * t, kh, splits),
         in_specs=[whole_array(), whole_array(), whole_array(), whole_array(),
                   pl.BlockSpec((None, None, None, gp, h), lambda i, k, s: (i // t, i % t, k, 0, 0)),
                   whole_array(), whole_array()],
         out_specs=out_specs, interpret=interpret, name="msa_sparse_attention",
-        compiler_params=compiler_params(num_warps=4, num_stages=2),
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
     )(page_table.astype(jnp.int32), ids, nvalid, q_pos.astype(jnp.int32), q5, k_pages, v_pages)
     o = outs[0][0] if splits == 1 else combine_splits(outs[0], outs[1])
     return o[:, :, :, :g].reshape(b, t, n, h).astype(q_btnh.dtype)

@@ -33,7 +33,6 @@ from pallas_kernels.gpu import _common as cm
 from pallas_kernels.gpu._compat import compiler_params, whole_array
 
 f32 = jnp.float32
-_ROWS_PER_TILE = 128       # tokens x index heads per program in prefill
 
 
 def _block_score(iq, ik, blk, row_pos, *, block_size, local_blocks, precision):
@@ -114,15 +113,25 @@ def _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks, interpret):
     return b, t, kh, dim, r
 
 
+INDEXER_TUNING = {"rows": 128, "num_warps": 8, "num_stages": 3}      # measured: benchmarks/RESULTS.md
+
+
 def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1, interpret=False):
     """MSA block selection; see the module docstring and reference.indexer_topk.
 
     iq_btki [B, T, K, I]; ik_pages [P, R, I]; page_table i32[B, M]; q_pos i32[B, T] (-1 = padding row).
     Returns i32[B, T, K, topk]: logical block ids, best first, -1 right-padded.
     """
+    return indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, topk=topk, local_blocks=local_blocks,
+                              interpret=interpret, **INDEXER_TUNING)
+
+
+def indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, *, topk, local_blocks, interpret,
+                       rows, num_warps, num_stages):
+    """indexer_topk with an explicit prefill tile height and Triton launch parameters (benchmark sweep)."""
     b, t, kh, dim, r = _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks, interpret)
     m = page_table.shape[1]
-    tq = max(1, min(_ROWS_PER_TILE // kh, cm.next_pow2(t)))
+    tq = max(1, min(rows // kh, cm.next_pow2(t)))
     if not interpret:
         tq = max(tq, cm.cdiv(16, kh))                                      # triton dot: >= 16 rows
     nt = cm.cdiv(t, tq)
@@ -150,7 +159,7 @@ def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_block
                   pl.BlockSpec((None, rows, dim), lambda i, s: (i // nt, tile(i), 0)),
                   whole_array()],
         out_specs=[spec, spec], interpret=interpret, name="msa_indexer_topk",
-        compiler_params=compiler_params(num_warps=4 if rows <= 64 else 8, num_stages=3),
+        compiler_params=compiler_params(num_warps=num_warps if rows > 64 else 4, num_stages=num_stages),
     )(page_table.astype(jnp.int32), pos_rows, iq_rows, ik_pages)
     sel = merge_topk(vals, ids, topk)                                      # [B, Tp * K, topk]
     return sel.reshape(b, tp, kh, topk)[:, :t]

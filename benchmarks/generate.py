@@ -87,17 +87,23 @@ def run_jax(args):
                  prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1,
                  len_buckets=(args.jax_chunk,))
     for s in args.prefill:
-        prompt = rs.randint(0, cfg.vocab_size, s).tolist()
-        one = SamplingParams(max_new_tokens=1, ignore_eos=True)
-        eng.add_request(prompt, one)
-        t0 = time.perf_counter(); eng.run(); warm = time.perf_counter() - t0       # compiles
-        times = []
-        for _ in range(args.reps):
+        try:
+            prompt = rs.randint(0, cfg.vocab_size, s).tolist()
+            one = SamplingParams(max_new_tokens=1, ignore_eos=True)
             eng.add_request(prompt, one)
-            t0 = time.perf_counter(); eng.run(); times.append(time.perf_counter() - t0)
-        best = float(np.median(times))
-        emit(args, what="prefill", tokens=s, chunk=args.jax_chunk, seconds=best, tokens_per_s=s / best,
-             first_run_s=warm)
+            t0 = time.perf_counter(); eng.run(); warm = time.perf_counter() - t0       # compiles
+            times = []
+            for _ in range(args.reps):
+                eng.add_request(prompt, one)
+                t0 = time.perf_counter(); eng.run(); times.append(time.perf_counter() - t0)
+            best = float(np.median(times))
+            emit(args, what="prefill", tokens=s, chunk=args.jax_chunk, seconds=best, tokens_per_s=s / best,
+                 first_run_s=warm)
+        except Exception as e:          # noqa: BLE001 - record and go on to the next measurement
+            emit(args, what="prefill", tokens=s, chunk=args.jax_chunk, error=f"{type(e).__name__}: {str(e)[:300]}")
+            eng = Engine(model, max_batch_size=1, max_seq_len=max_seq, num_pages=blocks + 2,
+                         prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1,
+                         len_buckets=(args.jax_chunk,))
     del eng
 
     # Decode: max_batch requests at `ctx` tokens of context each, cache filled with random keys.
@@ -121,17 +127,20 @@ def run_jax(args):
             eng.allocator.allocate(r.id, math.ceil(max_seq / cfg.msa.block_size))
             reqs.append(r)
         eng._running = reqs
-        before = trace_count()
-        for _ in range(args.warmup):
-            eng.step()
-        jax.block_until_ready(eng.cache)
-        compiled = trace_count() - before
-        t0 = time.perf_counter()
-        for _ in range(args.decode_steps):
-            eng.step()
-        dt = (time.perf_counter() - t0) / args.decode_steps
-        emit(args, what="decode", batch=b, context=ctx, step_ms=dt * 1e3, tokens_per_s=b / dt,
-             compiles_in_warmup=compiled, compiles_in_timing=trace_count() - before - compiled)
+        try:
+            before = trace_count()
+            for _ in range(args.warmup):
+                eng.step()
+            jax.block_until_ready(eng.cache)
+            compiled = trace_count() - before
+            t0 = time.perf_counter()
+            for _ in range(args.decode_steps):
+                eng.step()
+            dt = (time.perf_counter() - t0) / args.decode_steps
+            emit(args, what="decode", batch=b, context=ctx, step_ms=dt * 1e3, tokens_per_s=b / dt,
+                 compiles_in_warmup=compiled, compiles_in_timing=trace_count() - before - compiled)
+        except Exception as e:          # noqa: BLE001
+            emit(args, what="decode", batch=b, context=ctx, error=f"{type(e).__name__}: {str(e)[:300]}")
         for r in reqs:
             eng.allocator.release(r.id)
         eng._running = []

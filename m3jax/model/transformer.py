@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from m3jax.config import M3Config
 from m3jax.model.decoder import LayerStack
@@ -27,15 +28,19 @@ class M3ForCausalLM(nnx.Module):
     `model(input_ids)` is the full causal forward with exact MSA semantics and no cache: int32 [B, S] ->
     float32 logits [B, S, vocab]. `attn_impl` picks the MSA/attention implementation (see
     pallas_kernels.dispatch: None = the backend's default, or "reference", "gpu", "gpu-interpret", "tpu", ...).
+    `mesh` (axes "data", "model") switches the MoE to expert parallelism; parameters are placed on it by
+    `m3jax.sharding` rules at load time.
     """
 
-    def __init__(self, cfg: M3Config, *, dtype=jnp.bfloat16, attn_impl: str | None = None, rngs: nnx.Rngs):
+    def __init__(self, cfg: M3Config, *, dtype=jnp.bfloat16, attn_impl: str | None = None, rngs: nnx.Rngs,
+                 mesh: Mesh | None = None):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.attn_impl = attn_impl
+        self.mesh = mesh
         self.embed_vd = _init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         self.stacks = nnx.List([
-            LayerStack(cfg, first, n, a, m, dtype=dtype, rngs=rngs) for first, n, a, m in cfg.layer_groups
+            LayerStack(cfg, first, n, a, m, dtype=dtype, rngs=rngs, mesh=mesh) for first, n, a, m in cfg.layer_groups
         ])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:

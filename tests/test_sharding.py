@@ -1,0 +1,72 @@
+"""Sharded inference on forced host devices (tests/conftest.py makes 8): same logits as one device."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import m3jax
+from m3jax import sharding
+from m3jax.testing import flat_params, random_model
+
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
+CFG = dict(num_attention_heads=8, num_key_value_heads=2, num_index_heads=2, num_local_experts=8)
+
+
+@pytest.fixture(scope="module")
+def single():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (forced host) devices")
+    model = random_model(m3jax.M3Config.tiny(**CFG), seed=5)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 90)), jnp.int32)
+    return model, ids, np.asarray(model(ids))
+
+
+@pytest.mark.parametrize("data,model_axis", MESHES)
+def test_sharded_logits_match_single_device(single, data, model_axis):
+    model, ids, want = single
+    mesh = sharding.make_mesh(data=data, model=model_axis)
+    sharded = sharding.shard_model(model, mesh)
+    got = np.asarray(jax.jit(lambda x: sharded(x))(ids))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("data,model_axis", MESHES)
+def test_parameter_specs_and_bytes(single, data, model_axis):
+    model, _, _ = single
+    mesh = sharding.make_mesh(data=data, model=model_axis)
+    sharded = sharding.shard_model(model, mesh)
+    params = flat_params(sharded)
+    replicas = max(1, model_axis // 2)
+    q = params["stacks.1.layers.attn.q_dnh"]
+    assert q.sharding.spec == P(None, None, "model", None)
+    k = params["stacks.1.layers.attn.k_dkh"]
+    assert k.shape[-2] == 2 * replicas                           # KV heads replicated when model > 2
+    assert params["stacks.1.layers.ffn.gate_edf"].sharding.spec == P(None, ("data", "model"), None, None)
+    assert params["stacks.1.layers.attn.index_k_di"].sharding.spec == P()
+    assert params["embed_vd"].sharding.spec == P("model", None)
+    experts = params["stacks.1.layers.ffn.gate_edf"]
+    per_device = {s.device: s.data.nbytes for s in experts.addressable_shards}
+    assert len(per_device) == 8 and set(per_device.values()) == {experts.nbytes // 8}
+
+
+def test_kv_replication_copies_heads(single):
+    model, _, _ = single
+    sharded = sharding.shard_model(model, sharding.make_mesh(data=1, model=8))
+    k = np.asarray(flat_params(sharded)["stacks.0.layers.attn.k_dkh"])        # [L, D, 8, H]
+    k0 = np.asarray(flat_params(model)["stacks.0.layers.attn.k_dkh"])         # [L, D, 2, H]
+    np.testing.assert_array_equal(k, np.repeat(k0, 4, axis=-2))
+    assert sharded.config.num_key_value_heads == 8 and sharded.config.msa.num_index_heads == 8
+
+
+def test_bad_meshes():
+    cfg = m3jax.M3Config.tiny(**CFG)
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        sharding.make_mesh(data=2, model=3)
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        sharding.kv_replication(cfg, sharding.make_mesh(data=2, model=3, devices=jax.devices()[:6]))
+    with pytest.raises(ValueError, match="axes must be"):
+        sharding.check_mesh(jax.make_mesh((8,), ("x",)))

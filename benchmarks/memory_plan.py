@@ -1,0 +1,131 @@
+"""Bytes per device for the full MiniMax-M3 on several slices, from the code's own sharding rules.
+
+Parameters: `jax.eval_shape` of M3ForCausalLM (KV heads replicated as `m3jax.sharding` does for the mesh) and
+`sharding.param_spec` for every parameter, divided by the mesh axes each one is split over. Weights in BF16
+(router float32), or in FP8 (MXFP8: 1 byte per quantised weight + 1 byte of scale per 32; embed, lm_head,
+norms and router as released). KV cache: the engine's layout (K/V [K', L*P, R, H] with K' on "model" and pages
+on "data"; index-K [L*P, R, I] with pages on "data", replicated over "model"), bf16, one page per 128 tokens.
+
+    python benchmarks/memory_plan.py            # prints the table, writes benchmarks/MEMORY_PLAN.md and .json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from m3jax import sharding  # noqa: E402
+from m3jax.config import SPARSE_ATTENTION, M3Config  # noqa: E402
+from m3jax.model import M3ForCausalLM  # noqa: E402
+from m3jax.testing import flat_params  # noqa: E402
+
+GIB = 2**30
+NOT_QUANTISED = re.compile(r"(embed_vd|lm_head_dv|router_de|router_bias_e|weight)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str
+    data: int
+    model: int
+    hbm_gib: float          # per device, as sold (usable memory is a little lower)
+
+    @property
+    def shape(self):
+        return {sharding.DATA: self.data, sharding.MODEL: self.model}
+
+    @property
+    def size(self):
+        return self.data * self.model
+
+
+SLICES = (
+    Slice("4x H200", 1, 4, 141),
+    Slice("8x H100", 1, 8, 80),
+    Slice("TPU v5p-16 (8 chips)", 1, 8, 95),
+    Slice("TPU v5p-32 (16 chips)", 2, 8, 95),
+    Slice("TPU v6e-32 (32 chips)", 2, 16, 32),
+    Slice("TPU v6e-64 (64 chips)", 4, 16, 32),
+)
+
+
+def param_bytes_per_device(cfg: M3Config, sl: Slice, fp8: bool) -> float:
+    rcfg = sharding.replicate_kv(cfg, max(1, sl.model // cfg.num_key_value_heads))
+    abstract = nnx.eval_shape(lambda: M3ForCausalLM(rcfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    total = 0.0
+    for path, v in flat_params(abstract).items():
+        spec = sharding.param_spec(path, v.shape, _MeshShape(sl.shape))
+        split = math.prod(_size(sl, a) for a in spec if a is not None)
+        n = math.prod(v.shape) / split
+        if fp8 and not NOT_QUANTISED.search(path):
+            total += n * (1 + 1 / 32)
+        else:
+            total += n * jnp.dtype(v.dtype).itemsize
+    return total
+
+
+def kv_bytes_per_device(cfg: M3Config, sl: Slice, batch: int, context: int) -> float:
+    r = cfg.msa.block_size
+    kv_heads = max(cfg.num_key_value_heads, sl.model)          # replicated to the model axis when larger
+    heads_per_device = kv_heads / sl.model
+    pages = math.ceil(batch / sl.data) * math.ceil(context / r) + 1     # + the sink page
+    item = 2
+    kv = 2 * cfg.num_hidden_layers * heads_per_device * pages * r * cfg.head_dim * item
+    sparse = sum(t == SPARSE_ATTENTION for t in cfg.layer_types)
+    return kv + sparse * pages * r * cfg.msa.index_dim * item
+
+
+class _MeshShape:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def _size(sl: Slice, axis) -> int:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return math.prod(sl.shape[a] for a in names)
+
+
+def main() -> None:
+    cfg = M3Config()
+    rows = []
+    for sl in SLICES:
+        for fp8 in (False, True):
+            w = param_bytes_per_device(cfg, sl, fp8)
+            for context in (131072, 1048576):
+                for batch in (1, 8, 32):
+                    kv = kv_bytes_per_device(cfg, sl, batch, context)
+                    rows.append(dict(slice=sl.name, mesh=f"{sl.data}x{sl.model}", weights="FP8" if fp8 else "BF16",
+                                     context=context, batch=batch, weights_gib=w / GIB, kv_gib=kv / GIB,
+                                     total_gib=(w + kv) / GIB, hbm_gib=sl.hbm_gib,
+                                     fits=(w + kv) / GIB < 0.9 * sl.hbm_gib))
+    head = "| slice | mesh | weights | context | batch | weights GiB/dev | KV GiB/dev | total GiB/dev | HBM | fits (<90%) |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['slice']} | {r['mesh']} | {r['weights']} | {r['context'] // 1024}K | {r['batch']} | "
+                     f"{r['weights_gib']:.1f} | {r['kv_gib']:.1f} | {r['total_gib']:.1f} | {r['hbm_gib']} | "
+                     f"{'yes' if r['fits'] else 'no'} |")
+    table = "\n".join(lines)
+    print(table)
+    here = os.path.dirname(__file__)
+    with open(os.path.join(here, "MEMORY_PLAN.json"), "w") as f:
+        json.dump(dict(jax=jax.__version__, rows=rows), f, indent=1)
+    with open(os.path.join(here, "MEMORY_PLAN.md"), "w") as f:
+        f.write("# Memory plan: full MiniMax-M3 per device\n\nGenerated by `python benchmarks/memory_plan.py` "
+                "from `m3jax.sharding.param_spec` applied to `jax.eval_shape` of the model (KV heads replicated "
+                "to the model axis when it is larger than 4) and the engine's cache layout (bf16 KV + index-K, "
+                "pages on `data`, KV heads on `model`). Computed, not measured; activations and the step "
+                "workspace are not included.\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -103,7 +103,8 @@ def prefill_case(s, idx, att):
     t = np.arange(s)
     keys_sparse = (np.minimum(C, t // R + 1) - 1) * R + t % R + 1          # chosen non-local blocks are full
     return {"kind": "prefill", "batch": 1, "ctx": s, "t_idx": t_idx, "t_att": t_att, "t_dense": t_dense,
-            "t_ours_dense": t_ours_dense, "flops_att": 4 * H * N * float(keys_sparse.sum()), "flops_dense": 4 * H * N * float((t + 1).sum()),
+            "t_ours_dense": t_ours_dense, "flops_att": 4 * H * N * float(keys_sparse.sum()),
+            "flops_dense": 4 * H * N * float((t + 1).sum()),
             "flops_idx": 2 * I * K * float((t + 1).sum())}
 
 
@@ -164,9 +165,9 @@ def table(rows, ceil):
     return "\n".join(lines)
 
 
-SPARSE_SWEEP = [(4, 2, 128), (4, 3, 128), (4, 1, 128), (8, 2, 128), (2, 2, 64), (4, 2, 64), (4, 3, 64),
-                (4, 4, 64), (2, 3, 64), (8, 3, 64), (4, 3, 32), (2, 4, 32)]     # (num_warps, num_stages, chunk)
-INDEXER_SWEEP = [(128, 8, 3), (128, 4, 3), (128, 8, 2), (128, 8, 4), (256, 8, 3), (256, 8, 2), (64, 4, 3)]
+SPARSE_SWEEP = [(2, 2, 64), (1, 2, 64), (1, 3, 64), (1, 2, 32), (1, 4, 32), (2, 2, 32), (2, 2, 128),
+                (1, 2, 128), (2, 3, 128)]                                 # (num_warps, num_stages, chunk)
+INDEXER_SWEEP = [(128, 4, 3), (128, 4, 2), (128, 4, 4), (128, 2, 3)]   # (rows, num_warps, num_stages)
 
 
 def sweep(out_dir):

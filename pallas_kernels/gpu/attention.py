@@ -169,7 +169,7 @@ def compact_block_ids(block_ids, q_pos, block_size, num_blocks):
     return jnp.where(ids < big, ids, -1), nvalid
 
 
-SPARSE_TUNING = {"num_warps": 4, "num_stages": 2, "chunk": 128}      # measured: benchmarks/RESULTS.md
+SPARSE_TUNING = {"num_warps": 1, "num_stages": 2, "chunk": 32}        # measured: benchmarks/RESULTS.md
 
 
 def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale=None, interpret=False):

@@ -113,7 +113,7 @@ def _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks, interpret):
     return b, t, kh, dim, r
 
 
-INDEXER_TUNING = {"rows": 128, "num_warps": 8, "num_stages": 3}      # measured: benchmarks/RESULTS.md
+INDEXER_TUNING = {"rows": 128, "num_warps": 4, "num_stages": 2}      # measured: benchmarks/RESULTS.md
 
 
 def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1, interpret=False):

@@ -18,7 +18,8 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
 
     q_btnh [B, T, N, H] f32|bf16, k/v_pages [K, P, R, H] (same dtype), page_table i32[B, M], q_pos i32[B, T]
     (-1 = padding row -> output 0), block_ids i32[B, T, K, C] logical ids (-1 empty). Returns [B, T, N, H]
-    in q's dtype (f32 accumulation). Raises NotImplementedError unless H % 128 == 0 and R is a multiple of
+    in q's dtype (f32 accumulation; q and pages of different dtypes are computed in the wider one).
+    Raises NotImplementedError unless H % 128 == 0 and R is a multiple of
     the KV dtype's sublane tile (8 f32, 16 bf16). Kernel and schedule: pallas_kernels/tpu/attention.py.
     """
     return _paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, scale=scale,

@@ -118,9 +118,9 @@ def _attention_kernel(*refs, scale: float, page_rows: int, sparse: bool):
             hit = jnp.max(jnp.where(rowsel_ref[...] == blk, 1.0, 0.0), axis=1, keepdims=True)  # [rows, 1]
             keep = jnp.logical_and(keep, hit > 0.0)
         key_row = blk * page_rows + jax.lax.broadcasted_iota(jnp.int32, (page_rows, 1), 0)    # [R, 1]
-        v = vbuf[slot]
+        v = vbuf[slot].astype(q_ref.dtype)                             # no-op unless q is the wider dtype
         v = jnp.where(key_row <= last_visible, v, jnp.zeros_like(v))   # unwritten tails may be NaN
-        _online_softmax_step(q_ref[...], kbuf[slot], v, keep, m_ref, l_ref, acc_ref, scale)
+        _online_softmax_step(q_ref[...], kbuf[slot].astype(q_ref.dtype), v, keep, m_ref, l_ref, acc_ref, scale)
         return carry
 
     jax.lax.fori_loop(0, n, body, 0)
@@ -198,6 +198,7 @@ def paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, s
     pad = tp - t
     q_pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
     q = jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q = q.astype(jnp.promote_types(q.dtype, k_pages.dtype))                 # mixed dtypes: the wider one
     q_rows = q.reshape(b, tp, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, tp * g, h)
     rowpos = _rows_from_tokens(q_pos, g)[..., None]                           # i32[B, Tp*G, 1]
     table = page_table.astype(jnp.int32)
@@ -226,6 +227,7 @@ def paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, s
     kv_bytes = jnp.dtype(k_pages.dtype).itemsize
     vmem = (2 * 2 * r * h * kv_bytes                      # K/V double buffers
             + 2 * 2 * rows * h * q_rows.dtype.itemsize    # q and o blocks, pipelined (x2)
+            + 2 * 2 * r * h * 4                           # upcast K/V page values (mixed dtypes only)
             + rows * (h + 2 * tiling.LANES) * 4           # acc, m, l (lane-padded)
             + 4 * rows * tiling.LANES * 4)                # rowpos / rowsel blocks (lane-padded)
     grid_spec = _compat.PrefetchScalarGridSpec(

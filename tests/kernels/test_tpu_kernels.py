@@ -182,3 +182,16 @@ def test_kernels_lower_to_mosaic_at_m3_shapes(dtype):
                      (tpu.dense_attention, (q, kv, kv, table, pos))):
         text = export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
         assert "tpu_custom_call" in text
+
+
+def test_mixed_dtypes_compute_in_the_wider_one():
+    """f32 queries over a bf16 cache (and f32 iq over bf16 index-K): computed in f32, output in q's dtype."""
+    c = _case("decode_ragged", jnp.bfloat16)
+    q, iq = c.q_btnh.astype(jnp.float32), c.iq_btki.astype(jnp.float32)
+    ids = tpu.indexer_topk(iq, c.ik_pages, c.page_table, c.q_pos, topk=3, interpret=True)
+    np.testing.assert_array_equal(
+        _as_sets(ids), _as_sets(reference.indexer_topk(iq, c.ik_pages, c.page_table, c.q_pos, topk=3)))
+    got = tpu.sparse_attention(q, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids, interpret=True)
+    assert got.dtype == jnp.float32
+    _check_output(got, reference.sparse_attention(q, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids), c,
+                  jnp.float32)

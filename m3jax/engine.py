@@ -476,17 +476,6 @@ def generate(model_or_engine, prompts: Sequence, sampling: SamplingParams | Sequ
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-TINY_DIR = os.path.join(os.path.expanduser("~"), ".cache", "m3jax", "tiny-seed0")
-
-
-def tiny_checkpoint_dir() -> str:
-    """The bundled tiny model (make_tiny_checkpoint, seed 0), created on first use under ~/.cache/m3jax."""
-    if not os.path.exists(os.path.join(TINY_DIR, "config.json")):
-        from m3jax.testing import make_tiny_checkpoint
-        make_tiny_checkpoint(TINY_DIR, seed=0)
-    return TINY_DIR
-
-
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """`m3jax generate`: returns the exit code. Errors print one line to stderr and return 2."""
     ap = argparse.ArgumentParser(prog="m3jax generate", description="Generate text with an M3 checkpoint.")
@@ -508,7 +497,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     try:
         from m3jax.api import load
         from m3jax.tokenizer import M3Tokenizer
-        path = args.model or tiny_checkpoint_dir()
+        from m3jax.testing import bundled_tiny_checkpoint
+        path = args.model or bundled_tiny_checkpoint()
         dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
         model = load(path, dtype=dtype, attn_impl=args.attn_impl, progress=False)
         tok = M3Tokenizer.from_pretrained(path)

@@ -170,3 +170,15 @@ def test_request_too_large_for_the_pool_is_rejected(model):
     eng = engine(model, num_pages=4)            # 3 usable pages = 24 tokens
     with pytest.raises(ValueError, match=r"request 0: needs 4 pages"):
         m3jax.generate(eng, [[1] * 20], m3jax.SamplingParams(max_new_tokens=8))
+
+
+def test_generate_main_cli(tmp_path, capsys):
+    from m3jax.engine import generate_main
+    from m3jax.testing import make_tiny_checkpoint
+    path = make_tiny_checkpoint(str(tmp_path / "tiny"), seed=0)
+    common = ["--model", path, "--dtype", "float32", "--max-seq-len", "64", "--max-batch-size", "2"]
+    assert generate_main(common + ["--prompt", "Hello", "--prompt", "Hi there", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- [") == 2 and "(length, 4 tokens)" in out
+    assert generate_main(common + ["--prompt", "x", "--top-p", "2"]) == 2
+    assert "request 0: sampling.top_p" in capsys.readouterr().err

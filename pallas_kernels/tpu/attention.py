@@ -11,9 +11,9 @@ Schedule (why it looks like this):
   * The pages a tile visits are its *union* of selected blocks, computed outside the kernel (sorted, no
     duplicates, only blocks some real row of the tile can see), delivered per program as an SMEM row; the
     number of pages per program and the page table are scalar-prefetched into SMEM. The loop over pages
-    has a data-dependent trip count, so it is a `fori_loop` over manually double-buffered DMAs
-    (`make_async_copy` HBM -> VMEM, 2 slots x {K, V}) rather than a grid axis: a grid axis would have to be
-    sized for the worst tile and would pay ~0.35 us per skipped step.
+    has a data-dependent trip count, so it is a `fori_loop` over manual DMAs (`make_async_copy` HBM ->
+    VMEM, PAGE_DMA_SLOTS buffers for K and for V, prefetching ahead: _stream.py) rather than a grid axis:
+    a grid axis would have to be sized for the worst tile and would pay ~0.35 us per skipped step.
   * Per page: logits [rows, R] on the MXU (f32 accumulate), mask = row selected this block AND key position
     <= row position (causal inside the local page, partial last page), online softmax in f32 scratch
     (m, l, acc), then p (cast to the KV dtype) @ V on the MXU.
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.tpu import _compat, tiling
+from pallas_kernels.tpu._stream import stream_pages
 
 _BIG = jnp.iinfo(jnp.int32).max
 
@@ -73,8 +74,8 @@ def _attention_kernel(*refs, scale: float, page_rows: int, sparse: bool):
          rowsel_ref,    # i32[rows, C] VMEM: the row's selected logical blocks, -1 empty
          k_hbm, v_hbm,  # [K, P, R, H] HBM (pl.ANY): page pools, read by manual DMA only
          o_ref,         # [rows, H]    VMEM: output
-         kbuf, vbuf,    # [2, R, H]    VMEM: double buffers
-         sems,          # DMA semaphores [2 (K, V), 2 (slot)]
+         kbuf, vbuf,    # [S, R, H]    VMEM: S-slot page buffers (S = tiling.PAGE_DMA_SLOTS)
+         sems,          # DMA semaphores [2 (K, V), S]
          m_ref, l_ref,  # f32[rows, 1] running max / denominator
          acc_ref) = refs  # f32[rows, H] running numerator
     else:
@@ -95,21 +96,7 @@ def _attention_kernel(*refs, scale: float, page_rows: int, sparse: bool):
     def copies(u, slot):
         return _page_copies(k_hbm, v_hbm, kbuf, vbuf, sems, kv_head, table_ref[b, logical(u)], slot)
 
-    @pl.when(n > 0)
-    def _():
-        for c in copies(0, 0):
-            c.start()
-
-    def body(u, carry):
-        slot = jax.lax.rem(u, 2)
-
-        @pl.when(u + 1 < n)
-        def _():
-            for c in copies(u + 1, 1 - slot):
-                c.start()
-
-        for c in copies(u, slot):
-            c.wait()
+    def compute(u, slot):
         blk = logical(u)
         key_lane = blk * page_rows + jax.lax.broadcasted_iota(jnp.int32, (1, page_rows), 1)   # [1, R]
         keep = key_lane <= rowpos                                                              # [rows, R]
@@ -120,10 +107,10 @@ def _attention_kernel(*refs, scale: float, page_rows: int, sparse: bool):
         key_row = blk * page_rows + jax.lax.broadcasted_iota(jnp.int32, (page_rows, 1), 0)    # [R, 1]
         v = vbuf[slot].astype(q_ref.dtype)                             # no-op unless q is the wider dtype
         v = jnp.where(key_row <= last_visible, v, jnp.zeros_like(v))   # unwritten tails may be NaN
-        _online_softmax_step(q_ref[...], kbuf[slot].astype(q_ref.dtype), v, keep, m_ref, l_ref, acc_ref, scale)
-        return carry
+        k = kbuf[slot].astype(q_ref.dtype)
+        _online_softmax_step(q_ref[...], k, v, keep, m_ref, l_ref, acc_ref, scale)
 
-    jax.lax.fori_loop(0, n, body, 0)
+    stream_pages(n, kbuf.shape[0], copies, compute)
     l = l_ref[...]
     o_ref[...] = jnp.where(l > 0, acc_ref[...] / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
 
@@ -225,7 +212,8 @@ def paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, s
         args = (q_rows, rowpos, k_pages, v_pages)
 
     kv_bytes = jnp.dtype(k_pages.dtype).itemsize
-    vmem = (2 * 2 * r * h * kv_bytes                      # K/V double buffers
+    slots = tiling.PAGE_DMA_SLOTS
+    vmem = (2 * slots * r * h * kv_bytes                  # K/V page buffers
             + 2 * 2 * rows * h * q_rows.dtype.itemsize    # q and o blocks, pipelined (x2)
             + 2 * 2 * r * h * 4                           # upcast K/V page values (mixed dtypes only)
             + rows * (h + 2 * tiling.LANES) * 4           # acc, m, l (lane-padded)
@@ -233,9 +221,10 @@ def paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, s
     grid_spec = _compat.PrefetchScalarGridSpec(
         num_scalar_prefetch=3, grid=(b, kh, nt), in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, rows, h), lambda bi, ki, ti, *_: (bi, ki, ti, 0)),
-        scratch_shapes=[_compat.VMEM((2, r, h), k_pages.dtype), _compat.VMEM((2, r, h), v_pages.dtype),
-                        _compat.DMA((2, 2)), _compat.VMEM((rows, 1), jnp.float32),
-                        _compat.VMEM((rows, 1), jnp.float32), _compat.VMEM((rows, h), jnp.float32)])
+        scratch_shapes=[_compat.VMEM((slots, r, h), k_pages.dtype),
+                        _compat.VMEM((slots, r, h), v_pages.dtype), _compat.DMA((2, slots)),
+                        _compat.VMEM((rows, 1), jnp.float32), _compat.VMEM((rows, 1), jnp.float32),
+                        _compat.VMEM((rows, h), jnp.float32)])
     kernel = functools.partial(_attention_kernel, scale=scale, page_rows=r, sparse=sparse)
     o_rows = pl.pallas_call(
         kernel, grid_spec=grid_spec,

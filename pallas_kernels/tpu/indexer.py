@@ -8,10 +8,10 @@ Schedule (why it looks like this):
   * grid (B, T_tiles). One program owns one request and a tile of tq query tokens; its rows are the
     tq x K index heads (row r = token r // K, head r % K). The index-K head is shared by all K groups, so
     one streamed page [R, I] feeds all tq*K rows in one MXU matmul: intensity ~ rows flop per byte.
-  * The pages are streamed in logical order 0 .. (last position in the tile) // R with manually
-    double-buffered DMAs (`make_async_copy`, 2 slots); the page table and the per-tile page count are
-    scalar-prefetched into SMEM. Decode and prefill chunks are the same kernel (decode: tq tokens of one
-    request, usually tq = 1 padded to 8 rows).
+  * The pages are streamed in logical order 0 .. (last position in the tile) // R with manual DMAs
+    (`make_async_copy`, PAGE_DMA_SLOTS buffers, prefetching ahead: _stream.py); the page table and the
+    per-tile page count are scalar-prefetched into SMEM. Decode and prefill chunks are the same kernel
+    (decode: one token of one request, padded to 8 rows).
   * Per page: scores [rows, R] (f32 accumulate), key-level causal mask before pooling, max over the R lanes
     -> one block score per row, written into lane (m % 128) of a [rows, M_pad] f32 VMEM scratch (a
     read-modify-write of one aligned 128-lane tile: lane-dense, no dynamic single-lane store).
@@ -33,37 +33,27 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.tpu import _compat, tiling
+from pallas_kernels.tpu._stream import stream_pages
 
 
 def _stream_block_scores(b, n, table_ref, iq_ref, rowpos, ik_hbm, ikbuf, sems, scores_ref, page_rows):
     """Fill scores_ref[:, m] = max over visible keys of block m of <iq_row, ik_key>, for m < n."""
-    def copy(m, slot):
-        return _compat.make_async_copy(ik_hbm.at[table_ref[b, m]], ikbuf.at[slot], sems.at[slot])
+    def copies(m, slot):
+        return (_compat.make_async_copy(ik_hbm.at[table_ref[b, m]], ikbuf.at[slot], sems.at[slot]),)
 
-    @pl.when(n > 0)
-    def _():
-        copy(0, 0).start()
-
-    def body(m, carry):
-        slot = jax.lax.rem(m, 2)                 # lax.div/rem: m >= 0, and jnp's floor // needs sign
-
-        @pl.when(m + 1 < n)
-        def _():
-            copy(m + 1, 1 - slot).start()
-
-        copy(m, slot).wait()
+    def compute(m, slot):
         s = jax.lax.dot_general(iq_ref[...], ikbuf[slot].astype(iq_ref.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)                 # [rows, R]
         key = m * page_rows + jax.lax.broadcasted_iota(jnp.int32, (1, page_rows), 1)
         s = jnp.where(key <= rowpos, s, -jnp.inf)                                    # causal per key
         best = jnp.max(s, axis=1, keepdims=True)                                     # [rows, 1]
+        # lax.div/rem (m >= 0): jnp's floor division needs a sign op Mosaic lowers only with a TPU present.
         col = pl.multiple_of(jax.lax.div(m, tiling.LANES) * tiling.LANES, tiling.LANES)
         lane = jax.lax.broadcasted_iota(jnp.int32, (1, tiling.LANES), 1)
         tile = scores_ref[:, pl.ds(col, tiling.LANES)]
         scores_ref[:, pl.ds(col, tiling.LANES)] = jnp.where(lane == jax.lax.rem(m, tiling.LANES), best, tile)
-        return carry
 
-    jax.lax.fori_loop(0, n, body, 0)
+    stream_pages(n, ikbuf.shape[0], copies, compute)
 
 
 def _select_topk(scores, rowpos, page_rows, local_blocks, topk):
@@ -91,8 +81,8 @@ def _indexer_kernel(table_ref,    # i32[B, M]   SMEM (scalar prefetch): page tab
                     rowpos_ref,   # i32[rows, 1] VMEM: absolute position of the row's token, -1 padding
                     ik_hbm,       # [P, R, I]   HBM (pl.ANY): index-K page pool, manual DMA only
                     out_ref,      # i32[rows, topk] VMEM: selected logical block ids
-                    ikbuf,        # [2, R, I]   VMEM double buffer
-                    sems,         # DMA semaphores [2]
+                    ikbuf,        # [S, R, I]   VMEM page buffers (S = tiling.PAGE_DMA_SLOTS)
+                    sems,         # DMA semaphores [S]
                     scores_ref,   # f32[rows, M_pad] VMEM block scores
                     *, page_rows: int, local_blocks: int, topk: int):
     b, t = pl.program_id(0), pl.program_id(1)
@@ -147,7 +137,8 @@ def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_block
     count = jnp.where(last >= 0, jnp.minimum(last // r + 1, m), 0).astype(jnp.int32)  # [B, NT]
 
     itemsize = jnp.dtype(iq.dtype).itemsize
-    vmem = (2 * r * i * itemsize + 2 * rows * i * itemsize + rows * m_pad * 4 * 3
+    slots = tiling.PAGE_DMA_SLOTS
+    vmem = (slots * r * i * itemsize + 2 * rows * i * itemsize + rows * m_pad * 4 * 3
             + 2 * rows * tiling.LANES * 4 * 2)
     grid_spec = _compat.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(b, nt),
@@ -155,7 +146,7 @@ def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_block
                   pl.BlockSpec((None, rows, 1), lambda bi, ti, *_: (bi, ti, 0)),
                   pl.BlockSpec(memory_space=_compat.ANY)],
         out_specs=pl.BlockSpec((None, rows, topk), lambda bi, ti, *_: (bi, ti, 0)),
-        scratch_shapes=[_compat.VMEM((2, r, i), ik_pages.dtype), _compat.DMA((2,)),
+        scratch_shapes=[_compat.VMEM((slots, r, i), ik_pages.dtype), _compat.DMA((slots,)),
                         _compat.VMEM((rows, m_pad), jnp.float32)])
     kernel = functools.partial(_indexer_kernel, page_rows=r, local_blocks=local_blocks, topk=topk)
     out = pl.pallas_call(

@@ -25,6 +25,7 @@ SUBLANES = {jnp.dtype(jnp.float32): 8, jnp.dtype(jnp.bfloat16): 16}
 # see benchmarks/TPU_PLAN.md for why (arithmetic intensity of a page = rows flop/byte; ridge ~240 on v5e).
 ATTENTION_TARGET_ROWS = 256
 INDEXER_TARGET_ROWS = 256
+PAGE_DMA_SLOTS = 4                      # page buffers per stream: pages prefetched = slots - 1
 INDEXER_SCORES_VMEM_BYTES = 8 * 2**20   # the [rows, M] f32 block-score scratch of the indexer
 VMEM_CAP_BYTES = 100 * 2**20            # never ask Mosaic for more scoped VMEM than this
 

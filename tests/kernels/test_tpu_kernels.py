@@ -195,3 +195,17 @@ def test_mixed_dtypes_compute_in_the_wider_one():
     assert got.dtype == jnp.float32
     _check_output(got, reference.sparse_attention(q, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids), c,
                   jnp.float32)
+
+
+@pytest.mark.parametrize("slots", [2, 3])
+def test_page_stream_depths(slots, monkeypatch):
+    """The page stream with 2 (double buffer) and 3 buffers (the default is 4) gives the same results."""
+    from pallas_kernels.tpu import tiling
+    monkeypatch.setattr(tiling, "PAGE_DMA_SLOTS", slots)
+    c = _case("short_and_long", jnp.float32)
+    ids = tpu.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=3, interpret=True)
+    want_ids = reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=3)
+    np.testing.assert_array_equal(_as_sets(ids), _as_sets(want_ids))
+    got = tpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=True)
+    _check_output(got, reference.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos),
+                  c, jnp.float32)

@@ -20,6 +20,21 @@ import m3jax
 from m3jax.testing import random_model
 
 
+@pytest.fixture
+def tpu_calls(monkeypatch):
+    """Counts the traces of each pallas_kernels.tpu op (dispatch looks them up at call time)."""
+    import pallas_kernels.tpu as tpu_ops
+    calls = {}
+    for op in ("indexer_topk", "sparse_attention", "dense_attention"):
+        fn = getattr(tpu_ops, op)
+
+        def counted(*a, _fn=fn, _op=op, **kw):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _fn(*a, **kw)
+        monkeypatch.setattr(tpu_ops, op, counted)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def model():
     cfg = m3jax.M3Config.tiny(head_dim=128, index_dim=128, block_size=16, topk_blocks=2)
@@ -33,10 +48,11 @@ def _with_impl(model, impl):
     return m
 
 
-def test_forward_tpu_interpret_matches_reference(model):
+def test_forward_tpu_interpret_matches_reference(model, tpu_calls):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 53)), jnp.int32)
     want = _with_impl(model, "reference")(ids)
     got = _with_impl(model, "tpu-interpret")(ids)
+    assert set(tpu_calls) == {"indexer_topk", "sparse_attention", "dense_attention"}
     assert not np.isnan(np.asarray(got)).any()
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(got.argmax(-1)), np.asarray(want.argmax(-1)))
@@ -77,11 +93,12 @@ def _greedy_cached(model, impl, prompts, new_tokens):
     return np.stack(out, axis=1)
 
 
-def test_cached_greedy_tpu_interpret_matches_reference(model):
+def test_cached_greedy_tpu_interpret_matches_reference(model, tpu_calls):
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(0, 256, 21)), list(rng.integers(0, 256, 35))]   # ragged, partial pages
     want = _greedy_cached(model, "reference", prompts, 4)
     got = _greedy_cached(model, "tpu-interpret", prompts, 4)
+    assert set(tpu_calls) == {"indexer_topk", "sparse_attention", "dense_attention"}
     np.testing.assert_array_equal(got, want)
     # And the cached tokens are the no-cache forward's greedy continuation.
     seq = jnp.asarray([prompts[1] + list(want[1, :-1])], jnp.int32)
@@ -90,7 +107,7 @@ def test_cached_greedy_tpu_interpret_matches_reference(model):
 
 
 @pytest.mark.skipif(not hasattr(m3jax, "Engine"), reason="m3jax.Engine not built yet")
-def test_engine_greedy_tpu_interpret_matches_reference(model):
+def test_engine_greedy_tpu_interpret_matches_reference(model, tpu_calls):
     prompts = [[5, 9, 200, 31] * 6, [7, 8, 9]]
     params = m3jax.SamplingParams(max_new_tokens=3, temperature=0.0)
     outs = {}
@@ -98,3 +115,4 @@ def test_engine_greedy_tpu_interpret_matches_reference(model):
         engine = m3jax.Engine(_with_impl(model, impl), max_batch_size=2, max_seq_len=64)
         outs[impl] = [r.token_ids for r in m3jax.generate(engine, prompts, params)]
     assert outs["tpu-interpret"] == outs["reference"]
+    assert set(tpu_calls) == {"indexer_topk", "sparse_attention", "dense_attention"}

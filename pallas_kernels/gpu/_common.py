@@ -32,10 +32,12 @@ def check_dtype(op: str, x, name: str) -> None:
             {f"{name}.dtype": x.dtype})
 
 
-def check_tile(op: str, size: int, name: str, interpret: bool, shapes: dict) -> None:
-    """Triton tiles must be powers of two, and dot operands at least 16 wide on the GPU."""
-    require(is_pow2(size), op, f"{name} must be a power of two", shapes)
-    require(interpret or size >= 16, op, f"{name} must be >= 16 on the GPU (triton dot)", shapes)
+MIN_TILE = 16               # triton's dot needs >= 16 along every dimension
+
+
+def tile(size: int) -> int:
+    """The triton tile for a dimension: the next power of two, at least MIN_TILE (operands are zero-padded)."""
+    return max(MIN_TILE, next_pow2(size))
 
 
 def dot_precision(dtype):

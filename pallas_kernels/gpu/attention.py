@@ -20,8 +20,10 @@ Edges: keys past q_pos get -inf logits; V rows past the tile's largest q_pos are
 so unwritten slots (NaN in the tests) never reach the output. A row with no visible key (q_pos = -1, or only
 empty slots) outputs 0, like the reference.
 
-Limits (NotImplementedError): H, R and TQ*G row tiles must be powers of two; on the GPU H and R must be >= 16;
-N % K == 0; float32 / bfloat16 / float16. The result has q's dtype (f32 accumulation inside).
+Sizes: H, R and G are zero-padded to power-of-two triton tiles >= 16 (for G: extra query rows; for H and R: a
+padded copy of the page pools, so only small test configs pay it; M3's 128 x 128 pages are used in place).
+NotImplementedError for dtypes other than float32 / bfloat16 / float16. The result has q's dtype (f32
+accumulation inside).
 """
 
 from __future__ import annotations
@@ -40,21 +42,26 @@ f32 = jnp.float32
 _ROWS_PER_TILE = 128       # dense: tokens x heads per program
 
 
-def _attend_block(q, k, v, key0, row_pos, max_pos, carry, *, scale, precision):
-    """One online-softmax step over keys key0 .. key0 + W - 1. q [rows, H]; k, v [W, H]; row_pos i32[rows]."""
+def _attend_block(q, k, v, blk, row0, row_pos, max_pos, carry, *, block_size, scale, precision):
+    """One online-softmax step over rows row0 .. row0 + W - 1 of logical block `blk`'s page.
+
+    q [rows, H]; k, v [W, H]; row_pos i32[rows]. Page rows >= block_size (padding) and keys past a row's
+    position are masked; V rows past max_pos (never written) are zeroed, as they may hold NaN.
+    """
     m, l, acc = carry                                                      # [rows], [rows], [rows, H]
     width = k.shape[0]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=f32)
     s = s * scale                                                          # [rows, W]
-    key_row = key0 + lax.broadcasted_iota(jnp.int32, (1, width), 1)
-    s = jnp.where(key_row <= row_pos[:, None], s, -jnp.inf)
+    r_row = row0 + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    ok = (r_row < block_size) & (blk * block_size + r_row <= row_pos[:, None])
+    s = jnp.where(ok, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
-    key_col = key0 + lax.broadcasted_iota(jnp.int32, (width, 1), 0)
-    v = jnp.where(key_col <= max_pos, v, jnp.zeros_like(v))                # unwritten slots may hold NaN
+    r_col = row0 + lax.broadcasted_iota(jnp.int32, (width, 1), 0)
+    v = jnp.where((r_col < block_size) & (blk * block_size + r_col <= max_pos), v, jnp.zeros_like(v))
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=f32)
     return m_new, l, acc * alpha[:, None] + pv
@@ -85,15 +92,15 @@ def _sparse_kernel(pt_ref, ids_ref, nvalid_ref, qpos_ref, q_ref, k_ref, v_ref, o
     q = q_ref[...]
     rows, head_dim = q.shape
     row_pos = jnp.full((rows,), pos, jnp.int32)
-    steps = block_size // chunk
+    steps = k_ref.shape[2] // chunk
 
     def body(u, carry):
         blk = ids_ref[b, t, kh, u // steps]
         page = pt_ref[b, blk]
         off = (u % steps) * chunk
         rows_kv = pl.ds(pl.multiple_of(off, chunk), chunk)
-        return _attend_block(q, k_ref[kh, page, rows_kv, :], v_ref[kh, page, rows_kv, :],
-                             blk * block_size + off, row_pos, pos, carry, scale=scale, precision=precision)
+        return _attend_block(q, k_ref[kh, page, rows_kv, :], v_ref[kh, page, rows_kv, :], blk, off, row_pos,
+                             pos, carry, block_size=block_size, scale=scale, precision=precision)
 
     carry = lax.fori_loop(start * steps, stop * steps, body, _init_carry(rows, head_dim))
     _store(carry, o_ref, lse_ref[0] if lse_ref else None)
@@ -114,8 +121,8 @@ def _dense_kernel(pt_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
 
     def body(blk, carry):
         page = pt_ref[b, blk]
-        return _attend_block(q, k_ref[kh, page], v_ref[kh, page], blk * block_size, row_pos, max_pos, carry,
-                             scale=scale, precision=precision)
+        return _attend_block(q, k_ref[kh, page], v_ref[kh, page], blk, 0, row_pos, max_pos, carry,
+                             block_size=block_size, scale=scale, precision=precision)
 
     carry = lax.fori_loop(start, stop, body, _init_carry(rows, head_dim))
     _store(carry, o_ref, lse_ref[0] if lse_ref else None)
@@ -135,20 +142,29 @@ def num_splits(programs: int, units: int, min_units: int = 1) -> int:
     return max(1, min(want, cm.cdiv(units, min_units)))
 
 
-def _check(op, q, k_pages, v_pages, page_table, q_pos, interpret):
+def _check(op, q, k_pages, v_pages, page_table, q_pos):
+    """Static checks; returns (b, t, n, h, kh, r, g) and the padded tile sizes (hp, rp, gp)."""
     b, t, n, h = q.shape
     kh, _, r, hk = k_pages.shape
     shapes = {"q": q.shape, "k_pages": k_pages.shape, "v_pages": v_pages.shape,
               "page_table": page_table.shape, "q_pos": q_pos.shape}
     if v_pages.shape != k_pages.shape or hk != h or q_pos.shape != (b, t) or page_table.shape[0] != b:
         raise ValueError(f"gpu.{op}: inconsistent shapes {shapes}")
-    cm.require(n % kh == 0, op, "N must be a multiple of K", shapes)
+    if n % kh:
+        raise ValueError(f"gpu.{op}: N must be a multiple of K {shapes}")
     cm.check_dtype(op, q, "q")
     cm.check_dtype(op, k_pages, "k_pages")
-    cm.check_tile(op, h, "head_dim H", interpret, shapes)
-    cm.check_tile(op, r, "block size R", interpret, shapes)
     g = n // kh
-    return b, t, n, h, kh, r, g, max(cm.next_pow2(g), 1 if interpret else 16)
+    return (b, t, n, h, kh, r, g), (cm.tile(h), cm.tile(r), cm.tile(g))
+
+
+def _pad_pages(k_pages, v_pages, rp, hp):
+    """Pad page rows / head dim up to triton tile sizes (a copy of the pools; never for M3's 128 x 128)."""
+    _, _, r, h = k_pages.shape
+    if (r, h) == (rp, hp):
+        return k_pages, v_pages
+    widths = ((0, 0), (0, 0), (0, rp - r), (0, hp - h))
+    return jnp.pad(k_pages, widths), jnp.pad(v_pages, widths)
 
 
 def compact_block_ids(block_ids, q_pos, block_size, num_blocks):
@@ -185,7 +201,7 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
 def sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale, interpret,
                            num_warps, num_stages, chunk):
     """sparse_attention with explicit Triton launch parameters (for the benchmark's sweep)."""
-    b, t, n, h, kh, r, g, gp = _check("sparse_attention", q_btnh, k_pages, v_pages, page_table, q_pos, interpret)
+    (b, t, n, h, kh, r, g), (hp, rp, gp) = _check("sparse_attention", q_btnh, k_pages, v_pages, page_table, q_pos)
     if block_ids.shape[:3] != (b, t, kh):
         raise ValueError(f"gpu.sparse_attention: block_ids must be [B={b}, T={t}, K={kh}, C], got {block_ids.shape}")
     m = page_table.shape[1]
@@ -195,28 +211,27 @@ def sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_id
     splits = num_splits(b * t * kh, c, min_units=2)
     per_split = cm.cdiv(c, splits)
     splits = cm.cdiv(c, per_split)
-    q5 = q_btnh.reshape(b, t, kh, g, h)
-    if gp != g:
-        q5 = jnp.pad(q5, ((0, 0),) * 3 + ((0, gp - g), (0, 0)))
+    q5 = jnp.pad(q_btnh.reshape(b, t, kh, g, h), ((0, 0),) * 3 + ((0, gp - g), (0, hp - h)))
+    k_pages, v_pages = _pad_pages(k_pages, v_pages, rp, hp)
     o_dtype = q_btnh.dtype if splits == 1 else f32
-    out_shape = [jax.ShapeDtypeStruct((splits, b, t, kh, gp, h), o_dtype)]
-    out_specs = [pl.BlockSpec((None, None, None, None, gp, h), lambda i, k, s: (s, i // t, i % t, k, 0, 0))]
+    out_shape = [jax.ShapeDtypeStruct((splits, b, t, kh, gp, hp), o_dtype)]
+    out_specs = [pl.BlockSpec((None, None, None, None, gp, hp), lambda i, k, s: (s, i // t, i % t, k, 0, 0))]
     if splits > 1:
         out_shape.append(jax.ShapeDtypeStruct((splits, b, t, kh, gp), f32))
         out_specs.append(pl.BlockSpec((None, None, None, None, gp), lambda i, k, s: (s, i // t, i % t, k, 0)))
-    chunk = min(chunk, r)
+    chunk = min(chunk, rp)
     kernel = functools.partial(_sparse_kernel, num_tokens=t, per_split=per_split, scale=scale, block_size=r,
                                chunk=chunk, precision=cm.dot_precision(q_btnh.dtype))
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b * t, kh, splits),
         in_specs=[whole_array(), whole_array(), whole_array(), whole_array(),
-                  pl.BlockSpec((None, None, None, gp, h), lambda i, k, s: (i // t, i % t, k, 0, 0)),
+                  pl.BlockSpec((None, None, None, gp, hp), lambda i, k, s: (i // t, i % t, k, 0, 0)),
                   whole_array(), whole_array()],
         out_specs=out_specs, interpret=interpret, name="msa_sparse_attention",
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
     )(page_table.astype(jnp.int32), ids, nvalid, q_pos.astype(jnp.int32), q5, k_pages, v_pages)
     o = outs[0][0] if splits == 1 else combine_splits(outs[0], outs[1])
-    return o[:, :, :, :g].reshape(b, t, n, h).astype(q_btnh.dtype)
+    return o[:, :, :, :g, :h].reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
 def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, interpret=False):
@@ -224,14 +239,15 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
 
     Same layouts as sparse_attention without block_ids. Returns [B, T, N, H] in q's dtype.
     """
-    b, t, n, h, kh, r, g, gp = _check("dense_attention", q_btnh, k_pages, v_pages, page_table, q_pos, interpret)
+    (b, t, n, h, kh, r, g), (hp, rp, gp) = _check("dense_attention", q_btnh, k_pages, v_pages, page_table, q_pos)
     m = page_table.shape[1]
     scale = h ** -0.5 if scale is None else float(scale)
     tq = max(1, min(_ROWS_PER_TILE // gp, cm.next_pow2(t)))
     num_tiles = cm.cdiv(t, tq)
     tp, rows = num_tiles * tq, tq * gp
-    q5 = jnp.pad(q_btnh.reshape(b, t, kh, g, h), ((0, 0), (0, tp - t), (0, 0), (0, gp - g), (0, 0)))
-    q_rows = q5.transpose(0, 2, 1, 3, 4).reshape(b, kh, tp * gp, h)        # rows: token-major, then head
+    q5 = jnp.pad(q_btnh.reshape(b, t, kh, g, h), ((0, 0), (0, tp - t), (0, 0), (0, gp - g), (0, hp - h)))
+    q_rows = q5.transpose(0, 2, 1, 3, 4).reshape(b, kh, tp * gp, hp)       # rows: token-major, then head
+    k_pages, v_pages = _pad_pages(k_pages, v_pages, rp, hp)
     pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=-1)
     pos_rows = jnp.repeat(pos, gp, axis=1)                                 # [B, Tp * Gp]
     splits = num_splits(b * num_tiles * kh, m, min_units=4)
@@ -243,8 +259,8 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
     def tile(i):                                                           # longest (last) tiles first
         return nt - 1 - i % nt
 
-    out_shape = [jax.ShapeDtypeStruct((splits, b, kh, tp * gp, h), o_dtype)]
-    out_specs = [pl.BlockSpec((None, None, None, rows, h), lambda i, k, s: (s, i // nt, k, tile(i), 0))]
+    out_shape = [jax.ShapeDtypeStruct((splits, b, kh, tp * gp, hp), o_dtype)]
+    out_specs = [pl.BlockSpec((None, None, None, rows, hp), lambda i, k, s: (s, i // nt, k, tile(i), 0))]
     if splits > 1:
         out_shape.append(jax.ShapeDtypeStruct((splits, b, kh, tp * gp), f32))
         out_specs.append(pl.BlockSpec((None, None, None, rows), lambda i, k, s: (s, i // nt, k, tile(i))))
@@ -254,11 +270,11 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
         kernel, out_shape=out_shape, grid=(b * nt, kh, splits),
         in_specs=[whole_array(),
                   pl.BlockSpec((None, rows), lambda i, k, s: (i // nt, tile(i))),
-                  pl.BlockSpec((None, None, rows, h), lambda i, k, s: (i // nt, k, tile(i), 0)),
+                  pl.BlockSpec((None, None, rows, hp), lambda i, k, s: (i // nt, k, tile(i), 0)),
                   whole_array(), whole_array()],
         out_specs=out_specs, interpret=interpret, name="msa_dense_attention",
         compiler_params=compiler_params(num_warps=4 if rows <= 64 else 8, num_stages=2),
     )(page_table.astype(jnp.int32), pos_rows, q_rows, k_pages, v_pages)
     o = outs[0][0] if splits == 1 else combine_splits(outs[0], outs[1])    # [B, K, Tp*Gp, H]
-    o = o.reshape(b, kh, tp, gp, h)[:, :, :t, :g].transpose(0, 2, 1, 3, 4)
+    o = o.reshape(b, kh, tp, gp, hp)[:, :, :t, :g, :h].transpose(0, 2, 1, 3, 4)
     return o.reshape(b, t, n, h).astype(q_btnh.dtype)

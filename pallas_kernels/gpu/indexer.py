@@ -16,8 +16,9 @@ longest-first (reverse token order) to shorten the causal tail in prefill.
 Ties between equal block scores are broken arbitrarily (the reference takes the lower block id); selections
 match the reference exactly on inputs without ties.
 
-Limits (NotImplementedError): I, R and K must be powers of two, I and R >= 16 on the GPU; 0 <= local_blocks
-<= topk; float32 / bfloat16 / float16.
+Sizes: I and R are zero-padded to power-of-two triton tiles >= 16 (a padded copy of the index-K pool, for small
+test configs only), K to a power of two. NotImplementedError for local_blocks > topk and for dtypes other than
+float32 / bfloat16 / float16.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ f32 = jnp.float32
 def _block_score(iq, ik, blk, row_pos, *, block_size, local_blocks, precision):
     """f32[rows]: max visible score of block `blk`; +inf where the block is forced (own / local)."""
     s = lax.dot_general(iq, ik, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=f32)
-    key_row = blk * block_size + lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
-    s = jnp.where(key_row <= row_pos[:, None], s, -jnp.inf)                 # [rows, R]
+    r_row = lax.broadcasted_iota(jnp.int32, (1, ik.shape[0]), 1)           # page row (>= block_size: padding)
+    ok = (r_row < block_size) & (blk * block_size + r_row <= row_pos[:, None])
+    s = jnp.where(ok, s, -jnp.inf)                                         # [rows, Rp]
     score = jnp.max(s, axis=1)
     own = jnp.where(row_pos >= 0, row_pos // block_size, -1)
     forced = (blk <= own) & (blk > own - local_blocks)
@@ -94,7 +96,7 @@ def merge_topk(vals, ids, topk):
     return jnp.where(best == -jnp.inf, -1, sel).astype(jnp.int32)
 
 
-def _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks, interpret):
+def _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks):
     op = "indexer_topk"
     b, t, kh, dim = iq_btki.shape
     _, r, dim_k = ik_pages.shape
@@ -107,9 +109,6 @@ def _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks, interpret):
     cm.require(0 <= local_blocks <= topk, op, "need 0 <= local_blocks <= topk", shapes)
     cm.check_dtype(op, iq_btki, "iq")
     cm.check_dtype(op, ik_pages, "ik_pages")
-    cm.check_tile(op, dim, "index dim I", interpret, shapes)
-    cm.check_tile(op, r, "block size R", interpret, shapes)
-    cm.require(cm.is_pow2(kh), op, "the number of index heads K must be a power of two", shapes)
     return b, t, kh, dim, r
 
 
@@ -129,16 +128,17 @@ def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_block
 def indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, *, topk, local_blocks, interpret,
                        rows, num_warps, num_stages):
     """indexer_topk with an explicit prefill tile height and Triton launch parameters (benchmark sweep)."""
-    b, t, kh, dim, r = _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks, interpret)
+    b, t, kh, dim, r = _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks)
     m = page_table.shape[1]
-    tq = max(1, min(rows // kh, cm.next_pow2(t)))
-    if not interpret:
-        tq = max(tq, cm.cdiv(16, kh))                                      # triton dot: >= 16 rows
+    kp, ip, rp = cm.next_pow2(kh), cm.tile(dim), cm.tile(r)
+    tq = max(1, min(rows // kp, cm.next_pow2(t)), cm.cdiv(cm.MIN_TILE, kp))
     nt = cm.cdiv(t, tq)
-    tp, rows, cp = nt * tq, tq * kh, cm.next_pow2(topk)
-    iq_rows = jnp.pad(iq_btki, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, tp * kh, dim)
+    tp, rows, cp = nt * tq, tq * kp, cm.next_pow2(topk)
+    iq_rows = jnp.pad(iq_btki, ((0, 0), (0, tp - t), (0, kp - kh), (0, ip - dim))).reshape(b, tp * kp, ip)
+    if (rp, ip) != (r, dim):                                               # a copy; never for M3's 128 x 128
+        ik_pages = jnp.pad(ik_pages, ((0, 0), (0, rp - r), (0, ip - dim)))
     pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=-1)
-    pos_rows = jnp.repeat(pos, kh, axis=1)                                 # [B, Tp * K]
+    pos_rows = jnp.repeat(pos, kp, axis=1)                                 # [B, Tp * Kp]; padded heads ignored
     splits = num_splits_for(b * nt, m)
     per_split = cm.cdiv(m, splits)
     splits = cm.cdiv(m, per_split)
@@ -152,17 +152,17 @@ def indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, *, topk, local_bloc
                                precision=cm.dot_precision(iq_btki.dtype))
     vals, ids = pl.pallas_call(
         kernel, grid=(b * nt, splits),
-        out_shape=[jax.ShapeDtypeStruct((splits, b, tp * kh, cp), f32),
-                   jax.ShapeDtypeStruct((splits, b, tp * kh, cp), jnp.int32)],
+        out_shape=[jax.ShapeDtypeStruct((splits, b, tp * kp, cp), f32),
+                   jax.ShapeDtypeStruct((splits, b, tp * kp, cp), jnp.int32)],
         in_specs=[whole_array(),
                   pl.BlockSpec((None, rows), lambda i, s: (i // nt, tile(i))),
-                  pl.BlockSpec((None, rows, dim), lambda i, s: (i // nt, tile(i), 0)),
+                  pl.BlockSpec((None, rows, ip), lambda i, s: (i // nt, tile(i), 0)),
                   whole_array()],
         out_specs=[spec, spec], interpret=interpret, name="msa_indexer_topk",
         compiler_params=compiler_params(num_warps=num_warps if rows > 64 else 4, num_stages=num_stages),
     )(page_table.astype(jnp.int32), pos_rows, iq_rows, ik_pages)
-    sel = merge_topk(vals, ids, topk)                                      # [B, Tp * K, topk]
-    return sel.reshape(b, tp, kh, topk)[:, :t]
+    sel = merge_topk(vals, ids, topk)                                      # [B, Tp * Kp, topk]
+    return sel.reshape(b, tp, kp, topk)[:, :t, :kh]
 
 
 def num_splits_for(programs: int, num_blocks: int) -> int:

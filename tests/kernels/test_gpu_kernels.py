@@ -140,19 +140,21 @@ def test_random_ragged_batches(data):
     check_sparse(c, jnp.asarray(sel), dtype)
 
 
-def test_refuses_unsupported_shapes():
-    c = case([20], [2], dims=(24, 32))                                   # head dim not a power of two
-    with pytest.raises(NotImplementedError, match="head_dim"):
-        gpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=True)
+def test_odd_sizes_are_padded():
+    """Pages of 8 rows, head dim 24, index dim 12, 3 KV heads of 2: padded to triton tiles, same results."""
+    c = case([45, 9], [13, 2], block_size=8, heads=(6, 3), dims=(24, 12), seed=5)
+    sel = check_selection(c, topk=3)
+    check_sparse(c, jnp.asarray(sel), jnp.float32)
+    check_dense(c, jnp.float32)
+
+
+def test_refuses_unsupported_inputs():
     c = case([20], [2])
     with pytest.raises(NotImplementedError, match="local_blocks"):
-        gpu.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=2, local_blocks=3, interpret=True)
+        gpu.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=2, local_blocks=3, interpret=INTERPRET)
+    with pytest.raises(NotImplementedError, match="dtype"):
+        gpu.dense_attention(c.q_btnh.astype(jnp.int32), c.k_pages.astype(jnp.int32), c.v_pages, c.page_table,
+                            c.q_pos, interpret=INTERPRET)
     with pytest.raises(ValueError, match="block_ids"):
         gpu.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos,
-                             jnp.zeros((1, 2, 3, 4), jnp.int32), interpret=True)
-    if not INTERPRET:
-        return
-    c = case([20], [2], block_size=8)                                    # fine in the interpreter only
-    check_dense(c, jnp.float32)
-    with pytest.raises(NotImplementedError, match="block size"):
-        gpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=False)
+                             jnp.zeros((1, 2, 3, 4), jnp.int32), interpret=INTERPRET)

@@ -52,6 +52,36 @@ def emit(args, **row):
 
 
 # ------------------------------------------------------------------------------------------------ m3jax
+def _profile_table(args, label, fn):
+    """Run fn under jax.profiler and emit the device ops that took the most time (perfetto trace)."""
+    import glob
+    import gzip
+    import tempfile
+
+    import jax
+
+    d = tempfile.mkdtemp(prefix="m3prof")
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        fn()
+    files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        emit(args, what="profile", label=label, error="no perfetto trace written")
+        return
+    with gzip.open(files[0]) as f:
+        events = json.load(f)
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and "gpu" in procs.get(e.get("pid"), "").lower():
+            totals[e["name"]] = totals.get(e["name"], 0.0) + float(e.get("dur", 0))
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:args.profile_top]
+    emit(args, what="profile", label=label, device_ms_total=sum(totals.values()) / 1e3,
+         processes=sorted(set(procs.values()))[:12] if not totals else None,
+         top_ms=[(k[:90], round(v / 1e3, 3)) for k, v in top])
+
+
 def run_jax(args):
     import jax
     import jax.numpy as jnp
@@ -99,6 +129,11 @@ def run_jax(args):
             best = float(np.median(times))
             emit(args, what="prefill", tokens=s, chunk=args.jax_chunk, seconds=best, tokens_per_s=s / best,
                  first_run_s=warm)
+            if args.profile and s == args.prefill[0]:
+                def once():
+                    eng.add_request(prompt, one)
+                    eng.run()
+                _profile_table(args, f"prefill {s}", once)
         except Exception as e:          # noqa: BLE001 - record and go on to the next measurement
             emit(args, what="prefill", tokens=s, chunk=args.jax_chunk, error=f"{type(e).__name__}: {str(e)[:300]}")
             eng = Engine(model, max_batch_size=1, max_seq_len=max_seq, num_pages=blocks + 2,
@@ -139,6 +174,12 @@ def run_jax(args):
             dt = (time.perf_counter() - t0) / args.decode_steps
             emit(args, what="decode", batch=b, context=ctx, step_ms=dt * 1e3, tokens_per_s=b / dt,
                  compiles_in_warmup=compiled, compiles_in_timing=trace_count() - before - compiled)
+            if args.profile:
+                def steps():
+                    for _ in range(3):
+                        eng.step()
+                    jax.block_until_ready(eng.cache)
+                _profile_table(args, f"decode batch {b} (3 steps)", steps)
         except Exception as e:          # noqa: BLE001
             emit(args, what="decode", batch=b, context=ctx, error=f"{type(e).__name__}: {str(e)[:300]}")
         for r in reqs:
@@ -275,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--profile", action="store_true", help="m3jax: per-op device time of one prefill / 3 decode steps")
+    ap.add_argument("--profile-top", type=int, default=14)
     args = ap.parse_args(argv)
     (run_jax if args.part == "jax" else run_torch)(args)
 

@@ -165,17 +165,27 @@ def table(rows, ceil):
     return "\n".join(lines)
 
 
-SPARSE_SWEEP = [(2, 2, 64), (1, 2, 64), (1, 3, 64), (1, 2, 32), (1, 4, 32), (2, 2, 32), (2, 2, 128),
-                (1, 2, 128), (2, 3, 128)]                                 # (num_warps, num_stages, chunk)
-INDEXER_SWEEP = [(128, 4, 3), (128, 4, 2), (128, 4, 4), (128, 2, 3)]   # (rows, num_warps, num_stages)
+QUERY_SWEEP = [(1, 2, 32)]                                        # (num_warps, num_stages, chunk)
+KV_SWEEP = [(4, 4, 2), (8, 4, 2), (16, 4, 2), (8, 8, 2), (16, 8, 2), (32, 8, 2), (8, 4, 3), (16, 4, 3)]
+# KV-block-major: (tokens_per_item, num_warps, num_stages)
 
 
 def sweep(out_dir):
-    """Time Triton launch variants of the prefill kernels (32K, then the best three at 128K)."""
+    """Time the two sparse-attention schedules and their launch variants in prefill (8K, 32K; best at 128K)."""
     from pallas_kernels.gpu.attention import sparse_attention_tuned
-    from pallas_kernels.gpu.indexer import indexer_topk_tuned
     results = []
-    for s in (32768, 131072):
+
+    def make(cfg):
+        if cfg[0] == "query":
+            w, st, ch = cfg[1]
+            return lambda *a: sparse_attention_tuned(*a, scale=None, interpret=False, num_warps=w, num_stages=st,
+                                                     chunk=ch, schedule="query")
+        tq, w, st = cfg[1]
+        return lambda *a: sparse_attention_tuned(*a, scale=None, interpret=False, num_warps=1, num_stages=2,
+                                                 chunk=32, schedule="kv", kv_major=dict(
+                                                     tokens_per_item=tq, num_warps=w, num_stages=st))
+
+    for s in (8192, 32768, 131072):
         key = jax.random.key(s)
         k_pages, v_pages, ik_pages, table = make_pool(key, 1, s)
         kq, ki = jax.random.split(jax.random.fold_in(key, 1))
@@ -183,28 +193,24 @@ def sweep(out_dir):
         iq = jax.random.normal(ki, (1, s, K, I), jnp.bfloat16)
         pos = jnp.arange(s, dtype=jnp.int32)[None]
         sel = gpu.indexer_topk(iq, ik_pages, table, pos, topk=C)
-        prev = [r for r in results if r["ctx"] == 32768]
-        for op, grid in (("sparse", SPARSE_SWEEP), ("indexer", INDEXER_SWEEP)):
-            if s > 32768:
-                grid = [r["cfg"] for r in sorted((r for r in prev if r["op"] == op), key=lambda r: r["t"])[:3]]
-            for cfg in grid:
-                try:
-                    if op == "sparse":
-                        w, st, ch = cfg
-                        fn = jax.jit(lambda *a, w=w, st=st, ch=ch: sparse_attention_tuned(
-                            *a, scale=None, interpret=False, num_warps=w, num_stages=st, chunk=ch))
-                        t = bench(fn, q, k_pages, v_pages, table, pos, sel, iters=3, reps=3)
-                    else:
-                        rw, w, st = cfg
-                        fn = jax.jit(lambda *a, rw=rw, w=w, st=st: indexer_topk_tuned(
-                            *a, topk=C, local_blocks=1, interpret=False, rows=rw, num_warps=w, num_stages=st))
-                        t = bench(fn, iq, ik_pages, table, pos, iters=3, reps=3)
-                except Exception as e:  # noqa: BLE001
-                    print(f"sweep {op} {cfg} {s}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    continue
-                results.append({"op": op, "cfg": list(cfg), "ctx": s, "t": t})
-                print(f"sweep {op:8s} {str(cfg):16s} {s // 1024:4d}K {1e3 * t:9.3f} ms", flush=True)
-        del k_pages, v_pages, ik_pages, q, iq, sel
+        grid = [("query", c) for c in QUERY_SWEEP] + [("kv", c) for c in KV_SWEEP]
+        if s > 32768:
+            prev = sorted((r for r in results if r["ctx"] == 32768 and r["op"] == "kv"), key=lambda r: r["t"])
+            grid = [("query", c) for c in QUERY_SWEEP] + [("kv", tuple(r["cfg"])) for r in prev[:3]]
+        want = None
+        for cfg in grid:
+            try:
+                fn = jax.jit(make(cfg))
+                t = bench(fn, q, k_pages, v_pages, table, pos, sel, iters=3, reps=3)
+                got = fn(q, k_pages, v_pages, table, pos, sel).astype(jnp.float32)
+                want = got if want is None else want
+                err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+            except Exception as e:  # noqa: BLE001
+                print(f"sweep {cfg} {s}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+                continue
+            results.append({"op": cfg[0], "cfg": list(cfg[1]), "ctx": s, "t": t, "rel_err_vs_query": err})
+            print(f"sweep {cfg[0]:6s} {str(cfg[1]):14s} {s // 1024:4d}K {1e3 * t:9.3f} ms  err {err:.1e}", flush=True)
+        del k_pages, v_pages, ik_pages, q, iq, sel, want
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
 

@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu import _common as cm
 from pallas_kernels.gpu._compat import compiler_params, whole_array
+from pallas_kernels.gpu.kv_major import sparse_attention_kv_major
 
 f32 = jnp.float32
 _ROWS_PER_TILE = 128       # dense: tokens x heads per program
@@ -186,6 +187,9 @@ def compact_block_ids(block_ids, q_pos, block_size, num_blocks):
 
 
 SPARSE_TUNING = {"num_warps": 1, "num_stages": 2, "chunk": 32}        # measured: benchmarks/RESULTS.md
+KV_MAJOR_TUNING = {"tokens_per_item": 8, "num_warps": 4, "num_stages": 2}
+KV_MAJOR_MIN_QUERIES = 4096            # B*T at and above which the KV-block-major schedule is used
+KV_MAJOR_MAX_PARTIAL_BYTES = 40 << 30  # ... unless its partial outputs would exceed this
 
 
 def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale=None, interpret=False):
@@ -195,12 +199,20 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
     block_ids i32[B, T, K, C] (-1 = empty). Returns [B, T, N, H] in q's dtype.
     """
     return sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, scale=scale,
-                                  interpret=interpret, **SPARSE_TUNING)
+                                  interpret=interpret, schedule="auto", **SPARSE_TUNING)
+
+
+def _use_kv_major(schedule, b, t, kh, c, gp, hp, dtype):
+    if schedule != "auto":
+        return schedule == "kv"
+    partial_bytes = b * t * kh * cm.next_pow2(c) * gp * (hp * jnp.dtype(dtype).itemsize + 4)
+    return b * t >= KV_MAJOR_MIN_QUERIES and partial_bytes <= KV_MAJOR_MAX_PARTIAL_BYTES
 
 
 def sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale, interpret,
-                           num_warps, num_stages, chunk):
-    """sparse_attention with explicit Triton launch parameters (for the benchmark's sweep)."""
+                           num_warps, num_stages, chunk, schedule="auto", kv_major=None):
+    """sparse_attention with an explicit schedule ("auto", "query": query-outer, "kv": KV-block-major) and
+    Triton launch parameters (for the benchmark's sweep and the tests)."""
     (b, t, n, h, kh, r, g), (hp, rp, gp) = _check("sparse_attention", q_btnh, k_pages, v_pages, page_table, q_pos)
     if block_ids.shape[:3] != (b, t, kh):
         raise ValueError(f"gpu.sparse_attention: block_ids must be [B={b}, T={t}, K={kh}, C], got {block_ids.shape}")
@@ -213,6 +225,10 @@ def sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_id
     splits = cm.cdiv(c, per_split)
     q5 = jnp.pad(q_btnh.reshape(b, t, kh, g, h), ((0, 0),) * 3 + ((0, gp - g), (0, hp - h)))
     k_pages, v_pages = _pad_pages(k_pages, v_pages, rp, hp)
+    if _use_kv_major(schedule, b, t, kh, c, gp, hp, q_btnh.dtype):
+        o = sparse_attention_kv_major(q5, k_pages, v_pages, page_table, q_pos, ids, nvalid, block_size=r,
+                                      scale=scale, interpret=interpret, **(kv_major or KV_MAJOR_TUNING))
+        return o[:, :, :, :g, :h].reshape(b, t, n, h).astype(q_btnh.dtype)
     o_dtype = q_btnh.dtype if splits == 1 else f32
     out_shape = [jax.ShapeDtypeStruct((splits, b, t, kh, gp, hp), o_dtype)]
     out_specs = [pl.BlockSpec((None, None, None, None, gp, hp), lambda i, k, s: (s, i // t, i % t, k, 0, 0))]

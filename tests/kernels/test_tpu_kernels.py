@@ -1,4 +1,5 @@
-"""TPU (Mosaic) MSA kernels in the TPU interpreter (`pltpu.InterpretParams()`) against the float32 references.
+"""TPU (Mosaic) MSA kernels against the float32 references: in the TPU interpreter (`pltpu.InterpretParams()`)
+on CPU/GPU hosts, compiled on a TPU host.
 
 Shapes: the TPU kernels need H and I multiples of 128 (lane width) and R a multiple of the sublane tile
 (16 covers f32 and bf16), so every case uses H = I = 128, R = 16 and short contexts to keep the interpreter
@@ -16,6 +17,9 @@ from pallas_kernels import dispatch, reference, tpu
 from tests.kernels.cases import random_paged_case
 
 R, H, I = 16, 128, 128
+# On a TPU the same suite runs the compiled kernels; anywhere else, the TPU interpreter.
+INTERPRET = jax.default_backend() != "tpu"
+IMPL = "tpu-interpret" if INTERPRET else "tpu"
 REL_L2 = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 # (kv_lens, q_lens): ragged batches mixing prefill chunks and decode rows; contexts not multiple of R,
@@ -62,7 +66,7 @@ def _as_sets(ids):
 def test_indexer_topk_matches_reference(name, topk, local, dtype):
     c = _case(name, dtype)
     got = tpu.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=topk, local_blocks=local,
-                           interpret=True)
+                           interpret=INTERPRET)
     want = reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=topk, local_blocks=local)
     assert got.shape == want.shape and got.dtype == jnp.int32
     np.testing.assert_array_equal(_as_sets(got), _as_sets(want))
@@ -77,7 +81,7 @@ def test_indexer_topk_matches_reference(name, topk, local, dtype):
 def test_sparse_attention_matches_reference(name, topk, dtype):
     c = _case(name, dtype, num_heads=8 if name == "mixed_chunks" else 4)
     ids = reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=topk)
-    got = tpu.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids, interpret=True)
+    got = tpu.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids, interpret=INTERPRET)
     want = reference.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids)
     assert got.shape == want.shape
     _check_output(got, want, c, dtype)
@@ -93,7 +97,7 @@ def test_sparse_attention_empty_slots_and_unordered_ids():
     ids[0, 0, 0, :2] = ids[0, 0, 0, 2]                  # duplicate entry
     ids[0, 1, 1, 0] = c.page_table.shape[1] - 1         # a future block: masked by causality
     ids = jnp.asarray(ids)
-    got = tpu.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids, interpret=True)
+    got = tpu.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids, interpret=INTERPRET)
     want = reference.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids)
     _check_output(got, want, c, jnp.float32)
 
@@ -102,7 +106,7 @@ def test_sparse_attention_empty_slots_and_unordered_ids():
 @pytest.mark.parametrize("name", ["decode_ragged", "mixed_chunks"])
 def test_dense_attention_matches_reference(name, dtype):
     c = _case(name, dtype)
-    got = tpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=True)
+    got = tpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=INTERPRET)
     want = reference.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos)
     _check_output(got, want, c, dtype)
 
@@ -112,8 +116,8 @@ def test_dispatch_tpu_interpret_under_jit_with_scale():
 
     @jax.jit
     def step(c_q, c_iq, k, v, ik, table, pos):
-        ids = dispatch.indexer_topk(c_iq, ik, table, pos, topk=3, impl="tpu-interpret")
-        return ids, dispatch.sparse_attention(c_q, k, v, table, pos, ids, scale=0.05, impl="tpu-interpret")
+        ids = dispatch.indexer_topk(c_iq, ik, table, pos, topk=3, impl=IMPL)
+        return ids, dispatch.sparse_attention(c_q, k, v, table, pos, ids, scale=0.05, impl=IMPL)
 
     ids, got = step(c.q_btnh, c.iq_btki, c.k_pages, c.v_pages, c.ik_pages, c.page_table, c.q_pos)
     want_ids = reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=3)
@@ -134,7 +138,7 @@ def test_unsupported_shapes_raise_not_implemented():
                              jnp.zeros((1, 2, 2, 2), jnp.int32))
     with pytest.raises(dispatch.NoImplementationError):
         dispatch.dense_attention(small.q_btnh, small.k_pages, small.v_pages, small.page_table, small.q_pos,
-                                 impl="tpu-interpret")
+                                 impl=IMPL)
 
 
 def test_bad_arguments_raise_value_error():
@@ -155,13 +159,13 @@ def test_many_query_tiles(name, monkeypatch):
     monkeypatch.setattr(tiling, "ATTENTION_TARGET_ROWS", 8)
     monkeypatch.setattr(tiling, "INDEXER_TARGET_ROWS", 8)
     c = _case(name, jnp.float32)
-    ids = tpu.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=2, interpret=True)
+    ids = tpu.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=2, interpret=INTERPRET)
     want_ids = reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=2)
     np.testing.assert_array_equal(_as_sets(ids), _as_sets(want_ids))
-    got = tpu.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, want_ids, interpret=True)
+    got = tpu.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, want_ids, interpret=INTERPRET)
     _check_output(got, reference.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos,
                                                   want_ids), c, jnp.float32)
-    got = tpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=True)
+    got = tpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=INTERPRET)
     _check_output(got, reference.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos),
                   c, jnp.float32)
 
@@ -188,10 +192,10 @@ def test_mixed_dtypes_compute_in_the_wider_one():
     """f32 queries over a bf16 cache (and f32 iq over bf16 index-K): computed in f32, output in q's dtype."""
     c = _case("decode_ragged", jnp.bfloat16)
     q, iq = c.q_btnh.astype(jnp.float32), c.iq_btki.astype(jnp.float32)
-    ids = tpu.indexer_topk(iq, c.ik_pages, c.page_table, c.q_pos, topk=3, interpret=True)
+    ids = tpu.indexer_topk(iq, c.ik_pages, c.page_table, c.q_pos, topk=3, interpret=INTERPRET)
     np.testing.assert_array_equal(
         _as_sets(ids), _as_sets(reference.indexer_topk(iq, c.ik_pages, c.page_table, c.q_pos, topk=3)))
-    got = tpu.sparse_attention(q, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids, interpret=True)
+    got = tpu.sparse_attention(q, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids, interpret=INTERPRET)
     assert got.dtype == jnp.float32
     _check_output(got, reference.sparse_attention(q, c.k_pages, c.v_pages, c.page_table, c.q_pos, ids), c,
                   jnp.float32)
@@ -203,9 +207,9 @@ def test_page_stream_depths(slots, monkeypatch):
     from pallas_kernels.tpu import tiling
     monkeypatch.setattr(tiling, "PAGE_DMA_SLOTS", slots)
     c = _case("short_and_long", jnp.float32)
-    ids = tpu.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=3, interpret=True)
+    ids = tpu.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=3, interpret=INTERPRET)
     want_ids = reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=3)
     np.testing.assert_array_equal(_as_sets(ids), _as_sets(want_ids))
-    got = tpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=True)
+    got = tpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=INTERPRET)
     _check_output(got, reference.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos),
                   c, jnp.float32)

@@ -127,7 +127,8 @@ def decode_case(batch, ctx, idx, att):
     bytes_idx = batch * ctx * I * 2
     bytes_att = batch * (K * sel_keys * H * 2 * 2 + 2 * N * H * 2)
     return {"kind": "decode", "batch": batch, "ctx": ctx, "t_idx": t_idx, "t_att": t_att, "t_dense": t_dense,
-            "t_ours_dense": t_ours_dense, "flops_att": batch * 4 * H * N * sel_keys, "flops_dense": batch * 4 * H * N * ctx,
+            "t_ours_dense": t_ours_dense, "flops_att": batch * 4 * H * N * sel_keys,
+            "flops_dense": batch * 4 * H * N * ctx,
             "flops_idx": batch * 2 * I * K * ctx, "bytes_idx": bytes_idx, "bytes_att": bytes_att,
             "bytes_dense": batch * (ctx * K * H * 2 * 2 + 2 * N * H * 2)}
 
@@ -225,7 +226,8 @@ def main():
         sweep(args.out)
         return
     dev = jax.devices()[0]
-    meta = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    meta = {"device": dev.device_kind, "jax": jax.__version__, "date": now}
     print(meta, flush=True)
     ceil = ceilings()
     print(ceil, flush=True)

@@ -164,9 +164,10 @@ def _last_positions(q_pos, tq):
     return jnp.max(q_pos.reshape(b, tp // tq, tq), axis=-1).astype(jnp.int32)
 
 
-def _dense_visit_counts(last, page_rows, kh):
-    """Dense: a tile visits logical blocks 0 .. (last position in the tile) // R; none if all padding."""
-    count = jnp.where(last >= 0, last // page_rows + 1, 0).astype(jnp.int32)
+def _dense_visit_counts(last, page_rows, kh, num_blocks):
+    """Dense: a tile visits logical blocks 0 .. (last position in the tile) // R (at most M); none if all
+    padding."""
+    count = jnp.where(last >= 0, jnp.minimum(last // page_rows + 1, num_blocks), 0).astype(jnp.int32)
     return jnp.broadcast_to(count[:, None, :], (last.shape[0], kh, last.shape[1]))
 
 
@@ -207,7 +208,7 @@ def paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, s
                     hbm_spec, hbm_spec]
         args = (visit, q_rows, rowpos, rowsel, k_pages, v_pages)
     else:
-        count = _dense_visit_counts(last, r, kh)
+        count = _dense_visit_counts(last, r, kh, m)
         in_specs = [q_spec, pos_spec, hbm_spec, hbm_spec]
         args = (q_rows, rowpos, k_pages, v_pages)
 

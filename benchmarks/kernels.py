@@ -216,14 +216,45 @@ def sweep(out_dir):
         json.dump(results, f, indent=1)
 
 
+def profile_kv(out_dir, s=131072):
+    """Split the KV-block-major schedule's time at one prefill size: work list, kernel, merge."""
+    from pallas_kernels.gpu import kv_major
+    from pallas_kernels.gpu.attention import KV_MAJOR_TUNING, compact_block_ids, sparse_attention
+    key = jax.random.key(s)
+    k_pages, v_pages, ik_pages, table = make_pool(key, 1, s)
+    kq, ki = jax.random.split(jax.random.fold_in(key, 1))
+    q = jax.random.normal(kq, (1, s, N, H), jnp.bfloat16)
+    iq = jax.random.normal(ki, (1, s, K, I), jnp.bfloat16)
+    pos = jnp.arange(s, dtype=jnp.int32)[None]
+    sel = gpu.indexer_topk(iq, ik_pages, table, pos, topk=C)
+    tq = KV_MAJOR_TUNING["tokens_per_item"]
+    prep = jax.jit(lambda sel, pos: kv_major.work_items(compact_block_ids(sel, pos, R, s // R)[0], tq, s // R))
+    ids, nvalid = jax.jit(lambda sel, pos: compact_block_ids(sel, pos, R, s // R))(sel, pos)
+    o = jax.random.normal(kq, (1, s, K, C, G, H), jnp.bfloat16)
+    lse = jax.random.normal(ki, (1, s, K, C, G), jnp.float32)
+    merge = jax.jit(kv_major.merge_partials)
+    full = jax.jit(sparse_attention)
+    res = {"ctx": s, "t_prep": bench(prep, sel, pos, iters=3, reps=3),
+           "t_merge": bench(merge, o, lse, nvalid, iters=3, reps=3),
+           "t_full": bench(full, q, k_pages, v_pages, table, pos, sel, iters=3, reps=3)}
+    res["t_kernel_est"] = res["t_full"] - res["t_prep"] - res["t_merge"]
+    print({k: (round(1e3 * v, 3) if k.startswith("t_") else v) for k, v in res.items()}, flush=True)
+    with open(os.path.join(out_dir, "profile_kv.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8K/32K prefill, batch 1/32 decode only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="time Triton launch variants of the prefill kernels")
+    ap.add_argument("--profile-kv", action="store_true", help="split the KV-block-major time at 128K")
     args = ap.parse_args()
     if args.sweep:
         sweep(args.out)
+        return
+    if args.profile_kv:
+        profile_kv(args.out)
         return
     dev = jax.devices()[0]
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()

@@ -64,16 +64,17 @@ def test_cache_layout_and_memory_sizing(model):
     assert cache_lib.num_pages_for_memory(cfg, jnp.float32, max_pages=77) == 77
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_step(graphdef, state, cache, groups):
-    return forward_cached(nnx.merge(graphdef, state), cache, groups)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jit_step(graphdef, unroll, state, cache, groups):
+    return forward_cached(nnx.merge(graphdef, state), cache, groups, unroll_layers=unroll)
 
 
-def _step(model, cache, groups):
-    return _jit_step(*nnx.split(model), cache, groups)
+def _step(model, cache, groups, unroll=False):
+    graphdef, state = nnx.split(model)
+    return _jit_step(graphdef, unroll, state, cache, groups)
 
 
-def _prefill(model, ids_list, chunk):
+def _prefill(model, ids_list, chunk, unroll=False):
     """All logits of each row when its prompt is fed in chunks of `chunk` tokens, rows side by side."""
     alloc = PageAllocator(NUM_PAGES)
     table = np.zeros((len(ids_list), M), np.int32)
@@ -90,7 +91,7 @@ def _prefill(model, ids_list, chunk):
             piece = ids[s:s + chunk]
             tokens[b, :len(piece)] = piece
             q_pos[b, :len(piece)] = np.arange(s, s + len(piece))
-        (logits,), cache = _step(model, cache, (StepGroup(tokens, q_pos, table),))
+        (logits,), cache = _step(model, cache, (StepGroup(tokens, q_pos, table),), unroll)
         logits = np.asarray(logits)
         for b, ids in enumerate(ids_list):
             n = max(0, min(chunk, len(ids) - s))
@@ -103,10 +104,10 @@ def test_chunked_prefill_matches_one_shot_and_no_cache(model):
     ids = [rs.randint(0, 256, 45).tolist(), rs.randint(0, 256, 19).tolist()]   # 6 and 3 blocks, top-3: sparse
     fwd = jax.jit(lambda x: model(x))
     want = [np.asarray(fwd(jnp.asarray([x], jnp.int32)))[0] for x in ids]
-    for chunk in (48, 16, 5):
-        got, _, _ = _prefill(model, ids, chunk)
+    for chunk, unroll in ((48, False), (16, False), (5, False), (16, True)):
+        got, _, _ = _prefill(model, ids, chunk, unroll)
         for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=f"chunk={chunk}")
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=f"chunk={chunk} unroll={unroll}")
 
 
 def test_padding_writes_only_touch_the_sink(model):

@@ -21,6 +21,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from m3jax.cache import KVCache, StackCache
 from m3jax.model.attention import PagedKV
@@ -52,8 +53,13 @@ def _write_ik(pool_pri, new_bti, page_bt, row_bt):
     return pool_pri.at[page_bt, row_bt].set(new_bti.astype(pool_pri.dtype))
 
 
-def _run_stack(stack, stack_cache: StackCache, hs, groups, ropes, num_pages: int, page_size: int, impl):
-    """All layers of one LayerStack over every group; returns (hs, updated StackCache)."""
+def _run_stack(stack, stack_cache: StackCache, hs, groups, ropes, num_pages: int, page_size: int, impl,
+               unroll: bool = False):
+    """All layers of one LayerStack over every group; returns (hs, updated StackCache).
+
+    unroll: a Python loop over the layers (static weight slices) instead of `stack.scan`; compile time grows
+    with the layer count, but no per-iteration dynamic slice of the stacked weights is needed.
+    """
 
     def body(layer, carry, l):
         hs, k_pool, v_pool, ik_pool = carry
@@ -81,17 +87,25 @@ def _run_stack(stack, stack_cache: StackCache, hs, groups, ropes, num_pages: int
         return (out, k_pool, v_pool, ik_pool), None
 
     carry = (list(hs), stack_cache.k_pages, stack_cache.v_pages, stack_cache.ik_pages)
-    (hs, k, v, ik), _ = stack.scan(body, carry, jnp.arange(stack.num_layers, dtype=jnp.int32))
+    if unroll:
+        graphdef, state = nnx.split(stack.layers)
+        for l in range(stack.num_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda x: x[l], state))
+            carry, _ = body(layer, carry, l)
+        hs, k, v, ik = carry
+    else:
+        (hs, k, v, ik), _ = stack.scan(body, carry, jnp.arange(stack.num_layers, dtype=jnp.int32))
     return hs, StackCache(k, v, ik)
 
 
 def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
-                   logits_at: Sequence[jax.Array] | None = None):
+                   logits_at: Sequence[jax.Array] | None = None, *, unroll_layers: bool = False):
     """Run one cached step. Returns (logits per group, updated cache).
 
     logits_at: per group i32[B], the query index t whose logits are wanted (f32[B, V] per group); None gives
     the logits of every query, f32[B, T, V] per group. Rows that are all padding return garbage logits.
     The caller donates `cache` to the jitted step that calls this; the update is functional.
+    unroll_layers: run the layers of each stack as a Python loop instead of a scan (see _run_stack).
     """
     if not groups:
         raise ValueError("forward_cached needs at least one group")
@@ -102,7 +116,7 @@ def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
     hs = [model.embed(g.tokens) for g in groups]
     new_stacks = []
     for stack, sc in zip(model.stacks, cache.stacks):
-        hs, sc = _run_stack(stack, sc, hs, groups, ropes, cache.num_pages, cache.page_size, impl)
+        hs, sc = _run_stack(stack, sc, hs, groups, ropes, cache.num_pages, cache.page_size, impl, unroll_layers)
         new_stacks.append(sc)
     new_cache = KVCache(new_stacks, cache.num_pages, cache.page_size)
     if logits_at is None:

@@ -167,8 +167,9 @@ def table(rows, ceil):
 
 
 QUERY_SWEEP = [(1, 2, 32)]                                        # (num_warps, num_stages, chunk)
-KV_SWEEP = [(4, 4, 2), (8, 4, 2), (16, 4, 2), (8, 8, 2), (16, 8, 2), (32, 8, 2), (8, 4, 3), (16, 4, 3)]
-# KV-block-major: (tokens_per_item, num_warps, num_stages)
+KV_SWEEP = [(16, 4, 3, False), (4, 4, 2, True), (8, 4, 2, True), (8, 8, 2, True), (16, 8, 2, True),
+            (16, 8, 3, True), (8, 4, 3, True), (32, 8, 2, True)]
+# KV-block-major: (tokens_per_item, num_warps, num_stages, tile)
 
 
 def sweep(out_dir):
@@ -181,12 +182,12 @@ def sweep(out_dir):
             w, st, ch = cfg[1]
             return lambda *a: sparse_attention_tuned(*a, scale=None, interpret=False, num_warps=w, num_stages=st,
                                                      chunk=ch, schedule="query")
-        tq, w, st = cfg[1]
+        tq, w, st, tile = cfg[1]
         return lambda *a: sparse_attention_tuned(*a, scale=None, interpret=False, num_warps=1, num_stages=2,
                                                  chunk=32, schedule="kv", kv_major=dict(
-                                                     tokens_per_item=tq, num_warps=w, num_stages=st))
+                                                     tokens_per_item=tq, num_warps=w, num_stages=st, tile=tile))
 
-    for s in (8192, 32768, 131072):
+    for s in (32768, 131072):
         key = jax.random.key(s)
         k_pages, v_pages, ik_pages, table = make_pool(key, 1, s)
         kq, ki = jax.random.split(jax.random.fold_in(key, 1))

@@ -15,3 +15,8 @@ def compiler_params(num_warps: int, num_stages: int):
 def whole_array():
     """A BlockSpec whose ref is the whole operand (page pools, page tables: indexed inside the kernel)."""
     return getattr(pl, "no_block_spec", None) or pl.BlockSpec()
+
+
+def masked_store(ref, value, mask):
+    """Store where mask is true (rows of a gathered tile that exist); pl_triton.store on both releases."""
+    return pl_triton.store(ref, value, mask=mask)

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu import _common as cm
-from pallas_kernels.gpu._compat import compiler_params, whole_array
+from pallas_kernels.gpu._compat import compiler_params, masked_store, whole_array
 
 f32 = jnp.float32
 
@@ -64,6 +64,50 @@ def _kv_major_kernel(pt_ref, maxpos_ref, qpos_ref, order_ref, blk_ref, start_ref
         return carry
 
     lax.fori_loop(0, count, body, 0)
+
+
+def _kv_major_tile_kernel(pt_ref, maxpos_ref, qpos_ref, tok_ref, slot_ref, blk_ref, start_ref, count_ref, q_ref,
+                          k_ref, v_ref, o_ref, lse_ref, *, num_tokens, num_kv_heads, slots, row_slots, heads,
+                          tokens_per_item, block_size, scale, precision):
+    # As _kv_major_kernel, but the item's tokens are one [TQ * Gp, H] tile gathered row by row (M = 16 x TQ).
+    # tok_ref / slot_ref i32[B, K, T*Cp]: token and slot of each sorted entry. q_ref [B*T*K*Gp, H] (flat rows);
+    # o_ref [B*T*K*Cp*Gp, H], lse_ref f32[B*T*K*Cp*Gp] (flat rows); rows of absent tokens are masked out.
+    w, bk = pl.program_id(0), pl.program_id(1)
+    b, kh = bk // num_kv_heads, bk % num_kv_heads
+    blk = blk_ref[b, kh, w]
+    start = start_ref[b, kh, w]
+    count = count_ref[b, kh, w]
+    page = pt_ref[b, blk]
+    k = k_ref[kh, page]                                                    # [Rp, H]
+    v = v_ref[kh, page]
+    rp = k.shape[0]
+    r_col = lax.broadcasted_iota(jnp.int32, (rp, 1), 0)
+    v = jnp.where((r_col < block_size) & (blk * block_size + r_col <= maxpos_ref[b]), v, jnp.zeros_like(v))
+    row = lax.broadcasted_iota(jnp.int32, (tokens_per_item * heads,), 0)
+    item, head = row // heads, row % heads
+    present = item < count
+    entry = start + jnp.minimum(item, jnp.maximum(count - 1, 0))
+    tok = tok_ref[b, kh, entry]                                            # [rows] gathers
+    slot = slot_ref[b, kh, entry]
+    pos = qpos_ref[b, tok]
+    hp = q_ref.shape[1]
+    rows_h = (row.shape[0], hp)                                            # full index arrays: the interpreter
+    col = jnp.broadcast_to(lax.broadcasted_iota(jnp.int32, (1, hp), 1), rows_h)   # takes no array/slice mix
+    q_row = ((b * num_tokens + tok) * num_kv_heads + kh) * heads + head
+    q = q_ref[jnp.broadcast_to(q_row[:, None], rows_h), col]               # [rows, H]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=f32)
+    r_row = lax.broadcasted_iota(jnp.int32, (1, rp), 1)
+    s = jnp.where((r_row < block_size) & (blk * block_size + r_row <= pos[:, None]), s * scale, -jnp.inf)
+    mx = jnp.max(s, axis=1)
+    p = jnp.exp(s - mx[:, None])
+    l = jnp.sum(p, axis=1)
+    o = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                        preferred_element_type=f32)
+    slot = jnp.where(present, slot, slots)          # absent rows: slot `slots` (a trash slot in interpret mode,
+    out_row = (((b * num_tokens + tok) * num_kv_heads + kh) * row_slots + slot) * heads + head  # masked on GPU)
+    masked_store(o_ref.at[jnp.broadcast_to(out_row[:, None], rows_h), col], (o / l[:, None]).astype(o_ref.dtype),
+                 jnp.broadcast_to(present[:, None], rows_h))
+    masked_store(lse_ref.at[out_row], mx + jnp.log(l), present)
 
 
 def work_items(ids, tokens_per_item, num_blocks):
@@ -106,9 +150,10 @@ def merge_partials(o, lse, nvalid):
 
 
 def sparse_attention_kv_major(q5, k_pages, v_pages, page_table, q_pos, ids, nvalid, *, block_size, scale,
-                              interpret, tokens_per_item=8, num_warps=4, num_stages=2):
+                              interpret, tokens_per_item=8, num_warps=4, num_stages=2, tile=True):
     """q5 [B, T, K, Gp, Hp] (padded), pages [K, P, Rp, Hp] (padded), ids/nvalid from compact_block_ids.
 
+    tile=True: one gathered [TQ * Gp, H] tile per work item; False: a loop over the item's tokens.
     Returns f32[B, T, K, Gp, Hp]; rows with no valid block are 0.
     """
     b, t, kh, gp, hp = q5.shape
@@ -118,15 +163,29 @@ def sparse_attention_kv_major(q5, k_pages, v_pages, page_table, q_pos, ids, nval
     num_w = blk.shape[-1]
     maxpos = jnp.max(q_pos, axis=1).astype(jnp.int32)
     part_dtype = f32 if q5.dtype == f32 else q5.dtype
-    kernel = functools.partial(_kv_major_kernel, num_kv_heads=kh, slots=cp, block_size=block_size, scale=scale,
-                               precision=cm.dot_precision(q5.dtype))
+    common = dict(num_kv_heads=kh, slots=cp, block_size=block_size, scale=scale,
+                  precision=cm.dot_precision(q5.dtype))
+    # The interpreter stores masked-off rows too (their old value, scattered with the others): give them a
+    # slot of their own there. On the GPU masked rows are not written and no extra slot is allocated.
+    row_slots = cp + 1 if interpret else cp
+    if tile:
+        kernel = functools.partial(_kv_major_tile_kernel, num_tokens=t, heads=gp, tokens_per_item=tokens_per_item,
+                                   row_slots=row_slots, **common)
+        args = (order // cp, order % cp, blk, start, count, q5.reshape(b * t * kh * gp, hp))
+        out_shape = [jax.ShapeDtypeStruct((b * t * kh * row_slots * gp, hp), part_dtype),
+                     jax.ShapeDtypeStruct((b * t * kh * row_slots * gp,), f32)]
+    else:
+        row_slots = cp
+        kernel = functools.partial(_kv_major_kernel, **common)
+        args = (order, blk, start, count, q5)
+        out_shape = [jax.ShapeDtypeStruct((b, t, kh, cp, gp, hp), part_dtype),
+                     jax.ShapeDtypeStruct((b, t, kh, cp, gp), f32)]
     o, lse = pl.pallas_call(
-        kernel, grid=(num_w, b * kh),
-        out_shape=[jax.ShapeDtypeStruct((b, t, kh, cp, gp, hp), part_dtype),
-                   jax.ShapeDtypeStruct((b, t, kh, cp, gp), f32)],
-        in_specs=[whole_array()] * 10, out_specs=[whole_array(), whole_array()],
+        kernel, grid=(num_w, b * kh), out_shape=out_shape,
+        in_specs=[whole_array()] * (5 + len(args)), out_specs=[whole_array(), whole_array()],
         interpret=interpret, name="msa_sparse_attention_kv_major",
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
-    )(page_table.astype(jnp.int32), maxpos, q_pos.astype(jnp.int32), order, blk, start, count, q5, k_pages,
-      v_pages)
+    )(page_table.astype(jnp.int32), maxpos, q_pos.astype(jnp.int32), *args, k_pages, v_pages)
+    o = o.reshape(b, t, kh, row_slots, gp, hp)[:, :, :, :cp]
+    lse = lse.reshape(b, t, kh, row_slots, gp)[:, :, :, :cp]
     return merge_partials(o, lse, nvalid)

@@ -160,8 +160,9 @@ def test_refuses_unsupported_inputs():
                              jnp.zeros((1, 2, 3, 4), jnp.int32), interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_kv_major_schedule_matches_reference(dtype):
+@pytest.mark.parametrize("dtype,tile", [(jnp.float32, True), (jnp.bfloat16, True), (jnp.bfloat16, False)],
+                         ids=["f32-tile", "bf16-tile", "bf16-loop"])
+def test_kv_major_schedule_matches_reference(dtype, tile):
     """The KV-block-major prefill schedule (chosen automatically for long chunks), forced on a small case."""
     from pallas_kernels.gpu.attention import sparse_attention_tuned
     c = case([150, 33, 64], [150, 20, 3], dtype=dtype, seed=21)
@@ -169,6 +170,6 @@ def test_kv_major_schedule_matches_reference(dtype):
     sel[0, 40, 1, 2] = -1                                                # an empty slot mid-list
     args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, jnp.asarray(sel))
     got = sparse_attention_tuned(*args, scale=None, interpret=INTERPRET, num_warps=1, num_stages=2, chunk=32,
-                                 schedule="kv", kv_major=dict(tokens_per_item=4, num_warps=4, num_stages=2))
+                                 schedule="kv", kv_major=dict(tokens_per_item=4, num_warps=4, num_stages=2, tile=tile))
     assert rel_l2(got, reference.sparse_attention(*args), c.valid) <= TOL[dtype]
     assert (np.asarray(jnp.asarray(got, jnp.float32))[~c.valid] == 0).all()

@@ -126,10 +126,24 @@ def _zeros_fn(shape, dtype, sharding):
 
 
 @functools.lru_cache(maxsize=None)
-def _update_fn(sharding):
+def _update_fn(sharding, inverse: tuple[int, ...]):
     def update(full, piece, starts):
-        return jax.lax.dynamic_update_slice(full, piece.astype(full.dtype), tuple(starts))
+        piece = jnp.transpose(piece, inverse).astype(full.dtype)
+        return jax.lax.dynamic_update_slice(full, piece, tuple(starts))
     return jax.jit(update, out_shardings=sharding, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _whole_fn(sharding, inverse: tuple[int, ...], dtype):
+    return jax.jit(lambda x: jnp.transpose(x, inverse).astype(dtype), out_shardings=sharding)
+
+
+def permute_sharding(sharding: jax.sharding.Sharding, perm: tuple[int, ...]) -> jax.sharding.Sharding:
+    """The sharding of `x.transpose(perm)` when x has `sharding`."""
+    if not isinstance(sharding, NamedSharding) or list(perm) == sorted(perm):
+        return sharding
+    spec = list(sharding.spec) + [None] * (len(perm) - len(sharding.spec))
+    return NamedSharding(sharding.mesh, P(*[spec[i] for i in perm]))
 
 
 class Assembler:
@@ -141,18 +155,20 @@ class Assembler:
         self.arrays: dict[str, jax.Array] = {}
         self.filled: dict[str, int] = {}
 
-    def add(self, path: str, box: Box, piece: jax.Array) -> None:
+    def add(self, path: str, box: Box, piece: jax.Array, perm: tuple[int, ...] | None = None) -> None:
+        """Write `piece` = param[box] (or, with `perm`, param[box].transpose(perm): transposed on device)."""
         shape, dtype = self.targets[path]
         sharding = self.shardings[path]
+        inverse = tuple(int(i) for i in np.argsort(perm)) if perm is not None else tuple(range(len(shape)))
         if box_size(box) == math.prod(shape):
-            if piece.dtype != dtype or piece.sharding != sharding:
-                piece = jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)(piece)
+            if piece.dtype != dtype or piece.sharding != sharding or inverse != tuple(range(len(shape))):
+                piece = _whole_fn(sharding, inverse, jnp.dtype(dtype))(piece)
             self.arrays[path] = piece
         else:
             if path not in self.arrays:
                 self.arrays[path] = _zeros_fn(tuple(shape), jnp.dtype(dtype), sharding)()
             starts = jnp.asarray([a for a, _ in box], jnp.int32)
-            self.arrays[path] = _update_fn(sharding)(self.arrays[path], piece, starts)
+            self.arrays[path] = _update_fn(sharding, inverse)(self.arrays[path], piece, starts)
         self.filled[path] = self.filled.get(path, 0) + box_size(box)
 
     def result(self) -> dict[str, jax.Array]:

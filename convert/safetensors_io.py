@@ -183,16 +183,30 @@ def _pread_into(fd: int, buf: memoryview, offset: int, info: TensorInfo) -> None
         done += n
 
 
-def read_region(fd: int, info: TensorInfo, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+def read_region(fd: int, info: TensorInfo, rows: tuple[int, int], cols: tuple[int, int],
+                scratch: bytearray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """[r0:r1, c0:c1] of a tensor viewed as 2-D [shape[0], prod(shape[1:])] (a 1-D tensor as [1, n]).
 
-    Whole rows are one read; a column range is one read per row, so only the region's bytes are read.
+    Whole rows are one read; a column range is one read per row, so only the region's bytes are read. With
+    `scratch` (grown as needed) the result is a view into it, valid until the next read into the same scratch:
+    reusing memory avoids a page fault per 4 KiB of every fresh buffer. With `out` (C-contiguous, the region's
+    size and the tensor's dtype) the bytes are read straight into it.
     """
     dt = DTYPES[info.dtype]
     shape = info.shape if len(info.shape) >= 2 else (1, *info.shape)
     width = int(np.prod(shape[1:], dtype=np.int64))
     (r0, r1), (c0, c1) = rows, cols
-    out = np.empty((r1 - r0, c1 - c0), dt)
+    nbytes = (r1 - r0) * (c1 - c0) * dt.itemsize
+    if out is not None:
+        if not out.flags.c_contiguous or out.dtype != dt or out.size * dt.itemsize != nbytes:
+            raise ValueError(f"read_region: out must be C-contiguous {dt}[{r1 - r0}, {c1 - c0}]")
+        out = out.reshape(r1 - r0, c1 - c0)
+    elif scratch is None:
+        out = np.empty((r1 - r0, c1 - c0), dt)
+    else:
+        if len(scratch) < nbytes:
+            scratch.extend(bytes(nbytes - len(scratch)))
+        out = np.frombuffer(scratch, np.uint8, nbytes).view(dt).reshape(r1 - r0, c1 - c0)
     if out.size == 0:
         return out
     flat = memoryview(out.reshape(-1).view(np.uint8))

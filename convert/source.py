@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import threading
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -75,6 +76,16 @@ class Leaf(NamedTuple):
     def item_shape(self) -> tuple[int, ...]:
         return self.shape[self.num_index_axes:]
 
+    @property
+    def stored_perm(self) -> tuple[int, ...]:
+        """Axis order of the released layout: a "t" parameter (index..., in..., out...) is stored as
+        (index..., out..., in...), i.e. param.transpose(stored_perm), which needs no host transpose."""
+        k, n = self.num_index_axes, len(self.shape)
+        if self.rule.layout != "t":
+            return tuple(range(n))
+        ia = self.rule.in_axes
+        return tuple(range(k)) + tuple(range(k + ia, n)) + tuple(range(k, k + ia))
+
 
 def _file(info: TensorInfo) -> str:
     return os.path.basename(info.file)
@@ -95,6 +106,17 @@ def _flat(box: Sequence[tuple[int, int]], dims: Sequence[int]):
     return int(idx.min()), int(idx.max()) + 1, idx
 
 
+def _transpose_into(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
+    """dst[...] = src.T in cache-sized tiles (5-10x faster than one strided copy for large matrices)."""
+    r, c = src.shape
+    if r * c <= tile * tile:
+        dst[...] = src.T
+        return
+    for i in range(0, r, tile):
+        for j in range(0, c, tile):
+            dst[j:j + tile, i:i + tile] = src[i:i + tile, j:j + tile].T
+
+
 class ReleaseCheckpoint:
     """A validated HF-release checkpoint (BF16/FP32 or MXFP8, single file or sharded with an index json).
 
@@ -109,6 +131,7 @@ class ReleaseCheckpoint:
         self.tensors = checkpoint_tensors(self.path)
         self.leaves = self._validate(targets)
         self._fds: dict[str, int] = {}
+        self._scratch = threading.local()           # reused read buffers (see read_region)
 
     # Validation -----------------------------------------------------------------------------------------------
     def _counts(self) -> list[str]:
@@ -230,30 +253,38 @@ class ReleaseCheckpoint:
     def __exit__(self, *exc):
         self.close()
 
+    def _buffers(self) -> tuple[bytearray, bytearray]:
+        if not hasattr(self._scratch, "w"):
+            self._scratch.w, self._scratch.s = bytearray(), bytearray()
+        return self._scratch.w, self._scratch.s
+
     def _raw_region(self, name: str, rows: tuple[int, int], cols: tuple[int, int]):
-        """(values, scales or None, column offset into values): MXFP8 regions are widened to whole blocks."""
+        """(values, scales or None, column offset into values): MXFP8 regions are widened to whole blocks.
+        Views into this thread's scratch buffers: valid until its next read."""
         info = self.tensors[name]
         scale = self.tensors.get(name + weight_map.SCALE_SUFFIX)
+        wbuf, sbuf = self._buffers()
         if scale is None:
-            return read_region(self._fd(info.file), info, rows, cols), None, 0
+            return read_region(self._fd(info.file), info, rows, cols, wbuf), None, 0
         b = mxfp8.BLOCK
         a0, a1 = cols[0] // b * b, min(-(-cols[1] // b) * b, info.shape[1])
-        w = read_region(self._fd(info.file), info, rows, (a0, a1))
-        s = read_region(self._fd(scale.file), scale, rows, (a0 // b, -(-a1 // b)))
+        w = read_region(self._fd(info.file), info, rows, (a0, a1), wbuf)
+        s = read_region(self._fd(scale.file), scale, rows, (a0 // b, -(-a1 // b)), sbuf)
         return w, s, cols[0] - a0
 
     def _region(self, name: str, rows: tuple[int, int], cols: tuple[int, int], dtype: np.dtype) -> np.ndarray:
         w, s, off = self._raw_region(name, rows, cols)
         if s is None:
-            return w.astype(dtype, copy=False)
+            return w if w.dtype == dtype else w.astype(dtype)      # a scratch view when no cast is needed
         try:
             d = mxfp8.dequantize(w, s, dtype)
         except ValueError as e:
             raise CheckpointError(f"{name}: {e}") from None
         return d[:, off:off + cols[1] - cols[0]]
 
-    def _read_item(self, leaf: Leaf, name: str, box: Box, dtype: np.dtype) -> np.ndarray:
-        """A box of one released tensor, in the m3jax layout of `leaf`."""
+    def _read_item(self, leaf: Leaf, name: str, box: Box, out: np.ndarray, stored: bool) -> None:
+        """Write a box of one released tensor into `out`: in the m3jax layout of `leaf` (the box's shape), or
+        with `stored` in the released axis order (box shape permuted by `leaf.stored_perm`)."""
         item, rule = leaf.item_shape, leaf.rule
         if rule.layout == "t":          # torch [out, in]: rows = out axes = item[in_axes:], cols = item[:in_axes]
             ia = rule.in_axes
@@ -264,28 +295,36 @@ class ReleaseCheckpoint:
             row_dims, col_dims, row_box, col_box = item[:1], item[1:], box[:1], box[1:]
         r0, r1, ridx = _flat(row_box, row_dims)
         c0, c1, cidx = _flat(col_box, col_dims)
-        region = self._region(name, (r0, r1), (c0, c1), dtype)
+        if not out.flags.c_contiguous:  # the reshapes below must be views
+            raise RuntimeError("internal: _read_item needs a contiguous output box")
+        info = self.tensors[name]
+        direct = (rule.layout != "t" or stored) and ridx is None and cidx is None
+        if direct and DTYPES[info.dtype] == out.dtype and name + weight_map.SCALE_SUFFIX not in self.tensors:
+            read_region(self._fd(info.file), info, (r0, r1), (c0, c1), out=out)      # no copy at all
+            return
+        region = self._region(name, (r0, r1), (c0, c1), out.dtype)
         if ridx is not None:
             region = region[ridx - r0]
         if cidx is not None:
             region = region[:, cidx - c0]
-        region = region.reshape([b - a for a, b in row_box] + [b - a for a, b in col_box])
-        if rule.layout == "t":
-            nr = len(row_dims)
-            region = region.transpose(list(range(nr, region.ndim)) + list(range(nr)))
-        return region
+        if rule.layout == "t" and not stored:   # [rows, cols] -> [cols, rows] = (in axes..., out axes...)
+            _transpose_into(out.reshape(region.shape[::-1]), region)
+        else:
+            out[...] = region.reshape(out.shape)
 
-    def read_box(self, path: str, box: Box, dtype=None) -> np.ndarray:
+    def read_box(self, path: str, box: Box, dtype=None, stored: bool = False) -> np.ndarray:
         """Parameter `path`[box] (box: (start, stop) per axis) as a numpy array of `dtype` (default: the
-        parameter's dtype), reading only the box's bytes from the released tensors."""
+        parameter's dtype), reading only the box's bytes from the released tensors. With `stored`, the result
+        is `path[box].transpose(leaf.stored_perm)`: the released axis order, read without any transpose."""
         leaf = self.leaves[path]
         dtype = np.dtype(dtype if dtype is not None else leaf.dtype)
         box = tuple((int(a), int(b)) for a, b in box)
         k = leaf.num_index_axes
-        out = np.empty([b - a for a, b in box], dtype)
+        perm = leaf.stored_perm if stored else tuple(range(len(box)))
+        out = np.empty([box[i][1] - box[i][0] for i in perm], dtype)
         for idx in itertools.product(*(range(a, b) for a, b in box[:k])):
             rel = tuple(i - a for i, (a, _) in zip(idx, box[:k]))
-            out[rel] = self._read_item(leaf, leaf.tensors[idx], box[k:], dtype)
+            self._read_item(leaf, leaf.tensors[idx], box[k:], out[rel], stored)
         return out
 
 

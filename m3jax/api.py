@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convert import loader, orbax_io, placement
 from m3jax.config import M3Config
 from m3jax.model import M3ForCausalLM
 
@@ -27,7 +26,7 @@ def _dtype(dtype) -> jnp.dtype:
 
 def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
          attn_impl: str | None = None, progress: bool = True,
-         shardings: placement.ShardingsArg = None) -> M3ForCausalLM:
+         shardings=None) -> M3ForCausalLM:
     """Load a checkpoint directory into an M3ForCausalLM, placed (sharded) as it is read.
 
     path: an HF release dir (BF16/FP32 or MXFP8 safetensors, single file or sharded with an index json) or a
@@ -38,6 +37,8 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         replicated; see convert.placement). Without a mesh, everything goes to the first device.
     attn_impl: attention implementation (see pallas_kernels.dispatch); None picks the backend's default.
     """
+    from convert import loader, orbax_io, placement     # convert imports m3jax.config: keep the import lazy
+
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")

@@ -219,6 +219,8 @@ def test_read_box_equals_slice_of_the_whole_parameter(ckpts, loaded, name):
                 got = ck.read_box(path, tuple(box), np.float32)
                 want = loaded[name][path][tuple(slice(a, b) for a, b in box)]
                 np.testing.assert_array_equal(got, want, err_msg=f"{path} {box}")
+                stored = ck.read_box(path, tuple(box), np.float32, stored=True)       # released axis order
+                np.testing.assert_array_equal(stored, want.transpose(ck.leaves[path].stored_perm))
 
 
 def test_pieces_placed_layer_by_layer_equal_whole_load(ckpts, loaded):

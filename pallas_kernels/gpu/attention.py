@@ -10,7 +10,8 @@ with an online softmax. The wrapper first compacts each (token, group) list (dro
 repeated ids; ascending ids), so the kernel loop has no branches and never touches a page no key of which is
 visible. When the (token x group) grid cannot fill the chip (decode), the C chosen pages are split over
 `num_splits` programs and the partial results are merged with their log-sum-exp (split-K). The same kernel
-serves prefill chunks, decode and multi-token verification (any T).
+serves prefill chunks, decode and multi-token verification (any T). Chunks of >= KV_MAJOR_MIN_QUERIES tokens use
+the KV-block-major schedule of kv_major.py instead (each chosen page loaded once for all tokens that chose it).
 
 Schedule (dense). One program per (tile of TQ tokens, KV group, split): M = TQ tokens x G heads (<= 128 rows,
 tokens outer), walking all pages up to the tile's last visible block, causal mask per row; split-K over the

@@ -3,9 +3,10 @@
 Same math as attention.sparse_attention. The query-outer kernel reads each chosen page once per (token, group):
 at 128K that is ~550 GB of page reads through L2 for 8.8 TFLOP, and it runs at the L2 limit. Here the
 selection is inverted instead: per (request, group), the (token, slot) entries are sorted by block id, cut into
-work items of up to `tokens_per_item` tokens that chose the same block, and one program per item loads that
-K/V page once and attends every token of the item to it (16 heads of the group as the M dimension, one token
-after the other, the page kept on chip). Each (token, slot) gets a partial softmax (normalised output + log-sum-
+work items of up to `tokens_per_item` (TQ) tokens that chose the same block, and one program per item loads that
+K/V page once and attends every token of the item to it: by default as one [TQ x 16 heads, H] query tile
+gathered row by row (M = 16 TQ; rows of absent tokens are masked at the store), or (tile=False) one token
+after the other with the page kept on chip. Each (token, slot) gets a partial softmax (normalised output + log-sum-
 exp) written to [B, T, K, C, Gp, H]; XLA merges the <= C partials per token. The partials cost 2 x 34 GB of
 traffic at 128K in bf16, which is why this schedule is used only for chunks of many tokens.
 

@@ -188,8 +188,8 @@ def compact_block_ids(block_ids, q_pos, block_size, num_blocks):
 
 
 SPARSE_TUNING = {"num_warps": 1, "num_stages": 2, "chunk": 32}        # measured: benchmarks/RESULTS.md
-KV_MAJOR_TUNING = {"tokens_per_item": 16, "num_warps": 4, "num_stages": 3}
-KV_MAJOR_MIN_QUERIES = 65536           # B*T at and above which the KV-block-major schedule is used
+KV_MAJOR_TUNING = {"tokens_per_item": 8, "num_warps": 8, "num_stages": 2, "tile": True}
+KV_MAJOR_MIN_QUERIES = 16384           # B*T at and above which the KV-block-major schedule is used
 KV_MAJOR_MAX_PARTIAL_BYTES = 40 << 30  # ... unless its partial outputs would exceed this
 
 

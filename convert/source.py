@@ -276,11 +276,15 @@ class ReleaseCheckpoint:
         w, s, off = self._raw_region(name, rows, cols)
         if s is None:
             return w if w.dtype == dtype else w.astype(dtype)      # a scratch view when no cast is needed
-        try:
-            d = mxfp8.dequantize(w, s, dtype)
-        except ValueError as e:
-            raise CheckpointError(f"{name}: {e}") from None
-        return d[:, off:off + cols[1] - cols[0]]
+        out = np.empty((w.shape[0], cols[1] - cols[0]), dtype)
+        step = max(1, (32 << 20) // (4 * max(w.shape[1], 1)))          # float32 temporaries <= 32 MiB
+        for r in range(0, w.shape[0], step):
+            try:
+                d = mxfp8.dequantize(w[r:r + step], s[r:r + step], dtype)
+            except ValueError as e:
+                raise CheckpointError(f"{name}: {e}") from None
+            out[r:r + step] = d[:, off:off + cols[1] - cols[0]]
+        return out
 
     def _read_item(self, leaf: Leaf, name: str, box: Box, out: np.ndarray, stored: bool) -> None:
         """Write a box of one released tensor into `out`: in the m3jax layout of `leaf` (the box's shape), or

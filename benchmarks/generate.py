@@ -106,7 +106,7 @@ def run_jax(args):
     model = nnx.jit(lambda: M3ForCausalLM(cfg, dtype=jnp.bfloat16, attn_impl=impl, rngs=nnx.Rngs(0)))()
     dev = jax.devices()[0]
     emit(args, what="setup", device=str(getattr(dev, "device_kind", dev)), jax=jax.__version__, impl=impl or "default",
-         unroll_layers=args.unroll)
+         unroll_layers=args.unroll, split_layer_weights=args.split_weights)
     ctx, batches = args.context, args.batches
     max_batch = max(batches)
     max_seq = max(ctx, max(args.prefill)) + 64
@@ -116,7 +116,7 @@ def run_jax(args):
     # Prefill: one request, max_new_tokens=1 (the last chunk's logits give the token), chunks of jax_chunk.
     eng = Engine(model, max_batch_size=1, max_seq_len=max_seq, num_pages=blocks + 2,
                  prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1,
-                 len_buckets=(args.jax_chunk,), unroll_layers=args.unroll)
+                 len_buckets=(args.jax_chunk,), unroll_layers=args.unroll, split_layer_weights=args.split_weights)
     for s in args.prefill:
         try:
             prompt = rs.randint(0, cfg.vocab_size, s).tolist()
@@ -145,7 +145,7 @@ def run_jax(args):
     # Decode: max_batch requests at `ctx` tokens of context each, cache filled with random keys.
     eng = Engine(model, max_batch_size=max_batch, max_seq_len=max_seq, num_pages=max_batch * blocks + 1,
                  prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + max_batch,
-                 unroll_layers=args.unroll)
+                 unroll_layers=args.unroll, split_layer_weights=args.split_weights)
     key = jax.random.key(1)
 
     def fill(x, i):
@@ -321,6 +321,7 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="m3jax: per-op device time of one prefill / 3 decode steps")
     ap.add_argument("--profile-top", type=int, default=14)
     ap.add_argument("--unroll", action="store_true", help="m3jax: Engine(unroll_layers=True)")
+    ap.add_argument("--split-weights", action="store_true", help="m3jax: Engine(split_layer_weights=True)")
     args = ap.parse_args(argv)
     (run_jax if args.part == "jax" else run_torch)(args)
 

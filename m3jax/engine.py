@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from m3jax import cache as cache_lib
-from m3jax.model.cached import StepGroup, forward_cached
+from m3jax.model.cached import StepGroup, forward_cached, split_layer_states
 from m3jax.sampling import SamplingBatch, SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -93,14 +93,14 @@ class _Request:
         return len(self.tokens) - self.num_computed
 
 
-def _step_impl(graphdef, unroll, state, cache, groups, logits_at):
+def _step_impl(graphdef, unroll, state, layer_states, cache, groups, logits_at):
     _TRACES[(tuple(tuple(g.tokens.shape) for g in groups))] += 1
     model = nnx.merge(graphdef, state)
-    logits, cache = forward_cached(model, cache, groups, logits_at, unroll_layers=unroll)
+    logits, cache = forward_cached(model, cache, groups, logits_at, unroll_layers=unroll, layer_states=layer_states)
     return jnp.concatenate(logits, axis=0), cache
 
 
-_step_donating = jax.jit(_step_impl, static_argnums=(0, 1), donate_argnums=3)
+_step_donating = jax.jit(_step_impl, static_argnums=(0, 1), donate_argnums=4)
 _step_plain = jax.jit(_step_impl, static_argnums=(0, 1))
 
 
@@ -132,14 +132,15 @@ class Engine:
     the padded batch sizes / prefill chunk lengths to compile for (default: powers of two up to
     max_batch_size / prefill_chunk); each (decode rows, prefill rows x length) combination compiles once.
     unroll_layers: run each stack's layers as a Python loop instead of a scan (longer compile; avoids
-    slicing the stacked weights inside the loop).
+    slicing the stacked weights inside the loop). split_layer_weights (with unroll_layers): keep per-layer
+    copies of the stacked weights (2x weight memory while the model lives) so that no step slices them.
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 8192, mesh=None, *,
                  num_pages: int | None = None, max_tokens_per_step: int | None = None,
                  prefill_chunk: int = 512, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
                  row_buckets: Sequence[int] | None = None, len_buckets: Sequence[int] | None = None,
-                 unroll_layers: bool = False):
+                 unroll_layers: bool = False, split_layer_weights: bool = False):
         cfg = model.config
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                         ("prefill_chunk", prefill_chunk)):
@@ -181,7 +182,8 @@ class Engine:
         self._ids = itertools.count()
         self._known_ids: set = set()
         self.num_steps = 0
-        self.unroll_layers = bool(unroll_layers)
+        self.unroll_layers = bool(unroll_layers or split_layer_weights)
+        self._layer_states = split_layer_states(model) if split_layer_weights else None
 
     @staticmethod
     def _check_buckets(name, given, limit, default) -> list[int]:
@@ -344,8 +346,8 @@ class Engine:
             groups.append(g)
             logits_at.append(last)
             rows.extend(sel + [None] * (g.tokens.shape[0] - len(sel)))
-        logits, self.cache = self._step_fn(self._graphdef, self.unroll_layers, self._state, self.cache,
-                                           tuple(groups), tuple(logits_at))
+        logits, self.cache = self._step_fn(self._graphdef, self.unroll_layers, self._state, self._layer_states,
+                                           self.cache, tuple(groups), tuple(logits_at))
         self.num_steps += 1
         for r, n in itertools.chain(((r, 1) for r in decode), chunks):
             r.num_computed += n

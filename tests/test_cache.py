@@ -15,7 +15,7 @@ from flax import nnx
 from m3jax import cache as cache_lib
 from m3jax.cache import OutOfPages, PageAllocator
 from m3jax.config import M3Config
-from m3jax.model.cached import StepGroup, forward_cached
+from m3jax.model.cached import StepGroup, forward_cached, split_layer_states
 from m3jax.testing import random_model
 
 R = 8             # tiny config page size (= MSA block)
@@ -65,13 +65,15 @@ def test_cache_layout_and_memory_sizing(model):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _jit_step(graphdef, unroll, state, cache, groups):
-    return forward_cached(nnx.merge(graphdef, state), cache, groups, unroll_layers=unroll)
+def _jit_step(graphdef, unroll, state, layer_states, cache, groups):
+    return forward_cached(nnx.merge(graphdef, state), cache, groups, unroll_layers=unroll, layer_states=layer_states)
 
 
 def _step(model, cache, groups, unroll=False):
+    """unroll: False (scan), True (Python loop slicing the stacked weights) or "split" (per-layer copies)."""
     graphdef, state = nnx.split(model)
-    return _jit_step(graphdef, unroll, state, cache, groups)
+    layer_states = split_layer_states(model) if unroll == "split" else None
+    return _jit_step(graphdef, bool(unroll), state, layer_states, cache, groups)
 
 
 def _prefill(model, ids_list, chunk, unroll=False):
@@ -104,7 +106,7 @@ def test_chunked_prefill_matches_one_shot_and_no_cache(model):
     ids = [rs.randint(0, 256, 45).tolist(), rs.randint(0, 256, 19).tolist()]   # 6 and 3 blocks, top-3: sparse
     fwd = jax.jit(lambda x: model(x))
     want = [np.asarray(fwd(jnp.asarray([x], jnp.int32)))[0] for x in ids]
-    for chunk, unroll in ((48, False), (16, False), (5, False), (16, True)):
+    for chunk, unroll in ((48, False), (16, False), (5, False), (16, True), (16, "split")):
         got, _, _ = _prefill(model, ids, chunk, unroll)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=f"chunk={chunk} unroll={unroll}")

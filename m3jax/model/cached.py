@@ -54,11 +54,13 @@ def _write_ik(pool_pri, new_bti, page_bt, row_bt):
 
 
 def _run_stack(stack, stack_cache: StackCache, hs, groups, ropes, num_pages: int, page_size: int, impl,
-               unroll: bool = False):
+               unroll: bool = False, layer_states=None):
     """All layers of one LayerStack over every group; returns (hs, updated StackCache).
 
     unroll: a Python loop over the layers (static weight slices) instead of `stack.scan`; compile time grows
     with the layer count, but no per-iteration dynamic slice of the stacked weights is needed.
+    layer_states: with unroll, one nnx.State per layer (unstacked arrays, see `split_layer_states`) to use
+    instead of slicing the stacked weights inside the step (on GPU those slices are copies, every step).
     """
 
     def body(layer, carry, l):
@@ -90,7 +92,8 @@ def _run_stack(stack, stack_cache: StackCache, hs, groups, ropes, num_pages: int
     if unroll:
         graphdef, state = nnx.split(stack.layers)
         for l in range(stack.num_layers):
-            layer = nnx.merge(graphdef, jax.tree.map(lambda x: x[l], state))
+            st = layer_states[l] if layer_states is not None else jax.tree.map(lambda x: x[l], state)
+            layer = nnx.merge(graphdef, st)
             carry, _ = body(layer, carry, l)
         hs, k, v, ik = carry
     else:
@@ -99,13 +102,15 @@ def _run_stack(stack, stack_cache: StackCache, hs, groups, ropes, num_pages: int
 
 
 def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
-                   logits_at: Sequence[jax.Array] | None = None, *, unroll_layers: bool = False):
+                   logits_at: Sequence[jax.Array] | None = None, *, unroll_layers: bool = False,
+                   layer_states=None):
     """Run one cached step. Returns (logits per group, updated cache).
 
     logits_at: per group i32[B], the query index t whose logits are wanted (f32[B, V] per group); None gives
     the logits of every query, f32[B, T, V] per group. Rows that are all padding return garbage logits.
     The caller donates `cache` to the jitted step that calls this; the update is functional.
     unroll_layers: run the layers of each stack as a Python loop instead of a scan (see _run_stack).
+    layer_states: with unroll_layers, `split_layer_states(model)`: per-layer weights, one list per stack.
     """
     if not groups:
         raise ValueError("forward_cached needs at least one group")
@@ -115,8 +120,9 @@ def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
     ropes = [model.rope(jnp.maximum(g.q_pos, 0)) for g in groups]
     hs = [model.embed(g.tokens) for g in groups]
     new_stacks = []
-    for stack, sc in zip(model.stacks, cache.stacks):
-        hs, sc = _run_stack(stack, sc, hs, groups, ropes, cache.num_pages, cache.page_size, impl, unroll_layers)
+    for i, (stack, sc) in enumerate(zip(model.stacks, cache.stacks)):
+        ls = None if layer_states is None else layer_states[i]
+        hs, sc = _run_stack(stack, sc, hs, groups, ropes, cache.num_pages, cache.page_size, impl, unroll_layers, ls)
         new_stacks.append(sc)
     new_cache = KVCache(new_stacks, cache.num_pages, cache.page_size)
     if logits_at is None:
@@ -126,3 +132,16 @@ def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
         sel = jnp.take_along_axis(h, idx[:, None, None].astype(jnp.int32), axis=1)   # [B, 1, D]
         out.append(model.logits(sel)[:, 0])
     return out, new_cache
+
+
+def split_layer_states(model) -> list[list]:
+    """Per-layer copies of every stack's weights (device arrays, one nnx.State per layer), made once.
+
+    Costs a second copy of the stacked weights while the model keeps its own; pays off on GPU, where slicing
+    a layer out of a stacked weight inside the step is a copy of that weight at every step.
+    """
+    out = []
+    for stack in model.stacks:
+        _, state = nnx.split(stack.layers)
+        out.append([jax.tree.map(lambda x: x[l], state) for l in range(stack.num_layers)])
+    return out

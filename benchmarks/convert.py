@@ -18,99 +18,21 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 
-from convert import mxfp8, weight_map  # noqa: E402
-from convert.safetensors_io import DTYPES, NAMES  # noqa: E402
+from convert.synthetic import write_release  # noqa: E402
 from m3jax.config import DENSE_MLP, FULL_ATTENTION, MOE_MLP, SPARSE_ATTENTION, M3Config  # noqa: E402
-from m3jax.testing import release_config  # noqa: E402
 
 
 def bench_config(layers: int, experts: int) -> M3Config:
     kinds = [(FULL_ATTENTION, DENSE_MLP)] + [(SPARSE_ATTENTION, MOE_MLP)] * (layers - 1)
     return M3Config(num_hidden_layers=layers, num_local_experts=experts, num_experts_per_tok=min(4, experts),
                     layer_types=tuple(a for a, _ in kinds), mlp_layer_types=tuple(m for _, m in kinds))
-
-
-def tensor_specs(cfg: M3Config, quant: str | None):
-    """(name, dtype name, shape) of every released tensor, in release order."""
-    from convert.placement import abstract_params
-    import jax.numpy as jnp
-
-    _, _, _, targets = abstract_params(cfg, jnp.bfloat16)
-    for p in weight_map.expected(cfg):
-        shape = weight_map.torch_shape(p.rule, targets[p.path][0][len(p.index):])
-        leaf = p.path.rsplit(".", 1)[-1]
-        if leaf in ("router_de", "router_bias_e"):
-            yield p.name, "F32", shape
-        elif quant == "mxfp8" and len(shape) == 2 and leaf not in ("embed_vd", "lm_head_dv"):
-            yield p.name, "F8_E4M3", shape
-            yield p.name + weight_map.SCALE_SUFFIX, "U8", mxfp8.scale_shape(shape)
-        else:
-            yield p.name, "BF16", shape
-
-
-_BLOCK = 64 << 20
-
-
-def _pattern(dtype: str, rng) -> bytes:
-    """64 MiB of plausible data: small finite bf16/f32 values, any E4M3 byte but NaN, scales near 2**-8."""
-    if dtype == "BF16":
-        return (rng.standard_normal(_BLOCK // 2, np.float32) * 0.02).astype(DTYPES["BF16"]).tobytes()
-    if dtype == "F32":
-        return (rng.standard_normal(_BLOCK // 4, np.float32) * 0.02).tobytes()
-    if dtype == "F8_E4M3":
-        b = rng.integers(0, 0x7E, _BLOCK, dtype=np.uint8)
-        return (b | (rng.integers(0, 2, _BLOCK, dtype=np.uint8) << 7)).tobytes()
-    return rng.integers(115, 125, _BLOCK, dtype=np.uint8).tobytes()
-
-
-def write_synthetic(path: str, cfg: M3Config, quant: str | None, shard_bytes: int) -> int:
-    """Stream a sharded release checkpoint to `path` (never more than 64 MiB of data in memory)."""
-    os.makedirs(path, exist_ok=True)
-    rng = np.random.default_rng(0)
-    patterns = {d: _pattern(d, rng) for d in ("BF16", "F32", "F8_E4M3", "U8")}
-    specs = list(tensor_specs(cfg, quant))
-    shards, cur, size = [], [], 0
-    for name, dt, shape in specs:
-        n = int(np.prod(shape)) * DTYPES[dt].itemsize
-        if cur and size + n > shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, dt, shape, n))
-        size += n
-    shards.append(cur)
-    weight_map_json, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, off = {"__metadata__": {"format": "pt"}}, 0
-        for name, dt, shape, n in shard:
-            header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
-            off += n
-            weight_map_json[name] = fname
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(os.path.join(path, fname), "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            for name, dt, shape, n in shard:
-                pat = patterns[dt]
-                for a in range(0, n, _BLOCK):
-                    f.write(pat[: min(_BLOCK, n - a)])
-            f.flush()
-            os.fsync(f.fileno())
-        total += off
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map_json}, f)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(release_config(cfg, quant), f, indent=1)
-    return total
 
 
 def drop_page_cache(path: str) -> None:
@@ -188,7 +110,7 @@ def main(argv=None) -> int:
             from convert.safetensors_io import checkpoint_tensors
             total = sum(i.nbytes for i in checkpoint_tensors(src).values())
         else:
-            total = write_synthetic(src, cfg, args.quant, int(args.shard_gb * 1e9))
+            total = write_release(src, cfg, args.quant, int(args.shard_gb * 1e9))
         print(f"wrote synthetic {args.quant or 'bf16'} checkpoint: {total / 1e9:.2f} GB in "
               f"{len(os.listdir(src)) - 2} shards ({time.perf_counter() - t:.0f} s)", flush=True)
         drop_page_cache(src)

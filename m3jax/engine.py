@@ -383,10 +383,15 @@ class Engine:
         if (token in self.eos_ids and not r.params.ignore_eos) or token in r.params.stop_token_ids:
             reason = FINISH_STOP
         elif r.params.stop:
-            text = self.tokenizer.decode(r.tokens[len(r.prompt):])
-            hits = [text.find(s) for s in r.params.stop if s in text]
-            if hits:
-                reason, cut = FINISH_STOP, min(hits)
+            # Only a window of recent tokens can complete a stop string (4 byte-tokens per character at most).
+            window = 4 * max(len(s) for s in r.params.stop) + 8
+            out = r.tokens[len(r.prompt):]
+            tail = self.tokenizer.decode(out[-window:])
+            if any(s in tail for s in r.params.stop):
+                text = self.tokenizer.decode(out)
+                hits = [text.find(s) for s in r.params.stop if s in text]
+                if hits:
+                    reason, cut = FINISH_STOP, min(hits)
         if reason is None and len(r.tokens) >= r.max_total:
             reason = FINISH_LENGTH
         if reason is None:

@@ -118,20 +118,35 @@ def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fractio
     return min(fit, max_pages)
 
 
-def init_cache(model, num_pages: int, dtype=None, sharding=None) -> KVCache:
-    """A zeroed KVCache for `model` (an M3ForCausalLM) with `num_pages` pages per layer (page 0 = sink)."""
+def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
+    """A zeroed KVCache for `model` (an M3ForCausalLM) with `num_pages` pages per layer (page 0 = sink).
+
+    mesh ("data", "model"): K/V pools are split over "model" on their KV-head axis (the heads are replicated at
+    load time to match, see m3jax.sharding) when it divides them, else replicated; the index-K pools and the
+    page axis are replicated (page tables hold global page ids).
+    """
     cfg = model.config
     if num_pages < 2:
         raise ValueError(f"num_pages must be >= 2 (page 0 is the sink), got {num_pages}")
     dtype = jnp.dtype(dtype or model.dtype)
     k, r, h, i = cfg.num_key_value_heads, cfg.msa.block_size, cfg.head_dim, cfg.msa.index_dim
+    kv_sharding = ik_sharding = None
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from m3jax.sharding import MODEL
+        heads = P(MODEL, None, None, None) if k % mesh.shape[MODEL] == 0 else P()
+        kv_sharding, ik_sharding = NamedSharding(mesh, heads), NamedSharding(mesh, P())
+
+    def zeros(shape, sharding):
+        if sharding is None:
+            return jnp.zeros(shape, dtype)
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
     stacks = []
     for stack in model.stacks:
         n = stack.num_layers * num_pages
-        zeros = (lambda shape: jnp.zeros(shape, dtype)) if sharding is None else (
-            lambda shape: jax.device_put(jnp.zeros(shape, dtype), sharding))
-        ik = zeros((n, r, i)) if stack.attention_type == SPARSE_ATTENTION else None
-        stacks.append(StackCache(zeros((k, n, r, h)), zeros((k, n, r, h)), ik))
+        ik = zeros((n, r, i), ik_sharding) if stack.attention_type == SPARSE_ATTENTION else None
+        stacks.append(StackCache(zeros((k, n, r, h), kv_sharding), zeros((k, n, r, h), kv_sharding), ik))
     return KVCache(stacks, num_pages, r)
 
 

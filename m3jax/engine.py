@@ -128,7 +128,8 @@ class Engine:
     max_batch_size full-length requests. max_tokens_per_step: token budget of one step (decode rows +
     prefill chunk tokens). prefill_chunk: longest prompt chunk of one request in a step. tokenizer: for
     string prompts, stop strings and text; defaults to the checkpoint's (model.checkpoint_dir).
-    mesh: the cache is replicated over it (the model is placed by m3jax.load). row_buckets / len_buckets:
+    mesh: the device mesh (default: model.mesh); K/V pools split on their head axis over "model" (see
+    cache.init_cache); the model's parameters are placed by m3jax.load / m3jax.sharding. row_buckets / len_buckets:
     the padded batch sizes / prefill chunk lengths to compile for (default: powers of two up to
     max_batch_size / prefill_chunk); each (decode rows, prefill rows x length) combination compiles once.
     unroll_layers: run each stack's layers as a Python loop instead of a scan (longer compile; avoids
@@ -163,12 +164,12 @@ class Engine:
         self.eos_ids = frozenset(cfg.eos_token_id)
         self._tokenizer = tokenizer
         self.seed = seed
-        self.mesh = mesh
         want = max_batch_size * self.max_blocks + 1
         self.num_pages = num_pages if num_pages is not None else cache_lib.num_pages_for_memory(
             cfg, model.dtype, max_pages=want, memory_fraction=memory_fraction)
-        sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.cache = cache_lib.init_cache(model, self.num_pages, sharding=sharding)
+        mesh = mesh if mesh is not None else getattr(model, "mesh", None)
+        self.mesh = mesh
+        self.cache = cache_lib.init_cache(model, self.num_pages, mesh=mesh)
         self.allocator = cache_lib.PageAllocator(self.num_pages)
         self._graphdef, self._state = nnx.split(model)
         self._step_fn = _step_plain if jax.default_backend() == "cpu" else _step_donating

@@ -182,3 +182,12 @@ def test_generate_main_cli(tmp_path, capsys):
     assert out.count("--- [") == 2 and "(length, 4 tokens)" in out
     assert generate_main(common + ["--prompt", "x", "--top-p", "2"]) == 2
     assert "request 0: sampling.top_p" in capsys.readouterr().err
+
+
+def test_engine_on_a_mesh(model, no_cache_greedy):
+    from m3jax.sharding import make_mesh
+    mesh = make_mesh(1, 1, jax.devices()[:1])
+    eng = engine(model, mesh=mesh)
+    assert eng.cache.stacks[1].k_pages.sharding.mesh.shape == mesh.shape
+    p = prompts([19], seed=6)[0]
+    assert m3jax.generate(eng, [p], GREEDY)[0].token_ids == no_cache_greedy(p, 10)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterator, Mapping, Union
+from typing import Callable, Mapping, Union
 
 import jax
 import jax.numpy as jnp
@@ -195,9 +195,3 @@ def make_piece(read: Callable[[Box], np.ndarray], box: Box, sharding: jax.shardi
     arr = jax.make_array_from_callback(shape, sharding, callback)
     memo.clear()
     return arr
-
-
-def place_pieces(pieces: Iterator[tuple[str, Box, jax.Array]], assembler: Assembler) -> dict[str, jax.Array]:
-    for path, box, arr in pieces:
-        assembler.add(path, box, arr)
-    return assembler.result()

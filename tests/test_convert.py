@@ -14,7 +14,6 @@ import os
 import shutil
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -26,7 +25,7 @@ from convert import cli, loader, mxfp8, orbax_io, placement, weight_map
 from convert.safetensors_io import CheckpointError, checkpoint_tensors, read_tensor, write_file, write_sharded
 from convert.source import ReleaseCheckpoint
 from m3jax.config import M3Config
-from m3jax.testing import flat_params, make_tiny_checkpoint, random_model, release_config
+from m3jax.testing import flat_params, make_tiny_checkpoint, random_model
 
 _FWD = nnx.jit(lambda m, ids: m(ids))
 IDS = (jnp.arange(48, dtype=jnp.int32)[None] * 37 + 5) % 384          # 6 blocks of 8: MSA really sparse

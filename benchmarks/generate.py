@@ -206,7 +206,8 @@ def run_torch(args):
         num_local_experts=g["experts"], num_experts_per_tok=g["top_experts"], index_n_heads=g["kv"],
         index_head_dim=g["index_dim"], index_block_size=g["block"], index_topk_blocks=g["topk"],
         index_local_blocks=1, layer_types=[a for a, _ in LAYERS], mlp_layer_types=[m for _, m in LAYERS],
-        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": g["rotary"] / g["head_dim"]},
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                         "partial_rotary_factor": g["rotary"] / g["head_dim"]},
         rotary_dim=g["rotary"], max_position_embeddings=1 << 20, bos_token_id=None, eos_token_id=0,
     )
     cfg = hf_config.MiniMaxM3VLTextConfig(**text)

@@ -145,6 +145,10 @@ def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
     stacks = []
     for stack in model.stacks:
         n = stack.num_layers * num_pages
+        if k * n * r * h >= 2**31:
+            log.warning("cache: a K/V pool of stack %d has %d elements (>= 2**31; layers are folded into the page "
+                        "axis): kernels that index pages with 32-bit offsets would overflow; use fewer pages or "
+                        "check the kernel", stack.first_layer, k * n * r * h)
         ik = zeros((n, r, i), ik_sharding) if stack.attention_type == SPARSE_ATTENTION else None
         stacks.append(StackCache(zeros((k, n, r, h), kv_sharding), zeros((k, n, r, h), kv_sharding), ik))
     return KVCache(stacks, num_pages, r)

@@ -13,16 +13,22 @@ Python value chosen by the caller (the model holds it); nothing here reads the e
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Callable, Sequence
 
 import jax
 
 from pallas_kernels import reference
 
-OPS = ("indexer_topk", "sparse_attention", "dense_attention")
+log = logging.getLogger(__name__)
+
+OPS = ("indexer_topk", "sparse_attention", "dense_attention", "grouped_matmul")
 IMPLS = ("reference", "gpu", "gpu-interpret", "tpu", "tpu-interpret")
 _DEFAULT = {"gpu": ("gpu",), "cuda": ("gpu",), "tpu": ("tpu",), "cpu": ("reference",)}
 _BACKEND_MODULE = {"gpu": "pallas_kernels.gpu", "tpu": "pallas_kernels.tpu"}
+# The MoE grouped matmul's reference is XLA's ragged_dot, a real (if slow on GPU) implementation: where a
+# kernel refuses an input, that path runs, with a warning that names it.
+_DEFAULT_FOR_OP = {"grouped_matmul": {"gpu": ("gpu",), "cuda": ("gpu",)}}
 
 
 class NoImplementationError(RuntimeError):
@@ -45,6 +51,11 @@ def _resolve(op: str, name: str) -> Callable:
     except ImportError as e:
         raise NotImplementedError(f"{name}: kernels for {backend} are not available ({e})") from None
     fn = getattr(module, op, None)
+    if fn is None:                      # a kernel may live in a submodule named after its op
+        try:
+            fn = getattr(importlib.import_module(f"{_BACKEND_MODULE[backend]}.{op}"), op, None)
+        except ImportError:
+            fn = None
     if fn is None:
         raise NotImplementedError(f"{name}: no {backend} kernel for {op}")
     if mode == "interpret":
@@ -57,7 +68,10 @@ def _call(op: str, impl: str | Sequence[str] | None, *args, **kwargs):
     errors = []
     for name in order:
         try:
-            return _resolve(op, name)(*args, **kwargs)
+            out = _resolve(op, name)(*args, **kwargs)
+            if errors:
+                log.warning("%s: running %s because %s", op, name, "; ".join(errors))
+            return out
         except NotImplementedError as e:
             errors.append(f"{name}: {e}")
     raise NoImplementationError(f"{op}: no implementation in {order} accepts these inputs: " + "; ".join(errors))
@@ -76,3 +90,14 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
 def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, impl=None):
     """Causal GQA over the paged cache; see reference.dense_attention."""
     return _call("dense_attention", impl, q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale)
+
+
+def grouped_matmul(lhs_md, rhs_gdn, group_sizes, *, impl=None):
+    """MoE grouped matmul, float32 [M, N]; see reference.grouped_matmul. The requested (or default)
+    implementation, then XLA's ragged_dot where it refuses the input (logged with the reason)."""
+    if impl is None:
+        order = _DEFAULT_FOR_OP["grouped_matmul"].get(jax.default_backend(), default_impls())
+    else:
+        order = (impl,) if isinstance(impl, str) else tuple(impl)
+    order = order + ("reference",) * ("reference" not in order)
+    return _call("grouped_matmul", order, lhs_md, rhs_gdn, group_sizes)

@@ -118,3 +118,12 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale: float
     vis = visible_keys(q_pos, page_table.shape[1] * k_pages.shape[2])     # [B, T, S]
     keep = jnp.broadcast_to(vis[:, :, None, :], (*vis.shape[:2], kh, vis.shape[-1]))
     return _attend(q_btnh, k_pages, v_pages, page_table, keep, scale)
+
+
+def grouped_matmul(lhs_md, rhs_gdn, group_sizes):
+    """MoE grouped matmul: rows group_sizes[:g].sum() .. + group_sizes[g] of lhs times rhs[g], float32 [M, N].
+
+    lhs_md [M, D] rows sorted by group; rhs_gdn [G, D, N]; group_sizes i32[G]. Rows past sum(group_sizes) are
+    not part of any group: their output is unspecified (callers mask them).
+    """
+    return jax.lax.ragged_dot(lhs_md, rhs_gdn, group_sizes, preferred_element_type=f32)

@@ -10,6 +10,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from m3jax.config import M3Config
 from m3jax.model.layers import MLP, _init, swiglu_oai
 from m3jax.sharding import EXPERTS
+from pallas_kernels import dispatch
 
 f32 = jnp.float32
 
@@ -19,19 +20,21 @@ class MoE(nnx.Module):
 
     Router: s = sigmoid(x @ W_router) in float32 (the router weight and bias stay float32 whatever the model
     dtype, as in the checkpoint); experts are chosen by top-k of s + bias, but weighted by the unbiased s
-    renormalised over the chosen k. Routed experts run as grouped matmuls (rows sorted by expert,
-    `jax.lax.ragged_dot`), never as a per-token gather of expert weights.
+    renormalised over the chosen k. Routed experts run as grouped matmuls over rows sorted by expert
+    (`dispatch.grouped_matmul`: a Mosaic GPU kernel on Hopper, XLA's ragged_dot elsewhere), never as a
+    per-token gather of expert weights.
 
     With a mesh, experts are split over all its devices (expert parallelism): every device sees all tokens,
     runs only its own experts on the rows routed to them, and the partial outputs are summed (psum). This is
     exact for any imbalance of tokens per expert.
     """
 
-    def __init__(self, cfg: M3Config, *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None):
+    def __init__(self, cfg: M3Config, *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None, impl: str | None = None):
         d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
         self.top_k = cfg.num_experts_per_tok
         self.scaling = cfg.routed_scaling_factor
         self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
+        self.impl = impl                   # grouped-matmul implementation (pallas_kernels.dispatch)
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         if self.mesh is not None and e % self.mesh.size:
             raise ValueError(f"num_local_experts={e} must be divisible by the {self.mesh.size} devices of the mesh "
@@ -61,11 +64,10 @@ class MoE(nnx.Module):
         token = order // self.top_k                                        # source token of each sorted row
         xs = x_td[token]                                                   # [T*k, D]
         sizes = jnp.bincount(flat, length=e + 1)[:e].astype(jnp.int32)     # rows per expert, in order
-        acc = dict(preferred_element_type=f32)
-        g = jax.lax.ragged_dot(xs, gate_edf, sizes, **acc)
-        u = jax.lax.ragged_dot(xs, up_edf, sizes, **acc)
+        g = dispatch.grouped_matmul(xs, gate_edf, sizes, impl=self.impl)
+        u = dispatch.grouped_matmul(xs, up_edf, sizes, impl=self.impl)
         a = swiglu_oai(g, u, self.alpha, self.limit).astype(x_td.dtype)
-        y = jax.lax.ragged_dot(a, down_efd, sizes, **acc)                  # [T*k, D]; overflow rows unused
+        y = dispatch.grouped_matmul(a, down_efd, sizes, impl=self.impl)    # [T*k, D]; overflow rows unused
         keep = here.reshape(-1)[order]
         y = jnp.where(keep[:, None], y * w_tk.reshape(-1)[order][:, None], 0.0)
         return jnp.zeros((t, d), f32).at[token].add(y)

@@ -40,7 +40,8 @@ class M3ForCausalLM(nnx.Module):
         self.mesh = mesh
         self.embed_vd = _init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         self.stacks = nnx.List([
-            LayerStack(cfg, first, n, a, m, dtype=dtype, rngs=rngs, mesh=mesh) for first, n, a, m in cfg.layer_groups
+            LayerStack(cfg, first, n, a, m, dtype=dtype, rngs=rngs, mesh=mesh, impl=attn_impl)
+            for first, n, a, m in cfg.layer_groups
         ])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:

@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="parameter dtype of the converted checkpoint (MXFP8 is dequantised to it)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--piece-mb", type=int, default=128, help="largest piece read at once (host memory)")
+    p.add_argument("--group-mb", type=int, default=256,
+                   help="pieces per Orbax checkpoint; host memory is about 2 groups + 2 pieces")
+    p.add_argument("--compress", action="store_true", help="zstd-compress the Orbax arrays")
     return p
 
 
@@ -31,8 +35,11 @@ def convert_main(args: argparse.Namespace) -> None:
     """Run a conversion; raises the USER_ERRORS for bad input (callers print them as one line)."""
     from convert.orbax_io import convert
 
+    if min(getattr(args, "piece_mb", 128), getattr(args, "group_mb", 256)) < 1:
+        raise ValueError(f"--piece-mb and --group-mb must be >= 1, got {args.piece_mb} and {args.group_mb}")
     s = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                progress=getattr(args, "progress", True))
+                progress=getattr(args, "progress", True), piece_bytes=getattr(args, "piece_mb", 128) << 20,
+                group_bytes=getattr(args, "group_mb", 256) << 20, compress=getattr(args, "compress", False))
     print(f"converted {s['tensors']} tensors ({s['bytes'] / 1e9:.2f} GB) from {args.src} to {s['dst']} "
           f"in {s['seconds']:.1f} s")
 

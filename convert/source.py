@@ -7,9 +7,9 @@ expected versus actual. `read_box(param, box)` then returns any box of any param
 layer, a few experts) in the target dtype, reading only the bytes of that box (positional reads, no mmap) and
 dequantising MXFP8 block-aligned.
 
-FP8 weights: `read_box` dequantises; an option that keeps experts in FP8 would read the same regions through
-`_raw_region` (weight bytes + E8M0 scales, block-aligned) and place both; the weight map already tells which
-parameters are quantised (any tensor with a `_scale_inv` sibling).
+FP8 weights: `read_box` dequantises. `read_box_fp8` returns the raw E4M3 bytes and E8M0 scales of a box (whole
+32-input blocks) in the released layout: the hook for a later option that keeps experts in FP8 (placement would
+put both arrays with the expert sharding; the model would need an FP8 grouped matmul).
 """
 
 from __future__ import annotations
@@ -330,6 +330,36 @@ class ReleaseCheckpoint:
             rel = tuple(i - a for i, (a, _) in zip(idx, box[:k]))
             self._read_item(leaf, leaf.tensors[idx], box[k:], out[rel], stored)
         return out
+
+
+    def read_box_fp8(self, path: str, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        """The raw MXFP8 bytes of `path`[box], for a later option that keeps (expert) weights in FP8.
+
+        Returns (w e4m3[*index_box, R, C], scales uint8[*index_box, R, ceil(C/32)]) in the released layout: R
+        = the box's out axes flattened, C = its in axes flattened, which must be whole 32-blocks (start a
+        multiple of 32, end a multiple of 32 or the full width). `mxfp8.dequantize(w[i], s[i])` equals
+        `read_box(path, box, stored=True)[i]` reshaped to [R, C].
+        """
+        leaf = self.leaves[path]
+        if leaf.rule.layout != "t" or not self.is_quantized(path):
+            raise ValueError(f"parameter {path} is not an MXFP8 matrix in {self.path}")
+        k, ia, item = leaf.num_index_axes, leaf.rule.in_axes, leaf.item_shape
+        box = tuple((int(a), int(b)) for a, b in box)
+        r0, r1, ridx = _flat(box[k + ia:], item[ia:])
+        c0, c1, cidx = _flat(box[k:k + ia], item[:ia])
+        width = math.prod(item[:ia])
+        if cidx is not None or c0 % mxfp8.BLOCK or (c1 % mxfp8.BLOCK and c1 != width):
+            raise ValueError(f"{path}: an FP8 box must cover whole {mxfp8.BLOCK}-input blocks, got inputs "
+                             f"{c0}..{c1} of {width}")
+        index = [b - a for a, b in box[:k]]
+        rows = (r1 - r0) if ridx is None else len(ridx)
+        w = np.empty(index + [rows, c1 - c0], mxfp8.E4M3)
+        sc = np.empty(index + [rows, -(-c1 // mxfp8.BLOCK) - c0 // mxfp8.BLOCK], np.uint8)
+        for idx in itertools.product(*(range(a, b) for a, b in box[:k])):
+            rel = tuple(i - a for i, (a, _) in zip(idx, box[:k]))
+            wr, sr, _ = self._raw_region(leaf.tensors[idx], (r0, r1), (c0, c1))
+            w[rel], sc[rel] = (wr, sr) if ridx is None else (wr[ridx - r0], sr[ridx - r0])
+        return w, sc
 
 
 def describe(tensors: Mapping[str, TensorInfo]) -> str:

@@ -223,6 +223,25 @@ def test_read_box_equals_slice_of_the_whole_parameter(ckpts, loaded, name):
                 np.testing.assert_array_equal(stored, want.transpose(ck.leaves[path].stored_perm))
 
 
+def test_fp8_boxes_are_the_raw_bytes_of_the_dequantised_boxes(ckpts):
+    """The hook for keeping experts in FP8: raw E4M3 + E8M0 boxes dequantise to exactly what read_box gives."""
+    cfg = M3Config.from_pretrained(ckpts["mxfp8-4"])
+    _, _, _, targets = placement.abstract_params(cfg, jnp.float32)
+    with ReleaseCheckpoint(ckpts["mxfp8-4"], targets, cfg) as ck:
+        for path, box in (("stacks.1.layers.ffn.gate_edf", ((0, 2), (3, 7), (32, 64), (0, 32))),
+                          ("stacks.1.layers.ffn.down_efd", ((1, 2), (0, 8), (0, 32), (10, 20))),
+                          ("stacks.0.layers.attn.o_nhd", ((0, 1), (2, 4), (0, 16), (0, 64)))):
+            w, s = ck.read_box_fp8(path, box)
+            want = ck.read_box(path, box, np.float32, stored=True)
+            got = np.stack([mxfp8.dequantize(wi, si) for wi, si in zip(w.reshape(-1, *w.shape[-2:]),
+                                                                      s.reshape(-1, *s.shape[-2:]))])
+            np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=path)
+        with pytest.raises(ValueError, match="whole 32-input blocks"):
+            ck.read_box_fp8("stacks.1.layers.ffn.gate_edf", ((0, 1), (0, 1), (16, 48), (0, 32)))
+        with pytest.raises(ValueError, match="not an MXFP8 matrix"):
+            ck.read_box_fp8("embed_vd", ((0, 1), (0, 64)))
+
+
 def test_pieces_placed_layer_by_layer_equal_whole_load(ckpts, loaded):
     cfg = M3Config.from_pretrained(ckpts["mxfp8-4"])
     _, _, paths, targets = placement.abstract_params(cfg, jnp.float32)

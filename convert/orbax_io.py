@@ -59,6 +59,11 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
+def _pytree_save(tree):
+    import orbax.checkpoint as ocp
+    return ocp.args.PyTreeSave(tree)
+
+
 def _writer(compress: bool):
     """An async PyTree checkpointer: save() returns once Orbax holds its copy, the write overlaps our reads."""
     import orbax.checkpoint as ocp
@@ -162,9 +167,11 @@ def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool,
     groups: list[str] = []
     pending: dict[str, np.ndarray] = {}
     pending_bytes = 0
-    import orbax.checkpoint as ocp
     ckptr = _writer(compress)
-    cpu = jax.devices("cpu")[0]
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:                                 # JAX_PLATFORMS without cpu: Orbax saves numpy too
+        cpu = None
     logging.getLogger("absl").addFilter(_ABSL_FILTER)
     total = sum(ckpt.source_bytes(p) for p in ckpt.leaves)
 
@@ -173,7 +180,7 @@ def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool,
         if pending:
             name = f"g{len(groups):05d}"
             ckptr.wait_until_finished()                  # the previous group is on disk
-            ckptr.save(os.path.join(out, "params", name), args=ocp.args.PyTreeSave(pending))
+            ckptr.save(os.path.join(out, "params", name), args=_pytree_save(pending))
             groups.append(name)
             pending, pending_bytes = {}, 0
 
@@ -182,7 +189,9 @@ def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool,
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
             for path, box in convert_pieces(ckpt, piece_bytes):
                 leaf = ckpt.leaves[path]
-                arr = jax.device_put(ckpt.read_box(path, box, stored=True), cpu)   # Orbax writes jax arrays fastest
+                arr = ckpt.read_box(path, box, stored=True)
+                if cpu is not None:
+                    arr = jax.device_put(arr, cpu)       # Orbax writes jax arrays faster than numpy
                 key = f"p{sum(len(v['pieces']) for v in params.values()):06d}"
                 params[path]["pieces"].append({"group": f"g{len(groups):05d}", "key": key,
                                                "box": [list(b) for b in box]})

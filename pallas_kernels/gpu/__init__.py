@@ -2,10 +2,13 @@
 
 indexer_topk, sparse_attention and dense_attention take exactly the arguments of their float32 references in
 pallas_kernels/reference.py plus `interpret: bool = False`, and raise NotImplementedError (naming the
-shapes) for inputs outside their envelope. See indexer.py and attention.py for the schedules.
+shapes) for inputs outside their envelope. See indexer.py, attention.py and kv_major.py for the schedules.
+grouped_matmul (the MoE kernel, grouped_matmul.py) is exported here too, so that the package attribute is the
+function, not its submodule (dispatch looks kernels up with getattr(package, op)).
 """
 
 from pallas_kernels.gpu.attention import dense_attention, sparse_attention
+from pallas_kernels.gpu.grouped_matmul import grouped_matmul
 from pallas_kernels.gpu.indexer import indexer_topk
 
-__all__ = ["indexer_topk", "sparse_attention", "dense_attention"]
+__all__ = ["indexer_topk", "sparse_attention", "dense_attention", "grouped_matmul"]

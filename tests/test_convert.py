@@ -121,9 +121,12 @@ def loaded(ckpts):
     return {name: _params(path) for name, path in ckpts.items() if name != "root"}
 
 
-def test_single_and_sharded_load_identically(loaded):
+def test_single_and_sharded_load_identically(ckpts, loaded):
     for kind in ("bfloat16", "float32", "mxfp8"):
         _assert_same_params(loaded[f"{kind}-1"], loaded[f"{kind}-4"])
+    for kind in ("bfloat16", "float32"):           # (mxfp8: see the dequantised-weights test)
+        a, b = (_logits(m3jax.api.load(ckpts[f"{kind}-{n}"], "float32", progress=False)) for n in (1, 4))
+        np.testing.assert_array_equal(a, b)
 
 
 def test_release_values_are_loaded_exactly(loaded):

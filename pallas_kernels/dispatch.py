@@ -51,12 +51,12 @@ def _resolve(op: str, name: str) -> Callable:
     except ImportError as e:
         raise NotImplementedError(f"{name}: kernels for {backend} are not available ({e})") from None
     fn = getattr(module, op, None)
-    if fn is None:                      # a kernel may live in a submodule named after its op
+    if not callable(fn):                # a kernel may live in a submodule named after its op
         try:
             fn = getattr(importlib.import_module(f"{_BACKEND_MODULE[backend]}.{op}"), op, None)
         except ImportError:
             fn = None
-    if fn is None:
+    if not callable(fn):
         raise NotImplementedError(f"{name}: no {backend} kernel for {op}")
     if mode == "interpret":
         return lambda *a, **kw: fn(*a, interpret=True, **kw)

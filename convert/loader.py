@@ -2,12 +2,14 @@
 
 Every parameter is placed in pieces of at most `piece_bytes` (cut along the stacked-layer axis) with
 `jax.make_array_from_callback`: each device's callback reads only its own slice of the released tensors
-(dequantising MXFP8 block-aligned), so peak host memory is about one piece's local slices (for the released
-model, one layer's routed experts of one weight), never a shard file and never the model.
+(dequantising MXFP8 block-aligned; distinct slices read by several threads), so peak host memory is about one
+piece's local slices (for the released model, one layer's routed experts of one weight), never a shard file and
+never the model. Slices are read in the released axis order (no host transpose) and transposed on device.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Mapping
@@ -37,6 +39,13 @@ def release_pieces(ckpt: ReleaseCheckpoint, shardings: Mapping[str, jax.sharding
             yield path, box
 
 
+def _read_stored(ckpt: ReleaseCheckpoint, path: str, perm: tuple[int, ...], stored_box) -> np.ndarray:
+    box = [None] * len(perm)
+    for i, axis in enumerate(perm):
+        box[axis] = stored_box[i]
+    return ckpt.read_box(path, tuple(box), stored=True)
+
+
 def load_release(path: str, cfg: M3Config, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                  shardings: Mapping[str, jax.sharding.Sharding], *, progress: bool = True,
                  piece_bytes: int = PIECE_BYTES) -> dict[str, jax.Array]:
@@ -49,9 +58,11 @@ def load_release(path: str, cfg: M3Config, targets: Mapping[str, tuple[tuple[int
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
             for p, box in pieces:
                 leaf = ckpt.leaves[p]
-                piece_sh = placement.piece_sharding(shardings[p], leaf.shape, box)
-                arr = placement.make_piece(lambda b, p=p: ckpt.read_box(p, b), box, piece_sh)
-                asm.add(p, box, arr)
+                perm = leaf.stored_perm                 # read in the released axis order, transpose on device
+                sharding = placement.permute_sharding(placement.piece_sharding(shardings[p], leaf.shape, box), perm)
+                arr = placement.make_piece(functools.partial(_read_stored, ckpt, p, perm),
+                                           tuple(box[i] for i in perm), sharding)
+                asm.add(p, box, arr, perm)
                 bar.update(ckpt.source_bytes(p) * placement.box_size(box) // math.prod(leaf.shape))
         return asm.result()
 

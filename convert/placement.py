@@ -13,6 +13,7 @@ divides, everything else replicated. `m3jax.sharding` will supply the real table
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from typing import Callable, Mapping, Union
@@ -179,19 +180,26 @@ class Assembler:
         return self.arrays
 
 
-def make_piece(read: Callable[[Box], np.ndarray], box: Box, sharding: jax.sharding.Sharding) -> jax.Array:
+def make_piece(read: Callable[[Box], np.ndarray], box: Box, sharding: jax.sharding.Sharding,
+               max_threads: int = 8) -> jax.Array:
     """A device array of parameter[box] with `jax.make_array_from_callback`: each device's callback reads only
-    its own slice, and identical slices (replicated axes) are read once."""
+    its own slice; identical slices (replicated axes) are read once, distinct ones by up to `max_threads`
+    threads at a time (positional reads release the GIL)."""
     offset = [a for a, _ in box]
     shape = tuple(b - a for a, b in box)
-    memo: dict[tuple, np.ndarray] = {}
 
-    def callback(index):
-        local = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
-        if local not in memo:
-            memo[local] = read(tuple((o + a, o + b) for o, (a, b) in zip(offset, local)))
-        return memo[local]
+    def key(index):
+        return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
-    arr = jax.make_array_from_callback(shape, sharding, callback)
+    def read_local(local):
+        return read(tuple((o + a, o + b) for o, (a, b) in zip(offset, local)))
+
+    slices = sorted({key(i) for i in sharding.addressable_devices_indices_map(shape).values()})
+    if len(slices) > 1 and max_threads > 1:
+        with concurrent.futures.ThreadPoolExecutor(min(max_threads, len(slices))) as pool:
+            memo = dict(zip(slices, pool.map(read_local, slices)))
+    else:
+        memo = {s: read_local(s) for s in slices}
+    arr = jax.make_array_from_callback(shape, sharding, lambda index: memo[key(index)])
     memo.clear()
     return arr

@@ -132,6 +132,7 @@ class ReleaseCheckpoint:
         self.leaves = self._validate(targets)
         self._fds: dict[str, int] = {}
         self._scratch = threading.local()           # reused read buffers (see read_region)
+        self._lock = threading.Lock()                # read_box may run in several threads at once
 
     # Validation -----------------------------------------------------------------------------------------------
     def _counts(self) -> list[str]:
@@ -238,9 +239,10 @@ class ReleaseCheckpoint:
         return any(n + weight_map.SCALE_SUFFIX in self.tensors for n in self.leaves[path].tensors.values())
 
     def _fd(self, file: str) -> int:
-        if file not in self._fds:
-            self._fds[file] = os.open(file, os.O_RDONLY)
-        return self._fds[file]
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
 
     def close(self) -> None:
         for fd in self._fds.values():

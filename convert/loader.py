@@ -1,10 +1,10 @@
 """Load a released (HF-format) checkpoint onto devices, streaming.
 
-Every parameter is placed in pieces of at most `piece_bytes` (cut along the stacked-layer axis) with
+Every parameter is placed in pieces of at most `piece_bytes` (cut along layers, then rows) with
 `jax.make_array_from_callback`: each device's callback reads only its own slice of the released tensors
 (dequantising MXFP8 block-aligned; distinct slices read by several threads), so peak host memory is about one
-piece's local slices (for the released model, one layer's routed experts of one weight), never a shard file and
-never the model. Slices are read in the released axis order (no host transpose) and transposed on device.
+piece's local slices (at most `piece_bytes`), never a shard file and never the model; device memory holds the
+parameters plus one piece. Slices are read in the released axis order (no host transpose) and transposed on device.
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ PIECE_BYTES = 1 << 30
 
 def release_pieces(ckpt: ReleaseCheckpoint, shardings: Mapping[str, jax.sharding.Sharding],
                    piece_bytes: int = PIECE_BYTES):
-    """(path, box) of every piece to place: stacked parameters split along the layer axis when the layer axis
-    is not sharded and the parameter exceeds `piece_bytes`."""
+    """(path, box) of every piece to place, at most `piece_bytes` where possible (see `Leaf.cut_axes`; the
+    layer axis is cut only when the sharding leaves it whole)."""
     for path, leaf in ckpt.leaves.items():
         spec = getattr(shardings[path], "spec", ())
-        layer_axis_free = leaf.num_index_axes > 0 and (len(spec) == 0 or spec[0] is None)
-        order = (0,) if layer_axis_free else ()
+        order = leaf.cut_axes(layer_axis_free=len(spec) == 0 or spec[0] is None)
         for box in placement.leading_pieces(leaf.shape, leaf.dtype.itemsize, piece_bytes, order):
             yield path, box
 
@@ -48,11 +47,12 @@ def _read_stored(ckpt: ReleaseCheckpoint, path: str, perm: tuple[int, ...], stor
 
 def load_release(path: str, cfg: M3Config, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                  shardings: Mapping[str, jax.sharding.Sharding], *, progress: bool = True,
-                 piece_bytes: int = PIECE_BYTES) -> dict[str, jax.Array]:
-    """{param path: jax.Array placed with its sharding} for every parameter in `targets`."""
+                 piece_bytes: int | None = None) -> dict[str, jax.Array]:
+    """{param path: jax.Array placed with its sharding} for every parameter in `targets`
+    (piece_bytes: default `PIECE_BYTES`, read at call time)."""
     with ReleaseCheckpoint(path, targets, cfg) as ckpt:
         log.info("loading %s: %s", path, describe(ckpt.tensors))
-        pieces = list(release_pieces(ckpt, shardings, piece_bytes))
+        pieces = list(release_pieces(ckpt, shardings, piece_bytes or PIECE_BYTES))
         total = sum(ckpt.source_bytes(p) for p in ckpt.leaves)
         asm = placement.Assembler(targets, shardings)
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:

@@ -75,13 +75,9 @@ def _writer(compress: bool):
 
 
 def convert_pieces(ckpt: ReleaseCheckpoint, piece_bytes: int):
-    """(path, box) of every piece: cut along the layer axis, then along the first axis that indexes rows of the
-    released tensors (contiguous reads); never along the expert axis."""
+    """(path, box) of every piece (see `Leaf.cut_axes`), each at most `piece_bytes` where possible."""
     for path, leaf in ckpt.leaves.items():
-        k = leaf.num_index_axes
-        row_axis = k + (leaf.rule.in_axes if leaf.rule.layout == "t" else 0)
-        order = ((0,) if k else ()) + ((row_axis,) if row_axis < len(leaf.shape) else ())
-        for box in placement.leading_pieces(leaf.shape, leaf.dtype.itemsize, piece_bytes, order):
+        for box in placement.leading_pieces(leaf.shape, leaf.dtype.itemsize, piece_bytes, leaf.cut_axes()):
             yield path, box
 
 

@@ -82,14 +82,18 @@ def resolve_shardings(paths_shapes: Mapping[str, tuple[int, ...]], mesh: jax.sha
 
 
 def piece_sharding(sharding: jax.sharding.Sharding, shape: tuple[int, ...], box: Box) -> jax.sharding.Sharding:
-    """The sharding of a piece: the parameter's, with any axis that the piece cuts replicated."""
+    """The sharding of a piece: the parameter's, except that an axis the piece cuts stays sharded only if the
+    piece's extent divides by its mesh size (else it is replicated; the on-device update reshards either way)."""
     if not isinstance(sharding, NamedSharding):
         return sharding
     spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-    cut = [(b - a) != n for (a, b), n in zip(box, shape)]
-    if not any(c and s is not None for c, s in zip(cut, spec)):
+    out = []
+    for (a, b), n, s in zip(box, shape, spec):
+        size = math.prod(sharding.mesh.shape[x] for x in (s if isinstance(s, tuple) else (s,))) if s else 1
+        out.append(s if (b - a) == n or (b - a) % size == 0 else None)
+    if out == spec:
         return sharding
-    return NamedSharding(sharding.mesh, P(*[None if c else s for c, s in zip(cut, spec)]))
+    return NamedSharding(sharding.mesh, P(*out))
 
 
 def leading_pieces(shape: tuple[int, ...], itemsize: int, budget: int, axis_order: tuple[int, ...]) -> list[Box]:

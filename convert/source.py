@@ -76,6 +76,14 @@ class Leaf(NamedTuple):
     def item_shape(self) -> tuple[int, ...]:
         return self.shape[self.num_index_axes:]
 
+    def cut_axes(self, layer_axis_free: bool = True) -> tuple[int, ...]:
+        """Axes along which pieces of this parameter are cut, in order: the stacked-layer axis (unless the
+        caller shards it), then the first axis indexing rows of the released tensors (contiguous reads). The
+        expert axis is never cut: an expert-parallel placement keeps reading only its own experts."""
+        k = self.num_index_axes
+        row_axis = k + (self.rule.in_axes if self.rule.layout == "t" else 0)
+        return ((0,) if k and layer_axis_free else ()) + ((row_axis,) if row_axis < len(self.shape) else ())
+
     @property
     def stored_perm(self) -> tuple[int, ...]:
         """Axis order of the released layout: a "t" parameter (index..., in..., out...) is stored as

@@ -1,7 +1,7 @@
 """Sharded placement on 8 forced host devices (meshes 1x8 and 2x4), in a subprocess so the XLA flag is set
 before jax starts: a converted checkpoint restores onto either mesh with the same parameters and logits as on
 one device, and a release checkpoint (MXFP8) placed directly with per-device slice reads (heads, hidden and
-vocab shardings that cut MXFP8 blocks) gives the same parameters and logits too."""
+vocab shardings that cut MXFP8 blocks; whole and in small pieces) gives the same parameters and logits too."""
 
 from __future__ import annotations
 
@@ -69,6 +69,11 @@ CHILD = textwrap.dedent("""
     same(p, rel_ref_p, "release on 2x4 with custom shardings")
     close(l, rel_ref_l, "release on 2x4 with custom shardings")
     print("release 2x4 max |dlogits|", float(np.abs(l - rel_ref_l).max()))
+
+    import convert.loader
+    convert.loader.PIECE_BYTES = 2048       # small pieces: layers and rows cut, some along sharded axes
+    _, p, _ = run(release, mesh=mesh, shardings=shardings)
+    same(p, rel_ref_p, "release on 2x4 in small pieces")
     print("OK")
 """)
 

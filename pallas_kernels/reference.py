@@ -126,4 +126,5 @@ def grouped_matmul(lhs_md, rhs_gdn, group_sizes):
     lhs_md [M, D] rows sorted by group; rhs_gdn [G, D, N]; group_sizes i32[G]. Rows past sum(group_sizes) are
     not part of any group: their output is unspecified (callers mask them).
     """
-    return jax.lax.ragged_dot(lhs_md, rhs_gdn, group_sizes, preferred_element_type=f32)
+    return jax.lax.ragged_dot(lhs_md, rhs_gdn, group_sizes, preferred_element_type=f32,
+                              precision=jax.lax.Precision.HIGHEST)

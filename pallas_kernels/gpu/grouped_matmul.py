@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
 MAX_CONCURRENT_STEPS, GRID_BLOCK_N = 4, 1
+ROW_TILE = 8
 
 
 def _check(lhs, rhs, group_sizes, interpret: bool) -> None:
@@ -42,7 +43,10 @@ def grouped_matmul(lhs_md, rhs_gdn, group_sizes, *, interpret: bool = False):
     _check(lhs_md, rhs_gdn, group_sizes, interpret)
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
+    m = lhs_md.shape[0]
+    pad = -m % ROW_TILE if m > ROW_TILE else 0      # TMA tiles rows by 8: pad with rows in no group
+    lhs = jnp.pad(lhs_md, ((0, pad), (0, 0))) if pad else lhs_md
     out = ragged_dot_mgpu.ragged_dot(
-        lhs_md, rhs_gdn, group_sizes=group_sizes.astype(jnp.int32), block_m=BLOCK_M, block_n=BLOCK_N,
+        lhs, rhs_gdn, group_sizes=group_sizes.astype(jnp.int32), block_m=BLOCK_M, block_n=BLOCK_N,
         block_k=BLOCK_K, max_concurrent_steps=MAX_CONCURRENT_STEPS, grid_block_n=GRID_BLOCK_N)
-    return out.astype(jnp.float32)
+    return out[:m].astype(jnp.float32)

@@ -11,7 +11,7 @@ install-test:
 
 # Generate greedily from the bundled tiny model (created on first use under ~/.cache/m3jax).
 demo: install
-	$(PY) -m m3jax.cli generate --prompt "The quick brown fox" --max-new-tokens 24
+	$(PY) -m m3jax.cli generate --prompt "The quick brown fox" --max-new-tokens 24 --ids
 
 test: install-test
 	$(PY) -m pytest -x -q

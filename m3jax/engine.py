@@ -508,6 +508,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: float32 for the tiny model)")
     ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
     ap.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
+    ap.add_argument("--ids", action="store_true", help="also print the generated token ids")
     args = ap.parse_args(argv)
     try:
         from m3jax.api import load
@@ -532,6 +533,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             if len(args.prompt) > 1:
                 print(f"--- [{i}] ({r.finish_reason}, {len(r.token_ids)} tokens)")
             print(r.text)
+            if args.ids:
+                print(f"token ids: {list(r.token_ids)} ({r.finish_reason})")
         return 0
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"m3jax generate: error: {e}", file=sys.stderr)

@@ -70,3 +70,19 @@ def test_bad_meshes():
         sharding.kv_replication(cfg, sharding.make_mesh(data=2, model=3, devices=jax.devices()[:6]))
     with pytest.raises(ValueError, match="axes must be"):
         sharding.check_mesh(jax.make_mesh((8,), ("x",)))
+
+
+def test_engine_greedy_tokens_match_single_device(single):
+    model, _, _ = single
+    prompts = [list(np.random.default_rng(i).integers(0, 256, n)) for i, n in enumerate([37, 70, 5])]
+    sp = m3jax.SamplingParams(max_new_tokens=6, temperature=0.0)
+    want = [r.token_ids for r in m3jax.generate(m3jax.Engine(model, max_batch_size=4, max_seq_len=128), prompts, sp,
+                                                progress=False)]
+    for data, model_axis in MESHES:
+        mesh = sharding.make_mesh(data=data, model=model_axis)
+        engine = m3jax.Engine(sharding.shard_model(model, mesh), max_batch_size=4, max_seq_len=128, mesh=mesh)
+        got = [r.token_ids for r in m3jax.generate(engine, prompts, sp, progress=False)]
+        assert got == want, f"mesh {data}x{model_axis}"
+        k_pages = engine.cache.stacks[1].k_pages
+        assert k_pages.sharding.spec == (P("model") if model_axis > 1 else P())
+        assert k_pages.shape[0] == max(2, model_axis)                 # replicated KV heads in the cache too

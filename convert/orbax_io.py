@@ -258,6 +258,7 @@ def restore(path: str, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
             for p, key, box in by_group[g]:
                 asm.add(p, box, restored[key], tuple(meta["params"][p]["stored_perm"]))
             del restored
+            jax.block_until_ready([asm.arrays[p] for p, _, _ in by_group[g]])     # one group in flight
     finally:
         ckptr.close()
     return asm.result()

@@ -434,7 +434,7 @@ class _Spec(NamedTuple):          # release_pieces only reads `.spec` (no 8-devi
 def test_full_size_release_validates_and_plans_bounded_pieces(tmp_path, quant, count):
     """Headers of the real 60-layer / 128-expert checkpoint over sparse files: the weight map takes exactly the
     released text tensors (M3_SPEC §2.2 counts minus the 515 vision and 8 projector tensors), and the piece
-    plans bound host memory: converter pieces <= 128 MiB, direct-load pieces <= 1 GiB (experts spread over 8
+    plans bound host memory: converter pieces <= 128 MiB, direct-load pieces <= 256 MiB (experts spread over 8
     devices, never cut)."""
     from convert.synthetic import write_release
     from jax.sharding import PartitionSpec as P

@@ -7,8 +7,8 @@ host holds at most one piece's local slices and the devices one piece beyond the
 
 Shardings are pluggable: `shardings` maps a parameter path to a `NamedSharding` (or a `PartitionSpec` for the
 given mesh), or is a callable `(path, shape) -> NamedSharding | PartitionSpec | None`; paths it does not cover
-get `default_spec`: routed-expert weights spread over the whole mesh (expert parallel) when the expert count
-divides, everything else replicated. `m3jax.sharding` will supply the real table.
+get `default_spec`: the partition rules of `m3jax.sharding` (heads on "model", experts over every device,
+vocabulary split) on a ("data", "model") mesh, or experts-only placement on a mesh with other axis names.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ ShardingsArg = Union[None, Mapping[str, Union[NamedSharding, P]],
 EXPERT_SUFFIXES = ("gate_edf", "up_edf", "down_efd")      # [layer, expert, ...] routed-expert weights
 
 
-def abstract_params(cfg: M3Config, dtype, attn_impl: str | None = None):
+def abstract_params(cfg: M3Config, dtype, attn_impl: str | None = None, mesh: jax.sharding.Mesh | None = None):
     """(graphdef, treedef, param paths in tree order, {path: (shape, dtype)}) of the model, never allocated."""
     from m3jax.model import M3ForCausalLM
     from m3jax.testing import _dotted
 
-    abstract = nnx.eval_shape(lambda: M3ForCausalLM(cfg, dtype=dtype, attn_impl=attn_impl, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: M3ForCausalLM(cfg, dtype=dtype, attn_impl=attn_impl, mesh=mesh,
+                                                    rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     paths = [_dotted(p) for p, _ in leaves]
@@ -46,7 +47,12 @@ def abstract_params(cfg: M3Config, dtype, attn_impl: str | None = None):
 
 
 def default_spec(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
-    """Routed experts over every mesh axis (or the largest single axis that divides), the rest replicated."""
+    """`m3jax.sharding.param_spec` on a ("data", "model") mesh; on other meshes routed experts over every mesh
+    axis (or the largest single axis that divides) and the rest replicated."""
+    from m3jax import sharding
+
+    if tuple(mesh.axis_names) == (sharding.DATA, sharding.MODEL):
+        return sharding.param_spec(path, shape, mesh)
     if path.endswith(EXPERT_SUFFIXES) and len(shape) >= 2:
         e = shape[1]
         names = tuple(n for n in mesh.axis_names if mesh.shape[n] > 1)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3jax import sharding
 from m3jax.config import M3Config
 from m3jax.model import M3ForCausalLM
 
@@ -32,9 +33,11 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
     path: an HF release dir (BF16/FP32 or MXFP8 safetensors, single file or sharded with an index json) or a
         dir written by `m3jax convert` (Orbax pieces); both stream: no host ever holds the whole model.
     dtype: parameter and activation dtype ("bfloat16" or "float32"); the MoE router stays float32.
-    mesh: parameters are placed on it; `shardings` (param path -> NamedSharding / PartitionSpec, or a callable
-        (path, shape) -> one of them or None) overrides the default (routed experts over the mesh, the rest
-        replicated; see convert.placement). Without a mesh, everything goes to the first device.
+    mesh: a ("data", "model") mesh; parameters are placed on it by `m3jax.sharding` rules (heads on "model", KV
+        heads replicated when "model" > num_key_value_heads, experts over every device, vocabulary split) and
+        the MoE runs expert-parallel. `shardings` (param path -> NamedSharding / PartitionSpec, or a callable
+        (path, shape) -> one of them or None) overrides the rules. Without a mesh, everything goes to the first
+        device.
     attn_impl: attention implementation (see pallas_kernels.dispatch); None picks the backend's default.
     """
     from convert import loader, orbax_io, placement     # convert imports m3jax.config: keep the import lazy
@@ -43,10 +46,48 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = M3Config.from_pretrained(path)
-    graphdef, treedef, paths, targets = placement.abstract_params(cfg, _dtype(dtype), attn_impl)
+    replicas = 1
+    if mesh is not None:
+        sharding.check_mesh(mesh)
+        replicas = sharding.kv_replication(cfg, mesh)
+        if replicas > 1:      # read the KV-head weights replicated, then copy each head `replicas` times
+            shardings = _replicated_kv_first(shardings)
+    graphdef, treedef, paths, targets = placement.abstract_params(cfg, _dtype(dtype), attn_impl, mesh)
     resolved = placement.resolve_shardings({p: s for p, (s, _) in targets.items()}, mesh, shardings)
     if orbax_io.is_converted(path):
         arrays = orbax_io.restore(path, targets, resolved, progress=progress)
     else:
         arrays = loader.load_release(path, cfg, targets, resolved, progress=progress)
+    if replicas > 1:
+        graphdef, treedef, paths, arrays = _replicate_kv_heads(cfg, replicas, arrays, mesh, _dtype(dtype), attn_impl)
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in paths]))
+
+
+def _replicated_kv_first(shardings):
+    """Shardings that read KV-head parameters whole (replicated) and leave the rest to `shardings`."""
+    def pick(path, shape):
+        if sharding.KV_HEAD_PARAMS.search(path):
+            return jax.sharding.PartitionSpec()
+        if callable(shardings):
+            return shardings(path, shape)
+        return None if shardings is None else shardings.get(path)
+    return pick
+
+
+def _replicate_kv_heads(cfg: M3Config, replicas: int, arrays, mesh, dtype, attn_impl):
+    """Each KV head copied `replicas` times along its head axis, then split over "model" by the rules.
+
+    The KV-head weights are small (k, v and index-q projections: D x K x H per layer), so they are read whole
+    and expanded on device; the model becomes the same model with K * replicas KV heads (sharding.replicate_kv).
+    """
+    from convert import placement
+
+    rcfg = sharding.replicate_kv(cfg, replicas)
+    graphdef, treedef, paths, targets = placement.abstract_params(rcfg, dtype, attn_impl, mesh)
+    out = dict(arrays)
+    for path, (shape, _) in targets.items():
+        if sharding.KV_HEAD_PARAMS.search(path):
+            target = jax.sharding.NamedSharding(mesh, sharding.param_spec(path, shape, mesh))
+            out[path] = jax.jit(lambda a: sharding.replicate_kv_param(path, a, replicas),
+                                out_shardings=target)(arrays[path])
+    return graphdef, treedef, paths, out

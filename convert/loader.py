@@ -70,12 +70,4 @@ def load_release(path: str, cfg: M3Config, targets: Mapping[str, tuple[tuple[int
         return asm.result()
 
 
-def load_host_params(path: str, cfg: M3Config, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-                     *, progress: bool = True) -> dict[str, np.ndarray]:
-    """Whole parameters as host numpy arrays (small checkpoints, tests)."""
-    with ReleaseCheckpoint(path, targets, cfg) as ckpt:
-        it = tqdm(ckpt.leaves.items(), desc="loading", unit="param", disable=not progress)
-        return {p: ckpt.read_box(p, tuple((0, n) for n in leaf.shape)) for p, leaf in it}
-
-
-__all__ = ["PIECE_BYTES", "load_host_params", "load_release", "release_pieces"]
+__all__ = ["PIECE_BYTES", "load_release", "release_pieces"]

@@ -27,7 +27,7 @@ def _check(lhs, rhs, group_sizes, interpret: bool) -> None:
     if lhs.dtype not in (jnp.bfloat16, jnp.float16) or rhs.dtype != lhs.dtype:
         raise NotImplementedError(f"grouped_matmul: needs bf16/f16 lhs and rhs of one dtype, got {lhs.dtype}, "
                                   f"{rhs.dtype}")
-    (m, d), (g, d2, n) = lhs.shape, rhs.shape
+    (_, d), (g, d2, n) = lhs.shape, rhs.shape
     if d != d2 or group_sizes.shape != (g,):
         raise ValueError(f"grouped_matmul: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape} "
                          "do not fit [M, D] x [G, D, N] with [G] sizes")

@@ -16,6 +16,7 @@ import m3jax
 from m3jax.testing import random_model
 from tests.kernels.model_cases import greedy_cached, with_impl
 
+
 @pytest.fixture
 def tpu_calls(monkeypatch):
     """Counts the traces of each pallas_kernels.tpu op (dispatch looks them up at call time)."""

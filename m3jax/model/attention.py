@@ -9,14 +9,22 @@ freshly projected keys are viewed as pages (`pallas_kernels.layout`), one page p
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
 
 from m3jax.config import M3Config, SPARSE_ATTENTION
+from m3jax.sharding import MODEL
 from m3jax.model.layers import RMSNorm, _init, apply_rope
 from pallas_kernels import dispatch, layout
+
+
+# shard_map specs of the attention ops' operands: heads on "model" ([B, T, heads, X] and [K, P, R, H] pools);
+# page tables, positions and the index-K pool whole on every device.
+_HEADS, _KV_POOL, _ALL = P(None, None, MODEL, None), P(MODEL), P()
 
 
 @jax.tree_util.register_dataclass
@@ -43,8 +51,14 @@ class PagedKV:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: M3Config, attention_type: str, *, dtype, rngs: nnx.Rngs):
+    """With a mesh, the attention ops run head-parallel inside `shard_map`: each device takes the query heads and
+    the KV (= index) heads it holds on "model" (KV heads replicated by m3jax.sharding when "model" exceeds them),
+    so MSA selection and the Pallas kernels, which XLA cannot partition itself, run locally with no collective.
+    """
+
+    def __init__(self, cfg: M3Config, attention_type: str, *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None):
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.mesh = mesh if mesh is not None and mesh.shape[MODEL] > 1 else None
         self.sparse = attention_type == SPARSE_ATTENTION
         self.block_size = cfg.msa.block_size
         self.topk_blocks = cfg.msa.topk_blocks
@@ -80,16 +94,26 @@ class Attention(nnx.Module):
         if self.sparse:
             if block_ids is None:
                 block_ids = self.select_blocks(p, kv, q_pos, impl=impl)
-            o = dispatch.sparse_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, block_ids,
-                                          impl=impl)
+            op = functools.partial(dispatch.sparse_attention, impl=impl)
+            o = self._on_heads(op, (p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, block_ids),
+                               (_HEADS, _KV_POOL, _KV_POOL, _ALL, _ALL, _HEADS), _HEADS)
         else:
-            o = dispatch.dense_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, impl=impl)
+            op = functools.partial(dispatch.dense_attention, impl=impl)
+            o = self._on_heads(op, (p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos),
+                               (_HEADS, _KV_POOL, _KV_POOL, _ALL, _ALL), _HEADS)
         return o.astype(p.q_btnh.dtype)
 
     def select_blocks(self, p: Projections, kv: PagedKV, q_pos, *, impl=None):
         """MSA index branch: i32[B, T, K, topk] logical block ids per (query, KV group), -1 padded."""
-        return dispatch.indexer_topk(p.iq_btki, kv.ik_pages, kv.page_table, q_pos, topk=self.topk_blocks,
-                                     local_blocks=self.local_blocks, impl=impl)
+        op = functools.partial(dispatch.indexer_topk, topk=self.topk_blocks, local_blocks=self.local_blocks,
+                               impl=impl)
+        return self._on_heads(op, (p.iq_btki, kv.ik_pages, kv.page_table, q_pos), (_HEADS, _ALL, _ALL, _ALL),
+                              _HEADS)
+
+    def _on_heads(self, op, args, in_specs, out_spec):
+        if self.mesh is None:
+            return op(*args)
+        return jax.shard_map(op, mesh=self.mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
     def output(self, o_btnh):
         return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_nhd[...])

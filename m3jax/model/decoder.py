@@ -20,7 +20,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: M3Config, attention_type: str, mlp_type: str, *, dtype, rngs: nnx.Rngs,
                  mesh: Mesh | None = None, impl: str | None = None):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.attn = Attention(cfg, attention_type, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, attention_type, dtype=dtype, rngs=rngs, mesh=mesh)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.ffn = (MoE(cfg, dtype=dtype, rngs=rngs, mesh=mesh, impl=impl) if mlp_type == MOE_MLP
                     else MLP(cfg, cfg.dense_intermediate_size, dtype=dtype, rngs=rngs))

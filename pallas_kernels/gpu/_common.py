@@ -44,3 +44,19 @@ def dot_precision(dtype):
     """float32 inputs get full-precision dots (triton would otherwise use tf32)."""
     import jax
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+SMEM_BYTES = 232448         # Hopper: the most shared memory one program may use (the limit triton reports)
+
+
+def pipeline_stages(wanted: int, *, per_stage: int, fixed: int) -> int:
+    """The most software-pipeline stages (<= wanted, >= 1) whose buffers fit shared memory.
+
+    per_stage: bytes one stage of streamed operands takes (e.g. a K and a V page); fixed: bytes resident for the
+    whole program (the query tile). float32 pages of 128 x 128 need two 64 KiB buffers per stage: two stages
+    plus a 128-row query tile (327,680 bytes) exceed the limit, which bf16 does not.
+    """
+    stages = wanted
+    while stages > 1 and fixed + stages * per_stage > SMEM_BYTES:
+        stages -= 1
+    return stages

@@ -290,7 +290,10 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
                   pl.BlockSpec((None, None, rows, hp), lambda i, k, s: (i // nt, k, tile(i), 0)),
                   whole_array(), whole_array()],
         out_specs=out_specs, interpret=interpret, name="msa_dense_attention",
-        compiler_params=compiler_params(num_warps=4 if rows <= 64 else 8, num_stages=2),
+        compiler_params=compiler_params(
+            num_warps=4 if rows <= 64 else 8,
+            num_stages=cm.pipeline_stages(2, per_stage=2 * rp * hp * jnp.dtype(k_pages.dtype).itemsize,
+                                          fixed=rows * hp * jnp.dtype(q_rows.dtype).itemsize)),
     )(page_table.astype(jnp.int32), pos_rows, q_rows, k_pages, v_pages)
     o = outs[0][0] if splits == 1 else combine_splits(outs[0], outs[1])    # [B, K, Tp*Gp, H]
     o = o.reshape(b, kh, tp, gp, hp)[:, :, :t, :g, :h].transpose(0, 2, 1, 3, 4)

@@ -185,7 +185,10 @@ def sparse_attention_kv_major(q5, k_pages, v_pages, page_table, q_pos, ids, nval
         kernel, grid=(num_w, b * kh), out_shape=out_shape,
         in_specs=[whole_array()] * (5 + len(args)), out_specs=[whole_array(), whole_array()],
         interpret=interpret, name="msa_sparse_attention_kv_major",
-        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=compiler_params(
+            num_warps=num_warps,
+            num_stages=cm.pipeline_stages(num_stages, per_stage=2 * k_pages.shape[2] * hp * k_pages.dtype.itemsize,
+                                          fixed=tokens_per_item * gp * hp * q5.dtype.itemsize)),
     )(page_table.astype(jnp.int32), maxpos, q_pos.astype(jnp.int32), *args, k_pages, v_pages)
     o = o.reshape(b, t, kh, row_slots, gp, hp)[:, :, :, :cp]
     lse = lse.reshape(b, t, kh, row_slots, gp)[:, :, :, :cp]

@@ -173,3 +173,12 @@ def test_kv_major_schedule_matches_reference(dtype, tile):
                                  schedule="kv", kv_major=dict(tokens_per_item=4, num_warps=4, num_stages=2, tile=tile))
     assert rel_l2(got, reference.sparse_attention(*args), c.valid) <= TOL[dtype]
     assert (np.asarray(jnp.asarray(got, jnp.float32))[~c.valid] == 0).all()
+
+
+def test_pipeline_stages_fit_shared_memory():
+    """float32 128 x 128 pages: two stages of K + V plus a 128-row query tile would need 327,680 bytes."""
+    from pallas_kernels.gpu import _common as cm
+    f32_page, bf16_page = 128 * 128 * 4, 128 * 128 * 2
+    assert cm.pipeline_stages(2, per_stage=2 * f32_page, fixed=f32_page) == 1
+    assert cm.pipeline_stages(2, per_stage=2 * bf16_page, fixed=bf16_page) == 2
+    assert cm.pipeline_stages(3, per_stage=10**9, fixed=0) == 1

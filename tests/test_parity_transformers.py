@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import m3jax  # noqa: E402
+from convert.weight_map import layer_slot  # noqa: E402
 from m3jax.model.attention import Attention  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
 from tests import hf_reference as hf  # noqa: E402
@@ -115,11 +118,9 @@ def test_selection_is_sparse_and_dense_attention_fails_parity(pair):
 
 
 def _attention_of(model, layer: int) -> Attention:
-    from flax import nnx
-    from convert.weight_map import layer_slot
+    """The Attention module of decoder layer `layer` (its slice of the stacked parameters)."""
     stack, pos = layer_slot(model.config, layer)
     graphdef, state = nnx.split(model.stacks[stack].layers)
-    import jax
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[pos], state)).attn
 
 

@@ -17,8 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from m3jax.config import M3Config, SPARSE_ATTENTION
-from m3jax.sharding import MODEL
 from m3jax.model.layers import RMSNorm, _init, apply_rope
+from m3jax.sharding import MODEL
 from pallas_kernels import dispatch, layout
 
 

@@ -171,6 +171,10 @@ class Engine:
         self.num_pages = num_pages if num_pages is not None else cache_lib.num_pages_for_memory(
             cfg, model.dtype, max_pages=want, memory_fraction=memory_fraction)
         mesh = mesh if mesh is not None else getattr(model, "mesh", None)
+        if mesh is not None and mesh.shape.get("data", 1) > 1:
+            # Requests and page pools are not split over "data" yet: every data shard runs every request.
+            log.warning("Engine: mesh axis 'data' (%d) replicates requests and pages; only 'model' splits work",
+                        mesh.shape["data"])
         self.mesh = mesh
         self.cache = cache_lib.init_cache(model, self.num_pages, mesh=mesh)
         self.allocator = cache_lib.PageAllocator(self.num_pages)

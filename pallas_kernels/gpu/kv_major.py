@@ -30,22 +30,30 @@ from pallas_kernels.gpu._compat import compiler_params, masked_store, whole_arra
 f32 = jnp.float32
 
 
+def _work_item_page(pt_ref, maxpos_ref, blk_ref, start_ref, count_ref, k_ref, v_ref, *, num_kv_heads, block_size):
+    """This program's work item: (b, kh, block, first sorted entry, entry count, K page [Rp, H], V page).
+
+    V rows past the block or past the request's last position are zeroed: unwritten page tails may hold NaN.
+    """
+    w, bk = pl.program_id(0), pl.program_id(1)
+    b, kh = bk // num_kv_heads, bk % num_kv_heads
+    blk = blk_ref[b, kh, w]
+    page = pt_ref[b, blk]
+    k = k_ref[kh, page]                                                    # [Rp, H]
+    v = v_ref[kh, page]
+    r_col = lax.broadcasted_iota(jnp.int32, (k.shape[0], 1), 0)
+    v = jnp.where((r_col < block_size) & (blk * block_size + r_col <= maxpos_ref[b]), v, jnp.zeros_like(v))
+    return b, kh, blk, start_ref[b, kh, w], count_ref[b, kh, w], k, v
+
+
 def _kv_major_kernel(pt_ref, maxpos_ref, qpos_ref, order_ref, blk_ref, start_ref, count_ref, q_ref, k_ref, v_ref,
                      o_ref, lse_ref, *, num_kv_heads, slots, block_size, scale, precision):
     # pt_ref i32[B, M]; maxpos_ref i32[B]; qpos_ref i32[B, T]; order_ref i32[B, K, T*Cp] (entry t*Cp + c);
     # blk_ref / start_ref / count_ref i32[B, K, W] (work items); q_ref [B, T, K, Gp, H]; k/v_ref [K, P, Rp, H]
     # o_ref [B, T, K, Cp, Gp, H] partial outputs; lse_ref f32[B, T, K, Cp, Gp]
-    w, bk = pl.program_id(0), pl.program_id(1)
-    b, kh = bk // num_kv_heads, bk % num_kv_heads
-    blk = blk_ref[b, kh, w]
-    start = start_ref[b, kh, w]
-    count = count_ref[b, kh, w]
-    page = pt_ref[b, blk]
-    k = k_ref[kh, page]                                                    # [Rp, H]
-    v = v_ref[kh, page]
+    b, kh, blk, start, count, k, v = _work_item_page(pt_ref, maxpos_ref, blk_ref, start_ref, count_ref, k_ref,
+                                                     v_ref, num_kv_heads=num_kv_heads, block_size=block_size)
     rp = k.shape[0]
-    r_col = lax.broadcasted_iota(jnp.int32, (rp, 1), 0)
-    v = jnp.where((r_col < block_size) & (blk * block_size + r_col <= maxpos_ref[b]), v, jnp.zeros_like(v))
     r_row = lax.broadcasted_iota(jnp.int32, (1, rp), 1)
 
     def body(i, carry):
@@ -73,17 +81,9 @@ def _kv_major_tile_kernel(pt_ref, maxpos_ref, qpos_ref, tok_ref, slot_ref, blk_r
     # As _kv_major_kernel, but the item's tokens are one [TQ * Gp, H] tile gathered row by row (M = 16 x TQ).
     # tok_ref / slot_ref i32[B, K, T*Cp]: token and slot of each sorted entry. q_ref [B*T*K*Gp, H] (flat rows);
     # o_ref [B*T*K*Cp*Gp, H], lse_ref f32[B*T*K*Cp*Gp] (flat rows); rows of absent tokens are masked out.
-    w, bk = pl.program_id(0), pl.program_id(1)
-    b, kh = bk // num_kv_heads, bk % num_kv_heads
-    blk = blk_ref[b, kh, w]
-    start = start_ref[b, kh, w]
-    count = count_ref[b, kh, w]
-    page = pt_ref[b, blk]
-    k = k_ref[kh, page]                                                    # [Rp, H]
-    v = v_ref[kh, page]
+    b, kh, blk, start, count, k, v = _work_item_page(pt_ref, maxpos_ref, blk_ref, start_ref, count_ref, k_ref,
+                                                     v_ref, num_kv_heads=num_kv_heads, block_size=block_size)
     rp = k.shape[0]
-    r_col = lax.broadcasted_iota(jnp.int32, (rp, 1), 0)
-    v = jnp.where((r_col < block_size) & (blk * block_size + r_col <= maxpos_ref[b]), v, jnp.zeros_like(v))
     row = lax.broadcasted_iota(jnp.int32, (tokens_per_item * heads,), 0)
     item, head = row // heads, row % heads
     present = item < count

@@ -59,6 +59,18 @@ def ceilings():
     return {"matmul_tflops": 2 * 8192 ** 3 / t / 1e12, "copy_gbs": 2 * x.nbytes / tc / 1e9}
 
 
+def prefill_inputs(s):
+    """A batch-1 prefill of s tokens: pools, queries, positions and the GPU indexer's selection."""
+    key = jax.random.key(s)
+    k_pages, v_pages, ik_pages, table = make_pool(key, 1, s)
+    kq, ki = jax.random.split(jax.random.fold_in(key, 1))
+    q = jax.random.normal(kq, (1, s, N, H), jnp.bfloat16)
+    iq = jax.random.normal(ki, (1, s, K, I), jnp.bfloat16)
+    pos = jnp.arange(s, dtype=jnp.int32)[None]
+    sel = gpu.indexer_topk(iq, ik_pages, table, pos, topk=C)
+    return k_pages, v_pages, ik_pages, table, q, iq, pos, sel
+
+
 def make_pool(key, batch, ctx, dtype=jnp.bfloat16):
     """Random K/V/index-K page pools for `batch` requests of `ctx` keys, pages shuffled."""
     m = ctx // R
@@ -198,13 +210,7 @@ def sweep(out_dir):
                                                      tokens_per_item=tq, num_warps=w, num_stages=st, tile=tile))
 
     for s in (32768, 131072):
-        key = jax.random.key(s)
-        k_pages, v_pages, ik_pages, table = make_pool(key, 1, s)
-        kq, ki = jax.random.split(jax.random.fold_in(key, 1))
-        q = jax.random.normal(kq, (1, s, N, H), jnp.bfloat16)
-        iq = jax.random.normal(ki, (1, s, K, I), jnp.bfloat16)
-        pos = jnp.arange(s, dtype=jnp.int32)[None]
-        sel = gpu.indexer_topk(iq, ik_pages, table, pos, topk=C)
+        k_pages, v_pages, ik_pages, table, q, iq, pos, sel = prefill_inputs(s)
         grid = [("query", c) for c in QUERY_SWEEP] + [("kv", c) for c in KV_SWEEP]
         if s > 32768:
             prev = sorted((r for r in results if r["ctx"] == 32768 and r["op"] == "kv"), key=lambda r: r["t"])
@@ -231,13 +237,9 @@ def profile_kv(out_dir, s=131072):
     """Split the KV-block-major schedule's time at one prefill size: work list, kernel, merge."""
     from pallas_kernels.gpu import kv_major
     from pallas_kernels.gpu.attention import KV_MAJOR_TUNING, compact_block_ids, sparse_attention
+    k_pages, v_pages, ik_pages, table, q, iq, pos, sel = prefill_inputs(s)
     key = jax.random.key(s)
-    k_pages, v_pages, ik_pages, table = make_pool(key, 1, s)
     kq, ki = jax.random.split(jax.random.fold_in(key, 1))
-    q = jax.random.normal(kq, (1, s, N, H), jnp.bfloat16)
-    iq = jax.random.normal(ki, (1, s, K, I), jnp.bfloat16)
-    pos = jnp.arange(s, dtype=jnp.int32)[None]
-    sel = gpu.indexer_topk(iq, ik_pages, table, pos, topk=C)
     tq = KV_MAJOR_TUNING["tokens_per_item"]
     prep = jax.jit(lambda sel, pos: kv_major.work_items(compact_block_ids(sel, pos, R, s // R)[0], tq, s // R))
     ids, nvalid = jax.jit(lambda sel, pos: compact_block_ids(sel, pos, R, s // R))(sel, pos)

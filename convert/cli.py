@@ -1,20 +1,13 @@
 """`m3jax convert SRC DST [--dtype] [--overwrite]`: the converter's command line.
 
 `add_arguments(parser)` declares the options and `convert_main(args)` runs them; `m3jax.cli` wires them as the
-`convert` subcommand. `python -m convert.cli SRC DST` works on its own. User errors (bad checkpoint, config,
-existing destination) print one line and exit 2, without a traceback.
+`convert` subcommand, which prints user errors (bad checkpoint, config, existing destination) as one line and
+exits 2, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-
-from convert.safetensors_io import CheckpointError
-from m3jax.config import ConfigError
-
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ConfigError, CheckpointError)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -32,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def convert_main(args: argparse.Namespace) -> None:
-    """Run a conversion; raises the USER_ERRORS for bad input (callers print them as one line)."""
+    """Run a conversion; raises m3jax.cli.USER_ERRORS for bad input (the CLI prints them as one line)."""
     from convert.orbax_io import convert
 
     if min(getattr(args, "piece_mb", 128), getattr(args, "group_mb", 256)) < 1:
@@ -42,19 +35,3 @@ def convert_main(args: argparse.Namespace) -> None:
                 group_bytes=getattr(args, "group_mb", 256) << 20, compress=getattr(args, "compress", False))
     print(f"converted {s['tensors']} tensors ({s['bytes'] / 1e9:.2f} GB) from {args.src} to {s['dst']} "
           f"in {s['seconds']:.1f} s")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = add_arguments(argparse.ArgumentParser(prog="m3jax convert",
-                                                 description="released safetensors -> m3jax Orbax")).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        convert_main(args)
-    except USER_ERRORS as e:
-        print(f"m3jax convert: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,8 @@ import pytest
 from flax import nnx
 
 import m3jax.api
-from convert import cli, loader, mxfp8, orbax_io, placement, weight_map
+from m3jax import cli
+from convert import loader, mxfp8, orbax_io, placement, weight_map
 from convert.safetensors_io import CheckpointError, checkpoint_tensors, read_tensor, write_file, write_sharded
 from convert.source import ReleaseCheckpoint
 from m3jax.config import M3Config
@@ -276,12 +277,12 @@ def test_convert_restore_round_trip_is_exact(ckpts, name, dtype, tmp_path):
 
 def test_cli_convert_refuses_existing_dst_and_overwrites(ckpts, tmp_path, capsys):
     dst = str(tmp_path / "out")
-    assert cli.main([ckpts["bfloat16-1"], dst, "--no-progress"]) == 0
+    assert cli.main(["convert", ckpts["bfloat16-1"], dst, "--no-progress"]) == 0
     assert capsys.readouterr().out.count("\n") == 1
-    assert cli.main([ckpts["bfloat16-1"], dst, "--no-progress"]) == 2
+    assert cli.main(["convert", ckpts["bfloat16-1"], dst, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
-    assert cli.main([ckpts["float32-1"], dst, "--no-progress", "--dtype", "float32", "--overwrite"]) == 0
+    assert cli.main(["convert", ckpts["float32-1"], dst, "--no-progress", "--dtype", "float32", "--overwrite"]) == 0
     assert orbax_io.read_meta(dst)["dtype"] == "float32"
     assert [f for f in os.listdir(tmp_path)] == ["out"]
 
@@ -416,10 +417,10 @@ def test_errors_are_collected(ckpts, tmp_path):
 
 def test_cli_prints_one_line_for_bad_checkpoints(ckpts, tmp_path, capsys):
     bad = _edited(ckpts["bfloat16-1"], str(tmp_path / "x"), lambda t: t.pop(Q))
-    assert cli.main([bad, str(tmp_path / "out"), "--no-progress"]) == 2
+    assert cli.main(["convert", bad, str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("m3jax convert: error: missing tensor") and err.count("\n") == 1
-    assert cli.main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert cli.main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
 

@@ -8,12 +8,16 @@ Layout (axis letters as in STYLE.md; R = rows per page = the MSA block size, so 
                k/v `[K, L*P, R, H]`, ik `[L*P, R, I]`; layer l's page p sits at l*P + p. A layer's view is
                `k[:, l*P:(l+1)*P]`, exactly the per-layer layout above.
 
+  per data shard  on a mesh, each "data" shard d owns a pool of its own: the arrays are `[K, D*L*P, R, H]`
+               with shard d's `[K, L*P, R, H]` (the layout above) at pages d*L*P ... (d+1)*L*P - 1, split
+               over "data" (and the KV heads over "model"). Page tables hold ids local to the row's shard.
+
 Folding the layer into the page axis lets the cached forward keep the whole pool in the carry of the layer
 scan and update it in place (a scatter), and lets an attention kernel read layer l through the ordinary page
 table shifted by l*P: no per-layer slice of the pool is ever copied. Page 0 of every layer (l*P) is the sink
 that padding tokens write to; the allocator never hands it out.
 
-`PageAllocator` lives on the host: it owns the physical page ids 1..P-1, hands out whole pages per request
+`PageAllocator` lives on the host, one per data shard: it owns the physical page ids 1..P-1, hands out whole pages per request
 and takes them back when a request finishes. Running out of pages is signalled by `OutOfPages`; a double free
 or a foreign page id raises instead of corrupting another request's cache.
 """
@@ -51,30 +55,38 @@ class StackCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """One StackCache per LayerStack of the model, in order; `num_pages` physical pages per layer."""
+    """One StackCache per LayerStack of the model, in order; `num_pages` physical pages per layer in each of the
+    `num_shards` data shards' pools."""
 
     stacks: list[StackCache]
     num_pages: int = dataclasses.field(metadata=dict(static=True))
     page_size: int = dataclasses.field(metadata=dict(static=True))
+    num_shards: int = dataclasses.field(default=1, metadata=dict(static=True))
 
     def layer_k(self, layer: int) -> jax.Array:
-        """[K, P, R, H]: the K pages of global layer `layer` (a copy; for tests and debugging)."""
+        """[K, S*P, R, H]: the K pages of global layer `layer`, data shard s's pages at s*P... (a copy; for tests
+        and debugging)."""
         s, l = self._locate(layer)
-        return self.stacks[s].k_pages[:, l * self.num_pages:(l + 1) * self.num_pages]
+        return self._layer_pages(self.stacks[s].k_pages, l, 1)
 
     def layer_v(self, layer: int) -> jax.Array:
         s, l = self._locate(layer)
-        return self.stacks[s].v_pages[:, l * self.num_pages:(l + 1) * self.num_pages]
+        return self._layer_pages(self.stacks[s].v_pages, l, 1)
 
     def layer_ik(self, layer: int) -> jax.Array | None:
         s, l = self._locate(layer)
         ik = self.stacks[s].ik_pages
-        return None if ik is None else ik[l * self.num_pages:(l + 1) * self.num_pages]
+        return None if ik is None else self._layer_pages(ik, l, 0)
+
+    def _layer_pages(self, pool, l: int, axis: int):
+        lead, rest = pool.shape[:axis], pool.shape[axis + 1:]
+        split = pool.reshape(*lead, self.num_shards, -1, self.num_pages, *rest)
+        return jnp.take(split, l, axis=axis + 1).reshape(*lead, -1, *rest)
 
     def _locate(self, layer: int) -> tuple[int, int]:
         n = 0
         for i, st in enumerate(self.stacks):
-            num = st.k_pages.shape[1] // self.num_pages
+            num = st.k_pages.shape[1] // (self.num_pages * self.num_shards)
             if layer < n + num:
                 return i, layer - n
             n += num
@@ -119,11 +131,12 @@ def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fractio
 
 
 def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
-    """A zeroed KVCache for `model` (an M3ForCausalLM) with `num_pages` pages per layer (page 0 = sink).
+    """A zeroed KVCache for `model` (an M3ForCausalLM) with `num_pages` pages per layer (page 0 = sink) in every
+    data shard's pool.
 
-    mesh ("data", "model"): K/V pools are split over "model" on their KV-head axis (the heads are replicated at
-    load time to match, see m3jax.sharding) when it divides them, else replicated; the index-K pools and the
-    page axis are replicated (page tables hold global page ids).
+    mesh ("data", "model"): one pool per "data" shard, split over "data" on the page axis; K/V pools are split
+    over "model" on their KV-head axis (the heads are replicated at load time to match, see m3jax.sharding)
+    when it divides them, else replicated there; the index-K pools are whole on every "model" device.
     """
     cfg = model.config
     if num_pages < 2:
@@ -131,11 +144,13 @@ def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
     dtype = jnp.dtype(dtype or model.dtype)
     k, r, h, i = cfg.num_key_value_heads, cfg.msa.block_size, cfg.head_dim, cfg.msa.index_dim
     kv_sharding = ik_sharding = None
+    shards = 1
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from m3jax.sharding import MODEL
-        heads = P(MODEL, None, None, None) if k % mesh.shape[MODEL] == 0 else P()
-        kv_sharding, ik_sharding = NamedSharding(mesh, heads), NamedSharding(mesh, P())
+        from m3jax.sharding import DATA, MODEL
+        shards = mesh.shape[DATA]
+        heads = MODEL if k % mesh.shape[MODEL] == 0 else None
+        kv_sharding, ik_sharding = NamedSharding(mesh, P(heads, DATA)), NamedSharding(mesh, P(DATA))
 
     def zeros(shape, sharding):
         if sharding is None:
@@ -144,14 +159,33 @@ def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
 
     stacks = []
     for stack in model.stacks:
-        n = stack.num_layers * num_pages
+        n = shards * stack.num_layers * num_pages
         if k * n * r * h >= 2**31:
             log.warning("cache: a K/V pool of stack %d has %d elements (>= 2**31; layers are folded into the page "
                         "axis): kernels that index pages with 32-bit offsets would overflow; use fewer pages or "
                         "check the kernel", stack.first_layer, k * n * r * h)
         ik = zeros((n, r, i), ik_sharding) if stack.attention_type == SPARSE_ATTENTION else None
         stacks.append(StackCache(zeros((k, n, r, h), kv_sharding), zeros((k, n, r, h), kv_sharding), ik))
-    return KVCache(stacks, num_pages, r)
+    return KVCache(stacks, num_pages, r, shards)
+
+
+def write_slots(q_pos, page_table, page_size: int, offset):
+    """(page, row) i32[B, T] where each query's keys go: page_table[b, pos // R] + offset, row pos % R; padding
+    (q_pos -1) goes to the sink page (0 + offset), row 0."""
+    valid = q_pos >= 0
+    pos = jnp.maximum(q_pos, 0)
+    page = jnp.take_along_axis(page_table, pos // page_size, axis=1)
+    return jnp.where(valid, page, 0) + offset, jnp.where(valid, pos % page_size, 0)
+
+
+def write_kv(pool_kprh, new_btkh, page_bt, row_bt):
+    """pool[:, page[b,t], row[b,t], :] = new[b, t]."""
+    vals = jnp.moveaxis(new_btkh, 2, 0).astype(pool_kprh.dtype)             # [K, B, T, H]
+    return pool_kprh.at[:, page_bt, row_bt].set(vals)
+
+
+def write_ik(pool_pri, new_bti, page_bt, row_bt):
+    return pool_pri.at[page_bt, row_bt].set(new_bti.astype(pool_pri.dtype))
 
 
 class PageAllocator:

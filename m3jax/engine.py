@@ -16,6 +16,9 @@ Scheduling, once per `step()`:
   donated cache, then the sampler picks the next token of every row that finished its prompt or decoded.
 Shapes are bucketed (rows and chunk lengths to powers of two, capped by max_batch_size / prefill_chunk), so a
 steady stream of decode steps reuses one compiled program per batch bucket.
+On a mesh with "data" = D > 1, each data shard owns a page pool and its own allocator; a request is admitted to
+the shard with the fewest running requests (that has the pages), and a group's rows are laid out shard by
+shard, [D, rows per shard], so that every data shard computes only its requests, over its own pages.
 On GPU, `split_layer_weights=True` keeps per-layer copies of the stacked layer weights: XLA otherwise copies each
 layer's weight slice at every step (2.9x faster decode on the scaled-M3 benchmark, for 2x weight memory; see
 benchmarks/RESULTS.md, "Generation").
@@ -36,10 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax import cache as cache_lib
 from m3jax.model.cached import StepGroup, forward_cached, split_layer_states
 from m3jax.sampling import SamplingBatch, SamplingParams, sample
+from m3jax.sharding import DATA
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,7 @@ class _Request:
     params: SamplingParams
     seed: int
     on_token: Callable[[Any, int], None] | None
+    shard: int = 0                   # the data shard that holds its pages and computes it
     tokens: list[int] = dataclasses.field(default_factory=list)    # prompt + generated
     num_computed: int = 0            # tokens whose keys are in the cache
     logprobs: list[float] = dataclasses.field(default_factory=list)
@@ -127,14 +133,15 @@ class Engine:
 
     model: an M3ForCausalLM (its attn_impl picks the attention kernels). max_batch_size: requests decoding
     at once. max_seq_len: prompt + generated tokens per request. num_pages: pages per layer (page 0 is the
-    sink); None sizes the pool from free device memory (`memory_fraction` of it), at most enough for
-    max_batch_size full-length requests. max_tokens_per_step: token budget of one step (decode rows +
+    sink) in each data shard's pool; None sizes the pool from free device memory (`memory_fraction` of it), at
+    most enough for the shard's share of max_batch_size full-length requests. max_tokens_per_step: token budget of one step (decode rows +
     prefill chunk tokens). prefill_chunk: longest prompt chunk of one request in a step. tokenizer: for
     string prompts, stop strings and text; defaults to the checkpoint's (model.checkpoint_dir).
-    mesh: the device mesh (default: model.mesh); K/V pools split on their head axis over "model" (see
-    cache.init_cache); the model's parameters are placed by m3jax.load / m3jax.sharding. row_buckets / len_buckets:
-    the padded batch sizes / prefill chunk lengths to compile for (default: powers of two up to
-    max_batch_size / prefill_chunk); each (decode rows, prefill rows x length) combination compiles once.
+    mesh: the device mesh (default: model.mesh); K/V pools split on their head axis over "model" and one pool
+    per "data" shard (see cache.init_cache); the model's parameters are placed by m3jax.load / m3jax.sharding.
+    row_buckets / len_buckets: the padded batch sizes / prefill chunk lengths to compile for (default: powers
+    of two up to max_batch_size / prefill_chunk; with D data shards, row buckets count the rows of all shards
+    and are rounded up to multiples of D); each (decode rows, prefill rows x length) combination compiles once.
     unroll_layers: run each stack's layers as a Python loop instead of a scan (longer compile; avoids
     slicing the stacked weights inside the loop). split_layer_weights (with unroll_layers): keep per-layer
     copies of the stacked weights (2x weight memory while the model lives) so that no step slices them.
@@ -167,21 +174,20 @@ class Engine:
         self.eos_ids = frozenset(cfg.eos_token_id)
         self._tokenizer = tokenizer
         self.seed = seed
-        want = max_batch_size * self.max_blocks + 1
+        mesh = mesh if mesh is not None else getattr(model, "mesh", None)
+        self.mesh = mesh
+        self.data_shards = 1 if mesh is None else mesh.shape[DATA]
+        self.rows_per_shard = -(-max_batch_size // self.data_shards)
+        want = self.rows_per_shard * self.max_blocks + 1
         self.num_pages = num_pages if num_pages is not None else cache_lib.num_pages_for_memory(
             cfg, model.dtype, max_pages=want, memory_fraction=memory_fraction)
-        mesh = mesh if mesh is not None else getattr(model, "mesh", None)
-        if mesh is not None and mesh.shape.get("data", 1) > 1:
-            # Requests and page pools are not split over "data" yet: every data shard runs every request.
-            log.warning("Engine: mesh axis 'data' (%d) replicates requests and pages; only 'model' splits work",
-                        mesh.shape["data"])
-        self.mesh = mesh
         self.cache = cache_lib.init_cache(model, self.num_pages, mesh=mesh)
-        self.allocator = cache_lib.PageAllocator(self.num_pages)
+        self.allocators = [cache_lib.PageAllocator(self.num_pages) for _ in range(self.data_shards)]
+        self._rows_sharding = None if mesh is None else NamedSharding(mesh, P(DATA))
         self._graphdef, self._state = nnx.split(model)
         self._step_fn = _step_plain if jax.default_backend() == "cpu" else _step_donating
-        self._row_buckets = self._check_buckets("row_buckets", row_buckets, max_batch_size,
-                                                _buckets(max_batch_size))
+        total = self._check_buckets("row_buckets", row_buckets, max_batch_size, _buckets(max_batch_size))
+        self._row_buckets = sorted({-(-b // self.data_shards) for b in total})     # rows per data shard
         self._len_buckets = self._check_buckets("len_buckets", len_buckets, self.prefill_chunk,
                                                 _buckets(self.prefill_chunk, min(16, self.prefill_chunk)))
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -265,9 +271,10 @@ class Engine:
         ids = self.encode_prompt(prompt, name, chat)
         self._check_params(sampling, name)
         need = self._pages_needed(len(ids), sampling)
-        if need > self.allocator.capacity:
+        capacity = self.allocators[0].capacity
+        if need > capacity:
             raise ValueError(f"request {name}: needs {need} pages (prompt {len(ids)} + max_new_tokens "
-                             f"{sampling.max_new_tokens}), the cache has {self.allocator.capacity}")
+                             f"{sampling.max_new_tokens}), a cache pool has {capacity}")
         return ids, sampling
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, *, request_id=None,
@@ -289,6 +296,13 @@ class Engine:
         return rid
 
     # ------------------------------------------------------------------------------------------ state
+    @property
+    def allocator(self) -> cache_lib.PageAllocator:
+        """The page allocator of a single-pool engine (with data shards: `allocators[shard]`)."""
+        if self.data_shards != 1:
+            raise ValueError(f"Engine: {self.data_shards} data shards have one allocator each; use allocators[d]")
+        return self.allocators[0]
+
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
@@ -308,9 +322,13 @@ class Engine:
         while self._waiting and len(self._running) < self.max_batch_size:
             req = self._waiting[0]
             need = self._pages_needed(len(req.prompt), req.params)
-            if not self.allocator.can_allocate(need):
+            load = collections.Counter(r.shard for r in self._running)
+            fits = [d for d in range(self.data_shards)
+                    if load[d] < self.rows_per_shard and self.allocators[d].can_allocate(need)]
+            if not fits:
                 break                                     # queued until a running request frees pages
-            self.allocator.allocate(req.id, need)
+            req.shard = min(fits, key=lambda d: (load[d], -self.allocators[d].num_free))
+            self.allocators[req.shard].allocate(req.id, need)
             self._running.append(self._waiting.popleft())
 
     def _schedule(self):
@@ -324,20 +342,34 @@ class Engine:
                 budget -= n
         return decode, chunks
 
-    def _group(self, rows: list[tuple[_Request, int]], t_bucket: int) -> tuple[StepGroup, np.ndarray]:
-        b = _bucket(len(rows), self._row_buckets)
-        tokens = np.zeros((b, t_bucket), np.int32)
-        q_pos = np.full((b, t_bucket), -1, np.int32)
-        table = np.zeros((b, self.max_blocks), np.int32)
-        last = np.zeros((b,), np.int32)
-        for i, (r, n) in enumerate(rows):
+    def _group(self, rows: list[tuple[_Request, int]], t_bucket: int):
+        """(StepGroup, logits index per row, the (request, tokens) of each row or None for padding).
+
+        Rows are laid out shard by shard: data shard d's requests sit in rows [d*b, (d+1)*b), b = its bucket.
+        """
+        per_shard = [[rn for rn in rows if rn[0].shard == d] for d in range(self.data_shards)]
+        b = _bucket(max(map(len, per_shard)), self._row_buckets)
+        layout = [None] * (b * self.data_shards)
+        for d, shard_rows in enumerate(per_shard):
+            layout[d * b:d * b + len(shard_rows)] = shard_rows
+        tokens = np.zeros((len(layout), t_bucket), np.int32)
+        q_pos = np.full((len(layout), t_bucket), -1, np.int32)
+        table = np.zeros((len(layout), self.max_blocks), np.int32)
+        last = np.zeros((len(layout),), np.int32)
+        for i, rn in enumerate(layout):
+            if rn is None:
+                continue
+            r, n = rn
             s = r.num_computed
             tokens[i, :n] = r.tokens[s:s + n]
             q_pos[i, :n] = np.arange(s, s + n)
-            pages = self.allocator.pages(r.id)
+            pages = self.allocators[r.shard].pages(r.id)
             table[i, :len(pages)] = pages
             last[i] = n - 1
-        return StepGroup(tokens, q_pos, table), last
+        group = StepGroup(tokens, q_pos, table)
+        if self._rows_sharding is not None:
+            group, last = jax.device_put((group, last), self._rows_sharding)
+        return group, last, layout
 
     def step(self) -> list[StepOutput]:
         """Admit, schedule, run one jitted step, sample, and retire finished requests."""
@@ -350,10 +382,10 @@ class Engine:
                               (chunks, _bucket(max((n for _, n in chunks), default=1), self._len_buckets))):
             if not sel:
                 continue
-            g, last = self._group(sel, t_bucket)
+            g, last, layout = self._group(sel, t_bucket)
             groups.append(g)
             logits_at.append(last)
-            rows.extend(sel + [None] * (g.tokens.shape[0] - len(sel)))
+            rows.extend(layout)
         logits, self.cache = self._step_fn(self._graphdef, self.unroll_layers, self._state, self._layer_states,
                                            self.cache, tuple(groups), tuple(logits_at))
         self.num_steps += 1
@@ -419,7 +451,7 @@ class Engine:
                 text = text[:cut]
         result = GenerationResult(list(out), text, reason, list(r.logprobs) if r.params.logprobs else None,
                                   list(r.prompt), r.id)
-        self.allocator.release(r.id)
+        self.allocators[r.shard].release(r.id)
         self._running.remove(r)
         self._results[r.id] = result
         return result

@@ -131,17 +131,17 @@ def _with_dense_sparse_layers(model):
             self.inner = inner
 
         def __call__(self, ids):
-            orig = Attention.attend
+            orig = Attention._attend
 
-            def dense(self, p, kv, q_pos, *, block_ids=None, impl=None):
+            def dense(self, p, kv, q_pos, block_ids, impl):
                 o = dispatch.dense_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, impl=impl)
                 return o.astype(p.q_btnh.dtype)
 
-            Attention.attend = dense
+            Attention._attend = dense
             try:
                 return self.inner(ids)
             finally:
-                Attention.attend = orig
+                Attention._attend = orig
 
     return DenseEverywhere(model)
 

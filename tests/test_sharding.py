@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import m3jax
 from m3jax import sharding
@@ -32,6 +32,21 @@ def test_sharded_logits_match_single_device(single, data, model_axis):
     sharded = sharding.shard_model(model, mesh)
     got = np.asarray(jax.jit(lambda x: sharded(x))(ids))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("data,model_axis", [(4, 2), (8, 1)])
+def test_batch_split_over_data_matches_single_device(single, data, model_axis):
+    """A batch that divides "data": each data shard pages, selects and attends over its own rows only."""
+    model, _, _ = single
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 40)), jnp.int32)
+    want = model.trace(ids)
+    mesh = sharding.make_mesh(data=data, model=model_axis)
+    sharded = sharding.shard_model(model, mesh)
+    got = jax.jit(lambda x: sharded.trace(x))(ids)
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=2e-5, rtol=0)
+    assert got.logits.sharding.spec[0] == "data"
+    for layer, sel in want.block_ids.items():
+        np.testing.assert_array_equal(np.sort(np.asarray(got.block_ids[layer]), -1), np.sort(np.asarray(sel), -1))
 
 
 @pytest.mark.parametrize("data,model_axis", MESHES)
@@ -83,9 +98,36 @@ def test_engine_greedy_tokens_match_single_device(single):
         engine = m3jax.Engine(sharding.shard_model(model, mesh), max_batch_size=4, max_seq_len=128, mesh=mesh)
         got = [r.token_ids for r in m3jax.generate(engine, prompts, sp, progress=False)]
         assert got == want, f"mesh {data}x{model_axis}"
-        k_pages = engine.cache.stacks[1].k_pages
-        assert k_pages.sharding.spec == (P("model") if model_axis > 1 else P())
-        assert k_pages.shape[0] == max(2, model_axis)                 # replicated KV heads in the cache too
+        # One page pool per data shard (split on the page axis), KV heads (replicated to 8 on 1x8) on "model".
+        for stack, num_layers in zip(engine.cache.stacks, (1, 2)):
+            heads = max(2, model_axis)
+            assert stack.k_pages.shape == (heads, data * num_layers * engine.num_pages, 8, 16)
+            assert stack.k_pages.sharding.is_equivalent_to(NamedSharding(mesh, P("model", "data")), 4)
+            shard = stack.k_pages.addressable_shards[0].data
+            assert shard.shape == (heads // model_axis, num_layers * engine.num_pages, 8, 16)
+        assert engine.cache.stacks[1].ik_pages.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 3)
+
+
+def test_data_shards_own_their_requests_and_pages(single):
+    """On a 4x2 mesh the requests spread over the data shards; each shard's allocator holds only its requests'
+    pages, and a shard's rows of a step carry page ids of its own pool."""
+    model, _, _ = single
+    mesh = sharding.make_mesh(data=4, model=2)
+    engine = m3jax.Engine(sharding.shard_model(model, mesh), max_batch_size=8, max_seq_len=64, mesh=mesh,
+                          num_pages=12)
+    assert engine.rows_per_shard == 2 and engine.cache.num_shards == 4
+    sp = m3jax.SamplingParams(max_new_tokens=3, temperature=0.0)
+    ids = [engine.add_request(list(range(1, 20 + i)), sp) for i in range(6)]
+    engine.step()
+    owners = [set(a.owners()) for a in engine.allocators]
+    assert [len(o) for o in owners] == [2, 2, 1, 1]                   # fewest running first, 2 rows a shard
+    assert set().union(*owners) == set(ids)
+    for a in engine.allocators:
+        a.check()
+    with pytest.raises(ValueError, match="allocators"):
+        engine.allocator
+    results = engine.run()
+    assert sorted(results) == ids and all(a.num_free == a.capacity for a in engine.allocators)
 
 
 @pytest.mark.parametrize("data,model_axis", [(1, 8), (2, 4)])

@@ -9,7 +9,7 @@ freshly projected keys are viewed as pages (`pallas_kernels.layout`), one page p
 from __future__ import annotations
 
 import dataclasses
-import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +18,22 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from m3jax.config import M3Config, SPARSE_ATTENTION
 from m3jax.model.layers import RMSNorm, _init, apply_rope
-from m3jax.sharding import MODEL
+from m3jax import cache as cache_lib
+from m3jax.sharding import DATA, MODEL
 from pallas_kernels import dispatch, layout
 
+log = logging.getLogger(__name__)
 
-# shard_map specs of the attention ops' operands: heads on "model" ([B, T, heads, X] and [K, P, R, H] pools);
-# page tables, positions and the index-K pool whole on every device.
-_HEADS, _KV_POOL, _ALL = P(None, None, MODEL, None), P(MODEL), P()
+
+# shard_map specs of the attention operands, for a batch axis `b` (DATA or None): heads on "model"
+# ([B, T, heads, X] and [K, pages, R, H] pools), batch rows and page pools on "data" (each data shard owns its
+# rows' pages), page tables and positions with their rows, the shared index-K pool on every "model" device.
+def _heads(b):
+    return P(b, None, MODEL, None)
+
+
+def _kv_pool(b):
+    return P(MODEL, b)
 
 
 @jax.tree_util.register_dataclass
@@ -51,14 +60,16 @@ class PagedKV:
 
 
 class Attention(nnx.Module):
-    """With a mesh, the attention ops run head-parallel inside `shard_map`: each device takes the query heads and
-    the KV (= index) heads it holds on "model" (KV heads replicated by m3jax.sharding when "model" exceeds them),
-    so MSA selection and the Pallas kernels, which XLA cannot partition itself, run locally with no collective.
+    """With a mesh, paging, MSA selection and attention run inside `shard_map`: each device takes the query heads
+    and the KV (= index) heads it holds on "model" (KV heads replicated by m3jax.sharding when "model" exceeds
+    them) and the batch rows (with their pages) of its "data" shard, so the selection and the Pallas kernels,
+    which XLA cannot partition itself, run locally with no collective.
     """
 
     def __init__(self, cfg: M3Config, attention_type: str, *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None):
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.mesh = mesh if mesh is not None and mesh.shape[MODEL] > 1 else None
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self.data_shards = 1 if self.mesh is None else self.mesh.shape[DATA]
         self.sparse = attention_type == SPARSE_ATTENTION
         self.block_size = cfg.msa.block_size
         self.topk_blocks = cfg.msa.topk_blocks
@@ -88,32 +99,94 @@ class Attention(nnx.Module):
         ik = apply_rope(ik[:, :, None, :], cos, sin)[:, :, 0, :]
         return Projections(q, k, v, iq, ik)
 
-    def attend(self, p: Projections, kv: PagedKV, q_pos, *, block_ids=None, impl=None):
-        """o [B, T, N, H] in the model dtype: MSA on sparse layers (selecting blocks unless `block_ids` are
-        given), causal GQA on full layers."""
-        if self.sparse:
-            if block_ids is None:
-                block_ids = self.select_blocks(p, kv, q_pos, impl=impl)
-            op = functools.partial(dispatch.sparse_attention, impl=impl)
-            o = self._on_heads(op, (p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, block_ids),
-                               (_HEADS, _KV_POOL, _KV_POOL, _ALL, _ALL, _HEADS), _HEADS)
-        else:
-            op = functools.partial(dispatch.dense_attention, impl=impl)
-            o = self._on_heads(op, (p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos),
-                               (_HEADS, _KV_POOL, _KV_POOL, _ALL, _ALL), _HEADS)
-        return o.astype(p.q_btnh.dtype)
+    def forward(self, x_btd, positions_bt, cos, sin, *, impl=None):
+        """No-cache causal attention over the sequence itself; key slot s holds the token at position s.
+
+        Returns (output [B, T, D], block_ids i32[B, T, K, topk] on sparse layers else None). On a mesh every
+        device pages, selects and attends over its own rows and heads.
+        """
+        p = self.project(x_btd, cos, sin)
+
+        def local(p, pos):
+            kv = self.sequence_kv(p)
+            ids = self._select(p, kv, pos, impl) if self.sparse else None
+            return self._attend(p, kv, pos, ids, impl), ids
+
+        b = self._data_axis(positions_bt.shape[0])
+        o, block_ids = self._local(local, (p, positions_bt), (self._proj_specs(b), P(b)),
+                                   (_heads(b), _heads(b) if self.sparse else None))
+        return self.output(o), block_ids
+
+    def attend_cached(self, p: Projections, kv: PagedKV, q_pos, layer_offset, *, impl=None):
+        """Write this step's keys into the cache pools, then attend over the cache: (o [B, T, N, H], new kv).
+
+        kv holds a stack's pools (layers folded into the page axis, m3jax/cache.py) and a page table of page ids
+        local to the data shard that owns the row; this layer's pages start at `layer_offset` in each shard's
+        pool. A query at position p writes to page `page_table[b, p // R]`, row p % R; padding (q_pos -1) writes
+        to the sink. On a mesh the batch rows and pools are split over "data" (rows [d*B/D, (d+1)*B/D) own
+        shard d's pages), heads over "model": each device writes and reads only its own pages.
+        """
+        b = DATA if self.data_shards > 1 else None
+        if b is not None and q_pos.shape[0] % self.data_shards:
+            raise ValueError(f"cached attention: {q_pos.shape[0]} batch rows cannot be split over data="
+                             f"{self.data_shards} shards (each shard owns its rows' pages)")
+
+        def local(p, kv, pos, offset):
+            page, row = cache_lib.write_slots(pos, kv.page_table, self.block_size, offset)
+            k = cache_lib.write_kv(kv.k_pages, p.k_btkh, page, row)
+            v = cache_lib.write_kv(kv.v_pages, p.v_btkh, page, row)
+            ik = None if kv.ik_pages is None else cache_lib.write_ik(kv.ik_pages, p.ik_bti, page, row)
+            layer = PagedKV(k, v, kv.page_table + offset, ik)
+            ids = self._select(p, layer, pos, impl) if self.sparse else None
+            return self._attend(p, layer, pos, ids, impl), PagedKV(k, v, kv.page_table, ik)
+
+        kv_specs = self._kv_specs(b, kv)
+        offset = jnp.asarray(layer_offset, jnp.int32)
+        return self._local(local, (p, kv, q_pos, offset), (self._proj_specs(b), kv_specs, P(b), P()),
+                           (_heads(b), kv_specs))
 
     def select_blocks(self, p: Projections, kv: PagedKV, q_pos, *, impl=None):
-        """MSA index branch: i32[B, T, K, topk] logical block ids per (query, KV group), -1 padded."""
-        op = functools.partial(dispatch.indexer_topk, topk=self.topk_blocks, local_blocks=self.local_blocks,
-                               impl=impl)
-        return self._on_heads(op, (p.iq_btki, kv.ik_pages, kv.page_table, q_pos), (_HEADS, _ALL, _ALL, _ALL),
-                              _HEADS)
+        """MSA index branch: i32[B, T, K, topk] logical block ids per (query, KV group), -1 padded; global page
+        ids (on a mesh: head-parallel, batch whole on every data shard)."""
+        return self._local(lambda p, kv, pos: self._select(p, kv, pos, impl), (p, kv, q_pos),
+                           (self._proj_specs(None), self._kv_specs(None, kv), P()), _heads(None))
 
-    def _on_heads(self, op, args, in_specs, out_spec):
+    def _select(self, p: Projections, kv: PagedKV, q_pos, impl):
+        return dispatch.indexer_topk(p.iq_btki, kv.ik_pages, kv.page_table, q_pos, topk=self.topk_blocks,
+                                     local_blocks=self.local_blocks, impl=impl)
+
+    def _attend(self, p: Projections, kv: PagedKV, q_pos, block_ids, impl):
+        """o [B, T, N, H] in the model dtype: MSA over `block_ids` on sparse layers, causal GQA on full ones."""
+        if self.sparse:
+            o = dispatch.sparse_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, block_ids,
+                                          impl=impl)
+        else:
+            o = dispatch.dense_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, impl=impl)
+        return o.astype(p.q_btnh.dtype)
+
+    def _data_axis(self, batch: int):
+        """DATA when the batch splits over the data shards, else None (rows whole on every data shard)."""
+        if self.data_shards == 1:
+            return None
+        if batch % self.data_shards == 0:
+            return DATA
+        log.warning("attention: batch %d is not a multiple of data=%d; rows are replicated over 'data'", batch,
+                    self.data_shards)
+        return None
+
+    def _proj_specs(self, b) -> Projections:
+        sparse = self.sparse
+        return Projections(_heads(b), _heads(b), _heads(b), _heads(b) if sparse else None, P(b) if sparse else None)
+
+    @staticmethod
+    def _kv_specs(b, kv: PagedKV) -> PagedKV:
+        return PagedKV(_kv_pool(b), _kv_pool(b), P(b), None if kv.ik_pages is None else P(b))
+
+    def _local(self, fn, args, in_specs, out_specs):
+        """fn on each device's rows and heads (shard_map: the Pallas kernels cannot be partitioned by XLA)."""
         if self.mesh is None:
-            return op(*args)
-        return jax.shard_map(op, mesh=self.mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+            return fn(*args)
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
     def output(self, o_btnh):
         return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_nhd[...])
@@ -124,17 +197,6 @@ class Attention(nnx.Module):
         v_pages, _ = layout.kv_pages_from_sequence(p.v_btkh, self.block_size)
         ik_pages = layout.index_pages_from_sequence(p.ik_bti, self.block_size)[0] if self.sparse else None
         return PagedKV(k_pages, v_pages, page_table, ik_pages)
-
-    def forward(self, x_btd, positions_bt, cos, sin, *, impl=None):
-        """No-cache causal attention over the sequence itself; key slot s holds the token at position s.
-
-        Returns (output [B, T, D], block_ids i32[B, T, K, topk] on sparse layers else None).
-        """
-        p = self.project(x_btd, cos, sin)
-        kv = self.sequence_kv(p)
-        block_ids = self.select_blocks(p, kv, positions_bt, impl=impl) if self.sparse else None
-        o = self.attend(p, kv, positions_bt, block_ids=block_ids, impl=impl)
-        return self.output(o), block_ids
 
     def __call__(self, x_btd, positions_bt, cos, sin, *, impl=None):
         return self.forward(x_btd, positions_bt, cos, sin, impl=impl)[0]

@@ -35,25 +35,7 @@ class StepGroup(NamedTuple):
     page_table: jax.Array   # i32[B, M] physical page of each logical block (sink 0 past the request's end)
 
 
-def _write_slots(q_pos, page_table, page_size: int, offset):
-    """(page, row) i32[B, T] where each query's keys go; padding goes to the sink page (0 + offset), row 0."""
-    valid = q_pos >= 0
-    pos = jnp.maximum(q_pos, 0)
-    page = jnp.take_along_axis(page_table, pos // page_size, axis=1)
-    return jnp.where(valid, page, 0) + offset, jnp.where(valid, pos % page_size, 0)
-
-
-def _write_kv(pool_kprh, new_btkh, page_bt, row_bt):
-    """pool[:, page[b,t], row[b,t], :] = new[b, t]."""
-    vals = jnp.moveaxis(new_btkh, 2, 0).astype(pool_kprh.dtype)             # [K, B, T, H]
-    return pool_kprh.at[:, page_bt, row_bt].set(vals)
-
-
-def _write_ik(pool_pri, new_bti, page_bt, row_bt):
-    return pool_pri.at[page_bt, row_bt].set(new_bti.astype(pool_pri.dtype))
-
-
-def _run_stack(stack, stack_cache: StackCache, hs, groups, ropes, num_pages: int, page_size: int, impl,
+def _run_stack(stack, stack_cache: StackCache, hs, groups, ropes, num_pages: int, impl,
                unroll: bool = False, layer_states=None):
     """All layers of one LayerStack over every group; returns (hs, updated StackCache).
 
@@ -69,13 +51,9 @@ def _run_stack(stack, stack_cache: StackCache, hs, groups, ropes, num_pages: int
         new_hs = []
         for h, g, (cos, sin) in zip(hs, groups, ropes):
             p = layer.attn.project(layer.input_norm(h), cos, sin)
-            page, row = _write_slots(g.q_pos, g.page_table, page_size, offset)
-            k_pool = _write_kv(k_pool, p.k_btkh, page, row)
-            v_pool = _write_kv(v_pool, p.v_btkh, page, row)
-            if ik_pool is not None:
-                ik_pool = _write_ik(ik_pool, p.ik_bti, page, row)
-            kv = PagedKV(k_pool, v_pool, g.page_table + offset, ik_pool)
-            o = layer.attn.attend(p, kv, g.q_pos, impl=impl)
+            o, kv = layer.attn.attend_cached(p, PagedKV(k_pool, v_pool, g.page_table, ik_pool), g.q_pos, offset,
+                                             impl=impl)
+            k_pool, v_pool, ik_pool = kv.k_pages, kv.v_pages, kv.ik_pages
             new_hs.append(h + layer.attn.output(o))
         # Feed-forward over the tokens of all groups at once: [1, sum(B*T), D].
         d = new_hs[0].shape[-1]
@@ -122,9 +100,9 @@ def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
     new_stacks = []
     for i, (stack, sc) in enumerate(zip(model.stacks, cache.stacks)):
         ls = None if layer_states is None else layer_states[i]
-        hs, sc = _run_stack(stack, sc, hs, groups, ropes, cache.num_pages, cache.page_size, impl, unroll_layers, ls)
+        hs, sc = _run_stack(stack, sc, hs, groups, ropes, cache.num_pages, impl, unroll_layers, ls)
         new_stacks.append(sc)
-    new_cache = KVCache(new_stacks, cache.num_pages, cache.page_size)
+    new_cache = KVCache(new_stacks, cache.num_pages, cache.page_size, cache.num_shards)
     if logits_at is None:
         return [model.logits(h) for h in hs], new_cache
     out = []

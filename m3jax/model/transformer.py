@@ -16,6 +16,7 @@ from m3jax.model.layers import RMSNorm, _init, rope_cos_sin
 f32 = jnp.float32
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ForwardTrace:
     logits: jax.Array                     # f32[B, S, vocab]

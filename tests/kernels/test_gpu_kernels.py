@@ -182,3 +182,18 @@ def test_pipeline_stages_fit_shared_memory():
     assert cm.pipeline_stages(2, per_stage=2 * f32_page, fixed=f32_page) == 1
     assert cm.pipeline_stages(2, per_stage=2 * bf16_page, fixed=bf16_page) == 2
     assert cm.pipeline_stages(3, per_stage=10**9, fixed=0) == 1
+
+
+@pytest.mark.skipif(INTERPRET, reason="M3-sized pages: compiled on a GPU only (shared-memory budget)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_m3_page_size_fits_shared_memory(dtype):
+    """Blocks of 128 keys at head_dim 128, as in M3: float32 tiles must fit Hopper's 227 KiB of shared memory."""
+    from pallas_kernels.gpu.attention import sparse_attention_tuned
+    c = case([700, 260], [300, 1], dtype=dtype, block_size=128, seed=5, heads=(4, 1), dims=(128, 128))
+    check_dense(c, dtype)
+    sel = check_selection(c, topk=4)
+    check_sparse(c, jnp.asarray(sel), dtype)
+    args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, jnp.asarray(sel))
+    got = sparse_attention_tuned(*args, scale=None, interpret=False, num_warps=4, num_stages=2, chunk=128,
+                                 schedule="kv", kv_major=dict(tokens_per_item=4, num_warps=4, num_stages=2, tile=True))
+    assert rel_l2(got, reference.sparse_attention(*args), c.valid) <= TOL[dtype]

@@ -24,8 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from m3jax import sharding  # noqa: E402
-from m3jax.config import SPARSE_ATTENTION, M3Config  # noqa: E402
+from m3jax import cache as cache_lib, sharding  # noqa: E402
+from m3jax.config import M3Config  # noqa: E402
 from m3jax.model import M3ForCausalLM  # noqa: E402
 from m3jax.testing import flat_params  # noqa: E402
 
@@ -75,14 +75,13 @@ def param_bytes_per_device(cfg: M3Config, sl: Slice, fp8: bool) -> float:
 
 
 def kv_bytes_per_device(cfg: M3Config, sl: Slice, batch: int, context: int) -> float:
-    r = cfg.msa.block_size
-    kv_heads = max(cfg.num_key_value_heads, sl.model)          # replicated to the model axis when larger
-    heads_per_device = kv_heads / sl.model
-    pages = math.ceil(batch / sl.data) * math.ceil(context / r) + 1     # + the sink page
-    item = 2
-    kv = 2 * cfg.num_hidden_layers * heads_per_device * pages * r * cfg.head_dim * item
-    sparse = sum(t == SPARSE_ATTENTION for t in cfg.layer_types)
-    return kv + sparse * pages * r * cfg.msa.index_dim * item
+    """One device's share of the engine's cache (m3jax.cache.cache_layout) with pages for `batch` requests of
+    `context` tokens, split over the data shards."""
+    rcfg = sharding.replicate_kv(cfg, max(1, sl.model // cfg.num_key_value_heads))
+    pages = math.ceil(batch / sl.data) * math.ceil(context / cfg.msa.block_size) + 1     # + the sink page
+    pools = jax.tree.leaves(cache_lib.cache_layout(rcfg, pages, data=sl.data, model=sl.model),
+                            is_leaf=lambda x: isinstance(x, cache_lib.PoolLayout))
+    return sum(math.prod(p.device_shape(sl.shape)) * 2 for p in pools)              # bf16
 
 
 class _MeshShape:

@@ -2,14 +2,16 @@
 
 Scaled M3 (hidden 6144, 64 q / 4 KV heads x 128, index 4 x 128, blocks of 128, top-16, expert width 3072, top-4 +
 shared expert, vocab 200064; the first 6 layers of the real pattern: 3 dense + 3 MSA/MoE; --experts routed
-experts), random weights, bfloat16 (the GPU kernels' float32 tiles at head_dim 128 exceed shared memory on
-Hopper); summation order differs across meshes, so a near-tie could flip a greedy token: the JSON says.
-Each mesh is ("data"=1, "model"=n): heads split over "model" (KV heads replicated when n > 4), experts over all
-devices (expert parallel), attention kernels head-parallel in shard_map. The single-device engine runs first;
-each mesh then runs the same prompts through `m3jax.Engine(sharding.shard_model(model, mesh), mesh=mesh)`.
+experts), random weights. Each mesh is "DATAxMODEL": heads split over "model" (KV heads replicated when it
+exceeds 4), batch rows and page pools over "data" (each data shard owns its requests' pages), experts over all
+devices (expert parallel), attention kernels per device in shard_map. The weights are built once on the first
+GPU, kept on the host, and placed on each mesh by `m3jax.sharding.shard_model`; the engine then runs the same
+prompts (prefill of all prompts in one step, then decode) and its greedy tokens are compared with the first
+mesh's. Summation order differs across meshes: in bfloat16 a near-tie between the top two logits can flip a
+greedy token, so the exactness check runs in float32 (--dtype float32).
 
-    python benchmarks/multi_gpu.py --devices 1 2            # one JSON line per run, table last
-    python benchmarks/multi_gpu.py --small --devices 1 2 4  # tiny geometry (CPU with forced host devices)
+    python benchmarks/multi_gpu.py --meshes 1x1 1x2 2x1             # one JSON line per mesh, table last
+    python benchmarks/multi_gpu.py --small --meshes 1x1 2x4 4x2       # tiny geometry (CPU, forced host devices)
 """
 
 from __future__ import annotations
@@ -66,24 +68,31 @@ def run(args) -> list[dict]:
     import m3jax
     from m3jax import sharding
 
-    model = build_model(args)
+    from flax import nnx
+
+    graphdef, state = nnx.split(build_model(args))
+    model = nnx.merge(graphdef, jax.device_put(state, jax.devices("cpu")[0]))     # frees the GPU for the meshes
+    del state
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.config.vocab_size, args.prompt_len - 7 * i).tolist() for i in range(args.batch)]
     sp = m3jax.SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     first = m3jax.SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
-    device = str(jax.devices()[0].device_kind)
     rows, want = [], None
-    for n in args.devices:
-        if n > len(jax.devices()):
-            print(json.dumps(dict(devices=n, skipped=f"only {len(jax.devices())} devices")), flush=True)
+    for spec in args.meshes:
+        data, width = map(int, spec.split("x"))
+        if data * width > len(jax.devices()):
+            print(json.dumps(dict(mesh=spec, skipped=f"only {len(jax.devices())} devices")), flush=True)
             continue
-        mesh = sharding.make_mesh(data=1, model=n, devices=jax.devices()[:n]) if n > 1 else None
-        m = sharding.shard_model(model, mesh) if mesh is not None else model
+        mesh = sharding.make_mesh(data=data, model=width, devices=jax.devices()[:data * width])
+        m = sharding.shard_model(model, mesh)
+        per_seq = (args.prompt_len + args.new_tokens) // model.config.msa.block_size + 2
+        pages = -(-args.batch // data) * per_seq + 1                         # per data shard, sink included
         engine = m3jax.Engine(m, max_batch_size=args.batch, max_seq_len=args.prompt_len + args.new_tokens + 8,
-                              mesh=mesh, num_pages=args.batch * ((args.prompt_len + args.new_tokens) // 128 + 3) + 1,
-                              prefill_chunk=args.chunk)
-        m3jax.generate(engine, prompts, first, progress=False)                 # compile every bucket of both
-        m3jax.generate(engine, prompts, sp, progress=False)                    # runs before timing either
+                              mesh=mesh, num_pages=pages, prefill_chunk=args.prompt_len,
+                              max_tokens_per_step=args.batch * (args.prompt_len + 1))
+        t0 = time.perf_counter()
+        m3jax.generate(engine, prompts, sp, progress=False)                    # compiles prefill and decode
+        t_compile = time.perf_counter() - t0
         t0 = time.perf_counter()
         m3jax.generate(engine, prompts, first, progress=False)
         t_prefill = time.perf_counter() - t0
@@ -91,9 +100,11 @@ def run(args) -> list[dict]:
         out = [r.token_ids for r in m3jax.generate(engine, prompts, sp, progress=False)]
         t_all = time.perf_counter() - t0
         want = out if want is None else want
-        row = dict(devices=n, device=device, jax=jax.__version__, dtype=args.dtype, experts=args.experts,
-                   batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                   same_tokens_as_first=out == want, prefill_s=t_prefill,
+        row = dict(mesh=spec, devices=data * width, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+                   dtype=args.dtype, experts=args.experts, batch=args.batch, prompt_len=args.prompt_len,
+                   new_tokens=args.new_tokens, same_tokens_as_first=out == want,
+                   tokens_matching_first=sum(a == b for o, w in zip(out, want) for a, b in zip(o, w)),
+                   first_run_s=t_compile, prefill_s=t_prefill,
                    prefill_tokens_per_s=sum(map(len, prompts)) / t_prefill,
                    # decode estimate: the full run minus the prefill-only run of the same prompts
                    decode_tokens_per_s=args.batch * (args.new_tokens - 1) / max(t_all - t_prefill, 1e-9),
@@ -107,7 +118,7 @@ def run(args) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--devices", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--meshes", nargs="+", default=["1x1", "1x2", "2x1"], help="DATAxMODEL per run")
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=8)
@@ -118,10 +129,11 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = run(args)
-    print("| GPUs | same greedy tokens as 1 | prefill tokens/s | decode tokens/s (batch %d) |" % args.batch)
-    print("|---|---|---|---|")
+    print(f"| mesh (data x model) | devices | same greedy tokens as {rows[0]['mesh'] if rows else '-'} | "
+          f"prefill tokens/s | decode tokens/s (batch {args.batch}) |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['devices']} | {r['same_tokens_as_first']} | {r['prefill_tokens_per_s']:,.0f} | "
+        print(f"| {r['mesh']} | {r['devices']} | {r['same_tokens_as_first']} | {r['prefill_tokens_per_s']:,.0f} | "
               f"{r['decode_tokens_per_s']:,.1f} |")
     if args.out:
         with open(args.out, "w") as f:

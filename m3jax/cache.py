@@ -30,8 +30,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax.config import M3Config, SPARSE_ATTENTION
+from m3jax.sharding import DATA, MODEL
 
 log = logging.getLogger(__name__)
 
@@ -130,43 +132,63 @@ def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fractio
     return min(fit, max_pages)
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolLayout:
+    """Global shape of one cache pool and its PartitionSpec over ("data", "model")."""
+
+    shape: tuple[int, ...]
+    spec: P
+
+    def device_shape(self, mesh_shape: dict[str, int]) -> tuple[int, ...]:
+        """The shape of one device's shard of the pool on a mesh of these axis sizes."""
+        spec = tuple(self.spec) + (None,) * (len(self.shape) - len(self.spec))
+        return tuple(n // (mesh_shape[a] if a is not None else 1) for n, a in zip(self.shape, spec))
+
+
+def cache_layout(cfg: M3Config, num_pages: int, *, data: int = 1, model: int = 1) -> list[StackCache]:
+    """The pools of every LayerStack as PoolLayouts (StackCaches of them), for `num_pages` pages per layer in
+    each of `data` shards' pools. cfg is the config the cache serves (KV heads already replicated for the mesh);
+    K/V heads are split over "model" when it divides them, else whole on every "model" device. init_cache
+    allocates exactly this; benchmarks/memory_plan.py sizes caches with it."""
+    k, r, h, i = cfg.num_key_value_heads, cfg.msa.block_size, cfg.head_dim, cfg.msa.index_dim
+    heads = MODEL if k % model == 0 else None
+    stacks = []
+    for first, num_layers, attention_type, _ in cfg.layer_groups:
+        n = data * num_layers * num_pages
+        kv = PoolLayout((k, n, r, h), P(heads, DATA))
+        ik = PoolLayout((n, r, i), P(DATA)) if attention_type == SPARSE_ATTENTION else None
+        stacks.append(StackCache(kv, kv, ik))
+    return stacks
+
+
 def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
     """A zeroed KVCache for `model` (an M3ForCausalLM) with `num_pages` pages per layer (page 0 = sink) in every
     data shard's pool.
 
     mesh ("data", "model"): one pool per "data" shard, split over "data" on the page axis; K/V pools are split
     over "model" on their KV-head axis (the heads are replicated at load time to match, see m3jax.sharding)
-    when it divides them, else replicated there; the index-K pools are whole on every "model" device.
+    when it divides them, else whole there; the index-K pools are whole on every "model" device.
     """
-    cfg = model.config
     if num_pages < 2:
         raise ValueError(f"num_pages must be >= 2 (page 0 is the sink), got {num_pages}")
     dtype = jnp.dtype(dtype or model.dtype)
-    k, r, h, i = cfg.num_key_value_heads, cfg.msa.block_size, cfg.head_dim, cfg.msa.index_dim
-    kv_sharding = ik_sharding = None
-    shards = 1
-    if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        from m3jax.sharding import DATA, MODEL
-        shards = mesh.shape[DATA]
-        heads = MODEL if k % mesh.shape[MODEL] == 0 else None
-        kv_sharding, ik_sharding = NamedSharding(mesh, P(heads, DATA)), NamedSharding(mesh, P(DATA))
+    sizes = {DATA: 1, MODEL: 1} if mesh is None else dict(mesh.shape)
+    layout = cache_layout(model.config, num_pages, data=sizes[DATA], model=sizes[MODEL])
 
-    def zeros(shape, sharding):
-        if sharding is None:
-            return jnp.zeros(shape, dtype)
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-
-    stacks = []
-    for stack in model.stacks:
-        n = shards * stack.num_layers * num_pages
-        if k * n * r * h >= 2**31:
-            log.warning("cache: a K/V pool of stack %d has %d elements (>= 2**31; layers are folded into the page "
+    def zeros(pool: PoolLayout | None):
+        if pool is None:
+            return None
+        local = pool.device_shape(sizes)
+        if len(local) == 4 and math.prod(local) >= 2**31:
+            log.warning("cache: a device's K/V pool has %d elements (>= 2**31; layers are folded into the page "
                         "axis): kernels that index pages with 32-bit offsets would overflow; use fewer pages or "
-                        "check the kernel", stack.first_layer, k * n * r * h)
-        ik = zeros((n, r, i), ik_sharding) if stack.attention_type == SPARSE_ATTENTION else None
-        stacks.append(StackCache(zeros((k, n, r, h), kv_sharding), zeros((k, n, r, h), kv_sharding), ik))
-    return KVCache(stacks, num_pages, r, shards)
+                        "check the kernel", math.prod(local))
+        if mesh is None:
+            return jnp.zeros(pool.shape, dtype)
+        return jax.jit(lambda: jnp.zeros(pool.shape, dtype), out_shardings=NamedSharding(mesh, pool.spec))()
+
+    stacks = [StackCache(zeros(s.k_pages), zeros(s.v_pages), zeros(s.ik_pages)) for s in layout]
+    return KVCache(stacks, num_pages, model.config.msa.block_size, sizes[DATA])
 
 
 def write_slots(q_pos, page_table, page_size: int, offset):

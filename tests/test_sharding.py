@@ -143,3 +143,21 @@ def test_load_onto_mesh_uses_the_rules(single, tmp_path, data, model_axis):
     assert params["stacks.1.layers.attn.q_dnh"].sharding.spec == P(None, None, "model", None)
     assert params["stacks.1.layers.ffn.gate_edf"].sharding.spec == P(None, ("data", "model"), None, None)
     np.testing.assert_allclose(np.asarray(jax.jit(lambda x: loaded(x))(ids)), want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("data,model_axis", [(2, 4), (8, 1)])
+def test_cache_layout_is_what_init_cache_allocates(single, data, model_axis):
+    """The layout the memory plan sizes caches with (cache_layout) is the one init_cache places on a mesh."""
+    from m3jax import cache as cache_lib
+    model, _, _ = single
+    mesh = sharding.make_mesh(data=data, model=model_axis)
+    sharded = sharding.shard_model(model, mesh)
+    cache = cache_lib.init_cache(sharded, 5, mesh=mesh)
+    layout = cache_lib.cache_layout(sharded.config, 5, data=data, model=model_axis)
+    for got, want in zip(cache.stacks, layout):
+        for arr, pool in ((got.k_pages, want.k_pages), (got.v_pages, want.v_pages), (got.ik_pages, want.ik_pages)):
+            if pool is None:
+                assert arr is None
+                continue
+            assert arr.shape == pool.shape
+            assert {s.data.shape for s in arr.addressable_shards} == {pool.device_shape(dict(mesh.shape))}

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from m3jax import cache as cache_lib
 from m3jax.config import M3Config, SPARSE_ATTENTION
 from m3jax.model.layers import RMSNorm, _init, apply_rope
-from m3jax import cache as cache_lib
 from m3jax.sharding import DATA, MODEL
 from pallas_kernels import dispatch, layout
 

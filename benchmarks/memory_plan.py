@@ -75,13 +75,11 @@ def param_bytes_per_device(cfg: M3Config, sl: Slice, fp8: bool) -> float:
 
 
 def kv_bytes_per_device(cfg: M3Config, sl: Slice, batch: int, context: int) -> float:
-    """One device's share of the engine's cache (m3jax.cache.cache_layout) with pages for `batch` requests of
-    `context` tokens, split over the data shards."""
+    """One device's share of the engine's cache (m3jax.cache.cache_layout, bf16) with pages for `batch` requests
+    of `context` tokens, split over the data shards."""
     rcfg = sharding.replicate_kv(cfg, max(1, sl.model // cfg.num_key_value_heads))
     pages = math.ceil(batch / sl.data) * math.ceil(context / cfg.msa.block_size) + 1     # + the sink page
-    pools = jax.tree.leaves(cache_lib.cache_layout(rcfg, pages, data=sl.data, model=sl.model),
-                            is_leaf=lambda x: isinstance(x, cache_lib.PoolLayout))
-    return sum(math.prod(p.device_shape(sl.shape)) * 2 for p in pools)              # bf16
+    return pages * cache_lib.bytes_per_page(rcfg, jnp.bfloat16, data=sl.data, model=sl.model)
 
 
 class _MeshShape:

@@ -95,13 +95,12 @@ class KVCache:
         raise IndexError(f"layer {layer} out of range (the cache has {n} layers)")
 
 
-def bytes_per_page(cfg: M3Config, dtype) -> int:
-    """Device bytes of one page across all layers (K + V everywhere, index-K on MSA layers)."""
-    item = jnp.dtype(dtype).itemsize
-    r = cfg.msa.block_size
-    kv = 2 * cfg.num_key_value_heads * r * cfg.head_dim * item * cfg.num_hidden_layers
-    num_sparse = sum(t == SPARSE_ATTENTION for t in cfg.layer_types)
-    return kv + num_sparse * r * cfg.msa.index_dim * item
+def bytes_per_page(cfg: M3Config, dtype, *, data: int = 1, model: int = 1) -> int:
+    """One device's bytes for one more page per layer in every data shard's pool (K + V everywhere, index-K on
+    MSA layers), in the layout of `cache_layout` on a ("data", "model") mesh of these sizes."""
+    pools = jax.tree.leaves(cache_layout(cfg, 1, data=data, model=model), is_leaf=lambda x: isinstance(x, PoolLayout))
+    sizes = {DATA: data, MODEL: model}
+    return sum(math.prod(p.device_shape(sizes)) for p in pools) * jnp.dtype(dtype).itemsize
 
 
 def pages_per_sequence(num_tokens: int, page_size: int) -> int:
@@ -109,26 +108,33 @@ def pages_per_sequence(num_tokens: int, page_size: int) -> int:
 
 
 def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fraction: float = 0.5,
-                         device: jax.Device | None = None) -> int:
-    """Pages that fit in `memory_fraction` of the device's free memory, at most `max_pages`, at least 2.
+                         device: jax.Device | None = None, mesh=None) -> int:
+    """Pages per layer and data shard that fit in `memory_fraction` of the free memory of the device with the
+    least free memory (`device`, the mesh's devices, or the first device), at most `max_pages`, at least 2.
 
-    Devices that report no memory statistics (CPU) get `max_pages`. The rest of the free memory is left for
-    activations and the attention workspace of a step.
+    On a mesh a device holds its share of the pools (its KV heads on "model", its data shard's pages; see
+    cache_layout); cfg is the config the cache serves. Devices that report no memory statistics (CPU) get
+    `max_pages`. The rest of the free memory is left for activations and the attention workspace of a step.
     """
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
-    device = device or jax.devices()[0]
-    try:
-        stats = device.memory_stats()
-    except Exception:          # noqa: BLE001 - backends without statistics raise assorted errors
-        stats = None
-    if not stats or "bytes_limit" not in stats:
-        return max_pages
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    fit = int(free * memory_fraction) // bytes_per_page(cfg, dtype)
+    devices = [device] if device is not None else list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    free = None
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:          # noqa: BLE001 - backends without statistics raise assorted errors
+            stats = None
+        if not stats or "bytes_limit" not in stats:
+            return max_pages
+        left = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        free = left if free is None else min(free, left)
+    sizes = dict(mesh.shape) if mesh is not None else {DATA: 1, MODEL: 1}
+    per_page = bytes_per_page(cfg, dtype, data=sizes[DATA], model=sizes[MODEL])
+    fit = int(free * memory_fraction) // per_page
     if fit < 2:
         raise OutOfPages(f"free device memory ({free / 2**30:.2f} GiB x {memory_fraction}) holds {fit} pages of "
-                         f"{bytes_per_page(cfg, dtype) / 2**20:.2f} MiB; at least 2 (sink + one) are needed")
+                         f"{per_page / 2**20:.2f} MiB; at least 2 (sink + one) are needed")
     return min(fit, max_pages)
 
 

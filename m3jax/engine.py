@@ -180,7 +180,7 @@ class Engine:
         self.rows_per_shard = -(-max_batch_size // self.data_shards)
         want = self.rows_per_shard * self.max_blocks + 1
         self.num_pages = num_pages if num_pages is not None else cache_lib.num_pages_for_memory(
-            cfg, model.dtype, max_pages=want, memory_fraction=memory_fraction)
+            cfg, model.dtype, max_pages=want, memory_fraction=memory_fraction, mesh=mesh)
         self.cache = cache_lib.init_cache(model, self.num_pages, mesh=mesh)
         self.allocators = [cache_lib.PageAllocator(self.num_pages) for _ in range(self.data_shards)]
         self._rows_sharding = None if mesh is None else NamedSharding(mesh, P(DATA))

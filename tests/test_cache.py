@@ -62,6 +62,33 @@ def test_cache_layout_and_memory_sizing(model):
     assert per_page == 4 * (2 * 2 * R * 16 * 3 + 2 * R * 16)
     # CPU reports no memory statistics: the requested maximum is used.
     assert cache_lib.num_pages_for_memory(cfg, jnp.float32, max_pages=77) == 77
+    # On a mesh a device holds half the KV heads (model=2) of its data shard's pool; index-K is whole.
+    assert cache_lib.bytes_per_page(cfg, jnp.float32, data=4, model=2) == 4 * (2 * 1 * R * 16 * 3 + 2 * R * 16)
+
+
+class _FakeDevice:
+    def __init__(self, limit, used):
+        self.stats = dict(bytes_limit=limit, bytes_in_use=used)
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_num_pages_for_memory_uses_the_device_share(model):
+    cfg = model.config
+    per_page = cache_lib.bytes_per_page(cfg, jnp.bfloat16)
+    dev = _FakeDevice(limit=1000 * per_page + 123, used=200 * per_page)
+    assert cache_lib.num_pages_for_memory(cfg, jnp.bfloat16, max_pages=10**6, device=dev) == 400
+    assert cache_lib.num_pages_for_memory(cfg, jnp.bfloat16, max_pages=99, device=dev) == 99
+
+    class Mesh:                          # the least free device of the mesh sets the size
+        shape = {"data": 2, "model": 2}
+        devices = np.array([dev, _FakeDevice(limit=1000 * per_page, used=600 * per_page)])
+    share = cache_lib.bytes_per_page(cfg, jnp.bfloat16, data=2, model=2)
+    assert share < per_page
+    assert cache_lib.num_pages_for_memory(cfg, jnp.bfloat16, max_pages=10**6, mesh=Mesh) == 200 * per_page // share
+    with pytest.raises(cache_lib.OutOfPages, match="at least 2"):
+        cache_lib.num_pages_for_memory(cfg, jnp.bfloat16, max_pages=10, device=_FakeDevice(per_page, 0))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -161,3 +161,20 @@ def test_cache_layout_is_what_init_cache_allocates(single, data, model_axis):
                 continue
             assert arr.shape == pool.shape
             assert {s.data.shape for s in arr.addressable_shards} == {pool.device_shape(dict(mesh.shape))}
+
+
+def test_m3_head_counts_on_eight_devices():
+    """M3's 4 KV heads (16 query heads here) on model=8: each KV and index-q head stored twice, same logits."""
+    cfg = m3jax.M3Config.tiny(num_attention_heads=16, num_key_value_heads=4, num_index_heads=4, num_local_experts=8)
+    model = random_model(cfg, seed=2)
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 256, (1, 50)), jnp.int32)
+    mesh = sharding.make_mesh(data=1, model=8)
+    sharded = sharding.shard_model(model, mesh)
+    assert sharded.config.num_key_value_heads == 8
+    for name in ("stacks.1.layers.attn.k_dkh", "stacks.1.layers.attn.v_dkh", "stacks.1.layers.attn.index_q_dki"):
+        np.testing.assert_array_equal(np.asarray(flat_params(sharded)[name]),
+                                      np.repeat(np.asarray(flat_params(model)[name]), 2, axis=-2))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: sharded(x))(ids)), np.asarray(model(ids)), atol=2e-5,
+                               rtol=0)
+    cache = m3jax.cache.init_cache(sharded, 3, mesh=mesh)
+    assert {s.data.shape[0] for s in cache.stacks[1].k_pages.addressable_shards} == {1}    # one KV head a device

@@ -543,6 +543,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=None, help="default: 4096, or the tiny model's limit")
     ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: float32 for the tiny model)")
     ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
+    ap.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     ap.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     ap.add_argument("--ids", action="store_true", help="also print the generated token ids")
     args = ap.parse_args(argv)
@@ -550,15 +551,17 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         from m3jax.api import load
         from m3jax.tokenizer import M3Tokenizer
         from m3jax.testing import bundled_tiny_checkpoint
+        from m3jax.sharding import parse_mesh
         path = args.model or bundled_tiny_checkpoint()
+        mesh = parse_mesh(args.mesh) if args.mesh else None
         dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
-        model = load(path, dtype=dtype, attn_impl=args.attn_impl, progress=False)
+        model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False)
         tok = M3Tokenizer.from_pretrained(path)
         max_seq_len = args.max_seq_len or min(4096, model.config.max_position_embeddings)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
-                        prefill_chunk=min(512, max_seq_len))
+                        prefill_chunk=min(512, max_seq_len), mesh=mesh)
         if args.stream and len(args.prompt) == 1:
             for t in engine.stream(args.prompt[0], params, chat=args.chat, request_id="cli"):
                 sys.stdout.write(tok.decode([t]))

@@ -35,6 +35,14 @@ def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Dev
     return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
 
 
+def parse_mesh(text: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """make_mesh from "DATAxMODEL" (e.g. "2x4"), as the command line spells it; ValueError names the problem."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"mesh must be DATAxMODEL with positive integers (e.g. 2x4), got {text!r}")
+    return make_mesh(data=int(parts[0]), model=int(parts[1]), devices=devices)
+
+
 def check_mesh(mesh: Mesh) -> Mesh:
     if tuple(mesh.axis_names) != (DATA, MODEL):
         raise ValueError(f"mesh axes must be ('data', 'model'), got {tuple(mesh.axis_names)}")

@@ -19,3 +19,17 @@ def test_user_errors_print_one_line(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("m3jax convert") and "\n" not in err and "Traceback" not in err
+
+
+def test_generate_on_a_mesh_gives_the_same_tokens(capsys):
+    """`--mesh 2x4` (8 forced host devices, tests/conftest.py): the bundled tiny model's greedy ids are unchanged."""
+    args = ["generate", "--prompt", "hello world", "--prompt", "a second prompt", "--max-new-tokens", "6", "--ids"]
+    assert cli.main(args) == 0
+    want = [line for line in capsys.readouterr().out.splitlines() if line.startswith("token ids")]
+    assert cli.main(args + ["--mesh", "2x4"]) == 0
+    got = [line for line in capsys.readouterr().out.splitlines() if line.startswith("token ids")]
+    assert len(want) == 2 and got == want
+    for bad in ("3x3", "2by4"):
+        assert cli.main(args + ["--mesh", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("m3jax generate: error:") and "mesh" in err and "\n" not in err

@@ -137,7 +137,7 @@ class Engine:
     most enough for the shard's share of max_batch_size full-length requests. max_tokens_per_step: token budget of one step (decode rows +
     prefill chunk tokens). prefill_chunk: longest prompt chunk of one request in a step. tokenizer: for
     string prompts, stop strings and text; defaults to the checkpoint's (model.checkpoint_dir).
-    mesh: the device mesh (default: model.mesh); K/V pools split on their head axis over "model" and one pool
+    mesh: the device mesh, which must be the one the model was placed on (default: model.mesh); K/V pools split on their head axis over "model" and one pool
     per "data" shard (see cache.init_cache); the model's parameters are placed by m3jax.load / m3jax.sharding.
     row_buckets / len_buckets: the padded batch sizes / prefill chunk lengths to compile for (default: powers
     of two up to max_batch_size / prefill_chunk; with D data shards, row buckets count the rows of all shards
@@ -174,7 +174,11 @@ class Engine:
         self.eos_ids = frozenset(cfg.eos_token_id)
         self._tokenizer = tokenizer
         self.seed = seed
-        mesh = mesh if mesh is not None else getattr(model, "mesh", None)
+        placed = getattr(model, "mesh", None)
+        mesh = mesh if mesh is not None else placed
+        if mesh is not None and mesh != placed:
+            raise ValueError("Engine: mesh is not the mesh the model was placed on; load it with "
+                             "m3jax.load(path, mesh=mesh) or place it with m3jax.sharding.shard_model(model, mesh)")
         self.mesh = mesh
         self.data_shards = 1 if mesh is None else mesh.shape[DATA]
         self.rows_per_shard = -(-max_batch_size // self.data_shards)

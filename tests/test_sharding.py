@@ -126,6 +126,8 @@ def test_data_shards_own_their_requests_and_pages(single):
         a.check()
     with pytest.raises(ValueError, match="allocators"):
         engine.allocator
+    with pytest.raises(ValueError, match="mesh the model was placed on"):
+        m3jax.Engine(model, max_batch_size=8, max_seq_len=64, mesh=mesh)
     results = engine.run()
     assert sorted(results) == ids and all(a.num_free == a.capacity for a in engine.allocators)
 

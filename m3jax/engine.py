@@ -176,7 +176,7 @@ class Engine:
         self.seed = seed
         placed = getattr(model, "mesh", None)
         mesh = mesh if mesh is not None else placed
-        if mesh is not None and mesh != placed:
+        if mesh is not None and mesh.size > 1 and mesh != placed:
             raise ValueError("Engine: mesh is not the mesh the model was placed on; load it with "
                              "m3jax.load(path, mesh=mesh) or place it with m3jax.sharding.shard_model(model, mesh)")
         self.mesh = mesh

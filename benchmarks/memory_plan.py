@@ -121,7 +121,10 @@ def main() -> None:
                 "from `m3jax.sharding.param_spec` applied to `jax.eval_shape` of the model (KV heads replicated "
                 "to the model axis when it is larger than 4) and the engine's cache layout (bf16 KV + index-K, "
                 "pages on `data`, KV heads on `model`). Computed, not measured; activations and the step "
-                "workspace are not included.\n\n" + table + "\n")
+                "workspace are not included.\n\n**FP8 rows** are the released MXFP8 layout kept on the device. "
+                "m3jax does not hold weights in FP8 yet: `m3jax.load` dequantises an MXFP8 release to the "
+                "model dtype, so today only the BF16 rows describe what m3jax allocates (keeping the experts "
+                "in FP8 is the open follow-up that makes M3 fit a 4 x H200 host).\n\n" + table + "\n")
 
 
 if __name__ == "__main__":

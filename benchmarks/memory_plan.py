@@ -2,8 +2,8 @@
 
 Parameters: `jax.eval_shape` of M3ForCausalLM (KV heads replicated as `m3jax.sharding` does for the mesh) and
 `sharding.param_spec` for every parameter, divided by the mesh axes each one is split over. Weights in BF16
-(router float32), or in FP8 (MXFP8: 1 byte per quantised weight + 1 byte of scale per 32; embed, lm_head,
-norms and router as released). KV cache: the engine's layout (K/V [K', L*P, R, H] with K' on "model" and pages
+(router float32), or with the routed experts in MXFP8 (fp8_experts: 1 byte per weight + 1 byte of scale per 32,
+the rest in BF16). KV cache: the engine's layout (K/V [K', L*P, R, H] with K' on "model" and pages
 on "data"; index-K [L*P, R, I] with pages on "data", replicated over "model"), bf16, one page per 128 tokens.
 
     python benchmarks/memory_plan.py            # prints the table, writes benchmarks/MEMORY_PLAN.md and .json
@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -30,7 +29,6 @@ from m3jax.model import M3ForCausalLM  # noqa: E402
 from m3jax.testing import flat_params  # noqa: E402
 
 GIB = 2**30
-NOT_QUANTISED = re.compile(r"(embed_vd|lm_head_dv|router_de|router_bias_e|weight)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,18 +57,17 @@ SLICES = (
 )
 
 
-def param_bytes_per_device(cfg: M3Config, sl: Slice, fp8: bool) -> float:
+def param_bytes_per_device(cfg: M3Config, sl: Slice, fp8_experts: bool) -> float:
+    """One device's parameter bytes: the bf16 model (`fp8_experts`: routed experts in MXFP8, as
+    `m3jax.load(..., fp8_experts=True)` holds them), split by `sharding.param_spec`."""
     rcfg = sharding.replicate_kv(cfg, max(1, sl.model // cfg.num_key_value_heads))
-    abstract = nnx.eval_shape(lambda: M3ForCausalLM(rcfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: M3ForCausalLM(rcfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
+                                                    fp8_experts=fp8_experts))
     total = 0.0
     for path, v in flat_params(abstract).items():
         spec = sharding.param_spec(path, v.shape, _MeshShape(sl.shape))
         split = math.prod(_size(sl, a) for a in spec if a is not None)
-        n = math.prod(v.shape) / split
-        if fp8 and not NOT_QUANTISED.search(path):
-            total += n * (1 + 1 / 32)
-        else:
-            total += n * jnp.dtype(v.dtype).itemsize
+        total += math.prod(v.shape) / split * jnp.dtype(v.dtype).itemsize
     return total
 
 
@@ -101,7 +98,8 @@ def main() -> None:
             for context in (131072, 1048576):
                 for batch in (1, 8, 32):
                     kv = kv_bytes_per_device(cfg, sl, batch, context)
-                    rows.append(dict(slice=sl.name, mesh=f"{sl.data}x{sl.model}", weights="FP8" if fp8 else "BF16",
+                    rows.append(dict(slice=sl.name, mesh=f"{sl.data}x{sl.model}",
+                                     weights="BF16, FP8 experts" if fp8 else "BF16",
                                      context=context, batch=batch, weights_gib=w / GIB, kv_gib=kv / GIB,
                                      total_gib=(w + kv) / GIB, hbm_gib=sl.hbm_gib,
                                      fits=(w + kv) / GIB < 0.9 * sl.hbm_gib))
@@ -121,10 +119,11 @@ def main() -> None:
                 "from `m3jax.sharding.param_spec` applied to `jax.eval_shape` of the model (KV heads replicated "
                 "to the model axis when it is larger than 4) and the engine's cache layout (bf16 KV + index-K, "
                 "pages on `data`, KV heads on `model`). Computed, not measured; activations and the step "
-                "workspace are not included.\n\n**FP8 rows** are the released MXFP8 layout kept on the device. "
-                "m3jax does not hold weights in FP8 yet: `m3jax.load` dequantises an MXFP8 release to the "
-                "model dtype, so today only the BF16 rows describe what m3jax allocates (keeping the experts "
-                "in FP8 is the open follow-up that makes M3 fit a 4 x H200 host).\n\n" + table + "\n")
+                "workspace are not included.\n\n**BF16, FP8 experts** rows: `m3jax.load(mxfp8_release, "
+                "fp8_experts=True)`: routed experts kept as released (e4m3 + one exponent byte per 32 inputs), "
+                "every other weight in bf16 (router float32). The experts are dequantised one layer at a time "
+                "inside the step, so the step workspace also holds one layer's local experts in bf16.\n\n"
+                + table + "\n")
 
 
 if __name__ == "__main__":

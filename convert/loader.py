@@ -39,18 +39,63 @@ def release_pieces(ckpt: ReleaseCheckpoint, shardings: Mapping[str, jax.sharding
 
 
 def _read_stored(ckpt: ReleaseCheckpoint, path: str, perm: tuple[int, ...], stored_box) -> np.ndarray:
+    return ckpt.read_box(path, _unpermute(perm, stored_box), stored=True)
+
+
+def fp8_scale_paths(targets) -> dict[str, str]:
+    """{routed-expert weight path: path of its MXFP8 exponents} for a model built with fp8_experts."""
+    from m3jax.model.moe import FP8_SCALES
+    out = {}
+    for path in targets:
+        head, _, name = path.rpartition(".")
+        if name in FP8_SCALES and f"{head}.{FP8_SCALES[name]}" in targets:
+            out[path] = f"{head}.{FP8_SCALES[name]}"
+    return out
+
+
+class _FP8Reader:
+    """The raw MXFP8 bytes of one piece's boxes, read once for the weight and its exponents (two arrays)."""
+
+    def __init__(self, ckpt: ReleaseCheckpoint, path: str, perm: tuple[int, ...]):
+        self.ckpt, self.path, self.perm = ckpt, path, perm
+        self.memo: dict = {}
+
+    def _read(self, param_box):
+        key = tuple(param_box)
+        if key not in self.memo:
+            self.memo[key] = self.ckpt.read_box_fp8(self.path, key)
+        return self.memo[key]
+
+    def weight(self, stored_box) -> np.ndarray:
+        return self._read(_unpermute(self.perm, stored_box))[0]
+
+    def scale(self, stored_box) -> np.ndarray:
+        box = list(_unpermute(self.perm, stored_box))
+        axis = len(box) - 2                                   # the input axis: scales have one entry per block
+        box[axis] = (0, self.ckpt.leaves[self.path].shape[axis])
+        return self._read(tuple(box))[1]
+
+
+def _unpermute(perm, stored_box):
     box = [None] * len(perm)
     for i, axis in enumerate(perm):
         box[axis] = stored_box[i]
-    return ckpt.read_box(path, tuple(box), stored=True)
+    return tuple(box)
 
 
 def load_release(path: str, cfg: M3Config, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                  shardings: Mapping[str, jax.sharding.Sharding], *, progress: bool = True,
                  piece_bytes: int | None = None) -> dict[str, jax.Array]:
     """{param path: jax.Array placed with its sharding} for every parameter in `targets`
-    (piece_bytes: default `PIECE_BYTES`, read at call time)."""
-    with ReleaseCheckpoint(path, targets, cfg) as ckpt:
+    (piece_bytes: default `PIECE_BYTES`, read at call time). Targets of a model built with fp8_experts hold the
+    routed experts as e4m3 plus uint8 exponents: those are placed as released, never dequantised."""
+    scales = fp8_scale_paths(targets)
+    weights_only = {p: t for p, t in targets.items() if p not in scales.values()}
+    with ReleaseCheckpoint(path, weights_only, cfg) as ckpt:
+        not_fp8 = [p for p in scales if not ckpt.is_quantized(p)]
+        if not_fp8:
+            raise CheckpointError(f"fp8_experts needs MXFP8 experts, but {path} stores {not_fp8[0]} "
+                                  f"({next(iter(ckpt.leaves[not_fp8[0]].tensors.values()))}) without FP8 scales")
         log.info("loading %s: %s", path, describe(ckpt.tensors))
         pieces = list(release_pieces(ckpt, shardings, piece_bytes or PIECE_BYTES))
         total = sum(ckpt.source_bytes(p) for p in ckpt.leaves)
@@ -60,14 +105,28 @@ def load_release(path: str, cfg: M3Config, targets: Mapping[str, tuple[tuple[int
                 leaf = ckpt.leaves[p]
                 perm = leaf.stored_perm                 # read in the released axis order, transpose on device
                 sharding = placement.permute_sharding(placement.piece_sharding(shardings[p], leaf.shape, box), perm)
-                arr = placement.make_piece(functools.partial(_read_stored, ckpt, p, perm),
-                                           tuple(box[i] for i in perm), sharding)
-                asm.add(p, box, arr, perm)
+                if p in scales:
+                    _place_fp8(asm, ckpt, p, scales[p], box, perm, sharding, shardings[scales[p]], targets)
+                else:
+                    arr = placement.make_piece(functools.partial(_read_stored, ckpt, p, perm),
+                                               tuple(box[i] for i in perm), sharding)
+                    asm.add(p, box, arr, perm)
                 # One piece in flight: left asynchronous, a load onto an H200 kept ~the model in host RAM
                 # (transfer staging) and ran at half the speed.
                 jax.block_until_ready(asm.arrays[p])
                 bar.update(ckpt.source_bytes(p) * placement.box_size(box) // math.prod(leaf.shape))
         return asm.result()
+
+
+def _place_fp8(asm, ckpt, path, scale_path, box, perm, sharding, scale_sharding, targets) -> None:
+    """One piece of an MXFP8 expert weight and the matching piece of its exponents, as released."""
+    reader = _FP8Reader(ckpt, path, perm)
+    asm.add(path, box, placement.make_piece(reader.weight, tuple(box[i] for i in perm), sharding), perm)
+    axis = len(box) - 2
+    sbox = box[:axis] + ((0, targets[scale_path][0][axis]),) + box[axis + 1:]
+    ssharding = placement.permute_sharding(placement.piece_sharding(scale_sharding, targets[scale_path][0], sbox),
+                                           perm)
+    asm.add(scale_path, sbox, placement.make_piece(reader.scale, tuple(sbox[i] for i in perm), ssharding), perm)
 
 
 __all__ = ["PIECE_BYTES", "load_release", "release_pieces"]

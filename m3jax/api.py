@@ -27,7 +27,7 @@ def _dtype(dtype) -> jnp.dtype:
 
 def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
          attn_impl: str | None = None, progress: bool = True,
-         shardings=None) -> M3ForCausalLM:
+         shardings=None, fp8_experts: bool = False) -> M3ForCausalLM:
     """Load a checkpoint directory into an M3ForCausalLM, placed (sharded) as it is read.
 
     path: an HF release dir (BF16/FP32 or MXFP8 safetensors, single file or sharded with an index json) or a
@@ -39,6 +39,9 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         (path, shape) -> one of them or None) overrides the rules. Without a mesh, everything goes to the first
         device.
     attn_impl: attention implementation (see pallas_kernels.dispatch); None picks the backend's default.
+    fp8_experts: keep the routed experts of an MXFP8 release in MXFP8 on the devices (about half the bytes of
+        bf16), dequantised per layer inside the step (see m3jax.model.moe.MoE); a release whose experts are not
+        MXFP8, or a converted dir (stored dequantised), raises ValueError.
     """
     from convert import loader, orbax_io, placement     # convert imports m3jax.config: keep the import lazy
 
@@ -52,14 +55,18 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         replicas = sharding.kv_replication(cfg, mesh)
         if replicas > 1:      # read the KV-head weights replicated, then copy each head `replicas` times
             shardings = _replicated_kv_first(shardings)
-    graphdef, treedef, paths, targets = placement.abstract_params(cfg, _dtype(dtype), attn_impl, mesh)
+    graphdef, treedef, paths, targets = placement.abstract_params(cfg, _dtype(dtype), attn_impl, mesh, fp8_experts)
     resolved = placement.resolve_shardings({p: s for p, (s, _) in targets.items()}, mesh, shardings)
     if orbax_io.is_converted(path):
+        if fp8_experts:
+            raise ValueError(f"fp8_experts: {path} is a converted checkpoint, stored dequantised; load the MXFP8 "
+                             f"release directory instead")
         arrays = orbax_io.restore(path, targets, resolved, progress=progress)
     else:
         arrays = loader.load_release(path, cfg, targets, resolved, progress=progress)
     if replicas > 1:
-        graphdef, treedef, paths, arrays = _replicate_kv_heads(cfg, replicas, arrays, mesh, _dtype(dtype), attn_impl)
+        graphdef, treedef, paths, arrays = _replicate_kv_heads(cfg, replicas, arrays, mesh, _dtype(dtype), attn_impl,
+                                                               fp8_experts)
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in paths]))
 
 
@@ -74,7 +81,7 @@ def _replicated_kv_first(shardings):
     return pick
 
 
-def _replicate_kv_heads(cfg: M3Config, replicas: int, arrays, mesh, dtype, attn_impl):
+def _replicate_kv_heads(cfg: M3Config, replicas: int, arrays, mesh, dtype, attn_impl, fp8_experts: bool):
     """Each KV head copied `replicas` times along its head axis, then split over "model" by the rules.
 
     The KV-head weights are small (k, v and index-q projections: D x K x H per layer), so they are read whole
@@ -83,7 +90,7 @@ def _replicate_kv_heads(cfg: M3Config, replicas: int, arrays, mesh, dtype, attn_
     from convert import placement
 
     rcfg = sharding.replicate_kv(cfg, replicas)
-    graphdef, treedef, paths, targets = placement.abstract_params(rcfg, dtype, attn_impl, mesh)
+    graphdef, treedef, paths, targets = placement.abstract_params(rcfg, dtype, attn_impl, mesh, fp8_experts)
     out = dict(arrays)
     for path, (shape, _) in targets.items():
         if sharding.KV_HEAD_PARAMS.search(path):

@@ -72,7 +72,9 @@ class M3Config:
     layer_types: tuple[str, ...] = (FULL_ATTENTION,) * 3 + (SPARSE_ATTENTION,) * 57
     mlp_layer_types: tuple[str, ...] = (DENSE_MLP,) * 3 + (MOE_MLP,) * 57
     msa: MSAConfig = MSAConfig()
-    quantization: Mapping[str, Any] | None = None   # the checkpoint's `quantization_config`, if any
+    # The checkpoint's `quantization_config`, if any; left out of the hash (a dict) so that a model loaded from an
+    # MXFP8 release can be a static jit argument (the engine's step).
+    quantization: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -548,6 +548,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: float32 for the tiny model)")
     ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
     ap.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
+    ap.add_argument("--fp8-experts", action="store_true", help="keep an MXFP8 release's routed experts in FP8")
     ap.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     ap.add_argument("--ids", action="store_true", help="also print the generated token ids")
     args = ap.parse_args(argv)
@@ -559,7 +560,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         path = args.model or bundled_tiny_checkpoint()
         mesh = parse_mesh(args.mesh) if args.mesh else None
         dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
-        model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False)
+        model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False,
+                     fp8_experts=args.fp8_experts)
         tok = M3Tokenizer.from_pretrained(path)
         max_seq_len = args.max_seq_len or min(4096, model.config.max_position_embeddings)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

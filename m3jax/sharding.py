@@ -91,6 +91,8 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"ffn\.(shared\.)?down_fd$", (MODEL, None)),
     (r"ffn\.(gate|up)_edf$", (EXPERTS, None, None)),
     (r"ffn\.down_efd$", (EXPERTS, None, None)),
+    (r"ffn\.(gate|up)_scale_ebf$", (EXPERTS, None, None)),          # MXFP8 exponents follow their experts
+    (r"ffn\.down_scale_ebd$", (EXPERTS, None, None)),
 )
 
 
@@ -146,8 +148,9 @@ def shard_model(model, mesh: Mesh):
     check_mesh(mesh)
     cfg = replicate_kv(model.config, kv_replication(model.config, mesh))
     replicas = kv_replication(model.config, mesh)
-    dtype, impl = model.dtype, model.attn_impl
-    abstract = nnx.eval_shape(lambda: M3ForCausalLM(cfg, dtype=dtype, attn_impl=impl, mesh=mesh, rngs=nnx.Rngs(0)))
+    dtype, impl, fp8 = model.dtype, model.attn_impl, model.fp8_experts
+    abstract = nnx.eval_shape(lambda: M3ForCausalLM(cfg, dtype=dtype, attn_impl=impl, mesh=mesh, rngs=nnx.Rngs(0),
+                                                    fp8_experts=fp8))
     graphdef, state = nnx.split(abstract)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     _, old_state = nnx.split(model)

@@ -33,3 +33,14 @@ def test_generate_on_a_mesh_gives_the_same_tokens(capsys):
         assert cli.main(args + ["--mesh", bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("m3jax generate: error:") and "mesh" in err and "\n" not in err
+
+
+def test_generate_with_fp8_experts(tmp_path, capsys):
+    assert cli.main(["make-tiny", str(tmp_path / "q"), "--quant", "mxfp8"]) == 0
+    args = ["generate", "--model", str(tmp_path / "q"), "--prompt", "hi", "--max-new-tokens", "4", "--ids",
+            "--dtype", "float32"]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    want = capsys.readouterr().out
+    assert cli.main(args + ["--fp8-experts"]) == 0
+    assert capsys.readouterr().out == want

@@ -18,11 +18,12 @@ class DecoderLayer(nnx.Module):
     """Pre-norm residual block: h += attn(norm(h)); h += ffn(norm(h))."""
 
     def __init__(self, cfg: M3Config, attention_type: str, mlp_type: str, *, dtype, rngs: nnx.Rngs,
-                 mesh: Mesh | None = None, impl: str | None = None):
+                 mesh: Mesh | None = None, impl: str | None = None, fp8_experts: bool = False):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.attn = Attention(cfg, attention_type, dtype=dtype, rngs=rngs, mesh=mesh)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.ffn = (MoE(cfg, dtype=dtype, rngs=rngs, mesh=mesh, impl=impl) if mlp_type == MOE_MLP
+        self.ffn = (MoE(cfg, dtype=dtype, rngs=rngs, mesh=mesh, impl=impl, fp8_experts=fp8_experts)
+                    if mlp_type == MOE_MLP
                     else MLP(cfg, cfg.dense_intermediate_size, dtype=dtype, rngs=rngs))
 
     def ffn_block(self, h):
@@ -44,7 +45,8 @@ class LayerStack(nnx.Module):
     """
 
     def __init__(self, cfg: M3Config, first_layer: int, num_layers: int, attention_type: str, mlp_type: str,
-                 *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None, impl: str | None = None):
+                 *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None, impl: str | None = None,
+                 fp8_experts: bool = False):
         self.first_layer = first_layer
         self.num_layers = num_layers
         self.attention_type = attention_type
@@ -53,7 +55,8 @@ class LayerStack(nnx.Module):
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(r):
-            return DecoderLayer(cfg, attention_type, mlp_type, dtype=dtype, rngs=r, mesh=mesh, impl=impl)
+            return DecoderLayer(cfg, attention_type, mlp_type, dtype=dtype, rngs=r, mesh=mesh, impl=impl,
+                                fp8_experts=fp8_experts)
 
         self.layers = make(rngs)
 

@@ -52,6 +52,33 @@ def apply_rope(x, cos, sin):
     return jnp.concatenate([xr * c + rotated * s, xp], axis=-1).astype(x.dtype)
 
 
+MXFP8_BLOCK = 32
+
+
+def dequantize_mxfp8(w, scale, dtype):
+    """MXFP8 weights -> `dtype`: w e4m3 [..., I, O] times 2**(scale - 127), scale uint8 [..., ceil(I/32), O] (E8M0:
+    one exponent per 32 inputs, the input axis second to last; byte 255 is NaN).
+
+    The product is exact in float32 (4 significant bits times a power of two), so the result equals
+    `convert.mxfp8.dequantize` of the released [O, I] matrix, transposed, to the bit, except for results below
+    float32's normal range (|x| < 2**-126), which XLA flushes to 0. The scale is applied as two normal powers of
+    two, so that scale byte 0 (2**-127, itself subnormal) is not flushed.
+    """
+    i, blocks = w.shape[-2], scale.shape[-2]
+    wf = w.astype(f32)
+    if blocks * MXFP8_BLOCK != i:
+        wf = jnp.pad(wf, [(0, 0)] * (w.ndim - 2) + [(0, blocks * MXFP8_BLOCK - i), (0, 0)])
+    e = scale.astype(jnp.int32) - 127
+    half = jnp.right_shift(e, 1)
+
+    def pow2(k):                                  # 2**k as float32 bits, k in [-64, 64]
+        return jax.lax.bitcast_convert_type(jnp.left_shift(k + 127, 23), f32)[..., :, None, :]
+
+    y = wf.reshape(*w.shape[:-2], blocks, MXFP8_BLOCK, w.shape[-1]) * pow2(half) * pow2(e - half)
+    y = jnp.where((scale == 255)[..., :, None, :], jnp.nan, y)
+    return y.reshape(*w.shape[:-2], blocks * MXFP8_BLOCK, w.shape[-1])[..., :i, :].astype(dtype)
+
+
 def swiglu_oai(gate, up, alpha: float, limit: float):
     """SwiGLU-OAI (non-interleaved): min(g, limit) * sigmoid(alpha * g) * (clip(u, -limit, limit) + 1)."""
     g = jnp.minimum(gate, limit)

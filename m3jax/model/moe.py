@@ -8,11 +8,13 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from m3jax.config import M3Config
-from m3jax.model.layers import MLP, _init, swiglu_oai
+from m3jax.model.layers import MLP, MXFP8_BLOCK, _init, dequantize_mxfp8, swiglu_oai
 from m3jax.sharding import EXPERTS
 from pallas_kernels import dispatch
 
 f32 = jnp.float32
+# With fp8_experts: routed-expert weight -> its MXFP8 exponents (blocks of 32 along the weight's input axis).
+FP8_SCALES = {"gate_edf": "gate_scale_ebf", "up_edf": "up_scale_ebf", "down_efd": "down_scale_ebd"}
 
 
 class MoE(nnx.Module):
@@ -27,9 +29,15 @@ class MoE(nnx.Module):
     With a mesh, experts are split over all its devices (expert parallelism): every device sees all tokens,
     runs only its own experts on the rows routed to them, and the partial outputs are summed (psum). This is
     exact for any imbalance of tokens per expert.
+
+    fp8_experts: the routed experts are held as released MXFP8 (e4m3 weights + one uint8 exponent per 32 inputs,
+    `*_scale_eb*`, about 1 byte per weight instead of 2) and dequantised to the model dtype inside the layer,
+    per device for the experts it holds, just before the grouped matmuls. A memory option: it adds the
+    dequantisation (a read of the FP8 bytes and a write of the dequantised layer) to every step.
     """
 
-    def __init__(self, cfg: M3Config, *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None, impl: str | None = None):
+    def __init__(self, cfg: M3Config, *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None, impl: str | None = None,
+                 fp8_experts: bool = False):
         d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
         self.top_k = cfg.num_experts_per_tok
         self.scaling = cfg.routed_scaling_factor
@@ -41,9 +49,16 @@ class MoE(nnx.Module):
                              f"for expert parallelism")
         self.router_de = _init(rngs, (d, e), f32)
         self.router_bias_e = nnx.Param(jnp.zeros((e,), f32))
-        self.gate_edf = _init(rngs, (e, d, f), dtype)
-        self.up_edf = _init(rngs, (e, d, f), dtype)
-        self.down_efd = _init(rngs, (e, f, d), dtype)
+        self.dtype = jnp.dtype(dtype)
+        self.fp8_experts = fp8_experts
+        stored = jnp.float8_e4m3fn if fp8_experts else dtype
+        self.gate_edf = _init(rngs, (e, d, f), stored)
+        self.up_edf = _init(rngs, (e, d, f), stored)
+        self.down_efd = _init(rngs, (e, f, d), stored)
+        if fp8_experts:                      # E8M0 exponents (127 = 2**0) per 32 inputs: the second-to-last axis
+            self.gate_scale_ebf = nnx.Param(jnp.full((e, -(-d // MXFP8_BLOCK), f), 127, jnp.uint8))
+            self.up_scale_ebf = nnx.Param(jnp.full((e, -(-d // MXFP8_BLOCK), f), 127, jnp.uint8))
+            self.down_scale_ebd = nnx.Param(jnp.full((e, -(-f // MXFP8_BLOCK), d), 127, jnp.uint8))
         self.shared = MLP(cfg, cfg.shared_intermediate_size, dtype=dtype, rngs=rngs)
 
     def route(self, x_td):
@@ -72,18 +87,30 @@ class MoE(nnx.Module):
         y = jnp.where(keep[:, None], y * w_tk.reshape(-1)[order][:, None], 0.0)
         return jnp.zeros((t, d), f32).at[token].add(y)
 
-    def routed(self, x_td, ids_tk, w_tk):
+    def _stored_weights(self) -> tuple:
+        """(gate, up, down) as stored, then their MXFP8 scales when fp8_experts."""
         weights = (self.gate_edf[...], self.up_edf[...], self.down_efd[...])
+        if self.fp8_experts:
+            weights += (self.gate_scale_ebf[...], self.up_scale_ebf[...], self.down_scale_ebd[...])
+        return weights
+
+    def _dense_weights(self, *stored) -> tuple:
+        """(gate, up, down) in the model dtype, from `_stored_weights` (all experts or this device's)."""
+        if not self.fp8_experts:
+            return stored
+        return tuple(dequantize_mxfp8(w, s, self.dtype) for w, s in zip(stored[:3], stored[3:]))
+
+    def routed(self, x_td, ids_tk, w_tk):
+        weights = self._stored_weights()
         if self.mesh is None:
-            return self._experts(x_td, ids_tk, w_tk, *weights)
+            return self._experts(x_td, ids_tk, w_tk, *self._dense_weights(*weights))
         local = self.gate_edf.shape[0] // self.mesh.size
 
-        def shard(x, ids, w, gate, up, down):
+        def shard(x, ids, w, *stored):
             first = jax.lax.axis_index(EXPERTS) * local                    # this device's first expert
-            return jax.lax.psum(self._experts(x, ids - first, w, gate, up, down), EXPERTS)
+            return jax.lax.psum(self._experts(x, ids - first, w, *self._dense_weights(*stored)), EXPERTS)
 
-        experts = P(EXPERTS)
-        return jax.shard_map(shard, mesh=self.mesh, in_specs=(P(), P(), P(), experts, experts, experts),
+        return jax.shard_map(shard, mesh=self.mesh, in_specs=(P(), P(), P()) + (P(EXPERTS),) * len(weights),
                              out_specs=P())(x_td, ids_tk, w_tk, *weights)
 
     def __call__(self, x_btd):

@@ -30,18 +30,19 @@ class M3ForCausalLM(nnx.Module):
     float32 logits [B, S, vocab]. `attn_impl` picks the MSA/attention implementation (see
     pallas_kernels.dispatch: None = the backend's default, or "reference", "gpu", "gpu-interpret", "tpu", ...).
     `mesh` (axes "data", "model") switches the MoE to expert parallelism; parameters are placed on it by
-    `m3jax.sharding` rules at load time.
+    `m3jax.sharding` rules at load time. `fp8_experts` keeps the routed experts in MXFP8 (see MoE).
     """
 
     def __init__(self, cfg: M3Config, *, dtype=jnp.bfloat16, attn_impl: str | None = None, rngs: nnx.Rngs,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, fp8_experts: bool = False):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.attn_impl = attn_impl
         self.mesh = mesh
+        self.fp8_experts = fp8_experts
         self.embed_vd = _init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         self.stacks = nnx.List([
-            LayerStack(cfg, first, n, a, m, dtype=dtype, rngs=rngs, mesh=mesh, impl=attn_impl)
+            LayerStack(cfg, first, n, a, m, dtype=dtype, rngs=rngs, mesh=mesh, impl=attn_impl, fp8_experts=fp8_experts)
             for first, n, a, m in cfg.layer_groups
         ])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)

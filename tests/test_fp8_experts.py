@@ -1,0 +1,86 @@
+"""Routed experts kept in MXFP8 on device (load(..., fp8_experts=True)): exactly the dequantised model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import m3jax
+from convert import mxfp8
+from convert.safetensors_io import CheckpointError
+from m3jax import sharding
+from m3jax.model.layers import dequantize_mxfp8
+from m3jax.testing import flat_params
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    path = m3jax.testing.make_tiny_checkpoint(str(tmp_path_factory.mktemp("fp8") / "tiny"), seed=3, quant="mxfp8")
+    ids = np.random.default_rng(0).integers(0, 300, (2, 45))
+    dense = m3jax.load(path, dtype="float32", progress=False)
+    return path, ids, dense, np.asarray(dense(ids))
+
+
+@pytest.mark.parametrize("shape", [(6, 64), (3, 70)], ids=["whole-blocks", "partial-block"])
+def test_dequantize_matches_the_numpy_reference(shape):
+    """Every e4m3 byte and every exponent byte, the extremes 0 and 254 and the NaN byte 255 included."""
+    rng = np.random.default_rng(1)
+    o, i = shape
+    w = rng.integers(0, 256, (o, i), dtype=np.uint8).view(mxfp8.E4M3)
+    s = rng.integers(0, 256, mxfp8.scale_shape((o, i)), dtype=np.uint8)
+    s[0, 0], s[1, 0], s[2, -1] = 0, 254, 255
+    want = mxfp8.dequantize(w, s)
+    got = np.asarray(dequantize_mxfp8(jnp.asarray(w.T), jnp.asarray(s.T), jnp.float32)).T   # [in, out] layout
+    want = np.where(np.abs(want) < 2.0 ** -126, 0.0, want)     # XLA flushes float32 subnormal results to 0
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[2, -(i % 32 or 32):]).all()
+
+
+def test_fp8_experts_give_the_dequantised_logits(release):
+    path, ids, dense, want = release
+    model = m3jax.load(path, dtype="float32", progress=False, fp8_experts=True)
+    params = flat_params(model)
+    assert params["stacks.1.layers.ffn.gate_edf"].dtype == jnp.float8_e4m3fn
+    assert params["stacks.1.layers.ffn.down_scale_ebd"].dtype == jnp.uint8
+    # The stored bytes and exponents are the release's: dequantised they are the float32 model's experts.
+    for name, scale in (("gate_edf", "gate_scale_ebf"), ("down_efd", "down_scale_ebd")):
+        got = dequantize_mxfp8(params[f"stacks.1.layers.ffn.{name}"], params[f"stacks.1.layers.ffn.{scale}"],
+                               jnp.float32)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(flat_params(dense)[f"stacks.1.layers.ffn.{name}"]))
+    np.testing.assert_array_equal(np.asarray(model(ids)), want)
+    experts = sum(v.nbytes for k, v in params.items() if ".ffn." in k and ("_e" in k.rsplit(".", 1)[1]))
+    dense_experts = sum(v.nbytes for k, v in flat_params(dense).items() if k.endswith(("_edf", "_efd")))
+    assert experts < 0.27 * dense_experts                  # 1 + 1/32 bytes per weight instead of 4
+
+
+def test_fp8_experts_on_a_mesh_and_in_the_engine(release):
+    path, ids, dense, want = release
+    mesh = sharding.make_mesh(data=2, model=4)
+    model = m3jax.load(path, dtype="float32", progress=False, fp8_experts=True, mesh=mesh)
+    params = flat_params(model)
+    assert params["stacks.1.layers.ffn.gate_scale_ebf"].sharding.spec == P(None, ("data", "model"), None, None)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: model(x))(ids)), want, atol=2e-5, rtol=0)
+    prompts = [list(map(int, ids[0, :30])), list(map(int, ids[1, :11]))]
+    sp = m3jax.SamplingParams(max_new_tokens=5, temperature=0.0)
+    expect = [r.token_ids for r in m3jax.generate(dense, prompts, sp, max_seq_len=64, progress=False)]
+    got = [r.token_ids for r in m3jax.generate(model, prompts, sp, max_seq_len=64, progress=False)]
+    assert got == expect
+
+
+def test_fp8_experts_need_an_mxfp8_release(tmp_path):
+    path = m3jax.testing.make_tiny_checkpoint(str(tmp_path / "bf16"), seed=0)
+    msg = r"fp8_experts needs MXFP8 experts.*ffn\.(gate_edf|up_edf|down_efd) .*without FP8 scales"
+    with pytest.raises(CheckpointError, match=msg):
+        m3jax.load(path, progress=False, fp8_experts=True)
+
+
+def test_fp8_experts_refuse_a_converted_dir(release, tmp_path):
+    from convert import orbax_io
+    path = release[0]
+    out = str(tmp_path / "converted")
+    orbax_io.convert(path, out, dtype="float32", progress=False)
+    with pytest.raises(ValueError, match="converted checkpoint, stored dequantised"):
+        m3jax.load(out, progress=False, fp8_experts=True)

@@ -56,6 +56,32 @@ def test_fp8_experts_give_the_dequantised_logits(release):
     assert experts < 0.27 * dense_experts                  # 1 + 1/32 bytes per weight instead of 4
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_decode_dequantises_only_the_routed_experts(release, tokens, monkeypatch):
+    """Fewer routed rows (tokens x top-2) than the 8 experts: only tokens x 2 expert slots are dequantised, and
+    the logits are the same."""
+    from m3jax.model.moe import MoE
+    path, ids, dense, _ = release
+    model = m3jax.load(path, dtype="float32", progress=False, fp8_experts=True)
+    experts_seen = []
+    inner = MoE._experts
+
+    def spy(self, x, group, w, gate, up, down):
+        experts_seen.append(gate.shape[0])
+        return inner(self, x, group, w, gate, up, down)
+
+    monkeypatch.setattr(MoE, "_experts", spy)
+    x = ids[:1, :tokens]
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(dense(x)))
+    slots = tokens * model.config.num_experts_per_tok
+    assert slots < model.config.num_local_experts and slots in experts_seen
+    monkeypatch.undo()
+    prompts = [list(map(int, ids[0, :7])), list(map(int, ids[1, :20]))]
+    sp = m3jax.SamplingParams(max_new_tokens=6, temperature=0.0)       # decode steps of 2 rows: the same path
+    want = [r.token_ids for r in m3jax.generate(dense, prompts, sp, max_seq_len=64, progress=False)]
+    assert [r.token_ids for r in m3jax.generate(model, prompts, sp, max_seq_len=64, progress=False)] == want
+
+
 def test_fp8_experts_on_a_mesh_and_in_the_engine(release):
     path, ids, dense, want = release
     mesh = sharding.make_mesh(data=2, model=4)

@@ -32,8 +32,9 @@ class MoE(nnx.Module):
 
     fp8_experts: the routed experts are held as released MXFP8 (e4m3 weights + one uint8 exponent per 32 inputs,
     `*_scale_eb*`, about 1 byte per weight instead of 2) and dequantised to the model dtype inside the layer,
-    per device for the experts it holds, just before the grouped matmuls. A memory option: it adds the
-    dequantisation (a read of the FP8 bytes and a write of the dequantised layer) to every step.
+    per device for the experts it holds, just before the grouped matmuls; when a step routes fewer rows than
+    there are experts (decode), only the routed experts are gathered and dequantised. A memory option: it adds
+    the dequantisation (a read of the FP8 bytes and a write of the dequantised experts) to every step.
     """
 
     def __init__(self, cfg: M3Config, *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None, impl: str | None = None,
@@ -100,15 +101,30 @@ class MoE(nnx.Module):
             return stored
         return tuple(dequantize_mxfp8(w, s, self.dtype) for w, s in zip(stored[:3], stored[3:]))
 
+    def _local_experts(self, x_td, group_tk, w_tk, *stored):
+        """`_experts` over the stored experts (all, or this device's). With fp8_experts and fewer routed rows
+        than experts (decode), only the experts some row routes to are gathered and dequantised: at most T*k
+        slots instead of every expert of the layer, in ascending expert order, so the sums are unchanged."""
+        e, slots = stored[0].shape[0], x_td.shape[0] * self.top_k
+        if not self.fp8_experts or slots >= e:
+            return self._experts(x_td, group_tk, w_tk, *self._dense_weights(*stored))
+        here = (group_tk >= 0) & (group_tk < e)
+        rows = jnp.bincount(jnp.where(here, group_tk, e).reshape(-1), length=e + 1)[:e]
+        used = jnp.nonzero(rows, size=slots, fill_value=e)[0]              # expert of each slot; e = empty slot
+        slot_of = jnp.full((e + 1,), slots, jnp.int32).at[used].set(jnp.arange(slots, dtype=jnp.int32))
+        group = jnp.where(here, slot_of[jnp.clip(group_tk, 0, e - 1)], slots)
+        picked = [jnp.take(a, jnp.minimum(used, e - 1), axis=0) for a in stored]
+        return self._experts(x_td, group, w_tk, *self._dense_weights(*picked))
+
     def routed(self, x_td, ids_tk, w_tk):
         weights = self._stored_weights()
         if self.mesh is None:
-            return self._experts(x_td, ids_tk, w_tk, *self._dense_weights(*weights))
+            return self._local_experts(x_td, ids_tk, w_tk, *weights)
         local = self.gate_edf.shape[0] // self.mesh.size
 
         def shard(x, ids, w, *stored):
             first = jax.lax.axis_index(EXPERTS) * local                    # this device's first expert
-            return jax.lax.psum(self._experts(x, ids - first, w, *self._dense_weights(*stored)), EXPERTS)
+            return jax.lax.psum(self._local_experts(x, ids - first, w, *stored), EXPERTS)
 
         return jax.shard_map(shard, mesh=self.mesh, in_specs=(P(), P(), P()) + (P(EXPERTS),) * len(weights),
                              out_specs=P())(x_td, ids_tk, w_tk, *weights)

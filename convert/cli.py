@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--group-mb", type=int, default=256,
                    help="pieces per Orbax checkpoint; host memory is about 2 groups + 2 pieces")
     p.add_argument("--compress", action="store_true", help="zstd-compress the Orbax arrays")
+    p.add_argument("--fp8-experts", action="store_true",
+                   help="keep an MXFP8 release's routed experts in MXFP8 (load with fp8_experts=True)")
     return p
 
 
@@ -32,6 +34,7 @@ def convert_main(args: argparse.Namespace) -> None:
         raise ValueError(f"--piece-mb and --group-mb must be >= 1, got {args.piece_mb} and {args.group_mb}")
     s = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                 progress=getattr(args, "progress", True), piece_bytes=getattr(args, "piece_mb", 128) << 20,
-                group_bytes=getattr(args, "group_mb", 256) << 20, compress=getattr(args, "compress", False))
+                group_bytes=getattr(args, "group_mb", 256) << 20, compress=getattr(args, "compress", False),
+                fp8_experts=getattr(args, "fp8_experts", False))
     print(f"converted {s['tensors']} tensors ({s['bytes'] / 1e9:.2f} GB) from {args.src} to {s['dst']} "
           f"in {s['seconds']:.1f} s")

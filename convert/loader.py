@@ -53,6 +53,14 @@ def fp8_scale_paths(targets) -> dict[str, str]:
     return out
 
 
+def check_fp8_experts(ckpt: ReleaseCheckpoint, scales: Mapping[str, str], path: str) -> None:
+    """Raise unless every routed-expert weight that is to stay in FP8 is MXFP8 in the release."""
+    not_fp8 = [p for p in scales if not ckpt.is_quantized(p)]
+    if not_fp8:
+        raise CheckpointError(f"fp8_experts needs MXFP8 experts, but {path} stores {not_fp8[0]} "
+                              f"({next(iter(ckpt.leaves[not_fp8[0]].tensors.values()))}) without FP8 scales")
+
+
 class _FP8Reader:
     """The raw MXFP8 bytes of one piece's boxes, read once for the weight and its exponents (two arrays)."""
 
@@ -92,10 +100,7 @@ def load_release(path: str, cfg: M3Config, targets: Mapping[str, tuple[tuple[int
     scales = fp8_scale_paths(targets)
     weights_only = {p: t for p, t in targets.items() if p not in scales.values()}
     with ReleaseCheckpoint(path, weights_only, cfg) as ckpt:
-        not_fp8 = [p for p in scales if not ckpt.is_quantized(p)]
-        if not_fp8:
-            raise CheckpointError(f"fp8_experts needs MXFP8 experts, but {path} stores {not_fp8[0]} "
-                                  f"({next(iter(ckpt.leaves[not_fp8[0]].tensors.values()))}) without FP8 scales")
+        check_fp8_experts(ckpt, scales, path)
         log.info("loading %s: %s", path, describe(ckpt.tensors))
         pieces = list(release_pieces(ckpt, shardings, piece_bytes or PIECE_BYTES))
         total = sum(ckpt.source_bytes(p) for p in ckpt.leaves)

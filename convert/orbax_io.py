@@ -2,9 +2,12 @@
 
 Layout of a converted directory:
 
-    DST/config.json             the source config.json without quantization_config (weights are dequantised)
+    DST/config.json             the source config.json without quantization_config (weights are dequantised,
+                                except routed experts kept in MXFP8 with fp8_experts)
     DST/tokenizer.json ...      tokenizer / chat-template / generation files copied from the source
-    DST/m3jax_checkpoint.json   format, dtype, source, and per parameter: shape, dtype, pieces (group, key, box)
+    DST/m3jax_checkpoint.json   format, dtype, fp8_experts, source, and per parameter: shape, dtype, pieces
+                                (group, key, box); with fp8_experts the routed experts are stored as released
+                                (e4m3 + uint8 exponents as parameters of their own, see MoE), the rest dequantised
     DST/params/gNNNNN/          Orbax (StandardCheckpointer) checkpoints of {key: piece} trees
 
 A piece is a box of one parameter cut along its leading axes (layers; then rows of the released tensors, so
@@ -34,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from convert import placement
+from convert import loader, placement
 from convert.safetensors_io import CheckpointError
 from convert.source import ReleaseCheckpoint, describe, raise_problems
 from m3jax.config import M3Config
@@ -91,11 +94,13 @@ def _clean_config(src: str) -> dict:
 
 
 def convert(src: str, dst: str, dtype: str = "bfloat16", *, overwrite: bool = False, progress: bool = True,
-            piece_bytes: int = PIECE_BYTES, group_bytes: int = GROUP_BYTES, compress: bool = False) -> dict:
+            piece_bytes: int = PIECE_BYTES, group_bytes: int = GROUP_BYTES, compress: bool = False,
+            fp8_experts: bool = False) -> dict:
     """Convert the release checkpoint `src` to the converted format at `dst`; returns a summary dict.
 
     piece_bytes / group_bytes bound host memory (about 2 groups + 2 pieces: one group is written while the
-    next is read); compress: zstd in Orbax (~30 % smaller for bf16 weights, CPU-bound on small hosts)."""
+    next is read); compress: zstd in Orbax (~30 % smaller for bf16 weights, CPU-bound on small hosts);
+    fp8_experts: keep an MXFP8 release's routed experts in MXFP8 (load with `fp8_experts=True`)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
@@ -107,14 +112,16 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", *, overwrite: bool = Fa
         raise ValueError(f"{src} is already a converted m3jax checkpoint")
     t0 = time.perf_counter()
     cfg = M3Config.from_pretrained(src)
-    _, _, _, targets = placement.abstract_params(cfg, jnp.dtype(dtype))
+    _, _, _, targets = placement.abstract_params(cfg, jnp.dtype(dtype), fp8_experts=fp8_experts)
+    scales = loader.fp8_scale_paths(targets)
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    with ReleaseCheckpoint(src, targets, cfg) as ckpt:
+    with ReleaseCheckpoint(src, {p: t for p, t in targets.items() if p not in scales.values()}, cfg) as ckpt:
+        loader.check_fp8_experts(ckpt, scales, src)
         log.info("converting %s: %s", src, describe(ckpt.tensors))
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
         try:
-            meta = _write_params(ckpt, tmp, dtype, progress, piece_bytes, group_bytes, compress)
+            meta = _write_params(ckpt, tmp, dtype, progress, piece_bytes, group_bytes, compress, scales, targets)
             meta["source"] = {"path": src, "quant_method": (cfg.quantization or {}).get("quant_method"),
                               "tensors": len(ckpt.tensors), "bytes": sum(t.nbytes for t in ckpt.tensors.values())}
             with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -157,9 +164,12 @@ _ABSL_FILTER = _NoOcdbtMergeWarning()
 
 
 def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool, piece_bytes: int,
-                  group_bytes: int, compress: bool) -> dict:
+                  group_bytes: int, compress: bool, scales: Mapping[str, str], targets) -> dict:
     params = {p: {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "stored_perm": list(leaf.stored_perm),
                   "pieces": []} for p, leaf in ckpt.leaves.items()}
+    for p, sp in scales.items():
+        params[sp] = {"shape": list(targets[sp][0]), "dtype": str(np.dtype(targets[sp][1])),
+                      "stored_perm": list(ckpt.leaves[p].stored_perm), "pieces": []}
     groups: list[str] = []
     pending: dict[str, np.ndarray] = {}
     pending_bytes = 0
@@ -185,14 +195,21 @@ def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool,
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
             for path, box in convert_pieces(ckpt, piece_bytes):
                 leaf = ckpt.leaves[path]
-                arr = ckpt.read_box(path, box, stored=True)
-                if cpu is not None:
-                    arr = jax.device_put(arr, cpu)       # Orbax writes jax arrays faster than numpy
-                key = f"p{sum(len(v['pieces']) for v in params.values()):06d}"
-                params[path]["pieces"].append({"group": f"g{len(groups):05d}", "key": key,
-                                               "box": [list(b) for b in box]})
-                pending[key] = arr
-                pending_bytes += arr.nbytes
+                if path in scales:                       # MXFP8 as released: the bytes and their exponents
+                    w, s = ckpt.read_box_fp8(path, box)
+                    axis = len(box) - 2
+                    sbox = box[:axis] + ((0, targets[scales[path]][0][axis]),) + box[axis + 1:]
+                    items = [(path, box, w), (scales[path], sbox, s)]
+                else:
+                    items = [(path, box, ckpt.read_box(path, box, stored=True))]
+                for p, b, arr in items:
+                    if cpu is not None:
+                        arr = jax.device_put(arr, cpu)   # Orbax writes jax arrays faster than numpy
+                    key = f"p{sum(len(v['pieces']) for v in params.values()):06d}"
+                    params[p]["pieces"].append({"group": f"g{len(groups):05d}", "key": key,
+                                                "box": [list(x) for x in b]})
+                    pending[key] = arr
+                    pending_bytes += arr.nbytes
                 bar.update(ckpt.source_bytes(path) * placement.box_size(box) // math.prod(leaf.shape))
                 if pending_bytes >= group_bytes:
                     flush()
@@ -200,7 +217,8 @@ def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool,
             ckptr.wait_until_finished()
     finally:
         ckptr.close()
-    return {"format": FORMAT, "version": VERSION, "dtype": dtype, "params": params, "groups": groups}
+    return {"format": FORMAT, "version": VERSION, "dtype": dtype, "fp8_experts": bool(scales), "params": params,
+            "groups": groups}
 
 
 def read_meta(path: str) -> dict:
@@ -217,6 +235,11 @@ def read_meta(path: str) -> dict:
 
 
 def _check_meta(path: str, meta: dict, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    fp8 = bool(loader.fp8_scale_paths(targets))
+    if meta.get("fp8_experts", False) != fp8:
+        stored = "in MXFP8" if meta.get("fp8_experts") else "dequantised"
+        raise CheckpointError(f"converted checkpoint {path} stores the routed experts {stored}: load it with "
+                              f"fp8_experts={not fp8}")
     params, problems = meta["params"], []
     for p, (shape, _) in targets.items():
         if p not in params:

@@ -40,8 +40,9 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         device.
     attn_impl: attention implementation (see pallas_kernels.dispatch); None picks the backend's default.
     fp8_experts: keep the routed experts of an MXFP8 release in MXFP8 on the devices (about half the bytes of
-        bf16), dequantised per layer inside the step (see m3jax.model.moe.MoE); a release whose experts are not
-        MXFP8, or a converted dir (stored dequantised), raises ValueError.
+        bf16), dequantised per layer inside the step (see m3jax.model.moe.MoE). A release whose experts are not
+        MXFP8 raises; a converted dir must have been converted with the same choice (`m3jax convert
+        --fp8-experts`).
     """
     from convert import loader, orbax_io, placement     # convert imports m3jax.config: keep the import lazy
 
@@ -58,9 +59,6 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
     graphdef, treedef, paths, targets = placement.abstract_params(cfg, _dtype(dtype), attn_impl, mesh, fp8_experts)
     resolved = placement.resolve_shardings({p: s for p, (s, _) in targets.items()}, mesh, shardings)
     if orbax_io.is_converted(path):
-        if fp8_experts:
-            raise ValueError(f"fp8_experts: {path} is a converted checkpoint, stored dequantised; load the MXFP8 "
-                             f"release directory instead")
         arrays = orbax_io.restore(path, targets, resolved, progress=progress)
     else:
         arrays = loader.load_release(path, cfg, targets, resolved, progress=progress)

@@ -103,10 +103,19 @@ def test_fp8_experts_need_an_mxfp8_release(tmp_path):
         m3jax.load(path, progress=False, fp8_experts=True)
 
 
-def test_fp8_experts_refuse_a_converted_dir(release, tmp_path):
+def test_converted_checkpoint_keeps_fp8_experts(release, tmp_path):
+    """`m3jax convert --fp8-experts`: the experts stay MXFP8 in the Orbax pieces; restored on a mesh, the model
+    is the release's. A converted dir must be loaded with the fp8_experts it was converted with."""
     from convert import orbax_io
-    path = release[0]
-    out = str(tmp_path / "converted")
-    orbax_io.convert(path, out, dtype="float32", progress=False)
-    with pytest.raises(ValueError, match="converted checkpoint, stored dequantised"):
-        m3jax.load(out, progress=False, fp8_experts=True)
+    path, ids, _, want = release
+    fp8_dir, plain_dir = str(tmp_path / "fp8"), str(tmp_path / "plain")
+    orbax_io.convert(path, fp8_dir, dtype="float32", progress=False, fp8_experts=True)
+    mesh = sharding.make_mesh(data=2, model=4)
+    model = m3jax.load(fp8_dir, dtype="float32", progress=False, fp8_experts=True, mesh=mesh)
+    assert flat_params(model)["stacks.1.layers.ffn.up_edf"].dtype == jnp.float8_e4m3fn
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: model(x))(ids)), want, atol=2e-5, rtol=0)
+    with pytest.raises(CheckpointError, match="routed experts in MXFP8: load it with fp8_experts=True"):
+        m3jax.load(fp8_dir, progress=False)
+    orbax_io.convert(path, plain_dir, dtype="float32", progress=False)
+    with pytest.raises(CheckpointError, match="routed experts dequantised: load it with fp8_experts=False"):
+        m3jax.load(plain_dir, progress=False, fp8_experts=True)

@@ -88,6 +88,7 @@ def run_jax(args):
     import numpy as np
     from flax import nnx
 
+    import m3jax
     from m3jax.config import M3Config, MSAConfig
     from m3jax.engine import Engine, _Request, trace_count
     from m3jax.model import M3ForCausalLM
@@ -104,9 +105,11 @@ def run_jax(args):
                                  topk_blocks=g["topk"]))
     impl = args.impl
     model = nnx.jit(lambda: M3ForCausalLM(cfg, dtype=jnp.bfloat16, attn_impl=impl, rngs=nnx.Rngs(0)))()
+    if args.fp8_experts:
+        model = m3jax.quantize_experts(model)
     dev = jax.devices()[0]
     emit(args, what="setup", device=str(getattr(dev, "device_kind", dev)), jax=jax.__version__, impl=impl or "default",
-         unroll_layers=args.unroll, split_layer_weights=args.split_weights)
+         unroll_layers=args.unroll, split_layer_weights=args.split_weights, fp8_experts=args.fp8_experts)
     ctx, batches = args.context, args.batches
     max_batch = max(batches)
     max_seq = max(ctx, max(args.prefill)) + 64
@@ -323,6 +326,8 @@ def main(argv=None):
     ap.add_argument("--profile-top", type=int, default=14)
     ap.add_argument("--unroll", action="store_true", help="m3jax: Engine(unroll_layers=True)")
     ap.add_argument("--split-weights", action="store_true", help="m3jax: Engine(split_layer_weights=True)")
+    ap.add_argument("--fp8-experts", action="store_true", help="m3jax: routed experts held in MXFP8 "
+                    "(m3jax.quantize_experts)")
     args = ap.parse_args(argv)
     (run_jax if args.part == "jax" else run_torch)(args)
 

@@ -70,7 +70,9 @@ def run(args) -> list[dict]:
 
     from flax import nnx
 
-    graphdef, state = nnx.split(build_model(args))
+    built = build_model(args)
+    graphdef, state = nnx.split(m3jax.quantize_experts(built) if args.fp8_experts else built)
+    del built
     model = nnx.merge(graphdef, jax.device_put(state, jax.devices("cpu")[0]))     # frees the GPU for the meshes
     del state
     rng = np.random.default_rng(0)
@@ -101,7 +103,7 @@ def run(args) -> list[dict]:
         t_all = time.perf_counter() - t0
         want = out if want is None else want
         row = dict(mesh=spec, devices=data * width, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                   dtype=args.dtype, experts=args.experts, batch=args.batch, prompt_len=args.prompt_len,
+                   dtype=args.dtype, fp8_experts=args.fp8_experts, experts=args.experts, batch=args.batch, prompt_len=args.prompt_len,
                    new_tokens=args.new_tokens, same_tokens_as_first=out == want,
                    tokens_matching_first=sum(a == b for o, w in zip(out, want) for a, b in zip(o, w)),
                    first_run_s=t_compile, prefill_s=t_prefill,
@@ -126,6 +128,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--fp8-experts", action="store_true", help="routed experts held in MXFP8 (quantize_experts)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = run(args)

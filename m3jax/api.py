@@ -96,3 +96,37 @@ def _replicate_kv_heads(cfg: M3Config, replicas: int, arrays, mesh, dtype, attn_
             out[path] = jax.jit(lambda a: sharding.replicate_kv_param(path, a, replicas),
                                 out_shardings=target)(arrays[path])
     return graphdef, treedef, paths, out
+
+
+def quantize_experts(model: M3ForCausalLM) -> M3ForCausalLM:
+    """The same model with its routed experts quantised to MXFP8 and held that way (`fp8_experts=True`), on the
+    devices and shardings the model has.
+
+    Lossy (E4M3 with one power-of-two scale per 32 inputs, `m3jax.model.layers.quantize_mxfp8`): for a BF16
+    checkpoint or for benchmarks. An MXFP8 release loads exactly with `load(path, fp8_experts=True)` instead.
+    """
+    from m3jax.model.layers import quantize_mxfp8
+    from m3jax.model.moe import FP8_SCALES
+    from m3jax.testing import _dotted
+
+    if model.fp8_experts:
+        return model
+    abstract = nnx.eval_shape(lambda: M3ForCausalLM(model.config, dtype=model.dtype, attn_impl=model.attn_impl,
+                                                    mesh=model.mesh, rngs=nnx.Rngs(0), fp8_experts=True))
+    graphdef, state = nnx.split(abstract)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    old = {_dotted(p): v for p, v in jax.tree_util.tree_flatten_with_path(nnx.split(model)[1])[0]}
+    new = dict(old)
+    quantize = jax.jit(quantize_mxfp8)
+    for path in old:
+        head, _, name = path.rpartition(".")
+        if name in FP8_SCALES:
+            new[path], new[f"{head}.{FP8_SCALES[name]}"] = quantize(old[path])
+    arrays = []
+    for p, v in leaves:
+        path = _dotted(p)
+        value = new[path]
+        if model.mesh is not None:
+            value = jax.device_put(value, jax.sharding.NamedSharding(model.mesh, sharding.param_spec(path, v.shape)))
+        arrays.append(value)
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))

@@ -119,3 +119,34 @@ def test_converted_checkpoint_keeps_fp8_experts(release, tmp_path):
     orbax_io.convert(path, plain_dir, dtype="float32", progress=False)
     with pytest.raises(CheckpointError, match="routed experts dequantised: load it with fp8_experts=False"):
         m3jax.load(plain_dir, progress=False, fp8_experts=True)
+
+
+def test_quantize_experts_holds_the_quantised_model():
+    """quantize_experts(model) computes exactly the model whose experts are dequantize(quantize(w)), and keeps
+    the mesh placement; quantize_mxfp8 writes the bytes convert.mxfp8.quantize writes."""
+    from flax import nnx
+
+    from m3jax.model.layers import quantize_mxfp8
+    from m3jax.testing import random_model
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((16, 128)) * np.exp(rng.uniform(-30, 30, (16, 1)))).astype(np.float32)
+    w[0, :32] = 0.0
+    q, s = quantize_mxfp8(jnp.asarray(w.T))
+    qn, sn = mxfp8.quantize(w)
+    np.testing.assert_array_equal(np.asarray(s).T, sn)
+    np.testing.assert_array_equal(np.asarray(q).T.view(np.uint8), qn.view(np.uint8))
+
+    model = random_model(m3jax.M3Config.tiny(), seed=4)
+    graphdef, state = nnx.split(model)
+    experts = ("gate_edf", "up_edf", "down_efd")
+    state = jax.tree_util.tree_map_with_path(
+        lambda p, x: dequantize_mxfp8(*quantize_mxfp8(x), x.dtype) if jax.tree_util.keystr(p).split("'")[-2] in experts
+        else x, state)
+    ids = np.random.default_rng(5).integers(0, 300, (2, 33))
+    want = np.asarray(nnx.merge(graphdef, state)(ids))
+    np.testing.assert_array_equal(np.asarray(m3jax.quantize_experts(model)(ids)), want)
+    mesh = sharding.make_mesh(data=2, model=4)
+    placed = m3jax.quantize_experts(sharding.shard_model(model, mesh))
+    assert flat_params(placed)["stacks.1.layers.ffn.down_scale_ebd"].sharding.spec == P(None, ("data", "model"),
+                                                                                        None, None)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: placed(x))(ids)), want, atol=2e-5, rtol=0)

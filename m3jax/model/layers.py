@@ -70,13 +70,33 @@ def dequantize_mxfp8(w, scale, dtype):
         wf = jnp.pad(wf, [(0, 0)] * (w.ndim - 2) + [(0, blocks * MXFP8_BLOCK - i), (0, 0)])
     e = scale.astype(jnp.int32) - 127
     half = jnp.right_shift(e, 1)
-
-    def pow2(k):                                  # 2**k as float32 bits, k in [-64, 64]
-        return jax.lax.bitcast_convert_type(jnp.left_shift(k + 127, 23), f32)[..., :, None, :]
-
-    y = wf.reshape(*w.shape[:-2], blocks, MXFP8_BLOCK, w.shape[-1]) * pow2(half) * pow2(e - half)
+    y = (wf.reshape(*w.shape[:-2], blocks, MXFP8_BLOCK, w.shape[-1]) * _pow2(half)[..., :, None, :]
+         * _pow2(e - half)[..., :, None, :])
     y = jnp.where((scale == 255)[..., :, None, :], jnp.nan, y)
     return y.reshape(*w.shape[:-2], blocks * MXFP8_BLOCK, w.shape[-1])[..., :i, :].astype(dtype)
+
+
+def _pow2(k):
+    """2**k as float32, k int32 in [-126, 127] (bit pattern; exact)."""
+    return jax.lax.bitcast_convert_type(jnp.left_shift(k + 127, 23), f32)
+
+
+def quantize_mxfp8(w):
+    """w [..., I, O] float -> (e4m3 [..., I, O], uint8 exponents [..., I/32, O]), blocks of 32 along I: the
+    smallest power-of-two scale per block that keeps the block's largest magnitude within E4M3's 448, as MXFP8
+    checkpoints store it (`convert.mxfp8.quantize`, byte for byte, for weights whose block maxima lie within
+    [2**-100, 2**100]; outside, XLA's flush of subnormals and NumPy's float32 log2 can pick a neighbouring
+    exponent, both valid)."""
+    i = w.shape[-2]
+    if i % MXFP8_BLOCK:
+        raise ValueError(f"MXFP8 needs the input axis to be a multiple of {MXFP8_BLOCK}, got {i}")
+    blocks = w.astype(f32).reshape(*w.shape[:-2], i // MXFP8_BLOCK, MXFP8_BLOCK, w.shape[-1])
+    amax = jnp.max(jnp.abs(blocks), axis=-2)
+    m, e = jnp.frexp(jnp.maximum(amax, 1e-38) / 448.0)       # x = m * 2**e, m in [0.5, 1): ceil(log2 x) exactly
+    exp = jnp.clip(jnp.where(amax > 0, jnp.where(m == 0.5, e - 1, e), 0), -127, 127)
+    half = jnp.right_shift(exp, 1)                            # divide by 2**exp as two normal powers of two
+    q = blocks * _pow2(-half)[..., None, :] * _pow2(half - exp)[..., None, :]
+    return q.reshape(w.shape).astype(jnp.float8_e4m3fn), (exp + 127).astype(jnp.uint8)
 
 
 def swiglu_oai(gate, up, alpha: float, limit: float):

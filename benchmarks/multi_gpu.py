@@ -103,7 +103,8 @@ def run(args) -> list[dict]:
         t_all = time.perf_counter() - t0
         want = out if want is None else want
         row = dict(mesh=spec, devices=data * width, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                   dtype=args.dtype, fp8_experts=args.fp8_experts, experts=args.experts, batch=args.batch, prompt_len=args.prompt_len,
+                   dtype=args.dtype, fp8_experts=args.fp8_experts, experts=args.experts, batch=args.batch,
+                   prompt_len=args.prompt_len,
                    new_tokens=args.new_tokens, same_tokens_as_first=out == want,
                    tokens_matching_first=sum(a == b for o, w in zip(out, want) for a, b in zip(o, w)),
                    first_run_s=t_compile, prefill_s=t_prefill,

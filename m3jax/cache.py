@@ -17,9 +17,9 @@ scan and update it in place (a scatter), and lets an attention kernel read layer
 table shifted by l*P: no per-layer slice of the pool is ever copied. Page 0 of every layer (l*P) is the sink
 that padding tokens write to; the allocator never hands it out.
 
-`PageAllocator` lives on the host, one per data shard: it owns the physical page ids 1..P-1, hands out whole pages per request
-and takes them back when a request finishes. Running out of pages is signalled by `OutOfPages`; a double free
-or a foreign page id raises instead of corrupting another request's cache.
+`PageAllocator` lives on the host, one per data shard: it owns the physical page ids 1..P-1, hands out whole pages
+per request and takes them back when a request finishes. Running out of pages is signalled by `OutOfPages`; a double
+free or a foreign page id raises instead of corrupting another request's cache.
 """
 
 from __future__ import annotations

@@ -131,20 +131,20 @@ def _bucket(n: int, buckets: list[int]) -> int:
 class Engine:
     """Continuous-batching generation over a paged KV + index-K cache. See the module docstring.
 
-    model: an M3ForCausalLM (its attn_impl picks the attention kernels). max_batch_size: requests decoding
-    at once. max_seq_len: prompt + generated tokens per request. num_pages: pages per layer (page 0 is the
-    sink) in each data shard's pool; None sizes the pool from free device memory (`memory_fraction` of it), at
-    most enough for the shard's share of max_batch_size full-length requests. max_tokens_per_step: token budget of one step (decode rows +
-    prefill chunk tokens). prefill_chunk: longest prompt chunk of one request in a step. tokenizer: for
-    string prompts, stop strings and text; defaults to the checkpoint's (model.checkpoint_dir).
-    mesh: the device mesh, which must be the one the model was placed on (default: model.mesh); K/V pools split on their head axis over "model" and one pool
-    per "data" shard (see cache.init_cache); the model's parameters are placed by m3jax.load / m3jax.sharding.
-    row_buckets / len_buckets: the padded batch sizes / prefill chunk lengths to compile for (default: powers
-    of two up to max_batch_size / prefill_chunk; with D data shards, row buckets count the rows of all shards
-    and are rounded up to multiples of D); each (decode rows, prefill rows x length) combination compiles once.
-    unroll_layers: run each stack's layers as a Python loop instead of a scan (longer compile; avoids
-    slicing the stacked weights inside the loop). split_layer_weights (with unroll_layers): keep per-layer
-    copies of the stacked weights (2x weight memory while the model lives) so that no step slices them.
+    model: an M3ForCausalLM (its attn_impl picks the attention kernels). max_batch_size: requests decoding at once.
+    max_seq_len: prompt + generated tokens per request. num_pages: pages per layer (page 0 is the sink) in each data
+    shard's pool; None sizes the pool from free device memory (`memory_fraction` of it), at most enough for the
+    shard's share of max_batch_size full-length requests. max_tokens_per_step: token budget of one step (decode rows
+    + prefill chunk tokens). prefill_chunk: longest prompt chunk of one request in a step. tokenizer: for string
+    prompts, stop strings and text; defaults to the checkpoint's (model.checkpoint_dir). mesh: the device mesh,
+    which must be the one the model was placed on (default: model.mesh); K/V pools split on their head axis over
+    "model" and one pool per "data" shard (see cache.init_cache); the model's parameters are placed by m3jax.load /
+    m3jax.sharding. row_buckets / len_buckets: the padded batch sizes / prefill chunk lengths to compile for
+    (default: powers of two up to max_batch_size / prefill_chunk; with D data shards, row buckets count the rows of
+    all shards and are rounded up to multiples of D); each (decode rows, prefill rows x length) combination compiles
+    once. unroll_layers: run each stack's layers as a Python loop instead of a scan (longer compile; avoids slicing
+    the stacked weights inside the loop). split_layer_weights (with unroll_layers): keep per-layer copies of the
+    stacked weights (2x weight memory while the model lives) so that no step slices them.
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 8192, mesh=None, *,

@@ -89,7 +89,8 @@ def _size(sl: Slice, axis) -> int:
     return math.prod(sl.shape[a] for a in names)
 
 
-def main() -> None:
+def plan_rows() -> list[dict]:
+    """One row per (slice, weights, context, batch): bytes per device of the full M3 (MEMORY_PLAN.json's rows)."""
     cfg = M3Config()
     rows = []
     for sl in SLICES:
@@ -103,6 +104,11 @@ def main() -> None:
                                      context=context, batch=batch, weights_gib=w / GIB, kv_gib=kv / GIB,
                                      total_gib=(w + kv) / GIB, hbm_gib=sl.hbm_gib,
                                      fits=(w + kv) / GIB < 0.9 * sl.hbm_gib))
+    return rows
+
+
+def main() -> None:
+    rows = plan_rows()
     head = "| slice | mesh | weights | context | batch | weights GiB/dev | KV GiB/dev | total GiB/dev | HBM | fits (<90%) |"
     lines = [head, "|" + "---|" * 10]
     for r in rows:

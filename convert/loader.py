@@ -44,13 +44,8 @@ def _read_stored(ckpt: ReleaseCheckpoint, path: str, perm: tuple[int, ...], stor
 
 def fp8_scale_paths(targets) -> dict[str, str]:
     """{routed-expert weight path: path of its MXFP8 exponents} for a model built with fp8_experts."""
-    from m3jax.model.moe import FP8_SCALES
-    out = {}
-    for path in targets:
-        head, _, name = path.rpartition(".")
-        if name in FP8_SCALES and f"{head}.{FP8_SCALES[name]}" in targets:
-            out[path] = f"{head}.{FP8_SCALES[name]}"
-    return out
+    from m3jax.model.moe import fp8_scale_path
+    return {p: s for p in targets if (s := fp8_scale_path(p)) in targets}
 
 
 def check_fp8_experts(ckpt: ReleaseCheckpoint, scales: Mapping[str, str], path: str) -> None:

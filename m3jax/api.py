@@ -106,27 +106,14 @@ def quantize_experts(model: M3ForCausalLM) -> M3ForCausalLM:
     checkpoint or for benchmarks. An MXFP8 release loads exactly with `load(path, fp8_experts=True)` instead.
     """
     from m3jax.model.layers import quantize_mxfp8
-    from m3jax.model.moe import FP8_SCALES
-    from m3jax.testing import _dotted
+    from m3jax.model.moe import fp8_scale_path
+    from m3jax.testing import flat_params
 
     if model.fp8_experts:
         return model
-    abstract = nnx.eval_shape(lambda: M3ForCausalLM(model.config, dtype=model.dtype, attn_impl=model.attn_impl,
-                                                    mesh=model.mesh, rngs=nnx.Rngs(0), fp8_experts=True))
-    graphdef, state = nnx.split(abstract)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    old = {_dotted(p): v for p, v in jax.tree_util.tree_flatten_with_path(nnx.split(model)[1])[0]}
-    new = dict(old)
+    params = flat_params(model)
     quantize = jax.jit(quantize_mxfp8)
-    for path in old:
-        head, _, name = path.rpartition(".")
-        if name in FP8_SCALES:
-            new[path], new[f"{head}.{FP8_SCALES[name]}"] = quantize(old[path])
-    arrays = []
-    for p, v in leaves:
-        path = _dotted(p)
-        value = new[path]
-        if model.mesh is not None:
-            value = jax.device_put(value, jax.sharding.NamedSharding(model.mesh, sharding.param_spec(path, v.shape)))
-        arrays.append(value)
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
+    for path in list(params):
+        if (scale := fp8_scale_path(path)) is not None:
+            params[path], params[scale] = quantize(params[path])
+    return sharding.remake_model(model, params, fp8_experts=True)

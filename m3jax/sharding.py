@@ -140,24 +140,36 @@ def shard_model(model, mesh: Mesh):
     For a model already in memory (random weights, tests); `m3jax.load(path, mesh=...)` places shards as it
     reads them instead.
     """
+    from m3jax.testing import flat_params
+
+    check_mesh(mesh)
+    replicas = kv_replication(model.config, mesh)
+    params = {p: replicate_kv_param(p, v, replicas) for p, v in flat_params(model).items()}
+    return remake_model(model, params, config=replicate_kv(model.config, replicas), mesh=mesh)
+
+
+def remake_model(model, params: Mapping[str, jax.Array], *, config: M3Config | None = None, mesh: Mesh | None = None,
+                 fp8_experts: bool | None = None):
+    """An M3ForCausalLM like `model` (its dtype and attn_impl; config, mesh and fp8_experts unless given) holding
+    `params` ({dotted path: array}, every parameter of the new model); on a mesh each is placed by PARAM_RULES."""
     from flax import nnx
 
     from m3jax.model import M3ForCausalLM
     from m3jax.testing import _dotted
 
-    check_mesh(mesh)
-    cfg = replicate_kv(model.config, kv_replication(model.config, mesh))
-    replicas = kv_replication(model.config, mesh)
-    dtype, impl, fp8 = model.dtype, model.attn_impl, model.fp8_experts
+    cfg = model.config if config is None else config
+    mesh = model.mesh if mesh is None else mesh
+    fp8 = model.fp8_experts if fp8_experts is None else fp8_experts
+    dtype, impl = model.dtype, model.attn_impl
     abstract = nnx.eval_shape(lambda: M3ForCausalLM(cfg, dtype=dtype, attn_impl=impl, mesh=mesh, rngs=nnx.Rngs(0),
                                                     fp8_experts=fp8))
     graphdef, state = nnx.split(abstract)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    _, old_state = nnx.split(model)
-    old = {_dotted(p): v for p, v in jax.tree_util.tree_flatten_with_path(old_state)[0]}
     arrays = []
     for p, v in leaves:
         path = _dotted(p)
-        value = replicate_kv_param(path, old[path], replicas)
-        arrays.append(jax.device_put(value, NamedSharding(mesh, param_spec(path, v.shape, mesh))))
+        value = params[path]
+        if mesh is not None:
+            value = jax.device_put(value, NamedSharding(mesh, param_spec(path, v.shape, mesh)))
+        arrays.append(value)
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))

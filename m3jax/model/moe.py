@@ -17,6 +17,12 @@ f32 = jnp.float32
 FP8_SCALES = {"gate_edf": "gate_scale_ebf", "up_edf": "up_scale_ebf", "down_efd": "down_scale_ebd"}
 
 
+def fp8_scale_path(path: str) -> str | None:
+    """The parameter path of the MXFP8 exponents of routed-expert weight `path` (dotted); None for others."""
+    head, _, name = path.rpartition(".")
+    return f"{head}.{FP8_SCALES[name]}" if name in FP8_SCALES else None
+
+
 class MoE(nnx.Module):
     """routed(x) * routed_scaling_factor + shared(x).
 

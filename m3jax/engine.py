@@ -174,11 +174,7 @@ class Engine:
         self.eos_ids = frozenset(cfg.eos_token_id)
         self._tokenizer = tokenizer
         self.seed = seed
-        placed = getattr(model, "mesh", None)
-        mesh = mesh if mesh is not None else placed
-        if mesh is not None and mesh.size > 1 and mesh != placed:
-            raise ValueError("Engine: mesh is not the mesh the model was placed on; load it with "
-                             "m3jax.load(path, mesh=mesh) or place it with m3jax.sharding.shard_model(model, mesh)")
+        mesh = mesh if mesh is not None else getattr(model, "mesh", None)
         self.mesh = mesh
         self.data_shards = 1 if mesh is None else mesh.shape[DATA]
         self.rows_per_shard = -(-max_batch_size // self.data_shards)

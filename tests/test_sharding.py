@@ -16,6 +16,20 @@ MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 CFG = dict(num_attention_heads=8, num_key_value_heads=2, num_index_heads=2, num_local_experts=8)
 
 
+# Trailing-axis placement of every parameter of the tiny model (layer axes stay whole); norms have ().
+EXPERT = ("data", "model")
+EXPECTED_SPECS = {
+    "embed_vd": ("model", None), "lm_head_dv": (None, "model"),
+    "q_dnh": (None, "model", None), "k_dkh": (None, "model", None), "v_dkh": (None, "model", None),
+    "index_q_dki": (None, "model", None), "o_nhd": ("model", None, None), "index_k_di": (),
+    "gate_df": (None, "model"), "up_df": (None, "model"), "down_fd": ("model", None),
+    "gate_edf": (EXPERT, None, None), "up_edf": (EXPERT, None, None), "down_efd": (EXPERT, None, None),
+    "router_de": (), "router_bias_e": (),
+    "final_norm": (), "input_norm": (), "post_attention_norm": (), "q_norm": (), "k_norm": (),
+    "index_q_norm": (), "index_k_norm": (),
+}
+
+
 @pytest.fixture(scope="module")
 def single():
     if len(jax.devices()) < 8:
@@ -66,6 +80,19 @@ def test_parameter_specs_and_bytes(single, data, model_axis):
     experts = params["stacks.1.layers.ffn.gate_edf"]
     per_device = {s.device: s.data.nbytes for s in experts.addressable_shards}
     assert len(per_device) == 8 and set(per_device.values()) == {experts.nbytes // 8}
+    # Every parameter, against a table written out here (not the rule table under test): its placement and the
+    # bytes each device holds.
+    for path, arr in params.items():
+        name = path.rsplit(".", 2)[-2] if path.endswith(".weight") else path.rsplit(".", 1)[-1]
+        assert name in EXPECTED_SPECS, f"{path}: no expected sharding written for it"
+        tail = EXPECTED_SPECS[name]
+        spec = P(*((None,) * (arr.ndim - len(tail)) + tail))
+        assert arr.sharding.is_equivalent_to(NamedSharding(mesh, spec), arr.ndim), f"{path}: {arr.sharding.spec}"
+        split = 1
+        for axis in tail:
+            for a in (axis if isinstance(axis, tuple) else (axis,) if axis else ()):
+                split *= mesh.shape[a]
+        assert {s.data.nbytes for s in arr.addressable_shards} == {arr.nbytes // split}, path
 
 
 def test_kv_replication_copies_heads(single):

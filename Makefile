@@ -1,7 +1,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install install-test demo test
+.PHONY: install install-test demo test test-fast
 
 install:
 	$(PIP) install -q -e .
@@ -13,5 +13,10 @@ install-test:
 demo: install
 	$(PY) -m m3jax.cli generate --prompt "The quick brown fox" --max-new-tokens 24 --ids
 
+# The full suite (what CI runs); the 15 slowest tests are listed at the end so the suite's cost stays visible.
 test: install-test
-	$(PY) -m pytest -x -q
+	$(PY) -m pytest -q --durations=15
+
+# For development: skips the tests marked slow. `make test` stays the full suite.
+test-fast: install-test
+	$(PY) -m pytest -q -m "not slow" --durations=15

@@ -1,0 +1,1 @@
+"""M3's vision tower, projector and image/video processors (numpy/PIL at run time)."""

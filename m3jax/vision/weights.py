@@ -126,7 +126,7 @@ def load_vision_params(model: VisionModel, tensors: Mapping[str, np.ndarray]) ->
         except ValueError as e:
             errors.append(f"{name}: shape {np.shape(tensor)} does not fit layout {rule.layout}: {e}")
             continue
-        want = param.value.shape[1:] if layer is not None else param.value.shape
+        want = param.shape[1:] if layer is not None else param.shape
         if value.shape != tuple(want):
             errors.append(f"{name}: shape {np.shape(tensor)} -> {value.shape}, expected {tuple(want)} for "
                           f"{rule.target}")
@@ -135,7 +135,7 @@ def load_vision_params(model: VisionModel, tensors: Mapping[str, np.ndarray]) ->
             if not 0 <= layer < cfg.num_hidden_layers:
                 errors.append(f"{name}: layer {layer} out of range (num_hidden_layers={cfg.num_hidden_layers})")
                 continue
-            buf = staged.setdefault(rule.target, np.full(param.value.shape, np.nan, np.float32))
+            buf = staged.setdefault(rule.target, np.full(param.shape, np.nan, np.float32))
             buf[layer] = value
             filled.setdefault(rule.target, set()).add(layer)
         else:
@@ -150,5 +150,5 @@ def load_vision_params(model: VisionModel, tensors: Mapping[str, np.ndarray]) ->
     if errors:
         raise ValueError("vision weights: " + "; ".join(errors))
     for target, value in staged.items():
-        flat[target].value = jnp.asarray(value, dtype=model.dtype)
+        flat[target].set_value(jnp.asarray(value, dtype=model.dtype))
     return model

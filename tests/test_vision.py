@@ -132,26 +132,28 @@ def test_bad_images_are_named():
         VideoProcessor()([[np.zeros((30, 30, 3), np.uint8), np.zeros((31, 30, 3), np.uint8)]])
 
 
-def test_from_pretrained(tmp_path):
+def test_from_pretrained_reads_preprocessor_config(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(
         {"size": {"shortest_edge": 1000, "longest_edge": 20000}, "patch_size": 14, "merge_size": 2}))
     p = ImageProcessor.from_pretrained(tmp_path)
     assert (p.min_pixels, p.max_pixels) == (1000, 20000)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 500, "max_pixels": 9000}))
-    assert (ImageProcessor.from_pretrained(tmp_path).min_pixels, ImageProcessor.from_pretrained(tmp_path).max_pixels) \
-        == (500, 9000)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    default = ImageProcessor.from_pretrained(empty)
-    try:
-        hf_image, hf_video = _hf_processors()
-    except pytest.skip.Exception:
-        return
-    assert (default.min_pixels, default.max_pixels) == (hf_image.size["shortest_edge"], hf_image.size["longest_edge"])
-    assert (default.patch_size, default.temporal_patch_size, default.merge_size) == (
+    p = ImageProcessor.from_pretrained(tmp_path)
+    assert (p.min_pixels, p.max_pixels) == (500, 9000)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"resample": 2}))
+    with pytest.raises(ValueError, match="resample=2 is not supported"):
+        ImageProcessor.from_pretrained(tmp_path)
+
+
+def test_defaults_are_transformers_defaults(tmp_path):
+    """Without a preprocessor_config.json: transformers' class defaults."""
+    hf_image, hf_video = _hf_processors()
+    image, video = ImageProcessor.from_pretrained(tmp_path), VideoProcessor.from_pretrained(tmp_path)
+    assert (image.min_pixels, image.max_pixels) == (hf_image.size["shortest_edge"], hf_image.size["longest_edge"])
+    assert (image.patch_size, image.temporal_patch_size, image.merge_size) == (
         hf_image.patch_size, hf_image.temporal_patch_size, hf_image.merge_size)
-    assert default.image_mean == tuple(hf_image.image_mean) and default.image_std == tuple(hf_image.image_std)
-    video = VideoProcessor.from_pretrained(empty)
+    assert image.image_mean == tuple(hf_image.image_mean) and image.image_std == tuple(hf_image.image_std)
+    assert image.rescale_factor == hf_image.rescale_factor
     assert (video.min_pixels, video.max_pixels, video.vision_segment_max_frames) == (
         hf_video.min_pixels, hf_video.max_pixels, hf_video.vision_segment_max_frames)
 
@@ -343,6 +345,7 @@ def test_scatter_matches_masked_scatter():
         merge.scatter_features(jnp.asarray(embeds), ids, feats[:4], IMAGE_TOKEN, request="req-3")
 
 
+@pytest.mark.slow
 def test_logits_with_images_and_video_match_transformers(vl_pair):
     import m3jax
 

@@ -96,6 +96,29 @@ def expected_tensor_names(cfg: VisionConfig) -> list[str]:
     return names
 
 
+class Placement(NamedTuple):
+    target: str             # parameter path in VisionModel
+    layer: int | None       # slot on the stacked encoder's leading axis, None for unstacked parameters
+    value: np.ndarray       # float32, the parameter's layout (one layer's slice when `layer` is set)
+
+
+def convert_tensor(cfg: VisionConfig, name: str, tensor) -> Placement:
+    """One release tensor -> where it goes and its value in the module's layout (float32), for streaming
+    loaders. Raises ValueError naming the tensor when no rule matches, the layout does not fit, or the layer
+    is out of range; the shape against the parameter is checked by the caller (`load_vision_params`)."""
+    try:
+        rule, layer = match(name)
+    except KeyError as e:
+        raise ValueError(str(e).strip("'\"")) from None
+    if layer is not None and not 0 <= layer < cfg.num_hidden_layers:
+        raise ValueError(f"{name}: layer {layer} out of range (num_hidden_layers={cfg.num_hidden_layers})")
+    try:
+        value = _layouts(cfg)[rule.layout](np.asarray(tensor, dtype=np.float32))
+    except ValueError as e:
+        raise ValueError(f"{name}: shape {np.shape(tensor)} does not fit layout {rule.layout}: {e}") from None
+    return Placement(rule.target, layer, value)
+
+
 def load_vision_params(model: VisionModel, tensors: Mapping[str, np.ndarray]) -> VisionModel:
     """Fill `model`'s parameters from release-named tensors (numpy, any float dtype), in the model dtype.
 
@@ -103,7 +126,6 @@ def load_vision_params(model: VisionModel, tensors: Mapping[str, np.ndarray]) ->
     name, a shape that does not fit, a layer out of range, or a parameter (or layer slot) never filled.
     """
     cfg = model.config
-    layouts = _layouts(cfg)
     state = nnx.state(model, nnx.Param)
     flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
     staged: dict[str, np.ndarray] = {}
@@ -113,34 +135,24 @@ def load_vision_params(model: VisionModel, tensors: Mapping[str, np.ndarray]) ->
         if not is_vision_tensor(name):
             continue
         try:
-            rule, layer = match(name)
-        except KeyError as e:
+            target, layer, value = convert_tensor(cfg, name, tensor)
+        except ValueError as e:
             errors.append(str(e))
             continue
-        param = flat.get(rule.target)
+        param = flat.get(target)
         if param is None:
-            errors.append(f"{name}: target {rule.target} is not a parameter of VisionModel")
-            continue
-        try:
-            value = layouts[rule.layout](np.asarray(tensor, dtype=np.float32))
-        except ValueError as e:
-            errors.append(f"{name}: shape {np.shape(tensor)} does not fit layout {rule.layout}: {e}")
+            errors.append(f"{name}: target {target} is not a parameter of VisionModel")
             continue
         want = param.shape[1:] if layer is not None else param.shape
         if value.shape != tuple(want):
-            errors.append(f"{name}: shape {np.shape(tensor)} -> {value.shape}, expected {tuple(want)} for "
-                          f"{rule.target}")
+            errors.append(f"{name}: shape {np.shape(tensor)} -> {value.shape}, expected {tuple(want)} for {target}")
             continue
         if layer is not None:
-            if not 0 <= layer < cfg.num_hidden_layers:
-                errors.append(f"{name}: layer {layer} out of range (num_hidden_layers={cfg.num_hidden_layers})")
-                continue
-            buf = staged.setdefault(rule.target, np.full(param.shape, np.nan, np.float32))
-            buf[layer] = value
-            filled.setdefault(rule.target, set()).add(layer)
+            staged.setdefault(target, np.full(param.shape, np.nan, np.float32))[layer] = value
+            filled.setdefault(target, set()).add(layer)
         else:
-            staged[rule.target] = value
-            filled[rule.target] = {None}
+            staged[target] = value
+            filled[target] = {None}
     for target, param in flat.items():
         stacked = target.startswith("tower.encoder.layers.")
         want = set(range(cfg.num_hidden_layers)) if stacked else {None}

@@ -310,7 +310,8 @@ def test_vision_grid_layout():
     assert g.pack_index.shape == (2, 8) and (g.pack_index.reshape(-1)[g.unpack_index] == np.arange(16)).all()
     with pytest.raises(ValueError, match="multiples of spatial_merge_size"):
         VisionGrid.from_grid_thw([[1, 3, 4]], 2)
-    assert default_attn_impl("gpu") == "cudnn" and default_attn_impl("cpu") == "reference"
+    assert default_attn_impl("gpu", jnp.bfloat16) == "cudnn" and default_attn_impl("gpu", jnp.float32) == "xla"
+    assert default_attn_impl("cpu", jnp.bfloat16) == "reference"
 
 
 def test_weight_errors_are_collected(vl_pair):

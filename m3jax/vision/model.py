@@ -15,8 +15,9 @@ cu_seqlens with merge_temporal=True: one segment per image_grid_thw / video_grid
   "reference"  dense [N, L, L] logits with a segment mask, float32 softmax; any backend (the CPU default);
   "xla"        segments packed into [S, Q] rows, `jax.nn.dot_product_attention(implementation="xla")` with
                query/key lengths: the same layout as cuDNN, testable on CPU;
-  "cudnn"      the same packing through cuDNN flash attention (the GPU default). cuDNN takes bf16/fp16 only,
-               head_dim <= 128 and a multiple of 8; it raises otherwise (use "xla" or "reference" then).
+  "cudnn"      the same packing through cuDNN flash attention (the GPU default for bf16/fp16). cuDNN takes
+               bf16/fp16 only, head_dim <= 128 and a multiple of 8; it raises otherwise (float32 models default
+               to "xla" on GPU).
 `default_attn_impl()` says which one runs when none is given; nothing falls back silently.
 """
 
@@ -37,9 +38,12 @@ f32 = jnp.float32
 ATTN_IMPLS = ("reference", "xla", "cudnn")
 
 
-def default_attn_impl(backend: str | None = None) -> str:
-    """'cudnn' on GPU, 'reference' elsewhere."""
-    return "cudnn" if (backend or jax.default_backend()) == "gpu" else "reference"
+def default_attn_impl(backend: str | None = None, dtype=None) -> str:
+    """'cudnn' on GPU for bf16/fp16 models, 'xla' (packed) on GPU for float32 ones (cuDNN refuses them),
+    'reference' elsewhere."""
+    if (backend or jax.default_backend()) != "gpu":
+        return "reference"
+    return "cudnn" if dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,7 +298,7 @@ class VisionModel(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, *, dtype=jnp.bfloat16, attn_impl: str | None = None,
                  rngs: nnx.Rngs | None = None):
-        impl = attn_impl or default_attn_impl()
+        impl = attn_impl or default_attn_impl(dtype=dtype)
         if impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
         self.config = cfg

@@ -154,7 +154,8 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", *, overwrite: bool = Fa
             _replace_dir(claim, dst, overwrite)
         except BaseException:
             shutil.rmtree(claim.tmp, ignore_errors=True)
-            claim.release()
+            if not os.path.exists(claim.old):            # else the next convert removes it (see recover_interrupted)
+                claim.release()
             raise
         claim.release()
     summary = dict(meta["source"], seconds=time.perf_counter() - t0, dst=dst, groups=len(meta["groups"]))
@@ -365,9 +366,12 @@ _HASH_CHUNK = 8 << 20
 
 def _file_checksum(file: str) -> list[int]:
     """[size, crc32] of a file, read in chunks (zlib releases the GIL: files hash in parallel threads)."""
-    crc, size, buf = 0, 0, bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
     with open(file, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size <= _HASH_CHUNK:          # most files: one read, no buffer to zero
+            data = f.readall()
+            return [len(data), zlib.crc32(data)]
+        crc, size, buf = 0, 0, bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
         while n := f.readinto(buf):
             crc = zlib.crc32(view[:n], crc)
             size += n

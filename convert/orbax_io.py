@@ -506,6 +506,7 @@ def restore(path: str, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     verify = verify and sums is not None
     asm = placement.Assembler(targets, shardings)
     ckptr = _checkpointer()
+    failed = None
     try:
         with _orbax_thread_errors() as pool:
             for g in tqdm(meta["groups"], desc="restoring", unit="group", disable=not progress):
@@ -520,16 +521,36 @@ def restore(path: str, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                 try:
                     restored = ckptr.restore(os.path.join(path, "params", g), abstract)
                 except Exception as e:
+                    log.debug("restoring %s/params/%s failed", path, g, exc_info=True)
                     names = sorted({p for p, _, _ in by_group[g]})
-                    raise CheckpointError(f"converted checkpoint {path}: params/{g} (pieces of {', '.join(names)}) "
-                                          f"cannot be restored: {_root_cause(e)}") from e
+                    failed = (f"converted checkpoint {path}: params/{g} (pieces of {', '.join(names)}) cannot be "
+                              f"restored: {_root_cause(e)}")
+                    break
                 for p, key, box in by_group[g]:
                     asm.add(p, box, restored[key], tuple(meta["params"][p]["stored_perm"]))
                 del restored
                 jax.block_until_ready([asm.arrays[p] for p, _, _ in by_group[g]])     # one group in flight
     finally:
         ckptr.close()
+    if failed is not None:                   # raised here, with Orbax's traceback and checkpointer gone
+        _collect_quietly()
+        raise CheckpointError(failed)
     return asm.result()
+
+
+def _collect_quietly() -> None:
+    """A failed restore leaves Orbax's other reads of the group as suspended coroutines; collected at exit,
+    each prints "Exception ignored in ..." with a traceback (dozens of lines after the one-line error).
+    Collect them now, with their messages at DEBUG."""
+    import gc
+    import sys
+
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: log.debug("after a failed restore: %s", u.exc_value)
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
 
 
 def _root_cause(e: BaseException) -> str:

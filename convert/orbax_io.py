@@ -311,10 +311,9 @@ def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool,
 
     def finished():
         with _saving(out, groups[-1] if groups else "g00000"):
-            ckptr.wait_until_finished()                  # the last group saved is on disk: record its files
-        if len(groups) > len(checked):
-            checked.append(groups[-1])
-            files.update(_checksums(out, groups[-1], pool))
+            ckptr.wait_until_finished()                  # the last group saved is on disk: hash its files while
+        if len(groups) > len(hashing):                   # the next group is read and written
+            hashing.append(runner.submit(_checksums, out, groups[-1], pool))
 
     def flush():
         nonlocal pending, pending_bytes
@@ -326,12 +325,11 @@ def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool,
             groups.append(name)
             pending, pending_bytes = {}, 0
 
-    files: dict[str, list[int]] = {}
-    checked: list[str] = []
+    hashing: list[concurrent.futures.Future] = []
     os.makedirs(os.path.join(out, "params"))
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar, \
-                _orbax_thread_errors() as pool:
+                _orbax_thread_errors() as pool, concurrent.futures.ThreadPoolExecutor(1) as runner:
             for path, box in convert_pieces(ckpt, piece_bytes):
                 leaf = ckpt.leaves[path]
                 if path in scales:                       # MXFP8 as released: the bytes and their exponents
@@ -354,6 +352,7 @@ def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool,
                     flush()
             flush()
             finished()
+            files = {rel: v for f in hashing for rel, v in f.result().items()}
     finally:
         ckptr.close()
     return {"format": FORMAT, "version": VERSION, "dtype": dtype, "fp8_experts": bool(scales), "params": params,
@@ -508,10 +507,19 @@ def restore(path: str, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     ckptr = _checkpointer()
     failed = None
     try:
-        with _orbax_thread_errors() as pool:
-            for g in tqdm(meta["groups"], desc="restoring", unit="group", disable=not progress):
+        with _orbax_thread_errors() as pool, concurrent.futures.ThreadPoolExecutor(1) as runner:
+            groups, checks = meta["groups"], {}
+
+            def check(i):                                # the next group is hashed while this one is restored
+                if verify and i < len(groups):
+                    checks[i] = runner.submit(_verify_group, path, groups[i], by_group[groups[i]], sums["files"],
+                                              pool)
+
+            check(0)
+            for i, g in enumerate(tqdm(groups, desc="restoring", unit="group", disable=not progress)):
+                check(i + 1)
                 if verify:
-                    _verify_group(path, g, by_group[g], sums["files"], pool)
+                    checks.pop(i).result()
                 abstract = {}
                 for p, key, box in by_group[g]:
                     perm = tuple(meta["params"][p]["stored_perm"])

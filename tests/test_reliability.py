@@ -287,3 +287,18 @@ def test_full_disk_during_convert_is_one_line(tiny, tmp_path, capsys, caplog, mo
     assert "No space left on device" in err and "the destination is unchanged" in err
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]    # Orbax's thread tracebacks held back
     assert os.listdir(tmp_path) == []                                        # no partial output, no claim
+
+
+def test_a_manifest_without_checksums_loads_and_says_it_is_not_verified(converted, tmp_path, caplog):
+    from convert import orbax_io
+    old = str(tmp_path / "old")
+    shutil.copytree(converted, old)
+    meta = orbax_io.read_meta(old)
+    del meta["checksums"]                                              # as written before checksums existed
+    with open(os.path.join(old, orbax_io.META), "w") as f:
+        json.dump(meta, f)
+    with caplog.at_level(logging.WARNING, logger="convert.orbax_io"):
+        got = _restore(old)
+    assert "records no checksums (converted by an older m3jax): its pieces are not verified" in caplog.text
+    want = _restore(converted)
+    assert all(np.array_equal(got[k], want[k]) for k in want)

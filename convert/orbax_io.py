@@ -405,8 +405,9 @@ class _ThreadErrors(logging.Filter):
 
 @contextlib.contextmanager
 def _orbax_thread_errors():
-    """Orbax's thread tracebacks captured while the block runs (re-logged if it fails with anything but an
-    error reported in one line: `_SaveError`, `CheckpointError`), and a thread pool for hashing."""
+    """A thread pool for hashing files, with Orbax's thread tracebacks held back while the block runs: logged at
+    DEBUG if it fails with an error reported in one line (`_SaveError`, `CheckpointError`), re-logged as they
+    were otherwise."""
     capture = _ThreadErrors()
     absl = logging.getLogger("absl")
     absl.addFilter(capture)
@@ -418,12 +419,18 @@ def _orbax_thread_errors():
             log.debug("Orbax: %s", r.getMessage(), exc_info=r.exc_info)
         raise
     except BaseException:
-        absl.removeFilter(capture)
-        for r in capture.records:
-            absl.handle(r)
+        _relog(absl, capture)
         raise
+    else:                                                 # Orbax logged an error but the work succeeded: show it
+        _relog(absl, capture)
     finally:
         absl.removeFilter(capture)
+
+
+def _relog(logger: logging.Logger, capture: _ThreadErrors) -> None:
+    logger.removeFilter(capture)
+    for r in capture.records:
+        logger.handle(r)
 
 
 class _SaveError(OSError):

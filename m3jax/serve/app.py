@@ -361,7 +361,9 @@ class _Run:
                     if finished:
                         yield self._chunk([{"index": c.index, "delta": {}, "logprobs": self._logprobs(c),
                                             "finish_reason": self._finish_reason(c)}])
-                elif text or finished:
+                else:
+                    # One chunk per engine event, even when the text is held back or empty (a token that is
+                    # half a character): clients see every token arrive, which is what TTFT / TPOT measure.
                     yield self._chunk([{"index": c.index, "text": text,
                                         "logprobs": self._logprobs(c) if finished else None,
                                         "finish_reason": self._finish_reason(c) if finished else None}])

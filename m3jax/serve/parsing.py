@@ -10,7 +10,7 @@ answer text, every tag prefixed by the namespace token `]<]minimax[>[` (M3_SPEC.
     ]<]minimax[>[</invoke>
     ]<]minimax[>[</tool_call>
 
-A parameter is named by its tag. Its value is raw text for a string, nested elements for an object, `<item>`
+A parameter is named by its tag (a close tag without the namespace token is accepted too). Its value is raw text for a string, nested elements for an object, `<item>`
 elements for an array, and JSON otherwise. `ChatOutputParser.feed(text)` takes the decoded text as it streams
 and returns what became certain; text that may still be the start of a tag is held back until the next feed
 or `finish()`. Feeding the whole text at once gives exactly the concatenation of the streamed deltas.
@@ -139,18 +139,21 @@ def _elements(body: str) -> list[tuple[str, str]]:
         if m is None:
             return out
         tag, start = m.group(1), m.end()
-        close = NS + "</" + tag + ">"
+        close, opening = "</" + tag + ">", NS + "<" + tag + ">"
         depth, i = 1, start
         while depth:                                    # nested elements may reuse the tag (e.g. item)
             j = body.find(close, i)
             if j < 0:
                 return out                              # unterminated: ignore the rest
-            k = body.find(NS + "<" + tag + ">", i)
+            k = body.find(opening, i)
             if 0 <= k < j:
-                depth, i = depth + 1, k + len(NS) + len(tag) + 2
+                depth, i = depth + 1, k + len(opening)
             else:
                 depth, i = depth - 1, j + len(close)
-        out.append((tag, body[start:i - len(close)]))
+        end = i - len(close)
+        if body[:end].endswith(NS):                     # the close tag carries the namespace token (M3 writes
+            end -= len(NS)                              # it; some outputs omit it, which is accepted too)
+        out.append((tag, body[start:end]))
         pos = i
 
 

@@ -110,6 +110,7 @@ def parse_common(body: dict, chat: bool) -> Common:
         raise bad("stop", f"must be a string or a list of at most 4 strings, got {stop!r:.80}")
     if any(not s for s in stops):
         raise bad("stop", "stop strings must be non-empty")
+    ignore_eos = bool(opt_bool(body, "ignore_eos"))     # extra (as vLLM): generate exactly max_tokens
     n = opt_int(body, "n", 1, 128) or 1
     stream = bool(opt_bool(body, "stream"))
     opts = body.get("stream_options")
@@ -137,7 +138,7 @@ def parse_common(body: dict, chat: bool) -> Common:
     sampling = SamplingParams(
         max_new_tokens=1, temperature=1.0 if temperature is None else temperature,
         top_k=0 if top_k in (None, -1) else top_k, top_p=1.0 if top_p is None else top_p,
-        seed=seed, stop=stops, logprobs=logprobs)
+        seed=seed, stop=stops, logprobs=logprobs, ignore_eos=ignore_eos)
     return Common(max_tokens, sampling, n, stream, include_usage, logprobs)
 
 

@@ -111,6 +111,11 @@ class EngineWorker:
                                 f"{self.max_outstanding}; retry later")
             self._outstanding += n
 
+    def unreserve(self, n: int) -> None:
+        """Give back n reservations that were not submitted."""
+        with self._lock:
+            self._outstanding -= n
+
     def cancel(self, request_id) -> None:
         self._inbox.put(("cancel", request_id))
 

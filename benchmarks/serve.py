@@ -4,7 +4,8 @@ TTFT of a second turn that shares a 32K-token prefix against a cold 32K prefill.
 The server runs in this process (uvicorn in a thread over an Engine). The load generator runs in a child process
 (its own interpreter, so its JSON parsing does not share the server's GIL) and talks to 127.0.0.1 only, through
 the official `openai` client, streaming /v1/completions with token-id prompts (exact lengths) and ignore_eos
-(exactly --new-tokens tokens). It is bounded: at most --requests-per-level requests per level (default 2 x the
+(exactly --new-tokens tokens). Each level's load first runs once unmeasured (compiling the engine's batch
+shapes), then measured. It is bounded: at most --requests-per-level requests per level (default 2 x the
 concurrency) and --level-timeout seconds per level; a request still open then is counted as lost.
 
 Per level: TTFT (send -> first streamed chunk; the server sends one chunk per engine step of the request), TPOT
@@ -33,7 +34,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))      # generate.py; after the repo (convert/ wins)
 
 MODEL_NAME = "m3-bench"
 
@@ -194,6 +195,9 @@ def client_main(url, plan, out_queue):
                      plan["level_timeout"])
         for c in plan["levels"]:
             n = plan["requests_per_level"] or 2 * c
+            if plan["warm_levels"]:                 # the same load once, unmeasured: compiles its batch shapes
+                lens = [rng.randint(plan["min_prompt"], plan["max_prompt"]) for _ in range(n)]
+                await _level(url, c, [ids(n_) for n_ in lens], plan["new_tokens"], plan["level_timeout"])
             lens = [rng.randint(plan["min_prompt"], plan["max_prompt"]) for _ in range(n)]
             results, wall = await _level(url, c, [ids(n_) for n_ in lens], plan["new_tokens"],
                                          plan["level_timeout"])
@@ -239,6 +243,8 @@ def main(argv=None) -> int:
                     "skip)")
     ap.add_argument("--requests-per-level", type=int, default=None, help="default 2 x concurrency (max 256)")
     ap.add_argument("--level-timeout", type=float, default=None, help="seconds per level (default 600; small 300)")
+    ap.add_argument("--no-warm-levels", action="store_true", help="skip the unmeasured run of each level's load "
+                    "before its measured one (it compiles the engine's batch shapes; off by default with --small)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     args = ap.parse_args(argv)
     small = args.small
@@ -251,7 +257,8 @@ def main(argv=None) -> int:
     plan = {"levels": levels, "min_prompt": d(args.min_prompt, 1024, 16), "max_prompt": d(args.max_prompt, 8192, 64),
             "new_tokens": args.new_tokens, "prefix": d(args.prefix, 32768, 256),
             "requests_per_level": min(args.requests_per_level or 0, 256),
-            "level_timeout": d(args.level_timeout, 600.0, 300.0), "seed": 0}
+            "level_timeout": d(args.level_timeout, 600.0, 300.0), "seed": 0,
+            "warm_levels": not (args.no_warm_levels or small)}
     if plan["max_prompt"] + plan["new_tokens"] > args.max_seq_len or plan["prefix"] + 64 >= args.max_seq_len:
         print("serve.py: error: --max-seq-len is too small for the prompts", file=sys.stderr)
         return 2

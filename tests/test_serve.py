@@ -9,6 +9,7 @@ crafted text, and the structure of the end-to-end responses of the tiny random m
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -109,11 +110,15 @@ def test_health_and_models(server, client):
     assert [m.id for m in models.data] == [MODEL]
 
 
-def test_completion_equals_single_request_engine(server, client):
+def test_completion_equals_single_request_engine(server, client, caplog):
     prompts = COMPLETION_PROMPTS["single"]
     want = [server.reference[p] for p in prompts]
     for p, w in zip(prompts, want):
-        r = client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
+        with caplog.at_level(logging.INFO, logger="m3jax.serve"):
+            r = client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
+        line = [rec.getMessage() for rec in caplog.records if r.id in rec.getMessage()]
+        assert len(line) == 1 and f"prompt {r.usage.prompt_tokens} tokens, completion " \
+            f"{r.usage.completion_tokens} tokens, cached 0 tokens, TTFT" in line[0] and "total" in line[0]
         assert r.choices[0].text == w
         assert r.choices[0].finish_reason in ("length", "stop")
         assert r.usage.prompt_tokens == len(p.encode()) and r.usage.prompt_tokens_details.cached_tokens == 0
@@ -270,6 +275,7 @@ def test_client_disconnect_cancels_the_request(server):
     while worker.outstanding and time.time() - t0 < 120:
         time.sleep(0.05)
     assert worker.outstanding == 0
+    assert not any(a.owners() for a in worker.engine.allocators)       # no request holds pages any more
     if worker.cancel_frees_pages:
         assert worker.num_steps - steps_at_close < 290           # left long before its 300 tokens
     assert not worker._abandoned
@@ -383,3 +389,11 @@ def test_serve_cli_rejects_bad_arguments(capsys):
     assert serve_main(["--model", "/nonexistent/m3", "--port", "1"]) == 2
     assert "m3jax serve: error:" in capsys.readouterr().err
     assert serve_main(["--max-batch-size", "0"]) == 2
+
+
+def test_serve_cli_builds_the_app(ckpt):
+    from m3jax.serve.cli import _parser, build_app
+    app, name = build_app(_parser().parse_args(["--model", ckpt, "--dtype", "float32", "--max-seq-len", "64",
+                                                "--max-batch-size", "2", "--served-model-name", "m3-test"]))
+    assert name == "m3-test" and app.state.server.cfg.model_name == "m3-test"
+    assert app.state.server.cfg.max_seq_len == 64 and app.state.worker.engine.max_batch_size == 2

@@ -308,7 +308,8 @@ class _Run:
         if self.kind == "chat":
             out = []
             for c in self.choices:
-                msg = {"role": "assistant", "content": c.parsed.content,
+                # OpenAI: content is null when the turn is only tool calls
+                msg = {"role": "assistant", "content": c.parsed.content or (None if c.parsed.tool_calls else ""),
                        "reasoning_content": c.parsed.reasoning or None}
                 if c.parsed.tool_calls:
                     msg["tool_calls"] = [t.to_openai() for t in c.parsed.tool_calls]

@@ -97,7 +97,11 @@ def _post(server, path, body, raw: bytes | None = None):
                                  headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
+            data = r.read()
+            if r.headers.get_content_type() == "text/event-stream":
+                assert data.rstrip().endswith(b"data: [DONE]"), data[-200:]
+                return r.status, data
+            return r.status, json.loads(data)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
@@ -237,6 +241,25 @@ def test_bad_chat_requests(server, body, param):
     code, err = _post(server, "/v1/chat/completions", body)
     assert code == 400, err
     assert err["error"]["param"] == param and err["error"]["message"]
+
+
+FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+          "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "tools", "tool_choice",
+          "chat_template_kwargs", "ignore_eos"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_no_500_for_any_wrongly_typed_field(server, path):
+    """Every field set to values of the wrong type or range: a 4xx naming a field, or a normal answer."""
+    base = {"model": MODEL, "max_tokens": 1, "temperature": 0}
+    base.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
+    for field in FIELDS:
+        for value in ({}, [], "x", -1, 1.5, True, [[]], float("nan"), 2**70):
+            code, body = _post(server, path, {**base, field: value}) if value == value else \
+                _post(server, path, None, raw=json.dumps({**base, field: value}).encode())
+            assert code in (200, 400, 404), (field, value, code, body)
+            if code != 200:
+                assert body["error"]["message"] and body["error"]["type"] == "invalid_request_error", body
 
 
 def test_invalid_json_unknown_path_and_queue_full(server, client):

@@ -95,7 +95,7 @@ def parse_common(body: dict, chat: bool) -> Common:
         max_tokens = mct
     temperature = opt_num(body, "temperature", 0.0, 2.0)
     top_p = opt_num(body, "top_p", 0.0, 1.0, lo_open=True)
-    top_k = opt_int(body, "top_k", -1)
+    top_k = opt_int(body, "top_k", -1, 2**31 - 1)         # int32 on the device (a larger k filters nothing)
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
         raise bad("seed", f"must be an integer in [0, 2**32), got {seed!r}")

@@ -85,8 +85,12 @@ def start_server(args):
         tmp = tempfile.mkdtemp(prefix="m3jax-serve-bench-")
         write_byte_level_tokenizer(os.path.join(tmp, "tokenizer.json"))     # prompts are token ids
         tok, what = M3Tokenizer.from_pretrained(tmp), f"scaled M3 ({args.experts} experts, random weights)"
+    # Few compiled shapes: each (decode rows, prefill rows x chunk) bucket combination compiles once, so rows are
+    # bucketed at the concurrency levels and prompt chunks are always --prefill-chunk long.
+    rows = sorted({min(c, args.max_batch_size) for c in args.levels} | {args.max_batch_size})
     engine = m3jax.Engine(model, tokenizer=tok, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                           prefill_chunk=args.prefill_chunk, memory_fraction=args.memory_fraction,
+                          row_buckets=rows, len_buckets=(min(args.prefill_chunk, args.max_seq_len),),
                           unroll_layers=args.split_weights, split_layer_weights=args.split_weights)
     app = create_app(engine, model_name=MODEL_NAME, tokenizer=tok, max_queue=args.max_queue,
                      completion_default_max_tokens=args.new_tokens)
@@ -243,13 +247,14 @@ def main(argv=None) -> int:
                     "skip)")
     ap.add_argument("--requests-per-level", type=int, default=None, help="default 2 x concurrency (max 256)")
     ap.add_argument("--level-timeout", type=float, default=None, help="seconds per level (default 600; small 300)")
-    ap.add_argument("--no-warm-levels", action="store_true", help="skip the unmeasured run of each level's load "
-                    "before its measured one (it compiles the engine's batch shapes; off by default with --small)")
+    ap.add_argument("--warm-levels", choices=["on", "off"], default=None, help="run each level's load once "
+                    "unmeasured before measuring it (compiles the engine's batch shapes; default on, off with --small)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     args = ap.parse_args(argv)
     small = args.small
     d = lambda v, big, tiny: v if v is not None else (tiny if small else big)        # noqa: E731
     levels = [int(x) for x in d(args.levels, "1,8,32,64", "1,4,8").split(",")]
+    args.levels = levels
     args.max_batch_size = d(args.max_batch_size, max(levels), max(levels))
     args.max_seq_len = d(args.max_seq_len, 40960, 512)
     args.prefill_chunk = d(args.prefill_chunk, 2048, 64)
@@ -258,7 +263,7 @@ def main(argv=None) -> int:
             "new_tokens": args.new_tokens, "prefix": d(args.prefix, 32768, 256),
             "requests_per_level": min(args.requests_per_level or 0, 256),
             "level_timeout": d(args.level_timeout, 600.0, 300.0), "seed": 0,
-            "warm_levels": not (args.no_warm_levels or small)}
+            "warm_levels": d(args.warm_levels, "on", "off") == "on"}
     if plan["max_prompt"] + plan["new_tokens"] > args.max_seq_len or plan["prefix"] + 64 >= args.max_seq_len:
         print("serve.py: error: --max-seq-len is too small for the prompts", file=sys.stderr)
         return 2

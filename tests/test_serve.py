@@ -432,3 +432,50 @@ def test_serve_cli_builds_the_app(ckpt):
                                                 "--max-batch-size", "2", "--served-model-name", "m3-test"]))
     assert name == "m3-test" and app.state.server.cfg.model_name == "m3-test"
     assert app.state.server.cfg.max_seq_len == 64 and app.state.worker.engine.max_batch_size == 2
+
+
+class _FailingEngine:
+    """The Engine's public surface, with a step that raises: what the server does when the engine breaks."""
+
+    max_batch_size, max_seq_len = 2, 64
+
+    def __init__(self):
+        self.queued = []
+
+    def add_request(self, prompt, sampling, *, request_id=None):
+        self.queued.append(request_id)
+        return request_id
+
+    def has_work(self):
+        return bool(self.queued)
+
+    def step(self):
+        raise RuntimeError("device lost")
+
+    def pop_result(self, request_id):
+        return None
+
+
+def test_engine_failure_answers_every_request(tok):
+    app = create_app(_FailingEngine(), model_name=MODEL, tokenizer=tok)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    while not srv.started:
+        time.sleep(0.02)
+    try:
+        srv_info = type("S", (), {"url": f"http://127.0.0.1:{port}"})
+        code, err = _post(srv_info, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert code == 500 and "device lost" in err["error"]["message"]          # not the user's fault
+        code, err = _post(srv_info, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert code == 503 and err["error"]["code"] == "engine_failed"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(srv_info.url + "/health")
+        assert e.value.code == 503
+    finally:
+        srv.should_exit = True
+        th.join(15)

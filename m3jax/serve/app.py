@@ -188,21 +188,34 @@ class Server:
         # Every choice is accepted or refused before any response starts (a refusal is a 400 for all).
         early, pending, errors = [], set(range(total)), []
         while pending:
-            ev: Event = await out.get()
+            ev: Event = await self._get(out)
             if ev.kind == "accepted":
                 pending.discard(ev.choice)
             elif ev.kind == "error":
                 pending.discard(ev.choice)
                 errors.append(ev.error)
+                if self.worker.failure is not None:
+                    break
             else:
                 early.append(ev)
         if errors:
             self._cancel(choices)
+            if self.worker.failure is not None:
+                raise APIError(503, self.worker.failure, None, "engine_failed")
             raise bad(prompt_field, errors[0])
         state = _Run(self, kind, rid, prompts, common, choices, out, early, t0)
         if common.stream:
             return EventSourceResponse(state.stream(), ping=15, sep="\n")
         return await state.complete(request)
+
+    async def _get(self, out: asyncio.Queue) -> Event:
+        """The next event; if the engine thread died without answering, an error event says so."""
+        while True:
+            try:
+                return await asyncio.wait_for(out.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if self.worker.failure is not None and out.empty():
+                    return Event("error", 0, error=self.worker.failure)
 
     def _cancel(self, choices: list[_Choice]) -> None:
         for c in choices:
@@ -222,7 +235,7 @@ class _Run:
     async def _next(self) -> Event:
         if self.early:
             return self.early.pop(0)
-        return await self.out.get()
+        return await self.s._get(self.out)
 
     def _apply(self, ev: Event) -> tuple[_Choice, str, ParsedDelta | None, bool]:
         """Feed one event to its choice: (choice, new text, new parsed delta (chat), finished)."""

@@ -180,6 +180,15 @@ class EngineWorker:
         for rid, sink in list(self._sinks.items()):
             self._emit(sink, Event("error", sink.choice, error=self.failure))
             self._release(rid)
+        while True:                                      # submissions not yet taken: refused the same way
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                self._emit(msg[4], Event("error", msg[4].choice, error=self.failure))
+                with self._lock:
+                    self._outstanding -= 1
 
     def _run(self) -> None:
         while not self._stop.is_set() and self.failure is None:

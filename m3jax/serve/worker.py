@@ -146,7 +146,10 @@ class EngineWorker:
             if rid not in self._sinks:
                 return                                   # finished already
             if self.cancel_frees_pages:
-                self.engine.cancel(rid)
+                try:
+                    self.engine.cancel(rid)
+                except (KeyError, ValueError) as e:          # e.g. it finished inside the engine meanwhile
+                    log.warning("engine worker: cancel(%r): %s", rid, e)
                 self.engine.pop_result(rid)
                 self._release(rid)
             else:

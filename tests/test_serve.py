@@ -8,6 +8,7 @@ crafted text, and the structure of the end-to-end responses of the tiny random m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -456,8 +457,26 @@ class _FailingEngine:
         return None
 
 
-def test_engine_failure_answers_every_request(tok):
-    app = create_app(_FailingEngine(), model_name=MODEL, tokenizer=tok)
+class _CancellableEngine(_FailingEngine):
+    """Emits "A" forever for each request until it is cancelled (the Engine.cancel the scheduler will have)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cancelled = []
+
+    def step(self):
+        from m3jax.engine import StepOutput
+        time.sleep(0.005)
+        return [StepOutput(rid, [ord("A")], False) for rid in self.queued]
+
+    def cancel(self, request_id):
+        self.queued.remove(request_id)
+        self.cancelled.append(request_id)
+
+
+@contextlib.contextmanager
+def _served(engine, tok):
+    app = create_app(engine, model_name=MODEL, tokenizer=tok)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -468,7 +487,33 @@ def test_engine_failure_answers_every_request(tok):
     while not srv.started:
         time.sleep(0.02)
     try:
-        srv_info = type("S", (), {"url": f"http://127.0.0.1:{port}"})
+        yield type("S", (), {"url": f"http://127.0.0.1:{port}", "worker": app.state.worker})
+    finally:
+        srv.should_exit = True
+        th.join(15)
+
+
+def test_disconnect_calls_engine_cancel(tok):
+    engine = _CancellableEngine()
+    with _served(engine, tok) as srv:
+        assert srv.worker.cancel_frees_pages
+        req = urllib.request.Request(srv.url + "/v1/completions", method="POST", headers={
+            "Content-Type": "application/json"}, data=json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 60,
+                                                                  "stream": True}).encode())
+        r = urllib.request.urlopen(req, timeout=30)
+        got = 0
+        while got < 3:
+            got += r.readline().startswith(b"data:")
+        r.close()
+        t0 = time.time()
+        while (not engine.cancelled or srv.worker.outstanding) and time.time() - t0 < 30:
+            time.sleep(0.02)
+        assert len(engine.cancelled) == 1 and engine.cancelled[0].startswith("cmpl-")
+        assert srv.worker.outstanding == 0 and not engine.queued
+
+
+def test_engine_failure_answers_every_request(tok):
+    with _served(_FailingEngine(), tok) as srv_info:
         code, err = _post(srv_info, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
         assert code == 500 and "device lost" in err["error"]["message"]          # not the user's fault
         code, err = _post(srv_info, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
@@ -476,6 +521,3 @@ def test_engine_failure_answers_every_request(tok):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(srv_info.url + "/health")
         assert e.value.code == 503
-    finally:
-        srv.should_exit = True
-        th.join(15)

@@ -1,0 +1,239 @@
+"""Chat prompts: the checkpoint's `chat_template.jinja` (rendered with jinja2 as transformers does) when the file
+is present, otherwise the built-in M3 layout (M3_SPEC.md §4.7):
+
+    ]~!b[]~b]system\\n{thinking instructions}[e~[\\n
+    ]~b]developer\\n{system messages}{tool definitions}[e~[\\n
+    ]~b]user\\n{text}[e~[\\n
+    ]~b]ai\\n</mm:think>{answer}{tool calls}[e~[\\n          (history turns keep no reasoning)
+    ]~b]tool\\n<response>{result}</response>[e~[\\n
+    ]~b]ai\\n + "<mm:think>" (thinking_mode "enabled") | "</mm:think>" ("disabled") | "" ("adaptive")
+
+Messages are OpenAI chat messages; `check_messages` validates them and names the bad field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from datetime import datetime
+from typing import Any, Sequence
+
+from m3jax.serve.parsing import NS, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START, render_tool_call
+from m3jax.tokenizer import BOS, EOT, ROLE
+
+THINKING_MODES = ("enabled", "disabled", "adaptive")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+_MODE_TEXT = {
+    "enabled": "Thinking is enabled: reason step by step inside <mm:think></mm:think> before every answer, "
+               "tool results included.",
+    "disabled": "Thinking is disabled: answer directly after the </mm:think> prefix, without reasoning.",
+    "adaptive": "Thinking is adaptive: reason inside <mm:think></mm:think> when the turn needs it (planning, "
+                "multi-step problems, tool results); otherwise answer directly after </mm:think>.",
+}
+
+
+def _text(content, where: str) -> str:
+    """A message's content as text: a string, or a list of {"type": "text", "text": ...} parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, p in enumerate(content):
+            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise ValueError(f"{where}[{j}] must be a {{'type': 'text', 'text': str}} part (only text is "
+                                 f"served), got {p!r:.80}")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise ValueError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def check_messages(messages) -> list[dict]:
+    """Validated copies of OpenAI chat messages (content flattened to text). ValueError names the field."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of chat messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ValueError(f"{where} must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{where}.role must be one of {list(ROLES)}, got {role!r}")
+        msg = {"role": role, "content": _text(m.get("content"), f"{where}.content")}
+        if role == "assistant":
+            if isinstance(m.get("reasoning_content"), str):
+                msg["reasoning_content"] = m["reasoning_content"]
+            calls = m.get("tool_calls")
+            if calls is not None:
+                msg["tool_calls"] = _check_tool_calls(calls, f"{where}.tool_calls")
+        elif m.get("content") is None:
+            raise ValueError(f"{where}.content is required for role {role!r}")
+        if role == "tool" and m.get("tool_call_id") is not None:
+            msg["tool_call_id"] = str(m["tool_call_id"])
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        out.append(msg)
+    return out
+
+
+def _check_tool_calls(calls, where: str) -> list[dict]:
+    if not isinstance(calls, list):
+        raise ValueError(f"{where} must be a list")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"{where}[{j}].function.name must be a string")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args or "{}")
+            except ValueError:
+                raise ValueError(f"{where}[{j}].function.arguments must be a JSON object string") from None
+        if not isinstance(args, dict):
+            raise ValueError(f"{where}[{j}].function.arguments must be a JSON object")
+        out.append({"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def check_tools(tools) -> list[dict] | None:
+    """Validated OpenAI tool definitions ([{"type": "function", "function": {"name", ...}}]) or None."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise ValueError("tools must be a list of {'type': 'function', 'function': {...}} objects")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or t.get("type", "function") != "function":
+            raise ValueError(f"tools[{i}].type must be 'function'")
+        fn = t.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+    return tools or None
+
+
+# ---------------------------------------------------------------------------------------------- built-in layout
+def _tools_text(tools: list[dict]) -> str:
+    lines = ["", "", "# Tools", "You may call the functions below. Their JSON-schema definitions:", "<tools>"]
+    lines += [json.dumps(t["function"], ensure_ascii=False) for t in tools]
+    lines += ["</tools>", "",
+              "To call functions, end your answer with one block; each parameter is an element named after it "
+              "(objects as nested elements, arrays as <item> elements, other non-string values as JSON):",
+              TOOL_CALL_START, f'{NS}<invoke name="FUNCTION">', f"{NS}<PARAMETER>value{NS}</PARAMETER>",
+              f"{NS}</invoke>", TOOL_CALL_END]
+    return "\n".join(lines)
+
+
+def render_builtin(messages: Sequence[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                   thinking_mode: str = "adaptive") -> str:
+    """The built-in M3 layout of validated messages (see the module docstring)."""
+    if thinking_mode not in THINKING_MODES:
+        raise ValueError(f"chat_template_kwargs.thinking_mode must be one of {list(THINKING_MODES)}, "
+                         f"got {thinking_mode!r}")
+    system = "\n\n".join(m["content"] for m in messages if m["role"] in ("system", "developer"))
+    parts = [f"{BOS}{ROLE}system\n<thinking_instructions>\n{_MODE_TEXT[thinking_mode]}\n"
+             f"</thinking_instructions>{EOT}\n",
+             f"{ROLE}developer\n{system or 'You are a helpful assistant.'}{_tools_text(tools) if tools else ''}"
+             f"{EOT}\n"]
+    for m in messages:
+        role = m["role"]
+        if role in ("system", "developer"):
+            continue
+        if role == "assistant":
+            body = THINK_END + m["content"]
+            if m.get("tool_calls"):
+                body += ("\n" if m["content"] else "") + TOOL_CALL_START + "\n" + "".join(
+                    render_tool_call(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]
+                ) + TOOL_CALL_END
+            parts.append(f"{ROLE}ai\n{body}{EOT}\n")
+        elif role == "tool":
+            parts.append(f"{ROLE}tool\n<response>{m['content']}</response>{EOT}\n")
+        else:
+            parts.append(f"{ROLE}user\n{m['content']}{EOT}\n")
+    if add_generation_prompt:
+        parts.append(f"{ROLE}ai\n" + {"enabled": THINK_START, "disabled": THINK_END, "adaptive": ""}[thinking_mode])
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- jinja template
+def _jinja_env():
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters, which a prompt must not contain
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@dataclasses.dataclass
+class ChatTemplate:
+    """Renders chat prompts; `source` says which path runs ("chat_template.jinja" or "built-in M3 layout")."""
+
+    jinja_source: str | None = None
+    special_tokens: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self._compiled = None if self.jinja_source is None else _jinja_env().from_string(self.jinja_source)
+
+    @property
+    def source(self) -> str:
+        return "chat_template.jinja" if self.jinja_source is not None else "built-in M3 layout"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | None) -> "ChatTemplate":
+        file = None if path is None else os.path.join(path, "chat_template.jinja")
+        if file is None or not os.path.exists(file):
+            return cls()
+        with open(file, encoding="utf-8") as f:
+            source = f.read()
+        specials = {"bos_token": BOS, "eos_token": EOT}
+        cfg = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(cfg):
+            with open(cfg, encoding="utf-8") as f:
+                tc = json.load(f)
+            for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                v = tc.get(k)
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str):
+                    specials[k] = v
+        return cls(source, specials)
+
+    def render(self, messages: Sequence[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+               **kwargs: Any) -> str:
+        """The prompt text. kwargs are `chat_template_kwargs` (thinking_mode: enabled | disabled | adaptive)."""
+        mode = kwargs.get("thinking_mode", "adaptive")
+        if mode not in THINKING_MODES:
+            raise ValueError(f"chat_template_kwargs.thinking_mode must be one of {list(THINKING_MODES)}, "
+                             f"got {mode!r}")
+        if self._compiled is None:
+            unknown = sorted(set(kwargs) - {"thinking_mode"})
+            if unknown:
+                raise ValueError(f"chat_template_kwargs: the built-in M3 layout takes only thinking_mode, got "
+                                 f"{unknown}")
+            return render_builtin(messages, tools, add_generation_prompt, mode)
+        import jinja2
+        msgs = [dict(m, tool_calls=[{**c, "function": {**c["function"]}} for c in m["tool_calls"]])
+                if m.get("tool_calls") else dict(m) for m in messages]
+        try:
+            return self._compiled.render(messages=msgs, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         **{**self.special_tokens, **kwargs})
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+
+
+__all__ = ["ChatTemplate", "THINKING_MODES", "check_messages", "check_tools", "render_builtin"]

@@ -1,0 +1,76 @@
+"""`m3jax serve`: load a checkpoint, build the Engine, and serve it over HTTP with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="m3jax serve", description="Serve an M3 checkpoint over an OpenAI-compatible "
+                                 "HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health).")
+    ap.add_argument("--model", help="checkpoint directory (default: the bundled tiny model)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: float32 for the tiny model)")
+    ap.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-seq-len", type=int, default=None, help="default: 4096, or the tiny model's limit")
+    ap.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: the "
+                    "checkpoint directory's name)")
+    ap.add_argument("--fp8-experts", action="store_true", help="keep an MXFP8 release's routed experts in FP8")
+    ap.add_argument("--max-queue", type=int, default=None,
+                    help="requests waiting beyond the running batch before 503 (default: 4 x max-batch-size)")
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return ap
+
+
+def build_app(args):
+    """(app, model name) from parsed arguments: loads the model and builds the Engine."""
+    import os
+
+    from m3jax.api import load
+    from m3jax.engine import Engine
+    from m3jax.serve.app import create_app
+    from m3jax.sharding import parse_mesh
+    from m3jax.testing import bundled_tiny_checkpoint
+    from m3jax.tokenizer import M3Tokenizer
+
+    for name in ("port", "max_batch_size", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    path = args.model or bundled_tiny_checkpoint()
+    mesh = parse_mesh(args.mesh) if args.mesh else None
+    dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
+    model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False,
+                 fp8_experts=args.fp8_experts)
+    tok = M3Tokenizer.from_pretrained(path)
+    max_seq_len = args.max_seq_len or min(4096, model.config.max_position_embeddings)
+    engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
+                    prefill_chunk=min(args.prefill_chunk, max_seq_len), mesh=mesh)
+    name = args.served_model_name or os.path.basename(os.path.normpath(path))
+    return create_app(engine, model_name=name, max_queue=args.max_queue, tokenizer=tok, checkpoint_dir=path), name
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """`m3jax serve`: returns the exit code. Errors print one line to stderr and return 2."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from m3jax.cli import USER_ERRORS
+    try:
+        app, name = build_app(args)
+    except USER_ERRORS as e:
+        print(f"m3jax serve: error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+    print(f"m3jax serve: {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main())

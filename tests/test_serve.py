@@ -1,0 +1,523 @@
+"""`m3jax serve`: a real uvicorn server on 127.0.0.1 (ephemeral port) driven by the official `openai` client.
+
+Completions and chat; streaming equals non-streaming (stop strings included); 32 concurrent streaming clients each
+get the text a single greedy request gets from the engine; every bad-request class gets its 4xx / 503 with the
+field named; a disconnecting client's request leaves the engine; reasoning and tool-call parsing (directly on
+crafted text, and the structure of the end-to-end responses of the tiny random model); the chat template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+import m3jax  # noqa: E402
+from m3jax.serve import create_app  # noqa: E402
+from m3jax.serve.chat import ChatTemplate, check_messages, render_builtin  # noqa: E402
+from m3jax.serve.parsing import NS, ChatOutputParser, render_tool_call  # noqa: E402
+from m3jax.serve.text import StreamText, Utf8HoldbackDecoder  # noqa: E402
+from m3jax.tokenizer import M3Tokenizer  # noqa: E402
+
+MODEL = "tiny"
+# One engine geometry: 8 rows, prompt chunks of 128 (3 compiled step programs: decode, prefill, mixed).
+ENGINE_KW = dict(max_batch_size=8, max_seq_len=2048, prefill_chunk=128, max_tokens_per_step=136, num_pages=600,
+                 row_buckets=(8,), len_buckets=(128,))
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    from m3jax.testing import bundled_tiny_checkpoint
+    return bundled_tiny_checkpoint()            # written once per machine (~/.cache/m3jax), shared with other tests
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return m3jax.load(ckpt, dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return M3Tokenizer.from_pretrained(ckpt)
+
+
+def _prompts(n, seed=0):
+    rs = np.random.RandomState(seed)
+    words = ["alpha", "beta", "gamma", "delta", "héllo", "日本", "x", "yz"]
+    return [" ".join(rs.choice(words, rs.randint(2, 8))) for _ in range(n)]
+
+
+COMPLETION_PROMPTS = {"single": _prompts(3, seed=1), "concurrent": _prompts(32, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def server(model, tok, ckpt):
+    eng = m3jax.Engine(model, tokenizer=tok, **ENGINE_KW)
+    # Single-request greedy texts from this engine before it serves (its compiled programs are then reused):
+    # one request at a time would be slow on CPU; batch invariance is what test_engine checks.
+    prompts = sorted({p for ps in COMPLETION_PROMPTS.values() for p in ps})
+    sp = m3jax.SamplingParams(max_new_tokens=8, temperature=0.0)
+    reference = dict(zip(prompts, (r.text for r in m3jax.generate(eng, prompts, sp, progress=False))))
+    app = create_app(eng, model_name=MODEL, tokenizer=tok, checkpoint_dir=ckpt, max_queue=40)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    t0 = time.time()
+    while not srv.started:
+        if time.time() - t0 > 30 or not th.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    yield type("S", (), {"url": f"http://127.0.0.1:{port}", "app": app, "worker": app.state.worker,
+                         "reference": reference})
+    srv.should_exit = True
+    th.join(15)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _post(server, path, body, raw: bytes | None = None):
+    req = urllib.request.Request(server.url + path, data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            data = r.read()
+            if r.headers.get_content_type() == "text/event-stream":
+                assert data.rstrip().endswith(b"data: [DONE]"), data[-200:]
+                return r.status, data
+            return r.status, json.loads(data)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+# ---------------------------------------------------------------------------------------------- endpoints
+def test_health_and_models(server, client):
+    with urllib.request.urlopen(server.url + "/health") as r:
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_completion_equals_single_request_engine(server, client, caplog):
+    prompts = COMPLETION_PROMPTS["single"]
+    want = [server.reference[p] for p in prompts]
+    for p, w in zip(prompts, want):
+        with caplog.at_level(logging.INFO, logger="m3jax.serve"):
+            r = client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
+        line = [rec.getMessage() for rec in caplog.records if r.id in rec.getMessage()]
+        assert len(line) == 1 and f"prompt {r.usage.prompt_tokens} tokens, completion " \
+            f"{r.usage.completion_tokens} tokens, cached 0 tokens, TTFT" in line[0] and "total" in line[0]
+        assert r.choices[0].text == w
+        assert r.choices[0].finish_reason in ("length", "stop")
+        assert r.usage.prompt_tokens == len(p.encode()) and r.usage.prompt_tokens_details.cached_tokens == 0
+    # a list of prompts, n=2 (greedy: both choices equal), token-id prompts and logprobs
+    r = client.completions.create(model=MODEL, prompt=prompts[:2], max_tokens=8, temperature=0, n=2, logprobs=0)
+    assert [c.text for c in r.choices] == [want[0], want[0], want[1], want[1]]
+    assert sum(len(c.logprobs.token_logprobs) for c in r.choices) == r.usage.completion_tokens
+    assert all(len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) for c in r.choices)
+    assert all(lp <= 0 for c in r.choices for lp in c.logprobs.token_logprobs)
+    ids = list(prompts[0].encode())
+    assert client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0).choices[0].text == want[0]
+
+
+def _stream_text(client, **kw):
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    return text, [c.choices[0].finish_reason for c in chunks if c.choices][-1], chunks[-1].usage
+
+
+def test_streaming_equals_non_streaming(client):
+    p = _prompts(1, seed=2)[0]
+    full = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+    text, reason, usage = _stream_text(client, model=MODEL, prompt=p, max_tokens=12, temperature=0)
+    assert text == full.choices[0].text and reason == full.choices[0].finish_reason
+    assert usage.completion_tokens == full.usage.completion_tokens
+    # a stop string taken from the middle of the greedy text: both paths cut before it, the stream never sends it
+    body = full.choices[0].text
+    stop = next((body[i:i + 2] for i in range(2, len(body) - 2) if "\ufffd" not in body[i:i + 2]), None)
+    if stop is not None:
+        cut = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0, stop=[stop])
+        assert cut.choices[0].text == body[:body.find(stop)] and cut.choices[0].finish_reason == "stop"
+        text, reason, _ = _stream_text(client, model=MODEL, prompt=p, max_tokens=12, temperature=0, stop=[stop])
+        assert text == cut.choices[0].text and reason == "stop"
+    # chat, with a seeded sampled request (same seed -> same text)
+    msgs = [{"role": "user", "content": "Hello there"}]
+    for kw in (dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=7, extra_body={"top_k": 20})):
+        full = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, **kw)
+        chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, stream=True, **kw))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert streamed == full.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_32_concurrent_streaming_clients(server, client):
+    prompts = COMPLETION_PROMPTS["concurrent"]
+    want = [server.reference[p] for p in prompts]
+    got = [None] * 32
+    errors = []
+
+    def one(i):
+        try:
+            got[i] = _stream_text(client, model=MODEL, prompt=prompts[i], max_tokens=8, temperature=0)[0]
+        except Exception as e:                                          # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[:3]
+    assert got == want
+    assert server.worker.outstanding == 0
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": "hi"}, 400, "model"),
+    ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ({"model": MODEL}, 400, "prompt"),
+    ({"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ({"model": MODEL, "prompt": [1, "a"]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x" * 2100}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 3000}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"model": MODEL, "prompt": "hi", "top_k": -5}, 400, "top_k"),
+    ({"model": MODEL, "prompt": "hi", "seed": -1}, 400, "seed"),
+    ({"model": MODEL, "prompt": "hi", "stop": [1]}, 400, "stop"),
+    ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
+    ({"model": MODEL, "prompt": "hi", "n": 100}, 400, "n"),
+    ({"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": [300, 10**6]}, 400, "prompt"),
+])
+def test_bad_completion_requests(server, body, status, param):
+    code, err = _post(server, "/v1/completions", body)
+    assert code == status, err
+    assert err["error"]["param"] == param and err["error"]["message"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": MODEL}, "messages"),
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 2100}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+      "chat_template_kwargs": {"thinking_mode": "sometimes"}}, "chat_template_kwargs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2},
+     "top_logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 0}, "top_logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 1.5},
+     "max_completion_tokens"),
+])
+def test_bad_chat_requests(server, body, param):
+    code, err = _post(server, "/v1/chat/completions", body)
+    assert code == 400, err
+    assert err["error"]["param"] == param and err["error"]["message"]
+
+
+FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+          "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "tools", "tool_choice",
+          "chat_template_kwargs", "ignore_eos"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_no_500_for_any_wrongly_typed_field(server, path):
+    """Every field set to values of the wrong type or range gets a 4xx naming a field. The prompt is longer than
+    max_seq_len (checked after every other field), so a value that is accepted ends in that 400, not in work."""
+    long = "x" * 2100
+    base = {"model": MODEL, "max_tokens": 1, "temperature": 0}
+    base.update({"prompt": long} if path == "/v1/completions" else {"messages": [{"role": "user", "content": long}]})
+    for field in FIELDS:
+        for value in ({}, [], "x", -1, 1.5, True, [[]], float("nan"), 2**70):
+            raw = json.dumps({**base, field: value}).encode()              # NaN as the bare token JSON allows
+            code, body = _post(server, path, None, raw=raw)
+            if code == 200 and field in ("prompt", "messages"):
+                continue                                                   # a valid short prompt replaced it
+            assert code in (400, 404), (field, value, code, body)
+            assert body["error"]["message"] and body["error"]["type"] == "invalid_request_error", body
+    # the extremes that are valid run (a top_k beyond int32 once crashed the engine step)
+    for extra in ({"top_k": 2**31 - 1, "temperature": 2.0}, {"seed": 2**32 - 1, "temperature": 1.0, "top_p": 1e-9},
+                  {"max_tokens": 1, "stop": ["a", "b", "c", "d"], "n": 2}):
+        body = {"model": MODEL, "max_tokens": 1, **extra}
+        body.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user",
+                                                                                      "content": "hi"}]})
+        code, out = _post(server, path, body)
+        assert code == 200 and out["usage"]["completion_tokens"] >= 1, out
+    assert server.worker.failure is None
+
+
+def test_invalid_json_unknown_path_and_queue_full(server, client):
+    code, err = _post(server, "/v1/completions", None, raw=b"{not json")
+    assert code == 400 and err["error"]["code"] == "invalid_json"
+    code, err = _post(server, "/v1/nothing", {})
+    assert code == 404 and "error" in err
+    worker = server.worker
+    worker.reserve(worker.max_outstanding)       # as if that many requests were in flight
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0)
+        assert e.value.status_code == 503 and e.value.body["code"] == "queue_full"
+    finally:
+        worker.unreserve(worker.max_outstanding)
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0).choices
+
+
+def test_client_disconnect_cancels_the_request(server):
+    """The client reads two chunks and closes: its request leaves the engine (with Engine.cancel at once; without,
+    its stream is dropped and it leaves when it finishes), and the server keeps serving."""
+    worker = server.worker
+    req = urllib.request.Request(server.url + "/v1/completions", method="POST",
+                                 data=json.dumps({"model": MODEL, "prompt": "tell me a long story", "max_tokens": 300,
+                                                  "temperature": 0, "stream": True,
+                                                  "stop": ["\u2603\u2603\u2603"]}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    r = urllib.request.urlopen(req, timeout=60)
+    lines = 0
+    while lines < 2:
+        if r.readline().startswith(b"data:"):
+            lines += 1
+    steps_at_close = worker.num_steps
+    r.close()
+    t0 = time.time()
+    while worker.outstanding and time.time() - t0 < 120:
+        time.sleep(0.05)
+    assert worker.outstanding == 0
+    assert not any(a.owners() for a in worker.engine.allocators)       # no request holds pages any more
+    if worker.cancel_frees_pages:
+        assert worker.num_steps - steps_at_close < 290           # left long before its 300 tokens
+    assert not worker._abandoned
+
+
+# ---------------------------------------------------------------------------------------------- chat
+def test_chat_reasoning_and_tools_end_to_end(client, tok):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    # thinking enabled: the prompt ends in <mm:think>, so the random model's text (no </mm:think>) is reasoning
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, tools=tools,
+                                       extra_body={"chat_template_kwargs": {"thinking_mode": "enabled"}})
+    m = r.choices[0].message
+    assert m.content == "" and m.reasoning_content and r.choices[0].finish_reason in ("length", "stop")
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=8, temperature=0, tools=tools, stream=True,
+        extra_body={"chat_template_kwargs": {"thinking_mode": "enabled"}}))
+    assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == \
+        m.reasoning_content
+    # a full tool round trip in the request: assistant tool call + tool result are rendered and accepted
+    history = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, max_tokens=6, temperature=0, tools=tools,
+                                       extra_body={"chat_template_kwargs": {"thinking_mode": "disabled"}})
+    m = r.choices[0].message
+    assert isinstance(m.content, str) and not m.reasoning_content
+    assert m.tool_calls is None or all(t.function.name for t in m.tool_calls)
+
+
+def test_reasoning_and_tool_call_parsers_stream_like_whole():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"},
+        "opts": {"type": "object", "properties": {"unit": {"type": "string"}, "hourly": {"type": "boolean"}}},
+        "tags": {"type": "array", "items": {"type": "string"}}}}}},
+        {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+    text = (" <mm:think>Paris, so call get_weather.</mm:think>Let me check. " + NS + "<tool_call>\n"
+            + render_tool_call("get_weather", {"city": "Paris 75", "days": 3, "opts": {"unit": "C", "hourly": True},
+                                               "tags": ["a", "b"]})
+            + render_tool_call("now", {}) + NS + "</tool_call>")
+    whole = ChatOutputParser(tools=tools).parse(text)
+    assert whole.reasoning == "Paris, so call get_weather."
+    assert whole.content == "Let me check. "
+    assert [(t.index, t.name, json.loads(t.arguments)) for t in whole.tool_calls] == [
+        (0, "get_weather", {"city": "Paris 75", "days": 3, "opts": {"unit": "C", "hourly": True},
+                            "tags": ["a", "b"]}), (1, "now", {})]
+    for step in (1, 2, 3, 7):                       # fed in pieces: the same split, tool calls as they complete
+        p = ChatOutputParser(tools=tools)
+        parts = [p.feed(text[i:i + step]) for i in range(0, len(text), step)] + [p.finish()]
+        assert "".join(x.reasoning for x in parts) == whole.reasoning
+        assert "".join(x.content for x in parts) == whole.content
+        assert [(t.name, t.arguments) for x in parts for t in x.tool_calls] == \
+            [(t.name, t.arguments) for t in whole.tool_calls]
+        assert NS not in "".join(x.content for x in parts)
+    # prompt ended in <mm:think>: output starts inside the reasoning; a bare </mm:think> opens plain content
+    assert ChatOutputParser(starts_in_reasoning=True).parse("a</mm:think>b").reasoning == "a"
+    out = ChatOutputParser().parse("</mm:think>just text ]<] no call")
+    assert (out.reasoning, out.content) == ("", "just text ]<] no call")
+    # untyped values: JSON when it parses, else the string; an unterminated call stays visible as content
+    out = ChatOutputParser(tools=[{"type": "function", "function": {"name": "f"}}]).parse(
+        NS + '<tool_call>' + NS + '<invoke name="f">' + NS + "<n>4" + NS + "</n>" + NS + "<s>hi" + NS
+        + "</s>" + NS + "<t>[1, 2]</t>" + NS + "</invoke>" + NS + "</tool_call>")
+    assert json.loads(out.tool_calls[0].arguments) == {"n": 4, "s": "hi", "t": [1, 2]}
+    out = ChatOutputParser(tools=tools).parse("x" + NS + '<tool_call>' + NS + '<invoke name="now">')
+    assert out.tool_calls == [] and out.content.startswith("x" + NS + "<tool_call>")
+
+
+def test_chat_template_builtin_and_jinja(tmp_path, tok):
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
+    msgs = check_messages([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "ok", "tool_calls": [
+                               {"id": "c", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+                           {"role": "tool", "content": "12:00"}])
+    text = render_builtin(msgs, tools, True, "enabled")
+    assert text.startswith("]~!b[]~b]system\n") and "]~b]developer\nBe brief." in text and '"name": "now"' in text
+    assert "]~b]user\nHi[e~[\n" in text and "]~b]tool\n<response>12:00</response>[e~[\n" in text
+    assert f'{NS}<invoke name="now">' in text and text.endswith("]~b]ai\n<mm:think>")
+    assert render_builtin(msgs, None, True, "disabled").endswith("]~b]ai\n</mm:think>")
+    assert render_builtin(msgs, None, True, "adaptive").endswith("]~b]ai\n")
+    assert ChatTemplate.from_checkpoint(str(tmp_path)).source == "built-in M3 layout"
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if tools %}{{ tools | tojson }}{% endif %}{% if add_generation_prompt %}<ai>{{ thinking_mode }}"
+        "{% endif %}")
+    t = ChatTemplate.from_checkpoint(str(tmp_path))
+    assert t.source == "chat_template.jinja"
+    out = t.render(check_messages([{"role": "user", "content": "Hi é"}]), tools, True, thinking_mode="enabled")
+    assert out == "]~!b[<user>Hi é[e~[" + json.dumps(tools, ensure_ascii=False) + "<ai>enabled"
+    with pytest.raises(ValueError, match="thinking_mode"):
+        t.render(msgs, thinking_mode="maybe")
+
+
+# ---------------------------------------------------------------------------------------------- text
+def test_stream_text_never_splits_a_character(tok):
+    text = "héllo 日本語 🎉 ok"
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode())                       # byte-level: multi-byte characters span ids
+    dec = Utf8HoldbackDecoder(tok)
+    pieces = [dec.push([i]) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    st = StreamText(tok, stops=("語 🎉",))
+    streamed = "".join(st.push([i]) for i in ids)
+    assert streamed == "héllo 日本"                           # the stop string's start is held back
+    assert streamed + st.finish("héllo 日本") == "héllo 日本"
+
+
+def test_serve_cli_rejects_bad_arguments(capsys):
+    from m3jax.serve.cli import serve_main
+    assert serve_main(["--model", "/nonexistent/m3", "--port", "1"]) == 2
+    assert "m3jax serve: error:" in capsys.readouterr().err
+    assert serve_main(["--max-batch-size", "0"]) == 2
+
+
+def test_serve_cli_builds_the_app(ckpt):
+    from m3jax.serve.cli import _parser, build_app
+    app, name = build_app(_parser().parse_args(["--model", ckpt, "--dtype", "float32", "--max-seq-len", "64",
+                                                "--max-batch-size", "2", "--served-model-name", "m3-test"]))
+    assert name == "m3-test" and app.state.server.cfg.model_name == "m3-test"
+    assert app.state.server.cfg.max_seq_len == 64 and app.state.worker.engine.max_batch_size == 2
+
+
+class _FailingEngine:
+    """The Engine's public surface, with a step that raises: what the server does when the engine breaks."""
+
+    max_batch_size, max_seq_len = 2, 64
+
+    def __init__(self):
+        self.queued = []
+
+    def add_request(self, prompt, sampling, *, request_id=None):
+        self.queued.append(request_id)
+        return request_id
+
+    def has_work(self):
+        return bool(self.queued)
+
+    def step(self):
+        raise RuntimeError("device lost")
+
+    def pop_result(self, request_id):
+        return None
+
+
+class _CancellableEngine(_FailingEngine):
+    """Emits "A" forever for each request until it is cancelled (the Engine.cancel the scheduler will have)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cancelled = []
+
+    def step(self):
+        from m3jax.engine import StepOutput
+        time.sleep(0.005)
+        return [StepOutput(rid, [ord("A")], False) for rid in self.queued]
+
+    def cancel(self, request_id):
+        self.queued.remove(request_id)
+        self.cancelled.append(request_id)
+
+
+@contextlib.contextmanager
+def _served(engine, tok):
+    app = create_app(engine, model_name=MODEL, tokenizer=tok)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    while not srv.started:
+        time.sleep(0.02)
+    try:
+        yield type("S", (), {"url": f"http://127.0.0.1:{port}", "worker": app.state.worker})
+    finally:
+        srv.should_exit = True
+        th.join(15)
+
+
+def test_disconnect_calls_engine_cancel(tok):
+    engine = _CancellableEngine()
+    with _served(engine, tok) as srv:
+        assert srv.worker.cancel_frees_pages
+        req = urllib.request.Request(srv.url + "/v1/completions", method="POST", headers={
+            "Content-Type": "application/json"}, data=json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 60,
+                                                                  "stream": True}).encode())
+        r = urllib.request.urlopen(req, timeout=30)
+        got = 0
+        while got < 3:
+            got += r.readline().startswith(b"data:")
+        r.close()
+        t0 = time.time()
+        while (not engine.cancelled or srv.worker.outstanding) and time.time() - t0 < 30:
+            time.sleep(0.02)
+        assert len(engine.cancelled) == 1 and engine.cancelled[0].startswith("cmpl-")
+        assert srv.worker.outstanding == 0 and not engine.queued
+
+
+def test_engine_failure_answers_every_request(tok):
+    with _served(_FailingEngine(), tok) as srv_info:
+        code, err = _post(srv_info, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert code == 500 and "device lost" in err["error"]["message"]          # not the user's fault
+        code, err = _post(srv_info, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert code == 503 and err["error"]["code"] == "engine_failed"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(srv_info.url + "/health")
+        assert e.value.code == 503

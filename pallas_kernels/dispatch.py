@@ -87,9 +87,13 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
     return _call("sparse_attention", impl, q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, scale=scale)
 
 
-def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, impl=None):
-    """Causal GQA over the paged cache; see reference.dense_attention."""
-    return _call("dense_attention", impl, q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale)
+def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, impl=None,
+                    contiguous_chunks: bool = False):
+    """Causal GQA over the paged cache; see reference.dense_attention. contiguous_chunks=True promises that
+    each request's valid rows are consecutive positions then -1 padding (prompt chunks): on GPU the chunk then
+    runs through cuDNN, its history through the paged kernel (gpu.attention.dense_attention_chunked)."""
+    return _call("dense_attention", impl, q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale,
+                 contiguous_chunks=contiguous_chunks)
 
 
 def grouped_matmul(lhs_md, rhs_gdn, group_sizes, *, impl=None):

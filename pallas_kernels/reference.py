@@ -110,8 +110,13 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
     return _attend(q_btnh, k_pages, v_pages, page_table, keep, scale)
 
 
-def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale: float | None = None):
-    """Causal GQA over the paged cache (full-attention layers): every visible key, f32[B, T, N, H]."""
+def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale: float | None = None,
+                    contiguous_chunks: bool = False):
+    """Causal GQA over the paged cache (full-attention layers): every visible key, f32[B, T, N, H].
+
+    contiguous_chunks: the caller's promise that each request's valid rows are consecutive positions followed
+    by padding (kernels may use it for speed); the result is the same, so the reference ignores it."""
+    del contiguous_chunks
     h = q_btnh.shape[-1]
     scale = h ** -0.5 if scale is None else scale
     kh = k_pages.shape[0]

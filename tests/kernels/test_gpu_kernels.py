@@ -197,3 +197,41 @@ def test_m3_page_size_fits_shared_memory(dtype):
     got = sparse_attention_tuned(*args, scale=None, interpret=False, num_warps=4, num_stages=2, chunk=128,
                                  schedule="kv", kv_major=dict(tokens_per_item=4, num_warps=4, num_stages=2, tile=True))
     assert rel_l2(got, reference.sparse_attention(*args), c.valid) <= TOL[dtype]
+
+
+def test_dense_contiguous_chunks_match_reference():
+    """Prefill chunks through cuDNN (the jnp stand-in in interpret mode) + paged history, merged by LSE: chunks
+    with history, first chunks, a 1-row chunk, partial last pages, padding rows; NaN where the promise breaks."""
+    for kv, ql, seed in (([150, 33, 64, 1], [37, 33, 3, 1], 31), ([40, 17], [40, 17], 32)):
+        c = case(kv, ql, dtype=jnp.bfloat16, seed=seed, heads=(8, 2))
+        args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos)
+        got = dispatch.dense_attention(*args, impl=IMPL, contiguous_chunks=True)
+        assert rel_l2(got, reference.dense_attention(*args), c.valid) <= TOL[jnp.bfloat16]
+        assert (np.asarray(jnp.asarray(got, jnp.float32))[~c.valid] == 0).all()
+    pos = np.array(c.q_pos)
+    pos[0, [3, 4]] = pos[0, [4, 3]]                                     # request 0: rows out of order
+    got = np.asarray(jnp.asarray(dispatch.dense_attention(*args[:4], jnp.asarray(pos), impl=IMPL,
+                                                          contiguous_chunks=True), jnp.float32))
+    assert np.isnan(got[0]).all() and not np.isnan(got[1]).any()
+
+
+def test_sparse_attention_positions_beyond_2_pow_20():
+    """int32 positions and block ids past 2^21 tokens: the same case shifted by OFFSET positions (a page table
+    whose first OFFSET / R entries map to the NaN sink page 0) gives the same output, both schedules."""
+    from pallas_kernels.gpu.attention import sparse_attention_tuned
+    c = case([150, 40], [20, 1], seed=41, dtype=jnp.bfloat16)
+    r = c.k_pages.shape[2]
+    sel = np.array(reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=4))
+    sel[0, 5, 0, 1] = -1
+    want = reference.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, jnp.asarray(sel))
+    shift = (1 << 21) // r                                                  # blocks
+    k_pages = c.k_pages.at[:, 0].set(jnp.nan)
+    v_pages = c.v_pages.at[:, 0].set(jnp.nan)
+    table = jnp.concatenate([jnp.zeros((2, shift), jnp.int32), c.page_table], axis=1)
+    pos = jnp.where(c.q_pos >= 0, c.q_pos + shift * r, -1)
+    ids = jnp.asarray(np.where(sel >= 0, sel + shift, -1))
+    for schedule in ("query", "kv"):
+        got = sparse_attention_tuned(c.q_btnh, k_pages, v_pages, table, pos, ids, scale=None, interpret=INTERPRET,
+                                     num_warps=1, num_stages=2, chunk=32, schedule=schedule,
+                                     kv_major=dict(tokens_per_item=4, num_warps=4, num_stages=2, tile=True))
+        assert rel_l2(got, want, c.valid) <= TOL[jnp.bfloat16], schedule

@@ -126,7 +126,7 @@ def work_items(ids, tokens_per_item, num_blocks):
     counts = first[..., 1:] - first[..., :-1]                              # [B, K, M]
     items = -(-counts // tokens_per_item)
     item_end = jnp.cumsum(items, axis=-1)                                  # inclusive
-    num_w = -(-(t * cp) // tokens_per_item) + num_blocks
+    num_w = -(-(t * cp) // tokens_per_item) + min(num_blocks, t * cp)     # <= one partial item per used block
     wid = jnp.arange(num_w, dtype=jnp.int32)
     blk = jax.vmap(jax.vmap(lambda e: jnp.searchsorted(e, wid, side="right")))(item_end).astype(jnp.int32)
     valid = blk < num_blocks

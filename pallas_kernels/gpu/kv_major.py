@@ -12,7 +12,7 @@ traffic at 128K in bf16, which is why this schedule is used only for chunks of m
 
 Work list (built with XLA, static sizes): entries e = t * Cp + c of the compacted selection; `order` sorts them
 by block id (stable); item w of (b, k) covers sorted entries [start, start + count) of one block. There are at
-most ceil(T * Cp / TQ) + M items; the unused ones have count 0 and do nothing but read one page.
+most ceil(T * Cp / TQ) + min(M, T * Cp) items; the unused ones have count 0 and do nothing but read one page.
 """
 
 from __future__ import annotations

@@ -77,9 +77,13 @@ def _call(op: str, impl: str | Sequence[str] | None, *args, **kwargs):
     raise NoImplementationError(f"{op}: no implementation in {order} accepts these inputs: " + "; ".join(errors))
 
 
-def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1, impl=None):
-    """MSA block selection; see reference.indexer_topk for layouts and semantics."""
-    return _call("indexer_topk", impl, iq_btki, ik_pages, page_table, q_pos, topk=topk, local_blocks=local_blocks)
+def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1, ik_scale=None,
+                 impl=None):
+    """MSA block selection; see reference.indexer_topk for layouts and semantics. FP8 index-K cache: ik_pages
+    float8_e4m3fn [P, R, I] with ik_scale f32[P, R] (layout.quantize_index_k)."""
+    kw = {} if ik_scale is None else {"ik_scale": ik_scale}
+    return _call("indexer_topk", impl, iq_btki, ik_pages, page_table, q_pos, topk=topk, local_blocks=local_blocks,
+                 **kw)
 
 
 def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale=None, impl=None):

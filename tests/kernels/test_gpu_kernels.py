@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import dispatch, gpu, reference
+from pallas_kernels import dispatch, gpu, layout, reference
 from tests.kernels.cases import random_paged_case
 
 INTERPRET = jax.default_backend() == "cpu"
@@ -36,9 +36,10 @@ def case(kv_lens, q_lens, *, dtype=jnp.float32, block_size=16, seed=0, heads=(8,
                              index_dim=dims[1], block_size=block_size, dtype=dtype, seed=seed)
 
 
-def tie_free_rows(c, topk, local_blocks, margin=1e-3):
+def tie_free_rows(c, topk, local_blocks, margin=1e-3, ik_pages=None, ik_scale=None):
     """bool[B, T, K]: rows whose top-k set is unambiguous (gap at the boundary > margin, relative)."""
-    bs = np.asarray(reference.block_scores(c.iq_btki, c.ik_pages, c.page_table, c.q_pos))   # [B, T, K, M]
+    ik_pages = c.ik_pages if ik_pages is None else ik_pages
+    bs = np.asarray(reference.block_scores(c.iq_btki, ik_pages, c.page_table, c.q_pos, ik_scale))  # [B,T,K,M]
     r = c.ik_pages.shape[1]
     own = np.asarray(c.q_pos)[:, :, None, None] // r
     blk = np.arange(bs.shape[-1])
@@ -52,13 +53,14 @@ def tie_free_rows(c, topk, local_blocks, margin=1e-3):
     return ~(np.isfinite(a) & np.isfinite(b)) | gap
 
 
-def check_selection(c, topk, local_blocks=1):
-    got = np.asarray(dispatch.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=topk,
-                                           local_blocks=local_blocks, impl=IMPL))
-    want = np.asarray(reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=topk,
-                                             local_blocks=local_blocks))
+def check_selection(c, topk, local_blocks=1, ik_pages=None, ik_scale=None):
+    ik_pages = c.ik_pages if ik_pages is None else ik_pages
+    got = np.asarray(dispatch.indexer_topk(c.iq_btki, ik_pages, c.page_table, c.q_pos, topk=topk,
+                                           local_blocks=local_blocks, ik_scale=ik_scale, impl=IMPL))
+    want = np.asarray(reference.indexer_topk(c.iq_btki, ik_pages, c.page_table, c.q_pos, topk=topk,
+                                             local_blocks=local_blocks, ik_scale=ik_scale))
     assert got.shape == want.shape and got.dtype == np.int32
-    ok = tie_free_rows(c, topk, local_blocks) & c.valid[:, :, None]
+    ok = tie_free_rows(c, topk, local_blocks, ik_pages=ik_pages, ik_scale=ik_scale) & c.valid[:, :, None]
     assert ok.sum() >= 0.5 * c.valid.sum() * ok.shape[-1]
     np.testing.assert_array_equal(np.sort(got, -1)[ok], np.sort(want, -1)[ok])
     assert (got[~c.valid] == -1).all()
@@ -235,3 +237,24 @@ def test_sparse_attention_positions_beyond_2_pow_20():
                                      num_warps=1, num_stages=2, chunk=32, schedule=schedule,
                                      kv_major=dict(tokens_per_item=4, num_warps=4, num_stages=2, tile=True))
         assert rel_l2(got, want, c.valid) <= TOL[jnp.bfloat16], schedule
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_indexer_fp8_index_k_matches_reference(dtype):
+    """FP8 index-K cache (e4m3 codes + a float32 scale per token): decode rows, a prefill chunk, fewer visible
+    blocks than top-k, partial last pages; the kernel against the reference on the same codes and scales."""
+    c = case([150, 40, 77, 9], [20, 1, 1, 1], seed=51, dtype=dtype)
+    codes, scale = layout.quantize_index_k(c.ik_pages)
+    assert codes.dtype == jnp.float8_e4m3fn and scale.shape == c.ik_pages.shape[:2]
+    check_selection(c, topk=6, ik_pages=codes, ik_scale=scale)
+    with pytest.raises(ValueError, match="ik_scale"):
+        gpu.indexer_topk(c.iq_btki, codes, c.page_table, c.q_pos, topk=2, interpret=INTERPRET)
+
+
+def test_quantize_index_k_round_trip():
+    x = jax.random.normal(jax.random.key(0), (5, 16, 128), jnp.float32) * jnp.arange(1, 6)[:, None, None]
+    codes, scale = layout.quantize_index_k(x)
+    back = reference.index_keys(codes, scale)
+    err = jnp.abs(back - x) / jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    assert float(jnp.max(err)) <= 2 ** -4            # e4m3: 3 mantissa bits, half an ulp at the top binade
+    assert (jnp.max(jnp.abs(codes.astype(jnp.float32)), axis=-1) == layout.E4M3_MAX).all()

@@ -76,6 +76,20 @@ def test_indexer_topk_matches_reference(name, topk, local, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_indexer_fp8_index_k_matches_reference(dtype):
+    """FP8 index-K (e4m3 codes, f32 scale per token; R = 32, the e4m3 sublane tile): the same selections as the
+    reference on the same codes and scales; ragged decode rows, a chunk, fewer visible blocks than topk."""
+    from pallas_kernels import layout
+    c = random_paged_case([70, 33, 200, 5], [7, 1, 1, 1], num_heads=4, num_kv_heads=2, head_dim=H, index_dim=I,
+                          block_size=32, dtype=dtype, seed=61)
+    codes, scale = layout.quantize_index_k(c.ik_pages)
+    got = tpu.indexer_topk(c.iq_btki, codes, c.page_table, c.q_pos, topk=4, ik_scale=scale, interpret=INTERPRET)
+    want = reference.indexer_topk(c.iq_btki, codes, c.page_table, c.q_pos, topk=4, ik_scale=scale)
+    np.testing.assert_array_equal(_as_sets(got), _as_sets(want))
+    assert np.all(np.asarray(got)[~c.valid] == -1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("name,topk", [("decode_ragged", 3), ("prefill_one", 2), ("mixed_chunks", 4),
                                        ("short_and_long", 8)])
 def test_sparse_attention_matches_reference(name, topk, dtype):

@@ -258,3 +258,22 @@ def test_quantize_index_k_round_trip():
     err = jnp.abs(back - x) / jnp.max(jnp.abs(x), axis=-1, keepdims=True)
     assert float(jnp.max(err)) <= 2 ** -4            # e4m3: 3 mantissa bits, half an ulp at the top binade
     assert (jnp.max(jnp.abs(codes.astype(jnp.float32)), axis=-1) == layout.E4M3_MAX).all()
+
+
+@pytest.mark.skipif(INTERPRET, reason="cuDNN: compiled on a GPU only")
+def test_cudnn_chunk_attention_and_lse():
+    """The cuDNN call behind dense_attention(contiguous_chunks=True): output and natural-log log-sum-exp equal
+    the float32 stand-in on the first n_valid rows (GQA 16:1, ragged n_valid)."""
+    from pallas_kernels.gpu._compat import cudnn_attention_with_lse
+    from pallas_kernels.gpu.attention import _chunk_attention_jnp
+    ks = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(ks[0], (2, 256, 32, 128), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (2, 256, 2, 128), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (2, 256, 2, 128), jnp.bfloat16)
+    n_valid = jnp.array([256, 77], jnp.int32)
+    o, lse = cudnn_attention_with_lse(q, k, v, n_valid, scale=0.088)
+    o_ref, lse_ref = _chunk_attention_jnp(q, k, v, n_valid, 0.088)
+    rows = np.arange(256)[None, :] < np.asarray(n_valid)[:, None]
+    assert rel_l2(o, o_ref, rows) <= 1e-2
+    err = np.abs(np.asarray(lse) - np.asarray(lse_ref))[rows]
+    assert err.max() <= 1e-2, (err.max(), np.asarray(lse)[0, :2, :2], np.asarray(lse_ref)[0, :2, :2])

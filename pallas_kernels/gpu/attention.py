@@ -391,22 +391,21 @@ def dense_attention_chunked(q_btnh, k_pages, v_pages, page_table, q_pos, *, scal
     kc, vc = gather(k_pages), gather(v_pages)
     if interpret:
         o_c, lse_c = _chunk_attention_jnp(q_btnh, kc, vc, n_valid, scale)
-    else:
+    else:   # natural-log LSE of the scaled logits, as jax.nn.dot_product_attention(return_residual=True) defines
         o_c, lse_c = cudnn_attention_with_lse(q_btnh, kc, vc, n_valid, scale=scale)
     hist_pos = jnp.where(valid & (p0[:, None] > 0), p0[:, None] - 1, -1)
 
-    def with_history(_):
-        return _dense_paged(q_btnh, k_pages, v_pages, page_table, hist_pos, scale=scale, interpret=interpret,
-                            with_lse=True)
+    def with_history(o_c):
+        o_h, lse_h = _dense_paged(q_btnh, k_pages, v_pages, page_table, hist_pos, scale=scale,
+                                  interpret=interpret, with_lse=True)
+        lse = jnp.where(in_chunk[:, :, None], lse_c, -jnp.inf)
+        o_c = jnp.where(in_chunk[:, :, None, None], o_c.astype(f32), 0.0)
+        return combine_splits(jnp.stack([o_c, o_h]), jnp.stack([lse, lse_h])).astype(q_btnh.dtype)
 
-    def without_history(_):
-        return jnp.zeros((b, t, n, h), f32), jnp.full((b, t, n), -jnp.inf, f32)
+    def without_history(o_c):                   # a prompt's first chunk: cuDNN's output is the answer
+        return o_c.astype(q_btnh.dtype)
 
-    o_h, lse_h = lax.cond(jnp.any(hist_pos >= 0), with_history, without_history, None)
-    lse_c = jnp.where(in_chunk[:, :, None], lse_c, -jnp.inf)
-    o_c = jnp.where(in_chunk[:, :, None, None], o_c.astype(f32), 0.0)
-    o = combine_splits(jnp.stack([o_c, o_h]), jnp.stack([lse_c, lse_h]))
-    o = jnp.where(valid[:, :, None, None], o, 0.0)
-    o = jnp.where(promise[:, None, None, None], o, jnp.nan)
-    return o.astype(q_btnh.dtype)
+    o = lax.cond(jnp.any(hist_pos >= 0), with_history, without_history, o_c)
+    o = jnp.where(valid[:, :, None, None], o, jnp.zeros_like(o))
+    return jnp.where(promise[:, None, None, None], o, jnp.full_like(o, jnp.nan))
 

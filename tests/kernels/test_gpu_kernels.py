@@ -277,3 +277,42 @@ def test_cudnn_chunk_attention_and_lse():
     assert rel_l2(o, o_ref, rows) <= 1e-2
     err = np.abs(np.asarray(lse) - np.asarray(lse_ref))[rows]
     assert err.max() <= 1e-2, (err.max(), np.asarray(lse)[0, :2, :2], np.asarray(lse_ref)[0, :2, :2])
+
+
+def test_indexer_positions_beyond_2_pow_20():
+    """Decode rows at positions past 2^20: the page table's first SHIFT blocks map to the sink page (index keys 0,
+    score 0); queries and keys are made positive so every real block outranks the sink. Same selection as the
+    unshifted case, shifted by SHIFT blocks (sink blocks fill the slots the short request has no block for)."""
+    c = case([150, 40], [1, 1], seed=71)
+    iq, ik = jnp.abs(c.iq_btki), jnp.abs(c.ik_pages)
+    want = np.asarray(reference.indexer_topk(iq, ik, c.page_table, c.q_pos, topk=4))
+    r = ik.shape[1]
+    shift = (1 << 20) // r + 3
+    table = jnp.concatenate([jnp.zeros((2, shift), jnp.int32), c.page_table], axis=1)
+    pos = jnp.where(c.q_pos >= 0, c.q_pos + shift * r, -1)
+    got = np.asarray(dispatch.indexer_topk(iq, ik.at[0].set(0.0), table, pos, topk=4, impl=IMPL))
+    want = np.where(want >= 0, want + shift, 0)                           # request 1 has 3 blocks: + sink block 0
+    np.testing.assert_array_equal(np.sort(got, -1), np.sort(want, -1))
+
+
+def test_dense_attention_positions_beyond_2_pow_20():
+    """Decode rows and a chunk at positions past 2^20: the first SHIFT blocks map to the sink page with K = V = 0,
+    i.e. SHIFT * R extra keys of logit 0 and value 0, so out = out_unshifted * Z / (Z + SHIFT * R), Z = the sum
+    of exp(logits) over the real keys (computed here in float64)."""
+    c = case([150, 40], [3, 1], seed=72)
+    args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos)
+    base = np.asarray(reference.dense_attention(*args), np.float64)
+    r, kh = c.k_pages.shape[2], c.k_pages.shape[0]
+    k_seq = np.asarray(reference.gather_sequence(c.k_pages, c.page_table), np.float64)   # [B, K, S, H]
+    q = np.asarray(c.q_btnh, np.float64)
+    b, t, n, h = q.shape
+    logits = np.einsum("btkgh,bksh->btkgs", q.reshape(b, t, kh, n // kh, h), np.nan_to_num(k_seq)) * h ** -0.5
+    vis = np.arange(k_seq.shape[2])[None, None, :] <= np.asarray(c.q_pos)[:, :, None]
+    z = np.where(vis[:, :, None, None, :], np.exp(logits), 0.0).sum(-1).reshape(b, t, n)
+    shift = (1 << 20) // r + 3
+    want = base * (z / (z + shift * r))[..., None]
+    table = jnp.concatenate([jnp.zeros((b, shift), jnp.int32), c.page_table], axis=1)
+    pos = jnp.where(c.q_pos >= 0, c.q_pos + shift * r, -1)
+    got = dispatch.dense_attention(c.q_btnh, c.k_pages.at[:, 0].set(0.0), c.v_pages.at[:, 0].set(0.0), table, pos,
+                                   impl=IMPL)
+    assert rel_l2(got, want, c.valid) <= 1e-4

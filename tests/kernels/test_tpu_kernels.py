@@ -227,3 +227,18 @@ def test_page_stream_depths(slots, monkeypatch):
     got = tpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=INTERPRET)
     _check_output(got, reference.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos),
                   c, jnp.float32)
+
+
+def test_sparse_attention_positions_beyond_2_pow_20():
+    """int32 positions and block ids past 2^21 tokens: the case shifted by SHIFT blocks (page table entries below
+    SHIFT map to the NaN sink page 0, never selected) gives the unshifted reference's output."""
+    c = _case("mixed_chunks", jnp.bfloat16, num_heads=4)
+    ids = np.asarray(reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=3))
+    want = reference.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, jnp.asarray(ids))
+    shift = (1 << 21) // R
+    b = c.page_table.shape[0]
+    table = jnp.concatenate([jnp.zeros((b, shift), jnp.int32), c.page_table], axis=1)
+    pos = jnp.where(c.q_pos >= 0, c.q_pos + shift * R, -1)
+    got = tpu.sparse_attention(c.q_btnh, c.k_pages.at[:, 0].set(jnp.nan), c.v_pages.at[:, 0].set(jnp.nan), table,
+                               pos, jnp.asarray(np.where(ids >= 0, ids + shift, -1)), interpret=INTERPRET)
+    _check_output(got, want, c, jnp.bfloat16)

@@ -7,8 +7,8 @@ dense_attention:  the same over every visible key (the full-attention layers).
 Schedule (sparse). One program per (token, KV group, split): its M dimension is the G query heads of the group
 (padded to 16 on the GPU: triton's dot needs >= 16 rows), and it walks its share of the token's chosen pages
 with an online softmax. The wrapper first compacts each (token, group) list (drops -1, out-of-range, future and
-repeated ids; kept in slot order, without a sort), so the kernel loop has no branches and never touches a page no key of which is
-visible. When the (token x group) grid cannot fill the chip (decode), the C chosen pages are split over
+repeated ids; kept in slot order, without a sort), so the kernel loop has no branches and never touches a page
+no key of which is visible. When the (token x group) grid cannot fill the chip (decode), the C chosen pages are split over
 `num_splits` programs and the partial results are merged with their log-sum-exp (split-K). The same kernel
 serves prefill chunks, decode and multi-token verification (any T). Chunks of >= KV_MAJOR_MIN_QUERIES tokens use
 the KV-block-major schedule of kv_major.py instead (each chosen page loaded once for all tokens that chose it).
@@ -16,6 +16,9 @@ the KV-block-major schedule of kv_major.py instead (each chosen page loaded once
 Schedule (dense). One program per (tile of TQ tokens, KV group, split): M = TQ tokens x G heads (<= 128 rows,
 tokens outer), walking all pages up to the tile's last visible block, causal mask per row; split-K over the
 context for decode. Tiles are launched longest-first (reverse token order) to shorten the causal tail.
+Prompt chunks (dense_attention(contiguous_chunks=True)) instead run cuDNN over the chunk itself and this kernel
+over the history only, merged by log-sum-exp (dense_attention_chunked): the paged kernel is a plain Triton
+flash loop at about half of cuDNN's rate in long prefill.
 
 Edges: keys past q_pos get -inf logits; V rows past the tile's largest q_pos are zeroed before the PV product,
 so unwritten slots (NaN in the tests) never reach the output. A row with no visible key (q_pos = -1, or only

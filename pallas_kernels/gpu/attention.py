@@ -8,8 +8,8 @@ Schedule (sparse). One program per (token, KV group, split): its M dimension is 
 (padded to 16 on the GPU: triton's dot needs >= 16 rows), and it walks its share of the token's chosen pages
 with an online softmax. The wrapper first compacts each (token, group) list (drops -1, out-of-range, future and
 repeated ids; kept in slot order, without a sort), so the kernel loop has no branches and never touches a page
-no key of which is visible. When the (token x group) grid cannot fill the chip (decode), the C chosen pages are split over
-`num_splits` programs and the partial results are merged with their log-sum-exp (split-K). The same kernel
+no key of which is visible. When the (token x group) grid cannot fill the chip (decode), the C chosen pages are
+split over `num_splits` programs and the partial results are merged with their log-sum-exp (split-K). The same kernel
 serves prefill chunks, decode and multi-token verification (any T). Chunks of >= KV_MAJOR_MIN_QUERIES tokens use
 the KV-block-major schedule of kv_major.py instead (each chosen page loaded once for all tokens that chose it).
 

@@ -1,6 +1,8 @@
 """Benchmark the GPU MSA kernels against dense cuDNN flash attention, on the lent GPU.
 
     python benchmarks/kernels.py [--quick] [--out DIR]
+    python benchmarks/kernels.py --issue13 [--out DIR]   # issue 13's cases (see issue13()): in-jit decode
+        timing, FP8 index-K, the dense layers' chunk path, 512K / 1M prefill in Engine-sized chunks
 
 Full M3 attention geometry: 64 q heads, 4 KV heads, head dim 128, index 4 x 128, block (page) 128, top-16.
 Prefill: batch 1 at 8K / 32K / 128K (the whole prompt as one chunk). Decode: batch 1 / 8 / 32 / 64 x context

@@ -1,6 +1,8 @@
 """Benchmark the GPU MSA kernels against dense cuDNN flash attention, on the lent GPU.
 
     python benchmarks/kernels.py [--quick] [--out DIR]
+    python benchmarks/kernels.py --issue13 [--out DIR]   # issue 13's cases (see issue13()): in-jit decode
+        timing, FP8 index-K, the dense layers' chunk path, 512K / 1M prefill in Engine-sized chunks
 
 Full M3 attention geometry: 64 q heads, 4 KV heads, head dim 128, index 4 x 128, block (page) 128, top-16.
 Prefill: batch 1 at 8K / 32K / 128K (the whole prompt as one chunk). Decode: batch 1 / 8 / 32 / 64 x context
@@ -90,6 +92,8 @@ def msa_fns():
 
 
 OURS_DENSE = jax.jit(gpu.dense_attention)
+# The full-attention layers' path for prompt chunks: cuDNN over the chunk + paged history merged by LSE.
+OURS_DENSE_CHUNK = jax.jit(lambda *a: gpu.dense_attention(*a, contiguous_chunks=True))
 
 
 def _query_outer(*args):
@@ -104,7 +108,7 @@ def cudnn_dense(q, k, v, causal):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
 
-def prefill_case(s, idx, att):
+def prefill_case(s, idx, att, slow_variants=True):
     key = jax.random.key(s)
     k_pages, v_pages, ik_pages, table = make_pool(key, 1, s)
     kq, ki, kk, kv = jax.random.split(jax.random.fold_in(key, 1), 4)
@@ -115,8 +119,11 @@ def prefill_case(s, idx, att):
     t_idx = bench(idx, iq, ik_pages, table, pos, iters=iters, reps=3)
     sel = idx(iq, ik_pages, table, pos)
     t_att = bench(att, q, k_pages, v_pages, table, pos, sel, iters=iters, reps=3)
-    t_att_query = bench(ATT_QUERY_OUTER, q, k_pages, v_pages, table, pos, sel, iters=iters, reps=3)
-    t_ours_dense = bench(OURS_DENSE, q, k_pages, v_pages, table, pos, iters=1 if s >= 65536 else 3, reps=2)
+    t_att_query = (bench(ATT_QUERY_OUTER, q, k_pages, v_pages, table, pos, sel, iters=iters, reps=3)
+                   if slow_variants else float("nan"))
+    t_ours_dense = (bench(OURS_DENSE, q, k_pages, v_pages, table, pos, iters=1 if s >= 65536 else 3, reps=2)
+                    if slow_variants or s <= 32768 else float("nan"))
+    t_dense_chunk = bench(OURS_DENSE_CHUNK, q, k_pages, v_pages, table, pos, iters=iters, reps=3)
     del k_pages, v_pages, ik_pages
     kc = jax.random.normal(kk, (1, s, K, H), jnp.bfloat16)
     vc = jax.random.normal(kv, (1, s, K, H), jnp.bfloat16)
@@ -124,7 +131,7 @@ def prefill_case(s, idx, att):
     t = np.arange(s)
     keys_sparse = (np.minimum(C, t // R + 1) - 1) * R + t % R + 1          # chosen non-local blocks are full
     return {"kind": "prefill", "batch": 1, "ctx": s, "t_idx": t_idx, "t_att": t_att, "t_dense": t_dense,
-            "t_ours_dense": t_ours_dense, "t_att_query_outer": t_att_query,
+            "t_ours_dense": t_ours_dense, "t_att_query_outer": t_att_query, "t_ours_dense_chunk": t_dense_chunk,
             "flops_att": 4 * H * N * float(keys_sparse.sum()),
             "flops_dense": 4 * H * N * float((t + 1).sum()),
             "flops_idx": 2 * I * K * float((t + 1).sum())}
@@ -256,13 +263,231 @@ def profile_kv(out_dir, s=131072):
         json.dump(res, f, indent=1)
 
 
+UNROLL = 8
+
+
+def in_jit(step, n=UNROLL):
+    """Device time per call of `step(q, iq_or_none, *rest)` inside one jit: n serially dependent copies
+    (unrolled; each call's q and iq depend on the previous output, so XLA can neither hoist nor merge them),
+    as the model calls the ops inside its jitted layer step. No per-call host dispatch; returns a jitted fn."""
+    def run(q, iq, *rest):
+        c = jnp.zeros((), jnp.float32)
+        for _ in range(n):
+            eps = (c * 0).astype(q.dtype)
+            out = step(q + eps, None if iq is None else iq + eps, *rest)
+            c = c + out.reshape(-1)[0].astype(jnp.float32)
+        return c
+    return jax.jit(run)
+
+
+def bench_in_jit(fn, *args, n=UNROLL):
+    return bench(fn, *args, iters=3, reps=5) / n
+
+
+def msa_layer(q, iq, k, v, ik, table, pos, ik_scale=None):
+    sel = gpu.indexer_topk(iq, ik, table, pos, topk=C, ik_scale=ik_scale)
+    return gpu.sparse_attention(q, k, v, table, pos, sel)
+
+
+def decode_case_13(batch, ctx, idx, att):
+    """Decode: per-call (separate jits, as issue 4 measured) and in-jit device time of the MSA layer (indexer +
+    attention) and cuDNN; the indexer with a bf16 and an FP8 (e4m3 + f32 scale per token) index-K cache."""
+    from pallas_kernels import layout
+    key = jax.random.key(batch * 1000 + ctx // 1024)
+    k_pages, v_pages, ik_pages, table = make_pool(key, batch, ctx)
+    kq, ki, kk, kv = jax.random.split(jax.random.fold_in(key, 1), 4)
+    q = jax.random.normal(kq, (batch, 1, N, H), jnp.bfloat16)
+    iq = jax.random.normal(ki, (batch, 1, K, I), jnp.bfloat16)
+    pos = jnp.full((batch, 1), ctx - 1, jnp.int32)
+    codes, scale = jax.jit(layout.quantize_index_k)(ik_pages)
+    idx8 = jax.jit(lambda iq, ik, pt, pos, sc: gpu.indexer_topk(iq, ik, pt, pos, topk=C, ik_scale=sc))
+    r = {"kind": "decode", "batch": batch, "ctx": ctx}
+    r["t_idx"] = bench(idx, iq, ik_pages, table, pos, iters=20)
+    r["t_idx_fp8"] = bench(idx8, iq, codes, table, pos, scale, iters=20)
+    sel = idx(iq, ik_pages, table, pos)
+    sel8 = idx8(iq, codes, table, pos, scale)
+    r["fp8_same_sets"] = float(jnp.mean(jnp.all(jnp.sort(sel, -1) == jnp.sort(sel8, -1), axis=-1)))
+    r["t_att"] = bench(att, q, k_pages, v_pages, table, pos, sel, iters=20)
+    r["t_layer_jit"] = bench_in_jit(in_jit(lambda q, iq, *a: msa_layer(q, iq, *a)), q, iq, k_pages, v_pages,
+                                    ik_pages, table, pos)
+    r["t_layer_fp8_jit"] = bench_in_jit(in_jit(lambda q, iq, k, v, ik, t, p, sc: msa_layer(q, iq, k, v, ik, t, p, sc)),
+                                        q, iq, k_pages, v_pages, codes, table, pos, scale)
+    del k_pages, v_pages, ik_pages, codes
+    kc = jax.random.normal(kk, (batch, ctx, K, H), jnp.bfloat16)
+    vc = jax.random.normal(kv, (batch, ctx, K, H), jnp.bfloat16)
+    r["t_dense"] = bench(jax.jit(lambda a, b, c: cudnn_dense(a, b, c, False)), q, kc, vc, iters=20)
+    r["t_dense_jit"] = bench_in_jit(in_jit(lambda q, iq, k, v: cudnn_dense(q, k, v, False)), q, None, kc, vc)
+    sel_keys = min(C, ctx // R) * R
+    r["bytes_idx"] = batch * ctx * I * 2
+    r["bytes_idx_fp8"] = batch * ctx * (I + 4)
+    r["bytes_att"] = batch * (K * sel_keys * H * 2 * 2 + 2 * N * H * 2)
+    r["bytes_dense"] = batch * (ctx * K * H * 2 * 2 + 2 * N * H * 2)
+    r["t_total"] = r["t_idx"] + r["t_att"]
+    r["speedup"] = r["t_dense"] / r["t_total"]
+    r["speedup_jit"] = r["t_dense_jit"] / r["t_layer_jit"]
+    r["speedup_fp8_jit"] = r["t_dense_jit"] / r["t_layer_fp8_jit"]
+    return r
+
+
+def chunked_prefill_13(lengths=(524288, 1048576), chunk=512, samples=5):
+    """Prefill of 512K / 1M tokens in Engine-sized chunks (Engine.prefill_chunk = 512), per MSA layer and per
+    full-attention layer, against cuDNN on the same chunking. A chunk's cost depends only on its history h:
+    it is measured at `samples` evenly spaced h in [0, S_max - chunk] on one pool of S_max keys, and the total
+    over all S / chunk chunks is the sum of the piecewise-linear interpolation (indexer and dense work grow
+    linearly in h; sparse attention is flat past 16 blocks). cuDNN per chunk: the chunk's queries against the
+    h + chunk contiguous keys without a mask (the causal triangle inside the chunk is 0.05% of the work at
+    h = 1M; at h = 0 this overstates cuDNN by at most one chunk^2/2)."""
+    s_max = max(lengths)
+    key = jax.random.key(7)
+    k_pages, v_pages, ik_pages, table = make_pool(key, 1, s_max)
+    kq, ki, kk, kv = jax.random.split(jax.random.fold_in(key, 1), 4)
+    q = jax.random.normal(kq, (1, chunk, N, H), jnp.bfloat16)
+    iq = jax.random.normal(ki, (1, chunk, K, I), jnp.bfloat16)
+    kc = jax.random.normal(kk, (1, s_max, K, H), jnp.bfloat16)
+    vc = jax.random.normal(kv, (1, s_max, K, H), jnp.bfloat16)
+    idx, att = msa_fns()
+    hs = np.linspace(0, s_max - chunk, samples).astype(np.int64) // R * R
+    rows = []
+    for h in hs:
+        pos = (int(h) + jnp.arange(chunk, dtype=jnp.int32))[None]
+        r = {"h": int(h)}
+        r["t_idx"] = bench(idx, iq, ik_pages, table, pos, iters=5, reps=3)
+        sel = idx(iq, ik_pages, table, pos)
+        r["t_att"] = bench(att, q, k_pages, v_pages, table, pos, sel, iters=5, reps=3)
+        r["t_ours_dense_chunk"] = bench(OURS_DENSE_CHUNK, q, k_pages, v_pages, table, pos, iters=3, reps=3)
+        n = int(h) + chunk
+        r["t_dense"] = bench(jax.jit(lambda a, b, c: cudnn_dense(a, b, c, False)), q, kc[:, :n], vc[:, :n],
+                             iters=3, reps=3)
+        print("chunk sample", {k: (round(1e3 * v, 3) if k.startswith("t_") else v) for k, v in r.items()},
+              flush=True)
+        rows.append(r)
+    out = {"chunk": chunk, "samples": rows, "totals": {}}
+    for s_len in lengths:
+        starts = np.arange(0, s_len, chunk)
+        tot = {}
+        for name in ("t_idx", "t_att", "t_ours_dense_chunk", "t_dense"):
+            tot[name] = float(np.interp(starts, hs, [r[name] for r in rows]).sum())
+        tot["t_msa"] = tot["t_idx"] + tot["t_att"]
+        tot["speedup"] = tot["t_dense"] / tot["t_msa"]
+        tot["dense_ratio"] = tot["t_ours_dense_chunk"] / tot["t_dense"]
+        out["totals"][s_len] = tot
+        print(f"prefill {s_len // 1024}K in {chunk}-token chunks (extrapolated from {samples} measured chunks): "
+              f"MSA {tot['t_msa']:.2f} s (indexer {tot['t_idx']:.2f}), cuDNN dense {tot['t_dense']:.2f} s, "
+              f"speed-up {tot['speedup']:.1f}x; our dense layer {tot['t_ours_dense_chunk']:.2f} s "
+              f"({tot['dense_ratio']:.2f}x cuDNN)", flush=True)
+    return out
+
+
+def fp8_agreement(ctx=32768, n_queries=64, seed=0):
+    """How the FP8 index-K cache changes the selection, on random data (no trained model is used here): the
+    share of (token, group) top-16 sets identical to the bf16 cache's, and the recall of attention mass: of
+    the softmax mass that sparse attention over the bf16 selection puts on its blocks, the share on blocks the
+    FP8 selection also chose (mean and minimum over tokens x heads). Queries are the last n_queries positions."""
+    from pallas_kernels import layout, reference
+    key = jax.random.key(seed)
+    k_pages, _, ik_pages, table = make_pool(key, 1, ctx)
+    kq, ki = jax.random.split(jax.random.fold_in(key, 1))
+    q = jax.random.normal(kq, (1, n_queries, N, H), jnp.bfloat16)
+    iq = jax.random.normal(ki, (1, n_queries, K, I), jnp.bfloat16)
+    pos = (ctx - n_queries + jnp.arange(n_queries, dtype=jnp.int32))[None]
+    codes, scale = layout.quantize_index_k(ik_pages)
+    sel = gpu.indexer_topk(iq, ik_pages, table, pos, topk=C)
+    sel8 = gpu.indexer_topk(iq, codes, table, pos, topk=C, ik_scale=scale)
+    same = jnp.all(jnp.sort(sel, -1) == jnp.sort(sel8, -1), axis=-1)                  # [1, T, K]
+    m = ctx // R
+    k_seq = reference.gather_sequence(k_pages, table).astype(jnp.float32)            # [1, K, S, H]
+    qf = q.astype(jnp.float32).reshape(1, n_queries, K, G, H)
+    logits = jnp.einsum("btkgh,bksh->btkgs", qf, k_seq, precision="highest") * H ** -0.5
+    vis = jnp.arange(ctx)[None, None, :] <= pos[:, :, None]
+    chosen = (sel[..., None] == jnp.arange(m)).any(-2)                                # [1, T, K, M]
+    chosen8 = (sel8[..., None] == jnp.arange(m)).any(-2)
+    keep = jnp.repeat(chosen, R, axis=-1) & vis[:, :, None, :]
+    logits = jnp.where(keep[:, :, :, None, :], logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)                                               # [1, T, K, G, S]
+    on8 = jnp.repeat(chosen8, R, axis=-1)[:, :, :, None, :]
+    recall = jnp.sum(jnp.where(on8, p, 0.0), axis=-1)                                 # [1, T, K, G]
+    res = {"ctx": ctx, "queries": n_queries, "data": "random bf16 (no trained model)",
+           "same_sets": float(jnp.mean(same)), "mass_recall_mean": float(jnp.mean(recall)),
+           "mass_recall_min": float(jnp.min(recall)),
+           "overlap_blocks_mean": float(jnp.mean(jnp.sum(chosen & chosen8, -1) / jnp.sum(chosen, -1)))}
+    print("fp8 index-K agreement", res, flush=True)
+    return res
+
+
+def issue13(out_dir):
+    """The cases issue 13 asks for, in one call: prefill 8K/32K/128K (sparse, cuDNN, the dense layer's
+    chunk path), decode batch 1/8 (8K/32K/128K/1M) and 32 (128K) per call and in-jit with bf16 and FP8 index-K,
+    512K/1M chunked prefill, FP8 selection agreement."""
+    dev = jax.devices()[0]
+    meta = {"device": dev.device_kind, "jax": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    print(meta, flush=True)
+    res = {"meta": meta, "ceilings": ceilings(), "prefill": [], "decode": []}
+    print(res["ceilings"], flush=True)
+    path = os.path.join(out_dir, "issue13.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+    idx, att = msa_fns()
+    jobs = ([("agree", 0, 0)] + [("prefill", 1, s) for s in (8192, 32768, 131072)]
+            + [("decode", b, c) for b, c in ((1, 8192), (1, 32768), (1, 131072), (8, 8192), (8, 32768),
+                                              (8, 131072), (32, 131072))]
+            + [("chunked", 0, 0), ("decode", 1, 1048576), ("decode", 8, 1048576)])
+    for kind, b, s in jobs:
+        t0 = time.time()
+        try:
+            if kind == "agree":
+                res["fp8_agreement"] = fp8_agreement()
+            elif kind == "prefill":
+                res["prefill"].append(derive(prefill_case(s, idx, att, slow_variants=False), res["ceilings"]))
+            elif kind == "decode":
+                res["decode"].append(decode_case_13(b, s, idx, att))
+            else:
+                res["chunked"] = chunked_prefill_13()
+        except Exception as e:  # noqa: BLE001 - one failing case must not lose the others
+            traceback.print_exc()
+            res.setdefault("errors", []).append(f"{kind} b{b} {s}: {type(e).__name__}: {str(e)[:500]}")
+        print(f"{kind} b{b} {s}: {time.time() - t0:.1f}s", flush=True)
+        save()
+    print_issue13(res)
+
+
+def print_issue13(res):
+    print(f"{'prefill':>10} {'idx ms':>8} {'attn ms':>8} {'MSA ms':>8} {'cuDNN ms':>9} {'x':>6} "
+          f"{'attn TF/s':>9} {'cuDNN TF/s':>10} {'dense-chunk ms':>14} {'x cuDNN':>7} {'paged ms':>9}")
+    for r in res["prefill"]:
+        print(f"{r['ctx'] // 1024:>9}K {1e3 * r['t_idx']:8.3f} {1e3 * r['t_att']:8.3f} {1e3 * r['t_total']:8.3f} "
+              f"{1e3 * r['t_dense']:9.3f} {r['speedup']:6.2f} {r['tflops_att']:9.1f} {r['tflops_dense']:10.1f} "
+              f"{1e3 * r['t_ours_dense_chunk']:14.3f} {r['t_ours_dense_chunk'] / r['t_dense']:7.2f} "
+              f"{1e3 * r['t_ours_dense']:9.3f}")
+    print(f"{'decode':>10} {'idx':>7} {'idx8':>7} {'att':>7} {'cuDNN':>7} {'x':>5} | in-jit: {'layer':>7} "
+          f"{'layer8':>7} {'cuDNN':>7} {'x':>5} {'x fp8':>5} {'same8':>5}  (us)")
+    for r in res["decode"]:
+        print(f"{'b%d %dK' % (r['batch'], r['ctx'] // 1024):>10} {1e6 * r['t_idx']:7.1f} {1e6 * r['t_idx_fp8']:7.1f} "
+              f"{1e6 * r['t_att']:7.1f} {1e6 * r['t_dense']:7.1f} {r['speedup']:5.2f} | in-jit: "
+              f"{1e6 * r['t_layer_jit']:7.1f} {1e6 * r['t_layer_fp8_jit']:7.1f} "
+              f"{1e6 * r['t_dense_jit']:7.1f} {r['speedup_jit']:5.2f} "
+              f"{r['speedup_fp8_jit']:5.2f} {r['fp8_same_sets']:5.2f}")
+    for s_len, tot in res.get("chunked", {}).get("totals", {}).items():
+        print(f"prefill {s_len // 1024}K chunked: MSA {tot['t_msa']:.2f} s, cuDNN {tot['t_dense']:.2f} s, "
+              f"{tot['speedup']:.1f}x; dense layer {tot['dense_ratio']:.2f}x cuDNN")
+    for e in res.get("errors", []):
+        print("ERROR", e)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8K/32K prefill, batch 1/32 decode only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="time Triton launch variants of the prefill kernels")
     ap.add_argument("--profile-kv", action="store_true", help="split the KV-block-major time at 128K")
+    ap.add_argument("--issue13", action="store_true", help="the cases of issue 13 (see issue13())")
     args = ap.parse_args()
+    if args.issue13:
+        issue13(args.out)
+        return
     if args.sweep:
         sweep(args.out)
         return

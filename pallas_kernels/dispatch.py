@@ -77,9 +77,13 @@ def _call(op: str, impl: str | Sequence[str] | None, *args, **kwargs):
     raise NoImplementationError(f"{op}: no implementation in {order} accepts these inputs: " + "; ".join(errors))
 
 
-def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1, impl=None):
-    """MSA block selection; see reference.indexer_topk for layouts and semantics."""
-    return _call("indexer_topk", impl, iq_btki, ik_pages, page_table, q_pos, topk=topk, local_blocks=local_blocks)
+def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1, ik_scale=None,
+                 impl=None):
+    """MSA block selection; see reference.indexer_topk for layouts and semantics. FP8 index-K cache: ik_pages
+    float8_e4m3fn [P, R, I] with ik_scale f32[P, R] (layout.quantize_index_k)."""
+    kw = {} if ik_scale is None else {"ik_scale": ik_scale}
+    return _call("indexer_topk", impl, iq_btki, ik_pages, page_table, q_pos, topk=topk, local_blocks=local_blocks,
+                 **kw)
 
 
 def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale=None, impl=None):
@@ -87,9 +91,13 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
     return _call("sparse_attention", impl, q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, scale=scale)
 
 
-def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, impl=None):
-    """Causal GQA over the paged cache; see reference.dense_attention."""
-    return _call("dense_attention", impl, q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale)
+def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, impl=None,
+                    contiguous_chunks: bool = False):
+    """Causal GQA over the paged cache; see reference.dense_attention. contiguous_chunks=True promises that
+    each request's valid rows are consecutive positions then -1 padding (prompt chunks): on GPU the chunk then
+    runs through cuDNN, its history through the paged kernel (gpu.attention.dense_attention_chunked)."""
+    return _call("dense_attention", impl, q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale,
+                 contiguous_chunks=contiguous_chunks)
 
 
 def grouped_matmul(lhs_md, rhs_gdn, group_sizes, *, impl=None):

@@ -28,3 +28,18 @@ def index_pages_from_sequence(x_bsi, block_size: int):
 
 def page_table_for_sequences(batch: int, blocks: int):
     return jnp.arange(batch * blocks, dtype=jnp.int32).reshape(batch, blocks)
+
+
+E4M3_MAX = 448.0            # largest finite float8_e4m3fn
+
+
+def quantize_index_k(ik, eps: float = 1e-12):
+    """Index keys [..., I] -> (float8_e4m3fn [..., I], f32 scale [...]): one scale per token, amax / 448.
+
+    The FP8 index-K cache layout the indexer takes (ik_pages [P, R, I] e4m3 with ik_scale f32[P, R]); a key is
+    recovered as codes * scale. A scale per token (not per page) keeps a token's quantisation independent of
+    the tokens written after it into the same page.
+    """
+    x = ik.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1), eps) / E4M3_MAX
+    return (x / scale[..., None]).astype(jnp.float8_e4m3fn), scale

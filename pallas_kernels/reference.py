@@ -43,9 +43,15 @@ def visible_keys(q_pos, num_keys):
     return jnp.arange(num_keys)[None, None, :] <= q_pos[:, :, None]
 
 
-def block_scores(iq_btki, ik_pages, page_table, q_pos):
+def index_keys(ik_pages, ik_scale=None):
+    """The index-K pool in float32: as stored, or e4m3 codes times their per-token scale f32[P, R]."""
+    ik = ik_pages.astype(f32)
+    return ik if ik_scale is None else ik * ik_scale.astype(f32)[..., None]
+
+
+def block_scores(iq_btki, ik_pages, page_table, q_pos, ik_scale=None):
     """f32[B, T, K, M]: max over each block's visible keys of <iq, ik>; -inf for blocks with none visible."""
-    ik = gather_sequence(ik_pages, page_table).astype(f32)                 # [B, S, I]
+    ik = gather_sequence(index_keys(ik_pages, ik_scale), page_table)       # [B, S, I]
     s = jnp.einsum("btki,bsi->btks", iq_btki.astype(f32), ik, precision="highest")
     vis = visible_keys(q_pos, ik.shape[1])                                 # [B, T, S]
     s = jnp.where(vis[:, :, None, :], s, -jnp.inf)
@@ -54,14 +60,17 @@ def block_scores(iq_btki, ik_pages, page_table, q_pos):
     return s.reshape(b, t, k, page_table.shape[1], r).max(-1)
 
 
-def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1):
+def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1, ik_scale=None):
     """MSA block selection: i32[B, T, K, topk] logical block ids, best first, -1 right-padded.
+
+    FP8 index-K cache: ik_pages float8_e4m3fn [P, R, I] and ik_scale f32[P, R] (layout.quantize_index_k); the
+    keys are ik_pages * ik_scale. Without ik_scale the pool is used as stored.
 
     The query's own block q_pos // R and the `local_blocks - 1` blocks before it are forced in (score +inf),
     the rest are ranked by raw block maxima; ties go to the lower block id. A padding row (q_pos < 0) gets
     all -1.
     """
-    bs = block_scores(iq_btki, ik_pages, page_table, q_pos)               # [B, T, K, M]
+    bs = block_scores(iq_btki, ik_pages, page_table, q_pos, ik_scale)     # [B, T, K, M]
     m = bs.shape[-1]
     r = ik_pages.shape[1]
     blk = jnp.arange(m)
@@ -110,8 +119,13 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
     return _attend(q_btnh, k_pages, v_pages, page_table, keep, scale)
 
 
-def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale: float | None = None):
-    """Causal GQA over the paged cache (full-attention layers): every visible key, f32[B, T, N, H]."""
+def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale: float | None = None,
+                    contiguous_chunks: bool = False):
+    """Causal GQA over the paged cache (full-attention layers): every visible key, f32[B, T, N, H].
+
+    contiguous_chunks: the caller's promise that each request's valid rows are consecutive positions followed
+    by padding (kernels may use it for speed); the result is the same, so the reference ignores it."""
+    del contiguous_chunks
     h = q_btnh.shape[-1]
     scale = h ** -0.5 if scale is None else scale
     kh = k_pages.shape[0]

@@ -20,3 +20,15 @@ def whole_array():
 def masked_store(ref, value, mask):
     """Store where mask is true (rows of a gathered tile that exist); pl_triton.store on both releases."""
     return pl_triton.store(ref, value, mask=mask)
+
+
+def cudnn_attention_with_lse(q_btnh, k_bskh, v_bskh, seqlen, *, scale):
+    """cuDNN flash attention, causal over the first seqlen[b] rows of q and k (padding-causal mask, GQA), with
+    its log-sum-exp: (o [B, T, N, H] in q's dtype, f32[B, T, N]). bf16/f16 only. jax.nn.dot_product_attention
+    does not return the log-sum-exp, so this calls jax's cuDNN module directly (a private API: kept here)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    seqlen = seqlen.astype("int32")
+    o, lse = fa.dot_product_attention(q_btnh, k_bskh, v_bskh, q_seqlen=seqlen, kv_seqlen=seqlen, scale=scale,
+                                      mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+                                      return_residual=True)
+    return o, lse.transpose(0, 2, 1)                                       # [B, N, T] -> [B, T, N]

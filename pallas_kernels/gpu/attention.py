@@ -7,15 +7,18 @@ dense_attention:  the same over every visible key (the full-attention layers).
 Schedule (sparse). One program per (token, KV group, split): its M dimension is the G query heads of the group
 (padded to 16 on the GPU: triton's dot needs >= 16 rows), and it walks its share of the token's chosen pages
 with an online softmax. The wrapper first compacts each (token, group) list (drops -1, out-of-range, future and
-repeated ids; ascending ids), so the kernel loop has no branches and never touches a page no key of which is
-visible. When the (token x group) grid cannot fill the chip (decode), the C chosen pages are split over
-`num_splits` programs and the partial results are merged with their log-sum-exp (split-K). The same kernel
+repeated ids; kept in slot order, without a sort), so the kernel loop has no branches and never touches a page
+no key of which is visible. When the (token x group) grid cannot fill the chip (decode), the C chosen pages are
+split over `num_splits` programs and the partial results are merged with their log-sum-exp (split-K). The same kernel
 serves prefill chunks, decode and multi-token verification (any T). Chunks of >= KV_MAJOR_MIN_QUERIES tokens use
 the KV-block-major schedule of kv_major.py instead (each chosen page loaded once for all tokens that chose it).
 
 Schedule (dense). One program per (tile of TQ tokens, KV group, split): M = TQ tokens x G heads (<= 128 rows,
 tokens outer), walking all pages up to the tile's last visible block, causal mask per row; split-K over the
 context for decode. Tiles are launched longest-first (reverse token order) to shorten the causal tail.
+Prompt chunks (dense_attention(contiguous_chunks=True)) instead run cuDNN over the chunk itself and this kernel
+over the history only, merged by log-sum-exp (dense_attention_chunked): the paged kernel is a plain Triton
+flash loop at about half of cuDNN's rate in long prefill.
 
 Edges: keys past q_pos get -inf logits; V rows past the tile's largest q_pos are zeroed before the PV product,
 so unwritten slots (NaN in the tests) never reach the output. A row with no visible key (q_pos = -1, or only
@@ -37,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu import _common as cm
-from pallas_kernels.gpu._compat import compiler_params, whole_array
+from pallas_kernels.gpu._compat import compiler_params, cudnn_attention_with_lse, whole_array
 from pallas_kernels.gpu.kv_major import sparse_attention_kv_major
 
 f32 = jnp.float32
@@ -170,21 +173,27 @@ def _pad_pages(k_pages, v_pages, rp, hp):
 
 
 def compact_block_ids(block_ids, q_pos, block_size, num_blocks):
-    """Per (token, group): valid distinct ids ascending, then -1; and their count. i32[B,T,K,Cp], i32[B,T,K].
+    """Per (token, group): the valid distinct ids first (in slot order), then -1; and their count.
+    i32[B,T,K,Cp], i32[B,T,K].
 
-    Valid = 0 <= id < num_blocks and the block starts at or before q_pos (has a visible key). Cp is C rounded
-    up to a power of two.
+    Valid = 0 <= id < num_blocks, the block starts at or before q_pos (has a visible key) and no earlier slot
+    holds the same id. Cp is C rounded up to a power of two. No sort: with C = 16 slots, a [C, C] comparison
+    (duplicates) and a [C, C] one-hot gather (rank of each kept slot) fuse into elementwise XLA passes, where
+    two sorts of [B*T*K, C] were separate kernels (the fixed cost of short calls, and ~ms at 128K).
     """
-    big = jnp.int32(2 ** 30)
     ids = block_ids.astype(jnp.int32)
-    ok = (ids >= 0) & (ids < num_blocks) & (ids * block_size <= q_pos[:, :, None, None])
-    ids = jnp.sort(jnp.where(ok, ids, big), axis=-1)
-    dup = jnp.concatenate([jnp.zeros_like(ids[..., :1], bool), ids[..., 1:] == ids[..., :-1]], axis=-1)
-    ids = jnp.sort(jnp.where(dup, big, ids), axis=-1)
-    nvalid = jnp.sum(ids < big, axis=-1).astype(jnp.int32)
     c = ids.shape[-1]
-    ids = jnp.pad(ids, ((0, 0),) * 3 + ((0, cm.next_pow2(c) - c),), constant_values=big)
-    return jnp.where(ids < big, ids, -1), nvalid
+    ok = (ids >= 0) & (ids < num_blocks) & (ids <= q_pos[:, :, None, None] // block_size)
+    ok &= (q_pos >= 0)[:, :, None, None]
+    earlier = jnp.arange(c)[:, None] > jnp.arange(c)[None, :]             # [C (slot), C (earlier slot)]
+    dup = jnp.any((ids[..., :, None] == ids[..., None, :]) & ok[..., None, :] & earlier, axis=-1)
+    keep = ok & ~dup
+    rank = jnp.cumsum(keep.astype(jnp.int32), axis=-1) - 1                 # position among the kept slots
+    nvalid = jnp.sum(keep, axis=-1).astype(jnp.int32)
+    cp = cm.next_pow2(c)
+    onehot = keep[..., :, None] & (rank[..., :, None] == jnp.arange(cp))   # [..., C, Cp]
+    out = jnp.sum(jnp.where(onehot, ids[..., :, None], 0), axis=-2)
+    return jnp.where(jnp.arange(cp) < nvalid[..., None], out, -1).astype(jnp.int32), nvalid
 
 
 SPARSE_TUNING = {"num_warps": 1, "num_stages": 2, "chunk": 32}        # measured: benchmarks/RESULTS.md
@@ -251,10 +260,27 @@ def sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_id
     return o[:, :, :, :g, :h].reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
-def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, interpret=False):
+def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, interpret=False,
+                    contiguous_chunks=False):
     """Causal GQA over the paged cache; see the module docstring and reference.dense_attention.
 
     Same layouts as sparse_attention without block_ids. Returns [B, T, N, H] in q's dtype.
+    contiguous_chunks=True (prefill chunks, T > 1, bf16/f16): the caller promises that each request's valid
+    rows are a prefix of consecutive positions p0, p0 + 1, ... followed by -1 padding (how the Engine lays out
+    prompt chunks). Then the chunk attends to itself through cuDNN's flash attention and to its history (keys
+    < p0) through the paged kernel, merged by log-sum-exp: see dense_attention_chunked. Otherwise (decode,
+    float32, the flag unset) the paged kernel alone runs.
+    """
+    if contiguous_chunks and q_btnh.shape[1] > 1 and q_btnh.dtype in (jnp.bfloat16, jnp.float16):
+        return dense_attention_chunked(q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale,
+                                       interpret=interpret)
+    return _dense_paged(q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale, interpret=interpret)[0]
+
+
+def _dense_paged(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale, interpret, with_lse=False):
+    """The paged dense kernel: ([B, T, N, H] in q's dtype, or f32 with_lse; f32[B, T, N] log-sum-exp or None).
+
+    with_lse: rows with no visible key get output 0 and log-sum-exp -inf (for merging with other partials).
     """
     (b, t, n, h, kh, r, g), (hp, rp, gp) = _check("dense_attention", q_btnh, k_pages, v_pages, page_table, q_pos)
     m = page_table.shape[1]
@@ -270,7 +296,7 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
     splits = num_splits(b * num_tiles * kh, m, min_units=4)
     per_split = cm.cdiv(m, splits)
     splits = cm.cdiv(m, per_split)
-    o_dtype = q_btnh.dtype if splits == 1 else f32
+    o_dtype = q_btnh.dtype if splits == 1 and not with_lse else f32
     nt = num_tiles
 
     def tile(i):                                                           # longest (last) tiles first
@@ -278,7 +304,7 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
 
     out_shape = [jax.ShapeDtypeStruct((splits, b, kh, tp * gp, hp), o_dtype)]
     out_specs = [pl.BlockSpec((None, None, None, rows, hp), lambda i, k, s: (s, i // nt, k, tile(i), 0))]
-    if splits > 1:
+    if splits > 1 or with_lse:
         out_shape.append(jax.ShapeDtypeStruct((splits, b, kh, tp * gp), f32))
         out_specs.append(pl.BlockSpec((None, None, None, rows), lambda i, k, s: (s, i // nt, k, tile(i))))
     kernel = functools.partial(_dense_kernel, num_tiles=nt, per_split=per_split, num_blocks=m, scale=scale,
@@ -295,6 +321,94 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
             num_stages=cm.pipeline_stages(2, per_stage=2 * rp * hp * jnp.dtype(k_pages.dtype).itemsize,
                                           fixed=rows * hp * jnp.dtype(q_rows.dtype).itemsize)),
     )(page_table.astype(jnp.int32), pos_rows, q_rows, k_pages, v_pages)
-    o = outs[0][0] if splits == 1 else combine_splits(outs[0], outs[1])    # [B, K, Tp*Gp, H]
-    o = o.reshape(b, kh, tp, gp, hp)[:, :, :t, :g, :h].transpose(0, 2, 1, 3, 4)
-    return o.reshape(b, t, n, h).astype(q_btnh.dtype)
+    if splits == 1:
+        o, lse = outs[0][0], (outs[1][0] if with_lse else None)
+    else:
+        o, lse = combine_splits(outs[0], outs[1]), (_combine_lse(outs[1]) if with_lse else None)
+    o = o.reshape(b, kh, tp, gp, hp)[:, :, :t, :g, :h].transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+    if with_lse:
+        lse = lse.reshape(b, kh, tp, gp)[:, :, :t, :g].transpose(0, 2, 1, 3).reshape(b, t, n)
+        return o, lse
+    return o.astype(q_btnh.dtype), None
+
+
+def _combine_lse(lse):
+    """f32[S, ...] split log-sum-exps -> their total, -inf where every split is empty."""
+    mx = jnp.max(lse, axis=0)
+    safe = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    tot = jnp.sum(jnp.exp(lse - safe), axis=0)
+    return jnp.where(tot > 0, safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
+
+
+def _chunk_attention_jnp(q_btnh, k_btkh, v_btkh, n_valid, scale):
+    """Stand-in for cuDNN in interpret mode (CPU tests): causal attention of the chunk to itself over its first
+    n_valid[b] rows, f32 HIGHEST. Returns (f32[B, T, N, H], f32[B, T, N] log-sum-exp); rows >= n_valid: junk."""
+    b, t, n, h = q_btnh.shape
+    kh = k_btkh.shape[2]
+    q = q_btnh.astype(f32).reshape(b, t, kh, n // kh, h)
+    s = jnp.einsum("btkgh,bskh->btkgs", q, k_btkh.astype(f32), precision=lax.Precision.HIGHEST) * scale
+    j = jnp.arange(t)
+    ok = (j[None, :] <= j[:, None])[None] & (j < n_valid[:, None])[:, None, :]      # [B, T, S]
+    s = jnp.where(ok[:, :, None, None, :], s, -jnp.inf)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    p = jnp.exp(s - mx)
+    den = jnp.sum(p, axis=-1)
+    o = jnp.einsum("btkgs,bskh->btkgh", p, v_btkh.astype(f32), precision=lax.Precision.HIGHEST)
+    o = o / jnp.where(den > 0, den, 1.0)[..., None]
+    lse = jnp.where(den > 0, mx[..., 0] + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+    return o.reshape(b, t, n, h), lse.reshape(b, t, n)
+
+
+def dense_attention_chunked(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, interpret=False):
+    """dense_attention for prefill chunks of consecutive positions: cuDNN over the chunk + paged history.
+
+    Request b's valid rows must be positions p0[b], p0[b] + 1, ... (a prefix of the T rows; the rest q_pos =
+    -1). Its keys are the history s < p0[b] (any length, in the page pool) and the chunk itself. The chunk's
+    own K/V rows are gathered from the pool into [B, T, K, H] and attended causally by cuDNN's flash attention
+    (padding-causal mask, its log-sum-exp returned); the history by the paged kernel with every valid row's
+    position set to p0 - 1 (all history visible, no chunk key); the two are merged by log-sum-exp. When no
+    request has history (a prompt's first chunk) the paged kernel is skipped (lax.cond). A request whose rows
+    break the promise gets NaN outputs (never a silently wrong answer). In interpret mode (CPU tests) a jnp
+    stand-in with cuDNN's contract replaces the cuDNN call.
+    """
+    (b, t, n, h, kh, r, g), _ = _check("dense_attention", q_btnh, k_pages, v_pages, page_table, q_pos)
+    m = page_table.shape[1]
+    scale = h ** -0.5 if scale is None else float(scale)
+    pos = q_pos.astype(jnp.int32)
+    valid = pos >= 0
+    n_valid = jnp.sum(valid, axis=1).astype(jnp.int32)                    # [B]
+    j = jnp.arange(t, dtype=jnp.int32)
+    p0 = jnp.where(n_valid > 0, pos[:, 0], 0)
+    in_chunk = j[None, :] < n_valid[:, None]                              # [B, T]
+    promise = jnp.all(jnp.where(in_chunk, pos == p0[:, None] + j, ~valid), axis=1)
+    # The chunk's own keys: positions p0 + j, j < n_valid (rows past n_valid are zeroed: NaN-safe).
+    kpos = p0[:, None] + j
+    page = jnp.take_along_axis(page_table.astype(jnp.int32), jnp.clip(kpos // r, 0, m - 1), axis=1)
+    row = kpos % r
+
+    def gather(pages):                                                    # [K, P, R, H] -> [B, T, K, H]
+        x = pages[:, page, row].transpose(1, 2, 0, 3)
+        return jnp.where(in_chunk[:, :, None, None], x, jnp.zeros_like(x))
+
+    kc, vc = gather(k_pages), gather(v_pages)
+    if interpret:
+        o_c, lse_c = _chunk_attention_jnp(q_btnh, kc, vc, n_valid, scale)
+    else:   # natural-log LSE of the scaled logits, as jax.nn.dot_product_attention(return_residual=True) defines
+        o_c, lse_c = cudnn_attention_with_lse(q_btnh, kc, vc, n_valid, scale=scale)
+    hist_pos = jnp.where(valid & (p0[:, None] > 0), p0[:, None] - 1, -1)
+
+    def with_history(o_c):
+        o_h, lse_h = _dense_paged(q_btnh, k_pages, v_pages, page_table, hist_pos, scale=scale,
+                                  interpret=interpret, with_lse=True)
+        lse = jnp.where(in_chunk[:, :, None], lse_c, -jnp.inf)
+        o_c = jnp.where(in_chunk[:, :, None, None], o_c.astype(f32), 0.0)
+        return combine_splits(jnp.stack([o_c, o_h]), jnp.stack([lse, lse_h])).astype(q_btnh.dtype)
+
+    def without_history(o_c):                   # a prompt's first chunk: cuDNN's output is the answer
+        return o_c.astype(q_btnh.dtype)
+
+    o = lax.cond(jnp.any(hist_pos >= 0), with_history, without_history, o_c)
+    o = jnp.where(valid[:, :, None, None], o, jnp.zeros_like(o))
+    return jnp.where(promise[:, None, None, None], o, jnp.full_like(o, jnp.nan))
+

@@ -36,9 +36,13 @@ from pallas_kernels.gpu._compat import compiler_params, whole_array
 f32 = jnp.float32
 
 
-def _block_score(iq, ik, blk, row_pos, *, block_size, local_blocks, precision):
-    """f32[rows]: max visible score of block `blk`; +inf where the block is forced (own / local)."""
+def _block_score(iq, ik, blk, row_pos, *, block_size, local_blocks, precision, key_scale=None):
+    """f32[rows]: max visible score of block `blk`; +inf where the block is forced (own / local).
+
+    key_scale f32[R] (FP8 index-K): key s's score is <iq, ik_e4m3[s]> * scale[s] (scale > 0 per token)."""
     s = lax.dot_general(iq, ik, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=f32)
+    if key_scale is not None:
+        s = s * key_scale[None, :]
     r_row = lax.broadcasted_iota(jnp.int32, (1, ik.shape[0]), 1)           # page row (>= block_size: padding)
     ok = (r_row < block_size) & (blk * block_size + r_row <= row_pos[:, None])
     s = jnp.where(ok, s, -jnp.inf)                                         # [rows, Rp]
@@ -58,10 +62,12 @@ def _insert(vals, ids, score, blk):
     return jnp.where(hit, score[:, None], vals), jnp.where(hit, blk, ids)
 
 
-def _indexer_kernel(pt_ref, qpos_ref, iq_ref, ik_ref, vals_ref, ids_ref, *,
+def _indexer_kernel(pt_ref, qpos_ref, iq_ref, ik_ref, *refs,
                     num_tiles, per_split, num_blocks, topk, block_size, local_blocks, precision):
     # pt_ref i32[B, M]; qpos_ref i32[rows] (position of each row's token); iq_ref [rows, I]; ik_ref [P, R, I]
-    # vals_ref f32[rows, Cp], ids_ref i32[rows, Cp]: this split's top-C (columns >= topk are padding)
+    # [scale_ref f32[P, R]: FP8 index-K only]; vals_ref f32[rows, Cp], ids_ref i32[rows, Cp]: this split's
+    # top-C (columns >= topk are padding)
+    scale_ref, vals_ref, ids_ref = refs if len(refs) == 3 else (None, *refs)
     i, split = pl.program_id(0), pl.program_id(1)
     b = i // num_tiles
     iq = iq_ref[...]
@@ -77,8 +83,12 @@ def _indexer_kernel(pt_ref, qpos_ref, iq_ref, ik_ref, vals_ref, ids_ref, *,
 
     def body(blk, carry):
         page = pt_ref[b, blk]
-        score = _block_score(iq, ik_ref[page], blk, row_pos, block_size=block_size,
-                             local_blocks=local_blocks, precision=precision)
+        ik = ik_ref[page]
+        scale = None
+        if scale_ref is not None:          # e4m3 keys: upcast in registers, per-key scale on the score column
+            ik, scale = ik.astype(iq.dtype), scale_ref[page]
+        score = _block_score(iq, ik, blk, row_pos, block_size=block_size, local_blocks=local_blocks,
+                             precision=precision, key_scale=scale)
         return _insert(*carry, score, blk)
 
     vals, ids = lax.fori_loop(start, stop, body, (vals0, ids0))
@@ -96,14 +106,23 @@ def merge_topk(vals, ids, topk):
     return jnp.where(best == -jnp.inf, -1, sel).astype(jnp.int32)
 
 
-def _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks):
+def _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks, ik_scale=None):
     op = "indexer_topk"
     b, t, kh, dim = iq_btki.shape
-    _, r, dim_k = ik_pages.shape
+    p, r, dim_k = ik_pages.shape
     shapes = {"iq": iq_btki.shape, "ik_pages": ik_pages.shape, "page_table": page_table.shape,
               "q_pos": q_pos.shape, "topk": topk, "local_blocks": local_blocks}
     if dim_k != dim or q_pos.shape != (b, t) or page_table.shape[0] != b:
         raise ValueError(f"gpu.{op}: inconsistent shapes {shapes}")
+    fp8 = ik_pages.dtype == jnp.float8_e4m3fn
+    if fp8 != (ik_scale is not None):
+        raise ValueError(f"gpu.{op}: ik_scale f32[P, R] must be given exactly when ik_pages is float8_e4m3fn "
+                         f"(ik_pages.dtype={ik_pages.dtype}, ik_scale={'given' if ik_scale is not None else None})")
+    if fp8:
+        if ik_scale.shape != (p, r):
+            raise ValueError(f"gpu.{op}: ik_scale must be [P={p}, R={r}], got {ik_scale.shape}")
+        cm.check_dtype(op, iq_btki, "iq")
+        return b, t, kh, dim, r
     if topk < 1:
         raise ValueError(f"gpu.{op}: topk must be >= 1, got {topk}")
     cm.require(0 <= local_blocks <= topk, op, "need 0 <= local_blocks <= topk", shapes)
@@ -115,20 +134,23 @@ def _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks):
 INDEXER_TUNING = {"rows": 128, "num_warps": 4, "num_stages": 2}      # measured: benchmarks/RESULTS.md
 
 
-def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1, interpret=False):
+def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_blocks: int = 1, ik_scale=None,
+                 interpret=False):
     """MSA block selection; see the module docstring and reference.indexer_topk.
 
     iq_btki [B, T, K, I]; ik_pages [P, R, I]; page_table i32[B, M]; q_pos i32[B, T] (-1 = padding row).
+    FP8 index-K: ik_pages float8_e4m3fn with ik_scale f32[P, R] (key = ik_pages * ik_scale per token;
+    layout.quantize_index_k): half the bytes a decode step streams; pages are upcast to iq's dtype on chip.
     Returns i32[B, T, K, topk]: logical block ids, best first, -1 right-padded.
     """
     return indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, topk=topk, local_blocks=local_blocks,
-                              interpret=interpret, **INDEXER_TUNING)
+                              ik_scale=ik_scale, interpret=interpret, **INDEXER_TUNING)
 
 
 def indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, *, topk, local_blocks, interpret,
-                       rows, num_warps, num_stages):
+                       rows, num_warps, num_stages, ik_scale=None):
     """indexer_topk with an explicit prefill tile height and Triton launch parameters (benchmark sweep)."""
-    b, t, kh, dim, r = _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks)
+    b, t, kh, dim, r = _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks, ik_scale)
     m = page_table.shape[1]
     kp, ip, rp = cm.next_pow2(kh), cm.tile(dim), cm.tile(r)
     tq = max(1, min(rows // kp, cm.next_pow2(t)), cm.cdiv(cm.MIN_TILE, kp))
@@ -137,6 +159,9 @@ def indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, *, topk, local_bloc
     iq_rows = jnp.pad(iq_btki, ((0, 0), (0, tp - t), (0, kp - kh), (0, ip - dim))).reshape(b, tp * kp, ip)
     if (rp, ip) != (r, dim):                                               # a copy; never for M3's 128 x 128
         ik_pages = jnp.pad(ik_pages, ((0, 0), (0, rp - r), (0, ip - dim)))
+        if ik_scale is not None:
+            ik_scale = jnp.pad(ik_scale, ((0, 0), (0, rp - r)))
+    scale_args = () if ik_scale is None else (ik_scale.astype(f32),)
     pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=-1)
     pos_rows = jnp.repeat(pos, kp, axis=1)                                 # [B, Tp * Kp]; padded heads ignored
     splits = num_splits_for(b * nt, m)
@@ -157,10 +182,10 @@ def indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, *, topk, local_bloc
         in_specs=[whole_array(),
                   pl.BlockSpec((None, rows), lambda i, s: (i // nt, tile(i))),
                   pl.BlockSpec((None, rows, ip), lambda i, s: (i // nt, tile(i), 0)),
-                  whole_array()],
+                  whole_array()] + [whole_array()] * len(scale_args),
         out_specs=[spec, spec], interpret=interpret, name="msa_indexer_topk",
         compiler_params=compiler_params(num_warps=num_warps if rows > 64 else 4, num_stages=num_stages),
-    )(page_table.astype(jnp.int32), pos_rows, iq_rows, ik_pages)
+    )(page_table.astype(jnp.int32), pos_rows, iq_rows, ik_pages, *scale_args)
     sel = merge_topk(vals, ids, topk)                                      # [B, Tp * Kp, topk]
     return sel.reshape(b, tp, kp, topk)[:, :t, :kh]
 

@@ -12,7 +12,7 @@ traffic at 128K in bf16, which is why this schedule is used only for chunks of m
 
 Work list (built with XLA, static sizes): entries e = t * Cp + c of the compacted selection; `order` sorts them
 by block id (stable); item w of (b, k) covers sorted entries [start, start + count) of one block. There are at
-most ceil(T * Cp / TQ) + M items; the unused ones have count 0 and do nothing but read one page.
+most ceil(T * Cp / TQ) + min(M, T * Cp) items; the unused ones have count 0 and do nothing but read one page.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def work_items(ids, tokens_per_item, num_blocks):
     counts = first[..., 1:] - first[..., :-1]                              # [B, K, M]
     items = -(-counts // tokens_per_item)
     item_end = jnp.cumsum(items, axis=-1)                                  # inclusive
-    num_w = -(-(t * cp) // tokens_per_item) + num_blocks
+    num_w = -(-(t * cp) // tokens_per_item) + min(num_blocks, t * cp)     # <= one partial item per used block
     wid = jnp.arange(num_w, dtype=jnp.int32)
     blk = jax.vmap(jax.vmap(lambda e: jnp.searchsorted(e, wid, side="right")))(item_end).astype(jnp.int32)
     valid = blk < num_blocks

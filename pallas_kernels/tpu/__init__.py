@@ -27,8 +27,10 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
 
 
 def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale: float | None = None,
-                    interpret: bool = False):
+                    interpret: bool = False, contiguous_chunks: bool = False):
     """Causal GQA over the paged cache on TPU (full-attention layers): the sparse kernel visiting every
-    causally visible page of the request. Layouts, dtypes and limits as sparse_attention."""
+    causally visible page of the request. Layouts, dtypes and limits as sparse_attention. contiguous_chunks
+    (a promise about q_pos that lets the GPU run cuDNN over the chunk) changes nothing here."""
+    del contiguous_chunks
     return _paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, None, scale=scale,
                             interpret=interpret, op="dense_attention")

@@ -48,7 +48,8 @@ def _page_copies(k_hbm, v_hbm, kbuf, vbuf, sems, kv_head, page, slot):
 
 def _online_softmax_step(q, k, v, keep, m_ref, l_ref, acc_ref, scale):
     """One page of flash attention: q [rows, H], k/v [R, H], keep bool[rows, R]; updates m, l, acc in place."""
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=tiling.dot_precision(q.dtype),
+                            preferred_element_type=jnp.float32) * scale
     s = jnp.where(keep, s, -jnp.inf)                                   # [rows, R]
     m_prev = m_ref[...]                                                # [rows, 1]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -57,6 +58,7 @@ def _online_softmax_step(q, k, v, keep, m_ref, l_ref, acc_ref, scale):
     alpha = jnp.exp(m_prev - m_safe)
     l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
     pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=tiling.dot_precision(v.dtype),
                              preferred_element_type=jnp.float32)      # [rows, H]
     acc_ref[...] = alpha * acc_ref[...] + pv
     m_ref[...] = m_new

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 LANES = 128
-SUBLANES = {jnp.dtype(jnp.float32): 8, jnp.dtype(jnp.bfloat16): 16}
+SUBLANES = {jnp.dtype(jnp.float32): 8, jnp.dtype(jnp.bfloat16): 16, jnp.dtype(jnp.float8_e4m3fn): 32}
 
 # Target rows (query tokens x heads that share one KV/index stream) per program. Tuning data, not logic:
 # see benchmarks/TPU_PLAN.md for why (arithmetic intensity of a page = rows flop/byte; ridge ~240 on v5e).
@@ -32,7 +33,8 @@ VMEM_CAP_BYTES = 100 * 2**20            # never ask Mosaic for more scoped VMEM 
 
 def check_dtype(name, x, allowed=(jnp.float32, jnp.bfloat16)):
     if jnp.dtype(x.dtype) not in [jnp.dtype(a) for a in allowed]:
-        raise NotImplementedError(f"{name}: dtype {x.dtype} not supported by the TPU kernels (f32, bf16)")
+        raise NotImplementedError(f"{name}: dtype {x.dtype} not supported here (allowed: "
+                                  f"{', '.join(jnp.dtype(a).name for a in allowed)})")
 
 
 def check_lanes(op, name, size, shapes):
@@ -61,3 +63,9 @@ def row_tile(num_tokens: int, heads_per_token: int, target_rows: int) -> int:
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def dot_precision(dtype):
+    """HIGHEST for float32 operands (the MXU's default is one bf16 pass, which float32 tests must not get);
+    the default (native) pass for bf16 / fp8."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None

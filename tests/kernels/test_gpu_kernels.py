@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import dispatch, gpu, reference
+from pallas_kernels import dispatch, gpu, layout, reference
 from tests.kernels.cases import random_paged_case
 
 INTERPRET = jax.default_backend() == "cpu"
@@ -36,9 +36,10 @@ def case(kv_lens, q_lens, *, dtype=jnp.float32, block_size=16, seed=0, heads=(8,
                              index_dim=dims[1], block_size=block_size, dtype=dtype, seed=seed)
 
 
-def tie_free_rows(c, topk, local_blocks, margin=1e-3):
+def tie_free_rows(c, topk, local_blocks, margin=1e-3, ik_pages=None, ik_scale=None):
     """bool[B, T, K]: rows whose top-k set is unambiguous (gap at the boundary > margin, relative)."""
-    bs = np.asarray(reference.block_scores(c.iq_btki, c.ik_pages, c.page_table, c.q_pos))   # [B, T, K, M]
+    ik_pages = c.ik_pages if ik_pages is None else ik_pages
+    bs = np.asarray(reference.block_scores(c.iq_btki, ik_pages, c.page_table, c.q_pos, ik_scale))  # [B,T,K,M]
     r = c.ik_pages.shape[1]
     own = np.asarray(c.q_pos)[:, :, None, None] // r
     blk = np.arange(bs.shape[-1])
@@ -52,13 +53,14 @@ def tie_free_rows(c, topk, local_blocks, margin=1e-3):
     return ~(np.isfinite(a) & np.isfinite(b)) | gap
 
 
-def check_selection(c, topk, local_blocks=1):
-    got = np.asarray(dispatch.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=topk,
-                                           local_blocks=local_blocks, impl=IMPL))
-    want = np.asarray(reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=topk,
-                                             local_blocks=local_blocks))
+def check_selection(c, topk, local_blocks=1, ik_pages=None, ik_scale=None):
+    ik_pages = c.ik_pages if ik_pages is None else ik_pages
+    got = np.asarray(dispatch.indexer_topk(c.iq_btki, ik_pages, c.page_table, c.q_pos, topk=topk,
+                                           local_blocks=local_blocks, ik_scale=ik_scale, impl=IMPL))
+    want = np.asarray(reference.indexer_topk(c.iq_btki, ik_pages, c.page_table, c.q_pos, topk=topk,
+                                             local_blocks=local_blocks, ik_scale=ik_scale))
     assert got.shape == want.shape and got.dtype == np.int32
-    ok = tie_free_rows(c, topk, local_blocks) & c.valid[:, :, None]
+    ok = tie_free_rows(c, topk, local_blocks, ik_pages=ik_pages, ik_scale=ik_scale) & c.valid[:, :, None]
     assert ok.sum() >= 0.5 * c.valid.sum() * ok.shape[-1]
     np.testing.assert_array_equal(np.sort(got, -1)[ok], np.sort(want, -1)[ok])
     assert (got[~c.valid] == -1).all()
@@ -197,3 +199,120 @@ def test_m3_page_size_fits_shared_memory(dtype):
     got = sparse_attention_tuned(*args, scale=None, interpret=False, num_warps=4, num_stages=2, chunk=128,
                                  schedule="kv", kv_major=dict(tokens_per_item=4, num_warps=4, num_stages=2, tile=True))
     assert rel_l2(got, reference.sparse_attention(*args), c.valid) <= TOL[dtype]
+
+
+def test_dense_contiguous_chunks_match_reference():
+    """Prefill chunks through cuDNN (the jnp stand-in in interpret mode) + paged history, merged by LSE: chunks
+    with history, first chunks, a 1-row chunk, partial last pages, padding rows; NaN where the promise breaks."""
+    for kv, ql, seed in (([150, 33, 64, 1], [37, 33, 3, 1], 31), ([40, 17], [40, 17], 32)):
+        c = case(kv, ql, dtype=jnp.bfloat16, seed=seed, heads=(8, 2))
+        args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos)
+        got = dispatch.dense_attention(*args, impl=IMPL, contiguous_chunks=True)
+        assert rel_l2(got, reference.dense_attention(*args), c.valid) <= TOL[jnp.bfloat16]
+        assert (np.asarray(jnp.asarray(got, jnp.float32))[~c.valid] == 0).all()
+    pos = np.array(c.q_pos)
+    pos[0, [3, 4]] = pos[0, [4, 3]]                                     # request 0: rows out of order
+    got = np.asarray(jnp.asarray(dispatch.dense_attention(*args[:4], jnp.asarray(pos), impl=IMPL,
+                                                          contiguous_chunks=True), jnp.float32))
+    assert np.isnan(got[0]).all() and not np.isnan(got[1]).any()
+
+
+def test_sparse_attention_positions_beyond_2_pow_20():
+    """int32 positions and block ids past 2^21 tokens: the same case shifted by OFFSET positions (a page table
+    whose first OFFSET / R entries map to the NaN sink page 0) gives the same output, both schedules."""
+    from pallas_kernels.gpu.attention import sparse_attention_tuned
+    c = case([150, 40], [20, 1], seed=41, dtype=jnp.bfloat16)
+    r = c.k_pages.shape[2]
+    sel = np.array(reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=4))
+    sel[0, 5, 0, 1] = -1
+    want = reference.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, jnp.asarray(sel))
+    shift = (1 << 21) // r                                                  # blocks
+    k_pages = c.k_pages.at[:, 0].set(jnp.nan)
+    v_pages = c.v_pages.at[:, 0].set(jnp.nan)
+    table = jnp.concatenate([jnp.zeros((2, shift), jnp.int32), c.page_table], axis=1)
+    pos = jnp.where(c.q_pos >= 0, c.q_pos + shift * r, -1)
+    ids = jnp.asarray(np.where(sel >= 0, sel + shift, -1))
+    for schedule in ("query", "kv"):
+        got = sparse_attention_tuned(c.q_btnh, k_pages, v_pages, table, pos, ids, scale=None, interpret=INTERPRET,
+                                     num_warps=1, num_stages=2, chunk=32, schedule=schedule,
+                                     kv_major=dict(tokens_per_item=4, num_warps=4, num_stages=2, tile=True))
+        assert rel_l2(got, want, c.valid) <= TOL[jnp.bfloat16], schedule
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_indexer_fp8_index_k_matches_reference(dtype):
+    """FP8 index-K cache (e4m3 codes + a float32 scale per token): decode rows, a prefill chunk, fewer visible
+    blocks than top-k, partial last pages; the kernel against the reference on the same codes and scales."""
+    c = case([150, 40, 77, 9], [20, 1, 1, 1], seed=51, dtype=dtype)
+    codes, scale = layout.quantize_index_k(c.ik_pages)
+    assert codes.dtype == jnp.float8_e4m3fn and scale.shape == c.ik_pages.shape[:2]
+    check_selection(c, topk=6, ik_pages=codes, ik_scale=scale)
+    with pytest.raises(ValueError, match="ik_scale"):
+        gpu.indexer_topk(c.iq_btki, codes, c.page_table, c.q_pos, topk=2, interpret=INTERPRET)
+
+
+def test_quantize_index_k_round_trip():
+    x = jax.random.normal(jax.random.key(0), (5, 16, 128), jnp.float32) * jnp.arange(1, 6)[:, None, None]
+    codes, scale = layout.quantize_index_k(x)
+    back = reference.index_keys(codes, scale)
+    err = jnp.abs(back - x) / jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    assert float(jnp.max(err)) <= 2 ** -4            # e4m3: 3 mantissa bits, half an ulp at the top binade
+    assert (jnp.max(jnp.abs(codes.astype(jnp.float32)), axis=-1) == layout.E4M3_MAX).all()
+
+
+@pytest.mark.skipif(INTERPRET, reason="cuDNN: compiled on a GPU only")
+def test_cudnn_chunk_attention_and_lse():
+    """The cuDNN call behind dense_attention(contiguous_chunks=True): output and natural-log log-sum-exp equal
+    the float32 stand-in on the first n_valid rows (GQA 16:1, ragged n_valid)."""
+    from pallas_kernels.gpu._compat import cudnn_attention_with_lse
+    from pallas_kernels.gpu.attention import _chunk_attention_jnp
+    ks = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(ks[0], (2, 256, 32, 128), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (2, 256, 2, 128), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (2, 256, 2, 128), jnp.bfloat16)
+    n_valid = jnp.array([256, 77], jnp.int32)
+    o, lse = cudnn_attention_with_lse(q, k, v, n_valid, scale=0.088)
+    o_ref, lse_ref = _chunk_attention_jnp(q, k, v, n_valid, 0.088)
+    rows = np.arange(256)[None, :] < np.asarray(n_valid)[:, None]
+    assert rel_l2(o, o_ref, rows) <= 1e-2
+    err = np.abs(np.asarray(lse) - np.asarray(lse_ref))[rows]
+    assert err.max() <= 1e-2, (err.max(), np.asarray(lse)[0, :2, :2], np.asarray(lse_ref)[0, :2, :2])
+
+
+def test_indexer_positions_beyond_2_pow_20():
+    """Decode rows at positions past 2^20: the page table's first SHIFT blocks map to the sink page (index keys 0,
+    score 0); queries and keys are made positive so every real block outranks the sink. Same selection as the
+    unshifted case, shifted by SHIFT blocks (sink blocks fill the slots the short request has no block for)."""
+    c = case([150, 40], [1, 1], seed=71)
+    iq, ik = jnp.abs(c.iq_btki), jnp.abs(c.ik_pages)
+    want = np.asarray(reference.indexer_topk(iq, ik, c.page_table, c.q_pos, topk=4))
+    r = ik.shape[1]
+    shift = (1 << 20) // r + 3
+    table = jnp.concatenate([jnp.zeros((2, shift), jnp.int32), c.page_table], axis=1)
+    pos = jnp.where(c.q_pos >= 0, c.q_pos + shift * r, -1)
+    got = np.asarray(dispatch.indexer_topk(iq, ik.at[0].set(0.0), table, pos, topk=4, impl=IMPL))
+    want = np.where(want >= 0, want + shift, 0)                           # request 1 has 3 blocks: + sink block 0
+    np.testing.assert_array_equal(np.sort(got, -1), np.sort(want, -1))
+
+
+def test_dense_attention_positions_beyond_2_pow_20():
+    """Decode rows and a chunk at positions past 2^20: the first SHIFT blocks map to the sink page with K = V = 0,
+    i.e. SHIFT * R extra keys of logit 0 and value 0, so out = out_unshifted * Z / (Z + SHIFT * R), Z = the sum
+    of exp(logits) over the real keys (computed here in float64)."""
+    c = case([150, 40], [3, 1], seed=72)
+    args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos)
+    base = np.asarray(reference.dense_attention(*args), np.float64)
+    r, kh = c.k_pages.shape[2], c.k_pages.shape[0]
+    k_seq = np.asarray(reference.gather_sequence(c.k_pages, c.page_table), np.float64)   # [B, K, S, H]
+    q = np.asarray(c.q_btnh, np.float64)
+    b, t, n, h = q.shape
+    logits = np.einsum("btkgh,bksh->btkgs", q.reshape(b, t, kh, n // kh, h), np.nan_to_num(k_seq)) * h ** -0.5
+    vis = np.arange(k_seq.shape[2])[None, None, :] <= np.asarray(c.q_pos)[:, :, None]
+    z = np.where(vis[:, :, None, None, :], np.exp(logits), 0.0).sum(-1).reshape(b, t, n)
+    shift = (1 << 20) // r + 3
+    want = base * (z / (z + shift * r))[..., None]
+    table = jnp.concatenate([jnp.zeros((b, shift), jnp.int32), c.page_table], axis=1)
+    pos = jnp.where(c.q_pos >= 0, c.q_pos + shift * r, -1)
+    got = dispatch.dense_attention(c.q_btnh, c.k_pages.at[:, 0].set(0.0), c.v_pages.at[:, 0].set(0.0), table, pos,
+                                   impl=IMPL)
+    assert rel_l2(got, want, c.valid) <= 1e-4

@@ -76,6 +76,20 @@ def test_indexer_topk_matches_reference(name, topk, local, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_indexer_fp8_index_k_matches_reference(dtype):
+    """FP8 index-K (e4m3 codes, f32 scale per token; R = 32, the e4m3 sublane tile): the same selections as the
+    reference on the same codes and scales; ragged decode rows, a chunk, fewer visible blocks than topk."""
+    from pallas_kernels import layout
+    c = random_paged_case([70, 33, 200, 5], [7, 1, 1, 1], num_heads=4, num_kv_heads=2, head_dim=H, index_dim=I,
+                          block_size=32, dtype=dtype, seed=61)
+    codes, scale = layout.quantize_index_k(c.ik_pages)
+    got = tpu.indexer_topk(c.iq_btki, codes, c.page_table, c.q_pos, topk=4, ik_scale=scale, interpret=INTERPRET)
+    want = reference.indexer_topk(c.iq_btki, codes, c.page_table, c.q_pos, topk=4, ik_scale=scale)
+    np.testing.assert_array_equal(_as_sets(got), _as_sets(want))
+    assert np.all(np.asarray(got)[~c.valid] == -1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("name,topk", [("decode_ragged", 3), ("prefill_one", 2), ("mixed_chunks", 4),
                                        ("short_and_long", 8)])
 def test_sparse_attention_matches_reference(name, topk, dtype):
@@ -213,3 +227,18 @@ def test_page_stream_depths(slots, monkeypatch):
     got = tpu.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, interpret=INTERPRET)
     _check_output(got, reference.dense_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos),
                   c, jnp.float32)
+
+
+def test_sparse_attention_positions_beyond_2_pow_20():
+    """int32 positions and block ids past 2^21 tokens: the case shifted by SHIFT blocks (page table entries below
+    SHIFT map to the NaN sink page 0, never selected) gives the unshifted reference's output."""
+    c = _case("mixed_chunks", jnp.bfloat16, num_heads=4)
+    ids = np.asarray(reference.indexer_topk(c.iq_btki, c.ik_pages, c.page_table, c.q_pos, topk=3))
+    want = reference.sparse_attention(c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, jnp.asarray(ids))
+    shift = (1 << 21) // R
+    b = c.page_table.shape[0]
+    table = jnp.concatenate([jnp.zeros((b, shift), jnp.int32), c.page_table], axis=1)
+    pos = jnp.where(c.q_pos >= 0, c.q_pos + shift * R, -1)
+    got = tpu.sparse_attention(c.q_btnh, c.k_pages.at[:, 0].set(jnp.nan), c.v_pages.at[:, 0].set(jnp.nan), table,
+                               pos, jnp.asarray(np.where(ids >= 0, ids + shift, -1)), interpret=INTERPRET)
+    _check_output(got, want, c, jnp.bfloat16)

@@ -5,8 +5,8 @@ Layout (K KV heads, P pages per layer, R = rows per page = the MSA block size, s
   per layer    K/V pages  [K, P, R, H]   head-major: one (head, page) tile is contiguous
                index-K    [P, R, I]      sparse (MSA) layers only: the shared index-k head, post norm + RoPE
   per stack    the L layers of one LayerStack are stored in one pool with the layer folded into the page axis:
-               k/v `[K, L*P, R, H]`, ik `[L*P, R, I]`; layer l's page p sits at l*P + p (`layer_offset`). A layer's view is
-               `k[:, l*P:(l+1)*P]`, exactly the per-layer layout above.
+               k/v `[K, L*P, R, H]`, ik `[L*P, R, I]`; layer l's page p sits at l*P + p (`layer_offset`).
+               A layer's view is `k[:, l*P:(l+1)*P]`, exactly the per-layer layout above.
 
   per data shard  on a mesh, each "data" shard d owns a pool of its own: the arrays are `[K, D*L*P, R, H]`
                with shard d's `[K, L*P, R, H]` (the layout above) at pages d*L*P ... (d+1)*L*P - 1, split

@@ -61,8 +61,8 @@ class PagedKV:
 
 class Attention(nnx.Module):
     """impl: the kernel choice (pallas_kernels.dispatch), fixed at construction like the MoE's (one per model,
-    see M3ForCausalLM). With a mesh, paging, MSA selection and attention run inside `shard_map`: each device takes the query heads
-    and the KV (= index) heads it holds on "model" (KV heads replicated by m3jax.sharding when "model" exceeds
+    see M3ForCausalLM). With a mesh, paging, MSA selection and attention run inside `shard_map`: each device takes
+    the query heads and the KV (= index) heads it holds on "model" (KV heads replicated by m3jax.sharding when "model" exceeds
     them) and the batch rows (with their pages) of its "data" shard, so the selection and the Pallas kernels,
     which XLA cannot partition itself, run locally with no collective.
     """
@@ -125,9 +125,9 @@ class Attention(nnx.Module):
         """Write this step's keys into the cache pools, then attend over the cache: (o [B, T, N, H], new kv).
 
         kv holds a stack's pools (layers folded into the page axis, m3jax/cache.py) and a page table of page ids
-        local to the data shard that owns the row; this layer's pages start at `layer_offset` (m3jax.cache.layer_offset)
-        in each shard's pool. A query at position p writes to page `page_table[b, p // R]`, row p % R; padding (q_pos -1) writes
-        to the sink. On a mesh the batch rows and pools are split over "data" (rows [d*B/D, (d+1)*B/D) own
+        local to the data shard that owns the row; this layer's pages start at `layer_offset`
+        (m3jax.cache.layer_offset) in each shard's pool. A query at position p writes to page
+        `page_table[b, p // R]`, row p % R; padding (q_pos -1) writes to the sink. On a mesh the batch rows and pools are split over "data" (rows [d*B/D, (d+1)*B/D) own
         shard d's pages), heads over "model": each device writes and reads only its own pages.
         """
         b = DATA if self.data_shards > 1 else None

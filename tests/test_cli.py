@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import m3jax
 from m3jax import cli
 from m3jax.tokenizer import M3Tokenizer
@@ -31,6 +33,7 @@ def test_user_errors_print_one_line(tmp_path, capsys):
     assert err.startswith("m3jax convert") and "\n" not in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_generate_on_a_mesh_gives_the_same_tokens(capsys):
     """`--mesh 2x4` (8 forced host devices, tests/conftest.py): the bundled tiny model's greedy ids are unchanged."""
     args = ["generate", "--prompt", "hello world", "--prompt", "a second prompt", "--max-new-tokens", "6", "--ids"]

@@ -173,6 +173,7 @@ def test_request_too_large_for_the_pool_is_rejected(model):
         m3jax.generate(eng, [[1] * 20], m3jax.SamplingParams(max_new_tokens=8))
 
 
+@pytest.mark.slow
 def test_generate_main_cli(tmp_path, capsys):
     from m3jax.cli import generate_main
     from m3jax.testing import make_tiny_checkpoint

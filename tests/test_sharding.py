@@ -115,6 +115,7 @@ def test_bad_meshes():
         sharding.check_mesh(jax.make_mesh((8,), ("x",)))
 
 
+@pytest.mark.slow
 def test_engine_greedy_tokens_match_single_device(single):
     model, _, _ = single
     prompts = [list(np.random.default_rng(i).integers(0, 256, n)) for i, n in enumerate([37, 70, 5])]
@@ -136,6 +137,7 @@ def test_engine_greedy_tokens_match_single_device(single):
         assert engine.cache.stacks[1].ik_pages.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 3)
 
 
+@pytest.mark.slow
 def test_data_shards_own_their_requests_and_pages(single):
     """On a 4x2 mesh the requests spread over the data shards; each shard's allocator holds only its requests'
     pages, and a shard's rows of a step carry page ids of its own pool."""
@@ -193,6 +195,7 @@ def test_cache_layout_is_what_init_cache_allocates(single, data, model_axis):
             assert {s.data.shape for s in arr.addressable_shards} == {pool.device_shape(dict(mesh.shape))}
 
 
+@pytest.mark.slow
 def test_m3_head_counts_on_eight_devices():
     """M3's 4 KV heads (16 query heads here) on model=8: each KV and index-q head stored twice, same logits."""
     cfg = m3jax.M3Config.tiny(num_attention_heads=16, num_key_value_heads=4, num_index_heads=4, num_local_experts=8)

@@ -21,7 +21,6 @@ from typing import Callable, Mapping, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax.params import abstract_params  # noqa: F401  (the converter's callers use it from here)

@@ -106,6 +106,7 @@ def quantize_experts(model: M3ForCausalLM) -> M3ForCausalLM:
     """
     from m3jax.model.layers import quantize_mxfp8
     from m3jax.model.moe import fp8_scale_path
+
     if model.fp8_experts:
         return model
     params = flat_params(model)

@@ -19,17 +19,31 @@ memory stays near `group_bytes` whatever the model size; it needs no accelerator
 with the pieces' target shardings (every device reads only its slice from Orbax/TensorStore) and assembles the
 full parameters on device (`convert.placement.Assembler`), on any mesh. The whole directory is written under a
 temporary name and renamed when complete.
+
+Integrity: the manifest records the size and CRC-32 of every file of every piece (`checksums`); `restore`
+checks each group's files before Orbax reads them (the hash reads them into the page cache, so Orbax's read
+is served from memory) and names the parameter and box of a piece whose bytes changed. `verify=False` skips it.
+
+Ownership: before it creates anything next to DST, a convert writes a claim `.DST.convert-HOST-PID-ID.json` that
+names its temporary `.DST.tmp-ID` and the `.DST.old-ID` that a replaced DST is moved to. A later convert of the
+same DST finishes or undoes the work of a claim whose process is dead on this host (and only that: a hidden
+directory without a claim is never deleted), and says so in a log line.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import secrets
 import shutil
-import tempfile
+import socket
 import time
+import zlib
 from typing import Mapping
 
 import jax
@@ -100,12 +114,17 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", *, overwrite: bool = Fa
 
     piece_bytes / group_bytes bound host memory (about 2 groups + 2 pieces: one group is written while the
     next is read); compress: zstd in Orbax (~30 % smaller for bf16 weights, CPU-bound on small hosts);
-    fp8_experts: keep an MXFP8 release's routed experts in MXFP8 (load with `fp8_experts=True`)."""
+    fp8_experts: keep an MXFP8 release's routed experts in MXFP8 (load with `fp8_experts=True`).
+    What is written gets the umask's permissions (readable by others of a shared checkpoint directory)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source checkpoint directory {src} does not exist")
+    _check_apart(src, dst)
+    parent = os.path.dirname(dst)
+    if os.path.isdir(parent):
+        recover_interrupted(dst)
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"destination {dst} already exists (pass --overwrite to replace it)")
     if is_converted(src):
@@ -114,43 +133,152 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", *, overwrite: bool = Fa
     cfg = M3Config.from_pretrained(src)
     _, _, _, targets = placement.abstract_params(cfg, jnp.dtype(dtype), fp8_experts=fp8_experts)
     scales = loader.fp8_scale_paths(targets)
-    parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     with ReleaseCheckpoint(src, {p: t for p, t in targets.items() if p not in scales.values()}, cfg) as ckpt:
         loader.check_fp8_experts(ckpt, scales, src)
         log.info("converting %s: %s", src, describe(ckpt.tensors))
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+        claim = _Claim.create(dst)
         try:
-            meta = _write_params(ckpt, tmp, dtype, progress, piece_bytes, group_bytes, compress, scales, targets)
+            os.mkdir(claim.tmp)                          # mode 0o777 & ~umask (mkdtemp would make it 0700)
+            meta = _write_params(ckpt, claim.tmp, dtype, progress, piece_bytes, group_bytes, compress, scales,
+                                 targets)
             meta["source"] = {"path": src, "quant_method": (cfg.quantization or {}).get("quant_method"),
                               "tensors": len(ckpt.tensors), "bytes": sum(t.nbytes for t in ckpt.tensors.values())}
-            with open(os.path.join(tmp, "config.json"), "w") as f:
+            with open(os.path.join(claim.tmp, "config.json"), "w") as f:
                 json.dump(_clean_config(src), f, indent=2)
             for name in EXTRA_FILES:
-                if os.path.isfile(os.path.join(src, name)):
-                    shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-            with open(os.path.join(tmp, META), "w") as f:
+                if os.path.isfile(os.path.join(src, name)):  # copyfile, not copy2: the umask's mode, not the source's
+                    shutil.copyfile(os.path.join(src, name), os.path.join(claim.tmp, name))
+            with open(os.path.join(claim.tmp, META), "w") as f:
                 json.dump(meta, f, indent=1)
-            _replace_dir(tmp, dst, overwrite)
+            _replace_dir(claim, dst, overwrite)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(claim.tmp, ignore_errors=True)
+            if not os.path.exists(claim.old):            # else the next convert removes it (see recover_interrupted)
+                claim.release()
             raise
+        claim.release()
     summary = dict(meta["source"], seconds=time.perf_counter() - t0, dst=dst, groups=len(meta["groups"]))
     log.info("converted %s -> %s in %.1f s", src, dst, summary["seconds"])
     return summary
 
 
-def _replace_dir(tmp: str, dst: str, overwrite: bool) -> None:
+def _check_apart(src: str, dst: str) -> None:
+    """Refuse a DST that is SRC, inside it, or holds it: replacing DST would delete the release."""
+    a, b = os.path.realpath(src), os.path.realpath(dst)
+    if a == b or b.startswith(a.rstrip(os.sep) + os.sep) or a.startswith(b.rstrip(os.sep) + os.sep):
+        how = "is" if a == b else ("is inside" if b.startswith(a) else "contains")
+        raise ValueError(f"destination {dst} {how} the source {src}: the conversion would delete the release; "
+                         f"choose a destination outside it")
+
+
+def _replace_dir(claim: "_Claim", dst: str, overwrite: bool) -> None:
     if not os.path.exists(dst):
-        os.replace(tmp, dst)
+        os.replace(claim.tmp, dst)
         return
     if not overwrite:
         raise FileExistsError(f"destination {dst} already exists (pass --overwrite to replace it)")
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
-    os.rmdir(old)
-    os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
+    os.replace(dst, claim.old)
+    try:
+        os.replace(claim.tmp, dst)
+    except BaseException:
+        os.replace(claim.old, dst)                       # put the user's checkpoint back
+        raise
+    shutil.rmtree(claim.old, ignore_errors=True) if os.path.isdir(claim.old) else os.unlink(claim.old)
+
+
+class _Claim:
+    """`.DST.convert-HOST-PID-ID.json` beside DST: this process owns `.DST.tmp-ID` and `.DST.old-ID`.
+
+    Written before either exists and removed after both are gone, so every such directory that a dead
+    process left is named by a claim; `recover_interrupted` trusts nothing else."""
+
+    def __init__(self, file: str, tmp: str, old: str, host: str, pid: int):
+        self.file, self.tmp, self.old, self.host, self.pid = file, tmp, old, host, pid
+
+    @classmethod
+    def create(cls, dst: str) -> "_Claim":
+        parent, base = os.path.split(dst)
+        ident, host, pid = secrets.token_hex(4), socket.gethostname(), os.getpid()
+        claim = cls(os.path.join(parent, f".{base}.convert-{host}-{pid}-{ident}.json"),
+                    os.path.join(parent, f".{base}.tmp-{ident}"), os.path.join(parent, f".{base}.old-{ident}"),
+                    host, pid)
+        with open(claim.file, "x") as f:
+            json.dump({"owner": "m3jax convert", "host": host, "pid": pid, "dst": dst,
+                       "tmp": os.path.basename(claim.tmp), "old": os.path.basename(claim.old)}, f)
+        return claim
+
+    @classmethod
+    def read(cls, file: str) -> "_Claim | None":
+        try:
+            with open(file) as f:
+                d = json.load(f)
+            parent = os.path.dirname(file)
+            if d.get("owner") != "m3jax convert" or any("/" in d[k] or os.sep in d[k] for k in ("tmp", "old")):
+                return None
+            return cls(file, os.path.join(parent, d["tmp"]), os.path.join(parent, d["old"]), d["host"],
+                       int(d["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def owner_is_dead(self) -> bool:
+        if self.host != socket.gethostname():
+            return False                                  # cannot tell: another machine may be converting
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:                           # alive, another user's
+            return False
+        return False
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.file)
+
+
+def recover_interrupted(dst: str) -> list[str]:
+    """Finish or undo converts of `dst` that were killed; returns what was done (also logged as warnings).
+
+    For each claim whose process is dead on this host: a `.old` beside a `.tmp` means the kill came between
+    moving DST away and moving the new one in, so the old DST is put back (if DST is still free); a `.old`
+    alone means the new DST is in place and the old one is removed; a `.tmp` is removed. Hidden directories
+    of DST that no such claim names are reported and left alone."""
+    dst = os.path.abspath(dst)
+    parent, base = os.path.split(dst)
+    done, owned = [], set()
+    names = os.listdir(parent)
+    for name in sorted(n for n in names if n.startswith(f".{base}.convert-") and n.endswith(".json")):
+        claim = _Claim.read(os.path.join(parent, name))
+        if claim is None:
+            log.warning("%s: not an m3jax convert claim I can read; left alone", os.path.join(parent, name))
+            continue
+        owned |= {os.path.basename(claim.tmp), os.path.basename(claim.old)}
+        if not claim.owner_is_dead():
+            continue
+        who = f"convert of {dst} by pid {claim.pid} on {claim.host}, which is no longer running"
+        if os.path.exists(claim.old):
+            if os.path.exists(claim.tmp) and not os.path.exists(dst):
+                os.replace(claim.old, dst)
+                done.append(f"put the previous {dst} back from {claim.old} (interrupted {who})")
+            elif not os.path.exists(claim.tmp) and is_converted(dst):
+                shutil.rmtree(claim.old)
+                done.append(f"removed {claim.old}, the {dst} that the interrupted {who} had replaced")
+            else:
+                log.warning("%s (from an interrupted %s) left alone: %s was changed since", claim.old, who, dst)
+                continue
+        if os.path.exists(claim.tmp):
+            shutil.rmtree(claim.tmp)
+            done.append(f"removed {claim.tmp}, the partial output of an interrupted {who}")
+        claim.release()
+    for name in names:
+        if name.startswith((f".{base}.tmp-", f".{base}.old-")) and name not in owned:
+            log.warning("%s looks like the leftover of an interrupted convert, but no claim proves whose it is: "
+                        "left alone (remove it by hand if no convert of %s is running)", os.path.join(parent, name),
+                        dst)
+    for line in done:
+        log.warning("m3jax convert: %s", line)
+    return done
 
 
 class _NoOcdbtMergeWarning(logging.Filter):
@@ -181,18 +309,27 @@ def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool,
     logging.getLogger("absl").addFilter(_ABSL_FILTER)
     total = sum(ckpt.source_bytes(p) for p in ckpt.leaves)
 
+    def finished():
+        with _saving(out, groups[-1] if groups else "g00000"):
+            ckptr.wait_until_finished()                  # the last group saved is on disk: hash its files while
+        if len(groups) > len(hashing):                   # the next group is read and written
+            hashing.append(runner.submit(_checksums, out, groups[-1], pool))
+
     def flush():
         nonlocal pending, pending_bytes
         if pending:
             name = f"g{len(groups):05d}"
-            ckptr.wait_until_finished()                  # the previous group is on disk
-            ckptr.save(os.path.join(out, "params", name), args=_pytree_save(pending))
+            finished()
+            with _saving(out, name):
+                ckptr.save(os.path.join(out, "params", name), args=_pytree_save(pending))
             groups.append(name)
             pending, pending_bytes = {}, 0
 
+    hashing: list[concurrent.futures.Future] = []
     os.makedirs(os.path.join(out, "params"))
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar, \
+                _orbax_thread_errors() as pool, concurrent.futures.ThreadPoolExecutor(1) as runner:
             for path, box in convert_pieces(ckpt, piece_bytes):
                 leaf = ckpt.leaves[path]
                 if path in scales:                       # MXFP8 as released: the bytes and their exponents
@@ -214,11 +351,103 @@ def _write_params(ckpt: ReleaseCheckpoint, out: str, dtype: str, progress: bool,
                 if pending_bytes >= group_bytes:
                     flush()
             flush()
-            ckptr.wait_until_finished()
+            finished()
+            files = {rel: v for f in hashing for rel, v in f.result().items()}
     finally:
         ckptr.close()
     return {"format": FORMAT, "version": VERSION, "dtype": dtype, "fp8_experts": bool(scales), "params": params,
-            "groups": groups}
+            "groups": groups, "checksums": {"algorithm": CHECKSUM, "files": files}}
+
+
+CHECKSUM = "crc32"        # per file, with its size: catches truncated and zeroed bytes; ~1.3 GB/s per core
+_HASH_CHUNK = 8 << 20
+
+
+def _file_checksum(file: str) -> list[int]:
+    """[size, crc32] of a file, read in chunks (zlib releases the GIL: files hash in parallel threads)."""
+    with open(file, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size <= _HASH_CHUNK:          # most files: one read, no buffer to zero
+            data = f.readall()
+            return [len(data), zlib.crc32(data)]
+        crc, size, buf = 0, 0, bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return [size, crc]
+
+
+def _group_files(root: str, group: str) -> list[str]:
+    """Every file of params/<group>, as paths relative to `root`, sorted."""
+    top = os.path.join(root, "params", group)
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(top) for f in fs)
+
+
+def _checksums(root: str, group: str, pool: concurrent.futures.Executor) -> dict[str, list[int]]:
+    rels = _group_files(root, group)
+    return dict(zip(rels, pool.map(_file_checksum, [os.path.join(root, r) for r in rels])))
+
+
+class _ThreadErrors(logging.Filter):
+    """Holds back the tracebacks that Orbax's worker threads log (one per thread and array, hundreds of lines
+    for one full disk) while the same error is on its way to the caller as an exception."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record):
+        if record.levelno >= logging.ERROR and record.exc_info:
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _orbax_thread_errors():
+    """A thread pool for hashing files, with Orbax's thread tracebacks held back while the block runs: logged at
+    DEBUG if it fails with an error reported in one line (`_SaveError`, `CheckpointError`), re-logged as they
+    were otherwise."""
+    capture = _ThreadErrors()
+    absl = logging.getLogger("absl")
+    absl.addFilter(capture)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            yield pool
+    except (_SaveError, CheckpointError):                 # reported in one line; the details at DEBUG
+        for r in capture.records:
+            log.debug("Orbax: %s", r.getMessage(), exc_info=r.exc_info)
+        raise
+    except BaseException:
+        _relog(absl, capture)
+        raise
+    else:                                                 # Orbax logged an error but the work succeeded: show it
+        _relog(absl, capture)
+    finally:
+        absl.removeFilter(capture)
+
+
+def _relog(logger: logging.Logger, capture: _ThreadErrors) -> None:
+    logger.removeFilter(capture)
+    for r in capture.records:
+        logger.handle(r)
+
+
+class _SaveError(OSError):
+    """Orbax could not write a group (full disk, quota, permissions): one line, the thread tracebacks at DEBUG."""
+
+
+@contextlib.contextmanager
+def _saving(out: str, group: str):
+    try:
+        yield
+    except OSError as e:
+        log.debug("Orbax failed writing %s/params/%s", out, group, exc_info=True)
+        what = e.strerror or str(e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what += " (free some space, or convert to another disk)"
+        raise _SaveError(e.errno, f"writing the converted checkpoint failed at params/{group} in {out}: {what}; "
+                                  f"the partial output is removed and the destination is unchanged") from e
 
 
 def read_meta(path: str) -> dict:
@@ -259,32 +488,122 @@ def _check_meta(path: str, meta: dict, targets: Mapping[str, tuple[tuple[int, ..
 
 
 def restore(path: str, targets: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-            shardings: Mapping[str, jax.sharding.Sharding], *, progress: bool = True) -> dict[str, jax.Array]:
-    """{param path: jax.Array with its sharding} from a converted directory; the dtype of `targets` wins."""
+            shardings: Mapping[str, jax.sharding.Sharding], *, progress: bool = True,
+            verify: bool = True) -> dict[str, jax.Array]:
+    """{param path: jax.Array with its sharding} from a converted directory; the dtype of `targets` wins.
+
+    verify: check every file against the size and CRC-32 in the manifest before Orbax reads it (a changed
+    piece raises CheckpointError naming its parameter and box). Any error of the restore itself is raised as
+    CheckpointError naming the group and its parameters."""
     meta = read_meta(path)
     _check_meta(path, meta, targets)
     by_group: dict[str, list[tuple[str, str, tuple]]] = {g: [] for g in meta["groups"]}
     for p, info in meta["params"].items():
         for piece in info["pieces"]:
             by_group[piece["group"]].append((p, piece["key"], tuple(map(tuple, piece["box"]))))
+    sums = meta.get("checksums")
+    if verify and sums is None:
+        log.warning("%s records no checksums (converted by an older m3jax): its pieces are not verified", path)
+    elif verify and sums.get("algorithm") != CHECKSUM:
+        raise CheckpointError(f"{os.path.join(path, META)}: checksum algorithm {sums.get('algorithm')!r} is not "
+                              f"{CHECKSUM!r}; load with verify=False to skip the check")
+    elif not verify:
+        log.info("%s: piece checksums not verified (verify=False)", path)
+    verify = verify and sums is not None
     asm = placement.Assembler(targets, shardings)
     ckptr = _checkpointer()
+    failed = None
     try:
-        for g in tqdm(meta["groups"], desc="restoring", unit="group", disable=not progress):
-            abstract = {}
-            for p, key, box in by_group[g]:
-                perm = tuple(meta["params"][p]["stored_perm"])
-                shape = tuple(box[i][1] - box[i][0] for i in perm)
-                sh = placement.permute_sharding(placement.piece_sharding(shardings[p], targets[p][0], box), perm)
-                abstract[key] = jax.ShapeDtypeStruct(shape, jnp.dtype(meta["params"][p]["dtype"]), sharding=sh)
-            restored = ckptr.restore(os.path.join(path, "params", g), abstract)
-            for p, key, box in by_group[g]:
-                asm.add(p, box, restored[key], tuple(meta["params"][p]["stored_perm"]))
-            del restored
-            jax.block_until_ready([asm.arrays[p] for p, _, _ in by_group[g]])     # one group in flight
+        with _orbax_thread_errors() as pool, concurrent.futures.ThreadPoolExecutor(1) as runner:
+            groups, checks = meta["groups"], {}
+
+            def check(i):                                # the next group is hashed while this one is restored
+                if verify and i < len(groups):
+                    checks[i] = runner.submit(_verify_group, path, groups[i], by_group[groups[i]], sums["files"],
+                                              pool)
+
+            check(0)
+            for i, g in enumerate(tqdm(groups, desc="restoring", unit="group", disable=not progress)):
+                check(i + 1)
+                if verify:
+                    checks.pop(i).result()
+                abstract = {}
+                for p, key, box in by_group[g]:
+                    perm = tuple(meta["params"][p]["stored_perm"])
+                    shape = tuple(box[i][1] - box[i][0] for i in perm)
+                    sh = placement.permute_sharding(placement.piece_sharding(shardings[p], targets[p][0], box), perm)
+                    abstract[key] = jax.ShapeDtypeStruct(shape, jnp.dtype(meta["params"][p]["dtype"]), sharding=sh)
+                try:
+                    restored = ckptr.restore(os.path.join(path, "params", g), abstract)
+                except Exception as e:
+                    log.debug("restoring %s/params/%s failed", path, g, exc_info=True)
+                    names = sorted({p for p, _, _ in by_group[g]})
+                    failed = (f"converted checkpoint {path}: params/{g} (pieces of {', '.join(names)}) cannot be "
+                              f"restored: {_root_cause(e)}")
+                    break
+                for p, key, box in by_group[g]:
+                    asm.add(p, box, restored[key], tuple(meta["params"][p]["stored_perm"]))
+                del restored
+                jax.block_until_ready([asm.arrays[p] for p, _, _ in by_group[g]])     # one group in flight
     finally:
         ckptr.close()
+    if failed is not None:                   # raised here, with Orbax's traceback and checkpointer gone
+        _collect_quietly()
+        raise CheckpointError(failed)
     return asm.result()
 
 
-__all__ = ["FORMAT", "META", "convert", "is_converted", "read_meta", "restore"]
+def _collect_quietly() -> None:
+    """A failed restore leaves Orbax's other reads of the group as suspended coroutines; collected at exit,
+    each prints "Exception ignored in ..." with a traceback (dozens of lines after the one-line error).
+    Collect them now, with their messages at DEBUG."""
+    import gc
+    import sys
+
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: log.debug("after a failed restore: %s", u.exc_value)
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception (Orbax wraps TensorStore's message in a generic one)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _verify_group(path: str, group: str, pieces, want: Mapping[str, list[int]],
+                  pool: concurrent.futures.Executor) -> None:
+    """Raise CheckpointError naming the piece (parameter and box) of the first file of `group` that is missing
+    or whose size or CRC-32 differs from the manifest."""
+    prefix = f"params/{group}/"
+    expected = {r: v for r, v in want.items() if r.startswith(prefix)}
+    owner = {key: f"piece {key} of {p} (box {[list(b) for b in box]})" for p, key, box in pieces}
+
+    def name(rel):
+        key = rel[len(prefix):].split("/", 1)[0]
+        return f"{owner.get(key, f'group {group} metadata')}, file {rel}"
+
+    if not expected:
+        raise CheckpointError(f"converted checkpoint {path}: the manifest has no checksums for params/{group}")
+    have = _group_files(path, group)
+    missing = sorted(set(expected) - set(have))
+    if missing:
+        raise CheckpointError(f"converted checkpoint {path} is damaged: {name(missing[0])} is missing")
+    rels = sorted(expected)
+    for rel, got in zip(rels, pool.map(_file_checksum, [os.path.join(path, r) for r in rels])):
+        size, crc = expected[rel]
+        if got[0] != size:
+            raise CheckpointError(f"converted checkpoint {path} is damaged: {name(rel)} has {got[0]} bytes, "
+                                  f"the manifest says {size}")
+        if got[1] != crc:
+            raise CheckpointError(f"converted checkpoint {path} is damaged: {name(rel)} does not match its "
+                                  f"checksum (CRC-32 {got[1]:08x}, expected {crc:08x}); re-convert it, or load "
+                                  f"with verify=False to skip the check")
+
+
+__all__ = ["FORMAT", "META", "convert", "is_converted", "read_meta", "recover_interrupted", "restore"]

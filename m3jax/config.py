@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any, Mapping
 
@@ -20,6 +21,16 @@ DENSE_MLP = "dense"
 MOE_MLP = "sparse"
 _ATTENTION_TYPES = (FULL_ATTENTION, SPARSE_ATTENTION)
 _MLP_TYPES = (DENSE_MLP, MOE_MLP)
+
+
+def _is_int(v: Any) -> bool:
+    """An int that is not a bool (JSON `true` would otherwise count as 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
 
 class ConfigError(ValueError):
     """A config.json that is missing a field, has a wrong value, or contradicts itself."""
@@ -36,6 +47,9 @@ class MSAConfig:
     local_blocks: int = 1           # blocks ending at the query's own block that are always kept
 
     def __post_init__(self):
+        for name in ("num_index_heads", "index_dim", "block_size", "topk_blocks", "local_blocks"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"msa.{name} must be an integer, got {getattr(self, name)!r}")
         for name in ("num_index_heads", "index_dim", "block_size", "topk_blocks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"msa.{name} must be >= 1, got {getattr(self, name)}")
@@ -82,15 +96,32 @@ class M3Config:
                     "intermediate_size", "shared_intermediate_size", "num_local_experts", "num_experts_per_tok")
         for name in positive:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        # A negative eps, a NaN theta or a negative clamp loads fine and then generates garbage (NaN logits,
+        # token 0 forever): every float must be finite, and these must be > 0.
+        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor", "swiglu_alpha", "swiglu_limit"):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+        if not _is_int(self.rotary_dim):
+            raise ConfigError(f"rotary_dim must be an integer, got {self.rotary_dim!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name, ids in (("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,)),
+                          ("eos_token_id", self.eos_token_id)):
+            if not isinstance(ids, tuple) or not all(_is_int(i) and i >= 0 for i in ids):
+                want = "None or a token id >= 0" if name == "bos_token_id" else "a tuple of token ids >= 0"
+                raise ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        if not isinstance(self.msa, MSAConfig):
+            raise ConfigError(f"msa must be an MSAConfig, got {type(self.msa).__name__}")
+        if self.quantization is not None and not isinstance(self.quantization, Mapping):
+            raise ConfigError(f"quantization_config must be an object, got {self.quantization!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                               f"num_key_value_heads ({self.num_key_value_heads})")
         if self.rotary_dim < 0 or self.rotary_dim > self.head_dim or self.rotary_dim % 2:
             raise ConfigError(f"rotary_dim must be even and in [0, head_dim={self.head_dim}], got {self.rotary_dim}")
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_local_experts "
                               f"({self.num_local_experts})")
@@ -208,22 +239,28 @@ class M3Config:
         return cls(**base)
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _check_kind(key: str, v: Any, kind: type | tuple[type, ...]) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(v, kinds) and (bool in kinds or not isinstance(v, bool))     # bool is an int subclass
+    if not ok:
+        want = _KIND_NAMES[float] if float in kinds else " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+        raise ConfigError(f"config field '{key}' must be {want}, got {v!r}")
+    return v
+
+
 def _require(t: Mapping[str, Any], key: str, kind: type | tuple[type, ...] = int) -> Any:
     if key not in t:
         raise ConfigError(f"config field '{key}' is missing")
-    v = t[key]
-    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-        raise ConfigError(f"config field '{key}' must be {getattr(kind, '__name__', kind)}, got {v!r}")
-    return v
+    return _check_kind(key, t[key], kind)
 
 
 def _optional(t: Mapping[str, Any], key: str, default: Any, kind: type | tuple[type, ...]) -> Any:
     if key not in t or t[key] is None:
         return default
-    v = t[key]
-    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-        raise ConfigError(f"config field '{key}' must be {getattr(kind, '__name__', kind)}, got {v!r}")
-    return v
+    return _check_kind(key, t[key], kind)
 
 
 def _per_layer(t: Mapping[str, Any], key: str, legacy: Any, legacy_key: str, names: tuple[str, str],
@@ -235,7 +272,7 @@ def _per_layer(t: Mapping[str, Any], key: str, legacy: Any, legacy_key: str, nam
             raise ConfigError(f"config field '{key}' must be a list of strings, got {v!r}")
         return tuple(v)
     if legacy is not None:
-        if not isinstance(legacy, (list, tuple)) or not all(x in (0, 1) for x in legacy):
+        if not isinstance(legacy, (list, tuple)) or not all(_is_int(x) and x in (0, 1) for x in legacy):
             raise ConfigError(f"config field '{legacy_key}' must be a list of 0/1, got {legacy!r}")
         return tuple(names[int(x)] for x in legacy)
     raise ConfigError(f"config field '{key}' (or legacy '{legacy_key}') is missing")
@@ -274,15 +311,13 @@ def _translate_text_config(t: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config field 'rope_parameters' must be an object, got {rope!r}")
     if rope.get("rope_type", "default") != "default":
         raise ConfigError(f"config field 'rope_parameters.rope_type' must be 'default', got {rope['rope_type']!r}")
-    theta = rope.get("rope_theta", t.get("rope_theta", 5_000_000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
-        raise ConfigError(f"config field 'rope_theta' must be a number, got {theta!r}")
+    theta = _check_kind("rope_theta", rope.get("rope_theta", t.get("rope_theta", 5_000_000.0)), (int, float))
     prf = rope.get("partial_rotary_factor", t.get("partial_rotary_factor"))
     rotary_dim = _optional(t, "rotary_dim", None, int)
     if rotary_dim is not None and not (0 <= rotary_dim <= head_dim and rotary_dim % 2 == 0):
         raise ConfigError(f"config field 'rotary_dim' must be even and in [0, head_dim={head_dim}], got {rotary_dim}")
     if prf is not None:
-        if not isinstance(prf, (int, float)) or not 0 <= prf <= 1:
+        if not _is_number(prf) or not 0 <= prf <= 1:
             raise ConfigError(f"config field 'partial_rotary_factor' must be in [0, 1], got {prf!r}")
         from_prf = int(head_dim * prf)
         if rotary_dim is not None and rotary_dim != from_prf:
@@ -314,7 +349,7 @@ def _translate_text_config(t: Mapping[str, Any]) -> dict[str, Any]:
 
     def msa_field(flat: str, legacy: str, default: int) -> int:
         v = t.get(flat) if t.get(flat) is not None else sparse.get(legacy, default)
-        if not isinstance(v, int) or isinstance(v, bool):
+        if not _is_int(v):
             raise ConfigError(f"config field '{flat}' (legacy '{legacy}') must be an integer, got {v!r}")
         return v
 
@@ -327,9 +362,11 @@ def _translate_text_config(t: Mapping[str, Any]) -> dict[str, Any]:
     )
     eos = t.get("eos_token_id", 200020)
     eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
-    if not all(isinstance(e, int) for e in eos):
+    if not all(_is_int(e) for e in eos):
         raise ConfigError(f"config field 'eos_token_id' must be an int or a list of ints, got {eos!r}")
-    num_experts = t.get("num_local_experts", t.get("num_experts", 128))
+    num_experts = _optional(t, "num_local_experts", None, int)
+    if num_experts is None:
+        num_experts = _optional(t, "num_experts", 128, int)
 
     return dict(
         vocab_size=_require(t, "vocab_size"),
@@ -350,8 +387,8 @@ def _translate_text_config(t: Mapping[str, Any]) -> dict[str, Any]:
         routed_scaling_factor=float(_optional(t, "routed_scaling_factor", 2.0, (int, float))),
         swiglu_alpha=float(_optional(t, "swiglu_alpha", 1.702, (int, float))),
         swiglu_limit=float(_optional(t, "swiglu_limit", 7.0, (int, float))),
-        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
-        bos_token_id=t.get("bos_token_id", 200034),
+        tie_word_embeddings=_optional(t, "tie_word_embeddings", False, bool),
+        bos_token_id=None if (bos := t.get("bos_token_id", 200034)) is None else _check_kind("bos_token_id", bos, int),
         eos_token_id=eos,
         layer_types=_per_layer(t, "layer_types", sparse_freq, "sparse_attention_config.sparse_attention_freq",
                                (FULL_ATTENTION, SPARSE_ATTENTION), num_layers),

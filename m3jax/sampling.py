@@ -41,26 +41,52 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
 
-    def check(self, request) -> None:
-        """Raise ValueError naming `request` and the field for any invalid value."""
+    def check(self, request, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming `request` and the field for any invalid value.
+
+        vocab_size (when the model is known): top_k must be <= it and stop_token_ids inside [0, vocab_size).
+        Integers must be real integers: `True` is not a token id nor a count. stop_token_ids must be a sequence
+        (`(5,)`, not `5`): a bare int is refused rather than guessed at.
+        """
         def bad(field, want, got):
             raise ValueError(f"request {request}: sampling.{field} must be {want}, got {got!r}")
 
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             bad("max_new_tokens", "an integer >= 1", self.max_new_tokens)
-        if not isinstance(self.temperature, (int, float, np.floating)) or not np.isfinite(self.temperature) \
-                or self.temperature < 0:
+        if not _is_real(self.temperature) or not np.isfinite(self.temperature) or self.temperature < 0:
             bad("temperature", ">= 0 (0 = greedy)", self.temperature)
-        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            bad("top_k", "an integer >= 0 (0 = off)", self.top_k)
-        if not isinstance(self.top_p, (int, float, np.floating)) or not 0 < self.top_p <= 1:
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= INT32_MAX:
+            bad("top_k", f"an integer in [0, {INT32_MAX}] (0 = off)", self.top_k)
+        if vocab_size is not None and self.top_k > vocab_size:
+            bad("top_k", f"<= the vocab size {vocab_size} (0 = off)", self.top_k)
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "in (0, 1]", self.top_p)
-        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**32):
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
             bad("seed", "None or an integer in [0, 2**32)", self.seed)
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+        if isinstance(self.stop, str) or not isinstance(self.stop, Sequence) \
+                or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "a sequence of non-empty strings", self.stop)
-        if not all(isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
-            bad("stop_token_ids", "a sequence of ints", self.stop_token_ids)
+        ids = self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)) \
+                or not all(_is_int(t) for t in ids):
+            bad("stop_token_ids", "a sequence of token ids (e.g. (5,) for one id)", ids)
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
+            bad("stop_token_ids", f"token ids in [0, {vocab_size})", list(ids))
+        for field in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, field), (bool, np.bool_)):
+                bad(field, "True or False", getattr(self, field))
+
+
+INT32_MAX = 2**31 - 1     # top_k travels to the device as int32
+
+
+def _is_int(v) -> bool:
+    """An integer that is not a bool (True would otherwise be token id 1, or one new token)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
 class SamplingBatch(NamedTuple):

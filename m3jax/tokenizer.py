@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -46,6 +46,54 @@ class M3Tokenizer:
         return "".join(parts)
 
 
+class _Decodes(Protocol):
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class IncrementalDecoder:
+    """Detokenise a stream of token ids so that the streamed pieces concatenate to exactly `decode(all ids)`.
+
+    A byte-level BPE token can be part of a multi-byte UTF-8 character; decoding tokens one at a time turns each
+    part into U+FFFD. Lossy UTF-8 decoding turns an incomplete sequence at the end into exactly one U+FFFD and
+    never changes the characters before it, so `push` decodes a window of recent tokens and emits everything but
+    a trailing U+FFFD, which the next token may still complete; `flush` emits what is held at the end (a
+    sequence that never completes stays U+FFFD, as in the final text). The window restarts at each clean end,
+    keeping the previous tokens as context (decoders that treat the first token specially, e.g. strip a leading
+    space, then decode the window as they decode the whole); it grows only over a run of tokens whose text
+    ends in U+FFFD. Exact for decoders that decode the concatenated bytes (byte-level BPE, as M3's tokenizer).
+
+        dec = IncrementalDecoder(tokenizer)          # anything with .decode(list[int]) -> str
+        for t in token_ids: sys.stdout.write(dec.push(t))
+        sys.stdout.write(dec.flush())
+    """
+
+    def __init__(self, tokenizer: _Decodes):
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0          # window start: tokens before it are never decoded again
+        self._read = 0            # the last clean end (all text up to it emitted); ids[_prefix:_read] is context
+        self._emitted = 0         # characters of decode(ids[_prefix:]) already emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the newly completed text (possibly "")."""
+        self._ids.append(int(token_id))
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the end decodes to U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        text = self._tok.decode(self._ids[self._prefix:])
+        end = len(text) - 1 if text.endswith("\ufffd") and not final else len(text)
+        new = text[self._emitted:end]
+        self._emitted = max(self._emitted, end)
+        if end == len(text):                          # clean end: restart the window after the context
+            self._prefix, self._read = self._read, len(self._ids)
+            self._emitted = len(self._tok.decode(self._ids[self._prefix:]))
+        return new
+
+
 def write_byte_level_tokenizer(path: str, specials: Sequence[str] = (BOS, EOT, ROLE)) -> dict[str, int]:
     """A byte-level tokenizer.json: ids 0..255 are the bytes, then the special tokens. Returns their ids."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -76,4 +124,4 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-__all__ = ["M3Tokenizer", "write_byte_level_tokenizer"]
+__all__ = ["IncrementalDecoder", "M3Tokenizer", "write_byte_level_tokenizer"]

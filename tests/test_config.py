@@ -95,3 +95,56 @@ def test_bad_layer_types_and_missing_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         M3Config.from_pretrained(tmp_path)
+
+
+# Values that load without complaint but generate garbage, and wrong JSON types (issue 15, item 4) -----------------
+
+_NAN, _INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("path,value,field", [
+    ("rms_norm_eps", -1, "rms_norm_eps"),
+    ("rms_norm_eps", 0.0, "rms_norm_eps"),
+    ("rms_norm_eps", True, "rms_norm_eps"),
+    ("rope_theta", _NAN, "rope_theta"),
+    ("rope_theta", _INF, "rope_theta"),
+    ("rope_theta", "5e6", "rope_theta"),
+    ("swiglu_limit", -7, "swiglu_limit"),
+    ("swiglu_limit", _NAN, "swiglu_limit"),
+    ("swiglu_alpha", 0, "swiglu_alpha"),
+    ("routed_scaling_factor", _INF, "routed_scaling_factor"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings"),
+    ("tie_word_embeddings", 0, "tie_word_embeddings"),
+    ("num_attention_heads", True, "num_attention_heads"),
+    ("max_position_embeddings", 4096.0, "max_position_embeddings"),
+    ("max_position_embeddings", 0, "max_position_embeddings"),
+    ("num_local_experts", "128", "num_local_experts"),
+    ("num_experts_per_tok", True, "num_experts_per_tok"),
+    ("rotary_dim", True, "rotary_dim"),
+    ("partial_rotary_factor", True, "partial_rotary_factor"),
+    ("partial_rotary_factor", _NAN, "partial_rotary_factor"),
+    ("sparse_attention_config.sparse_block_size", True, "index_block_size"),
+    ("sparse_attention_config.sparse_local_block", 1.0, "index_local_blocks"),
+    ("eos_token_id", True, "eos_token_id"),
+    ("eos_token_id", [200020, "x"], "eos_token_id"),
+    ("bos_token_id", "]~!b[", "bos_token_id"),
+    ("bos_token_id", -1, "bos_token_id"),
+])
+def test_bad_values_and_types_name_the_field(path, value, field):
+    with pytest.raises(ConfigError, match=field):
+        M3Config.from_hf(_broken(path, value))
+
+
+def test_non_finite_values_in_a_config_file_are_refused(tmp_path):
+    d = _broken("rms_norm_eps", _NAN)                         # json writes NaN, and json.load reads it back
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="rms_norm_eps must be a finite number > 0, got nan"):
+        M3Config.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [("rms_norm_eps", -1e-6), ("swiglu_limit", _NAN), ("rope_theta", 0.0),
+                                         ("tie_word_embeddings", "false"), ("head_dim", 16.0),
+                                         ("block_size", True), ("topk_blocks", 2.5)])
+def test_direct_construction_is_validated_too(field, value):
+    with pytest.raises(ConfigError, match=field):
+        M3Config.tiny(**{field: value})

@@ -70,7 +70,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         from m3jax.engine import Engine, generate
         from m3jax.sampling import SamplingParams
         from m3jax.sharding import parse_mesh
-        from m3jax.tokenizer import M3Tokenizer
+        from m3jax.tokenizer import IncrementalDecoder, M3Tokenizer
         path = args.model or bundled_tiny_checkpoint()
         mesh = parse_mesh(args.mesh) if args.mesh else None
         dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
@@ -83,10 +83,11 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
                         prefill_chunk=min(512, max_seq_len), mesh=mesh)
         if args.stream and len(args.prompt) == 1:
+            dec = IncrementalDecoder(tok)          # a character split over tokens is printed once complete
             for t in engine.stream(args.prompt[0], params, chat=args.chat, request_id="cli"):
-                sys.stdout.write(tok.decode([t]))
+                sys.stdout.write(dec.push(t))
                 sys.stdout.flush()
-            sys.stdout.write("\n")
+            sys.stdout.write(dec.flush() + "\n")
             return 0
         for i, r in enumerate(generate(engine, args.prompt, params, chat=args.chat, progress=False)):
             if len(args.prompt) > 1:

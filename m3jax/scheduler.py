@@ -276,11 +276,7 @@ class Scheduler:
     def check_params(self, params: SamplingParams, request) -> None:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"request {request}: sampling must be a SamplingParams, got {type(params).__name__}")
-        params.check(request)
-        v = self.vocab_size
-        if any(not 0 <= t < v for t in params.stop_token_ids):
-            raise ValueError(f"request {request}: sampling.stop_token_ids must be in [0, {v}), got "
-                             f"{list(params.stop_token_ids)}")
+        params.check(request, vocab_size=self.vocab_size)        # top_k and stop_token_ids against the vocab too
         if params.stop and self.tokenizer is None:
             raise ValueError(f"request {request}: sampling.stop (stop strings) needs a tokenizer")
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from m3jax.config import M3Config
 from m3jax.model import M3ForCausalLM
+from m3jax.api import bundled_tiny_checkpoint  # noqa: F401  (lives in api; kept here for tests that import it)
 from m3jax.params import dotted, flat_params  # noqa: F401  (flat_params: kept here for tests that import it)
 from m3jax.tokenizer import write_byte_level_tokenizer
 

@@ -12,8 +12,9 @@ Measured, one process per framework (`--part jax` / `--part torch`), results as 
   because its SDPA path builds a [heads, T, S] block mask: 128 GiB at T = S = 32K);
   decode tokens/s at batch 1 / 8 / 32 with 32K tokens of context per request (the caches are filled with
   random keys directly instead of prefilling 1M tokens; MSA still scores every block and keeps 16).
-m3jax decode time is the whole Engine.step(): scheduling, the jitted cached forward, sampling and the host
-round trip. transformers decode is model(input_ids[B, 1], past_key_values=DynamicCache) (greedy argmax added).
+m3jax decode time is one `Engine.runner.execute(batch)` (the runner's public seam, fed decode rows directly
+instead of scheduled requests): row layout, the jitted cached forward, sampling and the host round trip.
+transformers decode is model(input_ids[B, 1], past_key_values=DynamicCache) (greedy argmax added).
 
     python benchmarks/generate.py --part jax --out results.jsonl
     python benchmarks/generate.py --part torch --out results.jsonl
@@ -90,7 +91,9 @@ def run_jax(args):
 
     import m3jax
     from m3jax.config import M3Config, MSAConfig
-    from m3jax.engine import Engine, _Request, trace_count
+    from m3jax.engine import Engine
+    from m3jax.runner import trace_count
+    from m3jax.scheduler import Batch, Row
     from m3jax.model import M3ForCausalLM
     from m3jax.sampling import SamplingParams
 
@@ -109,7 +112,7 @@ def run_jax(args):
         model = m3jax.quantize_experts(model)
     dev = jax.devices()[0]
     emit(args, what="setup", device=str(getattr(dev, "device_kind", dev)), jax=jax.__version__, impl=impl or "default",
-         unroll_layers=args.unroll, split_layer_weights=args.split_weights, fp8_experts=args.fp8_experts)
+         layer_loop=args.layer_loop or "default", fp8_experts=args.fp8_experts)
     ctx, batches = args.context, args.batches
     max_batch = max(batches)
     max_seq = max(ctx, max(args.prefill)) + 64
@@ -119,7 +122,7 @@ def run_jax(args):
     # Prefill: one request, max_new_tokens=1 (the last chunk's logits give the token), chunks of jax_chunk.
     eng = Engine(model, max_batch_size=1, max_seq_len=max_seq, num_pages=blocks + 2,
                  prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1,
-                 len_buckets=(args.jax_chunk,), unroll_layers=args.unroll, split_layer_weights=args.split_weights)
+                 len_buckets=(args.jax_chunk,), layer_loop=args.layer_loop)
     for s in args.prefill:
         try:
             prompt = rs.randint(0, cfg.vocab_size, s).tolist()
@@ -142,13 +145,13 @@ def run_jax(args):
             emit(args, what="prefill", tokens=s, chunk=args.jax_chunk, error=f"{type(e).__name__}: {str(e)[:300]}")
             eng = Engine(model, max_batch_size=1, max_seq_len=max_seq, num_pages=blocks + 2,
                          prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1,
-                         len_buckets=(args.jax_chunk,))
+                         len_buckets=(args.jax_chunk,), layer_loop=args.layer_loop)
     del eng
 
     # Decode: max_batch requests at `ctx` tokens of context each, cache filled with random keys.
     eng = Engine(model, max_batch_size=max_batch, max_seq_len=max_seq, num_pages=max_batch * blocks + 1,
                  prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + max_batch,
-                 unroll_layers=args.unroll, split_layer_weights=args.split_weights)
+                 layer_loop=args.layer_loop)
     key = jax.random.key(1)
 
     def fill(x, i):
@@ -159,37 +162,41 @@ def run_jax(args):
                                                        for i, x in enumerate(leaves)])
     greedy = SamplingParams(max_new_tokens=10_000, ignore_eos=True)
     for b in batches:
-        reqs = []
-        for i in range(b):
-            prompt = rs.randint(0, cfg.vocab_size, ctx).tolist()
-            r = _Request(("d", b, i), prompt, greedy, 0, None, tokens=list(prompt), num_computed=ctx - 1,
-                         max_total=max_seq)
-            eng.allocator.allocate(r.id, math.ceil(max_seq / cfg.msa.block_size))
-            reqs.append(r)
-        eng._running = reqs
+        # b requests whose first ctx - 1 tokens are "in the cache" (random keys): each step decodes one token of
+        # each, through the runner directly (no scheduler), feeding back the sampled token.
+        ids = [("d", b, i) for i in range(b)]
+        pages = [tuple(eng.allocator.allocate(r, math.ceil(max_seq / cfg.msa.block_size))) for r in ids]
+        state = {"tokens": [int(t) for t in rs.randint(0, cfg.vocab_size, b)], "pos": ctx - 1, "n": 0}
+
+        def decode_step():
+            batch = Batch(decode=tuple(Row(r, (t,), state["pos"], p, 0, True, greedy, 0, state["n"])
+                                       for r, t, p in zip(ids, state["tokens"], pages)))
+            state["tokens"] = [tok for tok, _ in eng.runner.execute(batch)]
+            state["pos"] += 1
+            state["n"] += 1
+
         try:
             before = trace_count()
             for _ in range(args.warmup):
-                eng.step()
+                decode_step()
             jax.block_until_ready(eng.cache)
             compiled = trace_count() - before
             t0 = time.perf_counter()
             for _ in range(args.decode_steps):
-                eng.step()
+                decode_step()
             dt = (time.perf_counter() - t0) / args.decode_steps
             emit(args, what="decode", batch=b, context=ctx, step_ms=dt * 1e3, tokens_per_s=b / dt,
                  compiles_in_warmup=compiled, compiles_in_timing=trace_count() - before - compiled)
             if args.profile:
                 def steps():
                     for _ in range(3):
-                        eng.step()
+                        decode_step()
                     jax.block_until_ready(eng.cache)
                 _profile_table(args, f"decode batch {b} (3 steps)", steps)
         except Exception as e:          # noqa: BLE001
             emit(args, what="decode", batch=b, context=ctx, error=f"{type(e).__name__}: {str(e)[:300]}")
-        for r in reqs:
-            eng.allocator.release(r.id)
-        eng._running = []
+        for r in ids:
+            eng.allocator.release(r)
 
 
 # ------------------------------------------------------------------------------------------------ torch
@@ -324,8 +331,8 @@ def main(argv=None):
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="m3jax: per-op device time of one prefill / 3 decode steps")
     ap.add_argument("--profile-top", type=int, default=14)
-    ap.add_argument("--unroll", action="store_true", help="m3jax: Engine(unroll_layers=True)")
-    ap.add_argument("--split-weights", action="store_true", help="m3jax: Engine(split_layer_weights=True)")
+    ap.add_argument("--layer-loop", choices=("scan", "split"), default=None,
+                    help="m3jax: Engine(layer_loop=...) (default: the backend's choice, see m3jax.runner)")
     ap.add_argument("--fp8-experts", action="store_true", help="m3jax: routed experts held in MXFP8 "
                     "(m3jax.quantize_experts)")
     args = ap.parse_args(argv)

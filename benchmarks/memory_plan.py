@@ -26,7 +26,7 @@ from flax import nnx  # noqa: E402
 from m3jax import cache as cache_lib, sharding  # noqa: E402
 from m3jax.config import M3Config  # noqa: E402
 from m3jax.model import M3ForCausalLM  # noqa: E402
-from m3jax.testing import flat_params  # noqa: E402
+from m3jax.params import flat_params  # noqa: E402
 
 GIB = 2**30
 

@@ -5,7 +5,7 @@ shared expert, vocab 200064; the first 6 layers of the real pattern: 3 dense + 3
 experts), random weights. Each mesh is "DATAxMODEL": heads split over "model" (KV heads replicated when it
 exceeds 4), batch rows and page pools over "data" (each data shard owns its requests' pages), experts over all
 devices (expert parallel), attention kernels per device in shard_map. The weights are built once on the first
-GPU, kept on the host, and placed on each mesh by `m3jax.sharding.shard_model`; the engine then runs the same
+GPU, kept on the host, and placed on each mesh by `m3jax.params.shard_model`; the engine then runs the same
 prompts (prefill of all prompts in one step, then decode) and its greedy tokens are compared with the first
 mesh's. Summation order differs across meshes: in bfloat16 a near-tie between the top two logits can flip a
 greedy token, so the exactness check runs in float32 (--dtype float32).
@@ -66,7 +66,7 @@ def run(args) -> list[dict]:
     import numpy as np
 
     import m3jax
-    from m3jax import sharding
+    from m3jax import params, sharding
 
     from flax import nnx
 
@@ -86,7 +86,7 @@ def run(args) -> list[dict]:
             print(json.dumps(dict(mesh=spec, skipped=f"only {len(jax.devices())} devices")), flush=True)
             continue
         mesh = sharding.make_mesh(data=data, model=width, devices=jax.devices()[:data * width])
-        m = sharding.shard_model(model, mesh)
+        m = params.shard_model(model, mesh)
         per_seq = (args.prompt_len + args.new_tokens) // model.config.msa.block_size + 2
         pages = -(-args.batch // data) * per_seq + 1                         # per data shard, sink included
         engine = m3jax.Engine(m, max_batch_size=args.batch, max_seq_len=args.prompt_len + args.new_tokens + 8,

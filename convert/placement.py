@@ -21,31 +21,15 @@ from typing import Callable, Mapping, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from m3jax.config import M3Config
+from m3jax.params import abstract_params  # noqa: F401  (the converter's callers use it from here)
 
 Box = tuple[tuple[int, int], ...]
 ShardingsArg = Union[None, Mapping[str, Union[NamedSharding, P]],
                      Callable[[str, tuple[int, ...]], Union[NamedSharding, P, None]]]
 EXPERT_SUFFIXES = ("gate_edf", "up_edf", "down_efd",     # [layer, expert, ...] routed-expert weights
                    "gate_scale_ebf", "up_scale_ebf", "down_scale_ebd")   # and their MXFP8 exponents
-
-
-def abstract_params(cfg: M3Config, dtype, attn_impl: str | None = None, mesh: jax.sharding.Mesh | None = None,
-                    fp8_experts: bool = False):
-    """(graphdef, treedef, param paths in tree order, {path: (shape, dtype)}) of the model, never allocated."""
-    from m3jax.model import M3ForCausalLM
-    from m3jax.testing import _dotted
-
-    abstract = nnx.eval_shape(lambda: M3ForCausalLM(cfg, dtype=dtype, attn_impl=attn_impl, mesh=mesh,
-                                                    rngs=nnx.Rngs(0), fp8_experts=fp8_experts))
-    graphdef, state = nnx.split(abstract)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    paths = [_dotted(p) for p, _ in leaves]
-    targets = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, (_, v) in zip(paths, leaves)}
-    return graphdef, treedef, paths, targets
 
 
 def default_spec(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:

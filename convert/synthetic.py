@@ -10,35 +10,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
 
 import numpy as np
 
-from convert import mxfp8, weight_map
+from convert.release import release_config, release_specs
 from convert.safetensors_io import DTYPES
 from m3jax.config import M3Config
 
 _BLOCK = 64 << 20
-_NOT_QUANTISED = ("embed_vd", "lm_head_dv", "router_de", "router_bias_e")
-
-
-def release_specs(cfg: M3Config, quant: str | None) -> Iterator[tuple[str, str, tuple[int, ...]]]:
-    """(name, safetensors dtype, shape) of every released text tensor of `cfg`, in release order."""
-    import jax.numpy as jnp
-
-    from convert.placement import abstract_params
-
-    _, _, _, targets = abstract_params(cfg, jnp.bfloat16)
-    for p in weight_map.expected(cfg):
-        shape = weight_map.torch_shape(p.rule, targets[p.path][0][len(p.index):])
-        leaf = p.path.rsplit(".", 1)[-1]
-        if leaf in ("router_de", "router_bias_e"):
-            yield p.name, "F32", shape
-        elif quant == "mxfp8" and len(shape) == 2 and leaf not in _NOT_QUANTISED:
-            yield p.name, "F8_E4M3", shape
-            yield p.name + weight_map.SCALE_SUFFIX, "U8", mxfp8.scale_shape(shape)
-        else:
-            yield p.name, "BF16", shape
 
 
 def _pattern(dtype: str, rng) -> bytes:
@@ -56,9 +35,8 @@ def _pattern(dtype: str, rng) -> bytes:
 def write_release(path: str, cfg: M3Config, quant: str | None = None, shard_bytes: int = 5 << 30,
                   sparse: bool = False) -> int:
     """Write a sharded release checkpoint (index json, config.json) to `path`; returns the tensor bytes.
-    Never more than 64 MiB of data in memory; `sparse` leaves the data as holes (reads give zeros)."""
-    from m3jax.testing import release_config
-
+    Never more than 64 MiB of data in memory; `sparse` leaves the data as holes (reads give zeros). Names,
+    shapes, dtypes and config.json come from `convert.release`, the writer `m3jax.testing` uses too."""
     os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(0)
     patterns = {} if sparse else {d: _pattern(d, rng) for d in ("BF16", "F32", "F8_E4M3", "U8")}

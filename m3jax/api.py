@@ -12,6 +12,7 @@ from flax import nnx
 from m3jax import sharding
 from m3jax.config import M3Config
 from m3jax.model import M3ForCausalLM
+from m3jax.params import abstract_params, flat_params, remake_model
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -44,7 +45,7 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         MXFP8 raises; a converted dir must have been converted with the same choice (`m3jax convert
         --fp8-experts`).
     """
-    from convert import loader, orbax_io, placement     # convert imports m3jax.config: keep the import lazy
+    from convert import loader, orbax_io, placement     # `import m3jax` loads no converter code: lazy
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -56,7 +57,7 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         replicas = sharding.kv_replication(cfg, mesh)
         if replicas > 1:      # read the KV-head weights replicated, then copy each head `replicas` times
             shardings = _replicated_kv_first(shardings)
-    graphdef, treedef, paths, targets = placement.abstract_params(cfg, _dtype(dtype), attn_impl, mesh, fp8_experts)
+    graphdef, treedef, paths, targets = abstract_params(cfg, _dtype(dtype), attn_impl, mesh, fp8_experts)
     resolved = placement.resolve_shardings({p: s for p, (s, _) in targets.items()}, mesh, shardings)
     if orbax_io.is_converted(path):
         arrays = orbax_io.restore(path, targets, resolved, progress=progress)
@@ -85,10 +86,8 @@ def _replicate_kv_heads(cfg: M3Config, replicas: int, arrays, mesh, dtype, attn_
     The KV-head weights are small (k, v and index-q projections: D x K x H per layer), so they are read whole
     and expanded on device; the model becomes the same model with K * replicas KV heads (sharding.replicate_kv).
     """
-    from convert import placement
-
     rcfg = sharding.replicate_kv(cfg, replicas)
-    graphdef, treedef, paths, targets = placement.abstract_params(rcfg, dtype, attn_impl, mesh, fp8_experts)
+    graphdef, treedef, paths, targets = abstract_params(rcfg, dtype, attn_impl, mesh, fp8_experts)
     out = dict(arrays)
     for path, (shape, _) in targets.items():
         if sharding.KV_HEAD_PARAMS.search(path):
@@ -107,7 +106,6 @@ def quantize_experts(model: M3ForCausalLM) -> M3ForCausalLM:
     """
     from m3jax.model.layers import quantize_mxfp8
     from m3jax.model.moe import fp8_scale_path
-    from m3jax.testing import flat_params
 
     if model.fp8_experts:
         return model
@@ -116,4 +114,16 @@ def quantize_experts(model: M3ForCausalLM) -> M3ForCausalLM:
     for path in list(params):
         if (scale := fp8_scale_path(path)) is not None:
             params[path], params[scale] = quantize(params[path])
-    return sharding.remake_model(model, params, fp8_experts=True)
+    return remake_model(model, params, fp8_experts=True)
+
+
+def bundled_tiny_checkpoint() -> str:
+    """The bundled demo model: a tiny random-weight test model (seed 0, bfloat16; not trained), written in the
+    release format under $M3JAX_CACHE or ~/.cache/m3jax on first use. `m3jax generate` uses it without --model."""
+    from m3jax.testing import make_tiny_checkpoint
+
+    root = os.environ.get("M3JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "m3jax"))
+    path = os.path.join(root, "tiny-seed0-v1")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        make_tiny_checkpoint(path, seed=0)
+    return path

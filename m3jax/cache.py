@@ -1,12 +1,12 @@
-"""Paged KV + index-K cache (device arrays) and the host-side page allocator.
+"""Paged KV + index-K cache (device arrays): layout and writes.
 
-Layout (axis letters as in STYLE.md; R = rows per page = the MSA block size, so one selected block is one page):
+Layout (K KV heads, P pages per layer, R = rows per page = the MSA block size, so one selected block is one page):
 
   per layer    K/V pages  [K, P, R, H]   head-major: one (head, page) tile is contiguous
                index-K    [P, R, I]      sparse (MSA) layers only: the shared index-k head, post norm + RoPE
   per stack    the L layers of one LayerStack are stored in one pool with the layer folded into the page axis:
-               k/v `[K, L*P, R, H]`, ik `[L*P, R, I]`; layer l's page p sits at l*P + p. A layer's view is
-               `k[:, l*P:(l+1)*P]`, exactly the per-layer layout above.
+               k/v `[K, L*P, R, H]`, ik `[L*P, R, I]`; layer l's page p sits at l*P + p (`layer_offset`).
+               A layer's view is `k[:, l*P:(l+1)*P]`, exactly the per-layer layout above.
 
   per data shard  on a mesh, each "data" shard d owns a pool of its own: the arrays are `[K, D*L*P, R, H]`
                with shard d's `[K, L*P, R, H]` (the layout above) at pages d*L*P ... (d+1)*L*P - 1, split
@@ -17,9 +17,7 @@ scan and update it in place (a scatter), and lets an attention kernel read layer
 table shifted by l*P: no per-layer slice of the pool is ever copied. Page 0 of every layer (l*P) is the sink
 that padding tokens write to; the allocator never hands it out.
 
-`PageAllocator` lives on the host, one per data shard: it owns the physical page ids 1..P-1, hands out whole pages
-per request and takes them back when a request finishes. Running out of pages is signalled by `OutOfPages`; a double
-free or a foreign page id raises instead of corrupting another request's cache.
+Which request owns which page is host state: `m3jax.scheduler.PageAllocator`, one per data shard.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ SINK_PAGE = 0
 
 
 class OutOfPages(RuntimeError):
-    """The page pool cannot satisfy an allocation (the caller queues the request instead of failing it)."""
+    """The page pool cannot satisfy an allocation or does not fit in memory."""
 
 
 @jax.tree_util.register_dataclass
@@ -68,22 +66,12 @@ class KVCache:
     def layer_k(self, layer: int) -> jax.Array:
         """[K, S*P, R, H]: the K pages of global layer `layer`, data shard s's pages at s*P... (a copy; for tests
         and debugging)."""
-        s, l = self._locate(layer)
-        return self._layer_pages(self.stacks[s].k_pages, l, 1)
-
-    def layer_v(self, layer: int) -> jax.Array:
-        s, l = self._locate(layer)
-        return self._layer_pages(self.stacks[s].v_pages, l, 1)
-
-    def layer_ik(self, layer: int) -> jax.Array | None:
-        s, l = self._locate(layer)
-        ik = self.stacks[s].ik_pages
-        return None if ik is None else self._layer_pages(ik, l, 0)
-
-    def _layer_pages(self, pool, l: int, axis: int):
-        lead, rest = pool.shape[:axis], pool.shape[axis + 1:]
-        split = pool.reshape(*lead, self.num_shards, -1, self.num_pages, *rest)
-        return jnp.take(split, l, axis=axis + 1).reshape(*lead, -1, *rest)
+        i, l = self._locate(layer)
+        pool = self.stacks[i].k_pages
+        k, rest = pool.shape[0], pool.shape[2:]
+        split = pool.reshape(k, self.num_shards, -1, *rest)          # [K, S, L*P, R, H]
+        start = layer_offset(l, self.num_pages)
+        return split[:, :, start:start + self.num_pages].reshape(k, -1, *rest)
 
     def _locate(self, layer: int) -> tuple[int, int]:
         n = 0
@@ -95,6 +83,13 @@ class KVCache:
         raise IndexError(f"layer {layer} out of range (the cache has {n} layers)")
 
 
+def layer_offset(layer, num_pages: int):
+    """Where layer `layer` of a stack starts on the page axis of the stack's pool in each data shard (layers
+    folded into the page axis: layer l's page p is l*P + p). The one place this offset is defined; `layer` may be
+    traced (the layer scan's index)."""
+    return layer * num_pages
+
+
 def bytes_per_page(cfg: M3Config, dtype, *, data: int = 1, model: int = 1) -> int:
     """One device's bytes for one more page per layer in every data shard's pool (K + V everywhere, index-K on
     MSA layers), in the layout of `cache_layout` on a ("data", "model") mesh of these sizes."""
@@ -104,6 +99,7 @@ def bytes_per_page(cfg: M3Config, dtype, *, data: int = 1, model: int = 1) -> in
 
 
 def pages_per_sequence(num_tokens: int, page_size: int) -> int:
+    """Pages that hold num_tokens tokens (ceiling division)."""
     return -(-num_tokens // page_size)
 
 
@@ -220,90 +216,6 @@ def write_ik(pool_pri, new_bti, page_bt, row_bt):
     return pool_pri.at[page_bt, row_bt].set(new_bti.astype(pool_pri.dtype))
 
 
-class PageAllocator:
-    """Host-side owner of the physical page ids 1..num_pages-1 (page 0 is the sink).
-
-    `allocate(owner, n)` gives `owner` n more pages (appended to its page list) or raises OutOfPages and
-    changes nothing; `release(owner)` returns all of the owner's pages. Every page belongs to at most one
-    owner at a time, and the allocator checks it.
-    """
-
-    def __init__(self, num_pages: int):
-        if num_pages < 2:
-            raise ValueError(f"num_pages must be >= 2 (page 0 is the sink), got {num_pages}")
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, 0, -1))   # pop() hands out low ids first
-        self._owner: dict[int, object] = {}
-        self._pages: dict[object, list[int]] = {}
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def capacity(self) -> int:
-        """Pages a single request could ever hold (all but the sink)."""
-        return self.num_pages - 1
-
-    def pages(self, owner) -> list[int]:
-        """The owner's pages in logical order (block m of the sequence is pages(owner)[m])."""
-        return list(self._pages.get(owner, ()))
-
-    def owners(self) -> list:
-        return list(self._pages)
-
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
-
-    def allocate(self, owner, n: int) -> list[int]:
-        """Append n pages to owner's list and return them; raises OutOfPages (changing nothing) if short."""
-        if n < 0:
-            raise ValueError(f"cannot allocate {n} pages")
-        if n > len(self._free):
-            raise OutOfPages(f"{owner!r} needs {n} pages, {len(self._free)} of {self.capacity} are free")
-        got = [self._free.pop() for _ in range(n)]
-        for p in got:
-            self._owner[p] = owner
-        self._pages.setdefault(owner, []).extend(got)
-        return got
-
-    def ensure(self, owner, num_tokens: int, page_size: int) -> list[int]:
-        """Grow owner's page list to hold num_tokens tokens; returns the new pages (maybe none)."""
-        need = pages_per_sequence(num_tokens, page_size) - len(self._pages.get(owner, ()))
-        return self.allocate(owner, need) if need > 0 else []
-
-    def release(self, owner) -> int:
-        """Return all of owner's pages to the pool; returns how many. Unknown owners raise KeyError."""
-        if owner not in self._pages:
-            raise KeyError(f"{owner!r} holds no pages")
-        pages = self._pages.pop(owner)
-        for p in pages:
-            if self._owner.get(p) != owner:
-                raise RuntimeError(f"page {p} listed for {owner!r} is owned by {self._owner.get(p)!r}")
-            del self._owner[p]
-        self._free.extend(reversed(pages))
-        return len(pages)
-
-    def check(self) -> None:
-        """Invariants: every page 1..P-1 is free xor owned once; the sink is never handed out."""
-        free = set(self._free)
-        if len(free) != len(self._free):
-            raise RuntimeError("page allocator: a page is on the free list twice")
-        if SINK_PAGE in free or SINK_PAGE in self._owner:
-            raise RuntimeError("page allocator: the sink page was handed out")
-        if free & set(self._owner):
-            raise RuntimeError("page allocator: a page is both free and owned")
-        if len(free) + len(self._owner) != self.num_pages - 1:
-            raise RuntimeError(f"page allocator: {len(free)} free + {len(self._owner)} owned != "
-                               f"{self.num_pages - 1} pages")
-
-
-def page_table_row(pages: list[int], max_blocks: int) -> list[int]:
-    """A request's page-table row: its pages, then the sink up to max_blocks."""
-    if len(pages) > max_blocks:
-        raise ValueError(f"{len(pages)} pages exceed the page table width {max_blocks}")
-    return list(pages) + [SINK_PAGE] * (max_blocks - len(pages))
-
-
 def max_blocks(max_seq_len: int, page_size: int) -> int:
-    return max(1, math.ceil(max_seq_len / page_size))
+    """The page-table width of a request of up to max_seq_len tokens."""
+    return max(1, pages_per_sequence(max_seq_len, page_size))

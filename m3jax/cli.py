@@ -1,9 +1,13 @@
-"""`m3jax generate | convert | make-tiny`: the command line. User errors print one line and exit 2."""
+"""`m3jax generate | convert | make-tiny`: the command line. User errors print one line and exit 2.
+
+The command line sits above everything (engine, api, convert); nothing in m3jax imports it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Sequence
 
 from convert.safetensors_io import CheckpointError
 from m3jax.config import ConfigError
@@ -40,10 +44,66 @@ def _convert(args) -> None:
     convert_main(args)
 
 
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    """`m3jax generate`: returns the exit code. Errors print one line to stderr and return 2."""
+    ap = argparse.ArgumentParser(prog="m3jax generate", description="Generate text with an M3 checkpoint.")
+    ap.add_argument("--model", help="checkpoint directory (default: the bundled tiny model)")
+    ap.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-seq-len", type=int, default=None, help="default: 4096, or the tiny model's limit")
+    ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: float32 for the tiny model)")
+    ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
+    ap.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
+    ap.add_argument("--fp8-experts", action="store_true", help="keep an MXFP8 release's routed experts in FP8")
+    ap.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
+    ap.add_argument("--ids", action="store_true", help="also print the generated token ids")
+    args = ap.parse_args(argv)
+    try:
+        from m3jax.api import bundled_tiny_checkpoint, load
+        from m3jax.engine import Engine, generate
+        from m3jax.sampling import SamplingParams
+        from m3jax.sharding import parse_mesh
+        from m3jax.tokenizer import IncrementalDecoder, M3Tokenizer
+        path = args.model or bundled_tiny_checkpoint()
+        mesh = parse_mesh(args.mesh) if args.mesh else None
+        dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
+        model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False,
+                     fp8_experts=args.fp8_experts)
+        tok = M3Tokenizer.from_pretrained(path)
+        max_seq_len = args.max_seq_len or min(4096, model.config.max_position_embeddings)
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+        engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
+                        prefill_chunk=min(512, max_seq_len), mesh=mesh)
+        if args.stream and len(args.prompt) == 1:
+            dec = IncrementalDecoder(tok)          # a character split over tokens is printed once complete
+            for t in engine.stream(args.prompt[0], params, chat=args.chat, request_id="cli"):
+                sys.stdout.write(dec.push(t))
+                sys.stdout.flush()
+            sys.stdout.write(dec.flush() + "\n")
+            return 0
+        for i, r in enumerate(generate(engine, args.prompt, params, chat=args.chat, progress=False)):
+            if len(args.prompt) > 1:
+                print(f"--- [{i}] ({r.finish_reason}, {len(r.token_ids)} tokens)")
+            print(r.text)
+            if args.ids:
+                print(f"token ids: {list(r.token_ids)} ({r.finish_reason})")
+        return 0
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"m3jax generate: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["generate"]:                 # the engine owns its options
-        from m3jax.engine import generate_main
         return generate_main(argv[1:])
     args = _parser().parse_args(argv)
     try:

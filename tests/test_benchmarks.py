@@ -31,6 +31,7 @@ def test_memory_plan_json_is_what_the_code_computes():
                 assert got[field] == value, f"row {i} ({want['slice']}): {field}"
 
 
+@pytest.mark.slow
 def test_multi_gpu_script_on_forced_cpu_devices():
     """benchmarks/multi_gpu.py --small: every mesh (model-, data- and mixed-parallel) with FP8 experts generates
     the one-device greedy tokens."""
@@ -42,3 +43,20 @@ def test_multi_gpu_script_on_forced_cpu_devices():
     rows = multi_gpu.run(args)
     assert [r["mesh"] for r in rows] == args.meshes
     assert all(r["same_tokens_as_first"] and r["fp8_experts"] for r in rows)
+
+
+@pytest.mark.slow
+def test_generate_script_small_runs_through_public_seams(tmp_path):
+    """benchmarks/generate.py --small --part jax on CPU: prefill through the Engine, decode through
+    Engine.runner.execute; every measurement is recorded and decode does not recompile while timed."""
+    import generate
+    out = tmp_path / "rows.jsonl"
+    generate.main(["--part", "jax", "--small", "--prefill", "40", "--context", "40", "--batches", "1", "2",
+                   "--jax-chunk", "32", "--reps", "1", "--warmup", "1", "--decode-steps", "2", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["what"] for r in rows] == ["setup", "prefill", "decode", "decode"]
+    assert not any("error" in r for r in rows), rows
+    assert rows[0]["layer_loop"] == "default"
+    assert rows[1]["tokens"] == 40 and rows[1]["tokens_per_s"] > 0
+    assert [r["batch"] for r in rows[2:]] == [1, 2]
+    assert all(r["compiles_in_timing"] == 0 and r["tokens_per_s"] > 0 for r in rows[2:])

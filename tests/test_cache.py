@@ -1,6 +1,6 @@
-"""Paged cache: the page allocator's accounting, cache layout, and the cached forward against the no-cache one
-(chunked prefill with several chunk sizes == one-shot prefill == model(input_ids), ragged rows in one group,
-padding writes confined to the sink page)."""
+"""Paged cache: the page allocator's accounting (refcounted sharing included), cache layout, and the cached forward
+against the no-cache one (chunked prefill with several chunk sizes and both layer loops == one-shot prefill ==
+model(input_ids), ragged rows in one group, padding writes confined to the sink page)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 
 from m3jax import cache as cache_lib
-from m3jax.cache import OutOfPages, PageAllocator
+from m3jax.cache import OutOfPages
 from m3jax.config import M3Config
-from m3jax.model.cached import StepGroup, forward_cached, split_layer_states
+from m3jax.model.cached import StepGroup, forward_cached
+from m3jax.scheduler import PageAllocator
 from m3jax.testing import random_model
 
 R = 8             # tiny config page size (= MSA block)
@@ -48,6 +49,23 @@ def test_allocator_alloc_free_and_out_of_pages():
     assert a.num_free == a.capacity and cache_lib.SINK_PAGE not in a._free
     with pytest.raises(ValueError):
         PageAllocator(1)
+
+
+def test_allocator_shared_pages_are_freed_by_their_last_owner():
+    """The prefix-cache seam: a page shared by two owners returns to the pool only when both released it."""
+    a = PageAllocator(6)
+    prefix = a.allocate("first", 2)
+    a.share("second", prefix)
+    a.allocate("second", 1)
+    assert a.pages("second") == prefix + [3] and [a.refcount(p) for p in prefix] == [2, 2]
+    a.check()
+    assert a.release("first") == 2 and a.num_free == 2          # still held by "second"
+    assert [a.refcount(p) for p in prefix] == [1, 1]
+    a.check()
+    assert a.release("second") == 3 and a.num_free == a.capacity
+    a.check()
+    with pytest.raises(ValueError, match="not held"):
+        a.share("third", [1])                                   # only held pages can be shared
 
 
 def test_cache_layout_and_memory_sizing(model):
@@ -91,19 +109,19 @@ def test_num_pages_for_memory_uses_the_device_share(model):
         cache_lib.num_pages_for_memory(cfg, jnp.bfloat16, max_pages=10, device=_FakeDevice(per_page, 0))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _jit_step(graphdef, unroll, state, layer_states, cache, groups):
-    return forward_cached(nnx.merge(graphdef, state), cache, groups, unroll_layers=unroll, layer_states=layer_states)
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_step(graphdef, state, layer_states, cache, groups):
+    return forward_cached(nnx.merge(graphdef, state), cache, groups, layer_states=layer_states)
 
 
-def _step(model, cache, groups, unroll=False):
-    """unroll: False (scan), True (Python loop slicing the stacked weights) or "split" (per-layer copies)."""
+def _step(model, cache, groups, layer_loop="scan"):
+    """layer_loop: "scan" (over the stacked weights) or "split" (a Python loop over per-layer copies)."""
     graphdef, state = nnx.split(model)
-    layer_states = split_layer_states(model) if unroll == "split" else None
-    return _jit_step(graphdef, bool(unroll), state, layer_states, cache, groups)
+    layer_states = [s.layer_states() for s in model.stacks] if layer_loop == "split" else None
+    return _jit_step(graphdef, state, layer_states, cache, groups)
 
 
-def _prefill(model, ids_list, chunk, unroll=False):
+def _prefill(model, ids_list, chunk, layer_loop="scan"):
     """All logits of each row when its prompt is fed in chunks of `chunk` tokens, rows side by side."""
     alloc = PageAllocator(NUM_PAGES)
     table = np.zeros((len(ids_list), M), np.int32)
@@ -120,7 +138,7 @@ def _prefill(model, ids_list, chunk, unroll=False):
             piece = ids[s:s + chunk]
             tokens[b, :len(piece)] = piece
             q_pos[b, :len(piece)] = np.arange(s, s + len(piece))
-        (logits,), cache = _step(model, cache, (StepGroup(tokens, q_pos, table),), unroll)
+        (logits,), cache = _step(model, cache, (StepGroup(tokens, q_pos, table),), layer_loop)
         logits = np.asarray(logits)
         for b, ids in enumerate(ids_list):
             n = max(0, min(chunk, len(ids) - s))
@@ -133,10 +151,10 @@ def test_chunked_prefill_matches_one_shot_and_no_cache(model):
     ids = [rs.randint(0, 256, 45).tolist(), rs.randint(0, 256, 19).tolist()]   # 6 and 3 blocks, top-3: sparse
     fwd = jax.jit(lambda x: model(x))
     want = [np.asarray(fwd(jnp.asarray([x], jnp.int32)))[0] for x in ids]
-    for chunk, unroll in ((48, False), (16, False), (5, False), (16, True), (16, "split")):
-        got, _, _ = _prefill(model, ids, chunk, unroll)
+    for chunk, loop in ((48, "scan"), (16, "scan"), (5, "scan"), (16, "split")):
+        got, _, _ = _prefill(model, ids, chunk, loop)
         for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=f"chunk={chunk} unroll={unroll}")
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=f"chunk={chunk} layer_loop={loop}")
 
 
 def test_padding_writes_only_touch_the_sink(model):

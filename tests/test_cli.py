@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import pytest
+
+import m3jax
 from m3jax import cli
+from m3jax.tokenizer import M3Tokenizer
 
 
 def test_make_tiny_then_generate(tmp_path, capsys):
-    assert cli.main(["make-tiny", str(tmp_path / "ck"), "--dtype", "float32"]) == 0
-    assert cli.main(["generate", "--model", str(tmp_path / "ck"), "--prompt", "hello", "--max-new-tokens", "5",
-                     "--dtype", "float32"]) == 0
-    assert capsys.readouterr().out.strip()
+    """make-tiny writes a checkpoint; generate prints exactly the library's greedy result for it (text, then ids)."""
+    path = str(tmp_path / "ck")
+    assert cli.main(["make-tiny", path, "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == f"wrote {path}\n"
+    assert cli.main(["generate", "--model", path, "--prompt", "hello", "--max-new-tokens", "5", "--dtype", "float32",
+                     "--ids"]) == 0
+    out = capsys.readouterr().out
+    model = m3jax.load(path, dtype="float32", progress=False)
+    tok = M3Tokenizer.from_pretrained(path)
+    want = m3jax.generate(model, ["hello"], m3jax.SamplingParams(max_new_tokens=5), tokenizer=tok, max_seq_len=64)[0]
+    assert len(want.token_ids) == 5 or want.finish_reason == "stop"
+    assert out == f"{want.text}\ntoken ids: {want.token_ids} ({want.finish_reason})\n"
 
 
 def test_user_errors_print_one_line(tmp_path, capsys):
@@ -21,6 +33,7 @@ def test_user_errors_print_one_line(tmp_path, capsys):
     assert err.startswith("m3jax convert") and "\n" not in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_generate_on_a_mesh_gives_the_same_tokens(capsys):
     """`--mesh 2x4` (8 forced host devices, tests/conftest.py): the bundled tiny model's greedy ids are unchanged."""
     args = ["generate", "--prompt", "hello world", "--prompt", "a second prompt", "--max-new-tokens", "6", "--ids"]

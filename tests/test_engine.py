@@ -14,7 +14,8 @@ import pytest
 
 import m3jax
 from m3jax.config import M3Config
-from m3jax.engine import trace_count
+from m3jax.params import shard_model
+from m3jax.runner import trace_count
 from m3jax.testing import random_model
 from m3jax.tokenizer import M3Tokenizer, write_byte_level_tokenizer
 
@@ -172,8 +173,9 @@ def test_request_too_large_for_the_pool_is_rejected(model):
         m3jax.generate(eng, [[1] * 20], m3jax.SamplingParams(max_new_tokens=8))
 
 
+@pytest.mark.slow
 def test_generate_main_cli(tmp_path, capsys):
-    from m3jax.engine import generate_main
+    from m3jax.cli import generate_main
     from m3jax.testing import make_tiny_checkpoint
     path = make_tiny_checkpoint(str(tmp_path / "tiny"), seed=0)
     common = ["--model", path, "--dtype", "float32", "--max-seq-len", "64", "--max-batch-size", "2"]
@@ -184,10 +186,84 @@ def test_generate_main_cli(tmp_path, capsys):
     assert "request 0: sampling.top_p" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_engine_on_a_mesh(model, no_cache_greedy):
+    """A real 2x4 mesh (8 forced host devices): rows and pools split over "data", heads over "model" (KV heads
+    replicated 2 -> 4), attention in shard_map; greedy tokens equal the single-device no-cache forward's."""
     from m3jax.sharding import make_mesh
-    mesh = make_mesh(1, 1, jax.devices()[:1])
-    eng = engine(model, mesh=mesh)
-    assert eng.cache.stacks[1].k_pages.sharding.mesh.shape == mesh.shape
-    p = prompts([19], seed=6)[0]
+    mesh = make_mesh(2, 4)
+    eng = engine(model=shard_model(model, mesh), mesh=mesh)
+    pool = eng.cache.stacks[1].k_pages
+    assert pool.sharding.mesh.shape == mesh.shape and eng.data_shards == 2
+    assert pool.addressable_shards[0].data.shape == (1, pool.shape[1] // 2) + pool.shape[2:]
+    ps = prompts([19, 33, 7], seed=6)
+    out = m3jax.generate(eng, ps, GREEDY)
+    assert [r.token_ids for r in out] == [no_cache_greedy(p, 10) for p in ps]
+    assert {len(a.owners()) for a in eng.allocators} == {0} and all(a.num_free == a.capacity for a in eng.allocators)
+
+
+def test_cancel_frees_pages_and_the_engine_goes_on(model, no_cache_greedy):
+    eng = engine(model)
+    keep = eng.add_request(prompts([21], seed=7)[0], GREEDY)
+    drop = eng.add_request(prompts([30], seed=8)[0], GREEDY, request_id="drop")
+    eng.step()
+    assert set(eng.allocator.owners()) == {keep, "drop"}
+    assert eng.cancel(drop) and not eng.cancel(drop) and not eng.cancel("never")
+    assert eng.allocator.owners() == [keep]
+    results = eng.run()
+    assert list(results) == [keep] and results[keep].token_ids == no_cache_greedy(prompts([21], seed=7)[0], 10)
+    assert eng.allocator.num_free == eng.allocator.capacity
+    eng.add_request([1, 2, 3], GREEDY, request_id="drop")        # a cancelled id is free again
+
+
+def test_a_raising_callback_fails_only_its_request(model, no_cache_greedy):
+    eng = engine(model)
+    p = prompts([12, 25], seed=9)
+
+    def boom(rid, token):
+        raise RuntimeError("callback bug")
+
+    bad = eng.add_request(p[0], GREEDY, on_token=boom)
+    good = eng.add_request(p[1], GREEDY)
+    results = eng.run()
+    assert results[bad].finish_reason == "error" and "callback bug" in results[bad].error
+    assert results[good].token_ids == no_cache_greedy(p[1], 10)
+    assert eng.allocator.num_free == eng.allocator.capacity and not eng.has_work()
+
+
+def test_a_failing_step_leaves_the_engine_usable(model, no_cache_greedy):
+    eng = engine(model)
+    real = eng.runner.execute
+
+    def broken(batch):
+        raise RuntimeError("device fault")
+
+    eng.runner.execute = broken
+    with pytest.raises(RuntimeError, match="device fault"):
+        m3jax.generate(eng, prompts([10, 20], seed=10), GREEDY)
+    assert not eng.has_work() and eng.allocator.num_free == eng.allocator.capacity
+    eng.runner.execute = real
+    p = prompts([15], seed=11)[0]
     assert m3jax.generate(eng, [p], GREEDY)[0].token_ids == no_cache_greedy(p, 10)
+
+
+def test_scheduler_rows_budget_and_shards_host_only():
+    """The scheduler alone (no device): prompt chunks share the token budget oldest first, requests go to the
+    least-loaded data shard, a row samples exactly when it completes its request's pending tokens."""
+    from m3jax.scheduler import Scheduler
+    s = Scheduler(vocab_size=300, eos_ids=[299], max_batch_size=4, max_seq_len=64, page_size=8, num_pages=40,
+                  data_shards=2, max_tokens_per_step=20, prefill_chunk=16)
+    sp = m3jax.SamplingParams(max_new_tokens=4)
+    a, b = s.add(list(range(1, 31)), sp), s.add(list(range(1, 11)), sp)
+    rows = lambda batch: [(r.request_id, len(r.tokens), r.start, r.shard, r.sample) for r in batch.rows]  # noqa
+    first = s.schedule()
+    assert first.decode == () and rows(first) == [(a, 16, 0, 0, False), (b, 4, 0, 1, False)]
+    assert first.prefill[0].pages == (1, 2, 3, 4, 5) and first.prefill[1].pages == (1, 2)   # 34 and 14 tokens
+    assert s.complete(first, [None, None]) == []
+    second = s.schedule()
+    assert rows(second) == [(a, 14, 16, 0, True), (b, 6, 4, 1, True)]
+    out = s.complete(second, [(7, None), (299, None)])                  # b samples eos: finished
+    assert [(o.request_id, o.new_token_ids, o.finished) for o in out] == [(a, [7], False), (b, [299], True)]
+    assert s.results[b].finish_reason == "stop" and s.allocators[1].num_free == s.allocators[1].capacity
+    third = s.schedule()
+    assert rows(third) == [(a, 1, 30, 0, True)] and third.prefill == ()

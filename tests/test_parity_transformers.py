@@ -35,7 +35,7 @@ CONFIGS = {
                                   block=12, topk=4, local_blocks=2, hidden=96, theta=5e6),
 }
 LENGTHS = (1, 45, 96, 203)
-TOL = 1e-3
+TOL = 2e-5          # measured max |logit diff| 6.6e-6 over these configs and lengths (CPU, 2026-11-30)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -10,7 +10,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import m3jax
 from m3jax import sharding
-from m3jax.testing import flat_params, random_model
+from m3jax.params import flat_params, shard_model
+from m3jax.testing import random_model
 
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 CFG = dict(num_attention_heads=8, num_key_value_heads=2, num_index_heads=2, num_local_experts=8)
@@ -43,7 +44,7 @@ def single():
 def test_sharded_logits_match_single_device(single, data, model_axis):
     model, ids, want = single
     mesh = sharding.make_mesh(data=data, model=model_axis)
-    sharded = sharding.shard_model(model, mesh)
+    sharded = shard_model(model, mesh)
     got = np.asarray(jax.jit(lambda x: sharded(x))(ids))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
@@ -55,7 +56,7 @@ def test_batch_split_over_data_matches_single_device(single, data, model_axis):
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 40)), jnp.int32)
     want = model.trace(ids)
     mesh = sharding.make_mesh(data=data, model=model_axis)
-    sharded = sharding.shard_model(model, mesh)
+    sharded = shard_model(model, mesh)
     got = jax.jit(lambda x: sharded.trace(x))(ids)
     np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=2e-5, rtol=0)
     assert got.logits.sharding.spec[0] == "data"
@@ -67,7 +68,7 @@ def test_batch_split_over_data_matches_single_device(single, data, model_axis):
 def test_parameter_specs_and_bytes(single, data, model_axis):
     model, _, _ = single
     mesh = sharding.make_mesh(data=data, model=model_axis)
-    sharded = sharding.shard_model(model, mesh)
+    sharded = shard_model(model, mesh)
     params = flat_params(sharded)
     replicas = max(1, model_axis // 2)
     q = params["stacks.1.layers.attn.q_dnh"]
@@ -97,7 +98,7 @@ def test_parameter_specs_and_bytes(single, data, model_axis):
 
 def test_kv_replication_copies_heads(single):
     model, _, _ = single
-    sharded = sharding.shard_model(model, sharding.make_mesh(data=1, model=8))
+    sharded = shard_model(model, sharding.make_mesh(data=1, model=8))
     k = np.asarray(flat_params(sharded)["stacks.0.layers.attn.k_dkh"])        # [L, D, 8, H]
     k0 = np.asarray(flat_params(model)["stacks.0.layers.attn.k_dkh"])         # [L, D, 2, H]
     np.testing.assert_array_equal(k, np.repeat(k0, 4, axis=-2))
@@ -114,6 +115,7 @@ def test_bad_meshes():
         sharding.check_mesh(jax.make_mesh((8,), ("x",)))
 
 
+@pytest.mark.slow
 def test_engine_greedy_tokens_match_single_device(single):
     model, _, _ = single
     prompts = [list(np.random.default_rng(i).integers(0, 256, n)) for i, n in enumerate([37, 70, 5])]
@@ -122,7 +124,7 @@ def test_engine_greedy_tokens_match_single_device(single):
                                                 progress=False)]
     for data, model_axis in MESHES:
         mesh = sharding.make_mesh(data=data, model=model_axis)
-        engine = m3jax.Engine(sharding.shard_model(model, mesh), max_batch_size=4, max_seq_len=128, mesh=mesh)
+        engine = m3jax.Engine(shard_model(model, mesh), max_batch_size=4, max_seq_len=128, mesh=mesh)
         got = [r.token_ids for r in m3jax.generate(engine, prompts, sp, progress=False)]
         assert got == want, f"mesh {data}x{model_axis}"
         # One page pool per data shard (split on the page axis), KV heads (replicated to 8 on 1x8) on "model".
@@ -135,12 +137,13 @@ def test_engine_greedy_tokens_match_single_device(single):
         assert engine.cache.stacks[1].ik_pages.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 3)
 
 
+@pytest.mark.slow
 def test_data_shards_own_their_requests_and_pages(single):
     """On a 4x2 mesh the requests spread over the data shards; each shard's allocator holds only its requests'
     pages, and a shard's rows of a step carry page ids of its own pool."""
     model, _, _ = single
     mesh = sharding.make_mesh(data=4, model=2)
-    engine = m3jax.Engine(sharding.shard_model(model, mesh), max_batch_size=8, max_seq_len=64, mesh=mesh,
+    engine = m3jax.Engine(shard_model(model, mesh), max_batch_size=8, max_seq_len=64, mesh=mesh,
                           num_pages=12)
     assert engine.rows_per_shard == 2 and engine.cache.num_shards == 4
     sp = m3jax.SamplingParams(max_new_tokens=3, temperature=0.0)
@@ -180,7 +183,7 @@ def test_cache_layout_is_what_init_cache_allocates(single, data, model_axis):
     from m3jax import cache as cache_lib
     model, _, _ = single
     mesh = sharding.make_mesh(data=data, model=model_axis)
-    sharded = sharding.shard_model(model, mesh)
+    sharded = shard_model(model, mesh)
     cache = cache_lib.init_cache(sharded, 5, mesh=mesh)
     layout = cache_lib.cache_layout(sharded.config, 5, data=data, model=model_axis)
     for got, want in zip(cache.stacks, layout):
@@ -192,13 +195,14 @@ def test_cache_layout_is_what_init_cache_allocates(single, data, model_axis):
             assert {s.data.shape for s in arr.addressable_shards} == {pool.device_shape(dict(mesh.shape))}
 
 
+@pytest.mark.slow
 def test_m3_head_counts_on_eight_devices():
     """M3's 4 KV heads (16 query heads here) on model=8: each KV and index-q head stored twice, same logits."""
     cfg = m3jax.M3Config.tiny(num_attention_heads=16, num_key_value_heads=4, num_index_heads=4, num_local_experts=8)
     model = random_model(cfg, seed=2)
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 256, (1, 50)), jnp.int32)
     mesh = sharding.make_mesh(data=1, model=8)
-    sharded = sharding.shard_model(model, mesh)
+    sharded = shard_model(model, mesh)
     assert sharded.config.num_key_value_heads == 8
     for name in ("stacks.1.layers.attn.k_dkh", "stacks.1.layers.attn.v_dkh", "stacks.1.layers.attn.index_q_dki"):
         np.testing.assert_array_equal(np.asarray(flat_params(sharded)[name]),

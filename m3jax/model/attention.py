@@ -60,14 +60,17 @@ class PagedKV:
 
 
 class Attention(nnx.Module):
-    """With a mesh, paging, MSA selection and attention run inside `shard_map`: each device takes the query heads
-    and the KV (= index) heads it holds on "model" (KV heads replicated by m3jax.sharding when "model" exceeds
+    """impl: the kernel choice (pallas_kernels.dispatch), fixed at construction like the MoE's (one per model,
+    see M3ForCausalLM). With a mesh, paging, MSA selection and attention run inside `shard_map`: each device takes
+    the query heads and the KV (= index) heads it holds on "model" (KV heads replicated by m3jax.sharding when "model" exceeds
     them) and the batch rows (with their pages) of its "data" shard, so the selection and the Pallas kernels,
     which XLA cannot partition itself, run locally with no collective.
     """
 
-    def __init__(self, cfg: M3Config, attention_type: str, *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None):
+    def __init__(self, cfg: M3Config, attention_type: str, *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None,
+                 impl: str | None = None):
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.impl = impl
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         self.data_shards = 1 if self.mesh is None else self.mesh.shape[DATA]
         self.sparse = attention_type == SPARSE_ATTENTION
@@ -99,31 +102,32 @@ class Attention(nnx.Module):
         ik = apply_rope(ik[:, :, None, :], cos, sin)[:, :, 0, :]
         return Projections(q, k, v, iq, ik)
 
-    def forward(self, x_btd, positions_bt, cos, sin, *, impl=None):
-        """No-cache causal attention over the sequence itself; key slot s holds the token at position s.
-
-        Returns (output [B, T, D], block_ids i32[B, T, K, topk] on sparse layers else None). On a mesh every
-        device pages, selects and attends over its own rows and heads.
+    def attend_sequence(self, p: Projections, positions_bt):
+        """No-cache causal attention of the projections over the sequence itself; key slot s holds the token at
+        position s. Returns (o [B, T, N, H], block_ids i32[B, T, K, topk] on sparse layers else None). On a mesh
+        every device pages, selects and attends over its own rows and heads.
         """
-        p = self.project(x_btd, cos, sin)
-
         def local(p, pos):
             kv = self.sequence_kv(p)
-            ids = self._select(p, kv, pos, impl) if self.sparse else None
-            return self._attend(p, kv, pos, ids, impl), ids
+            ids = self._select(p, kv, pos, self.impl) if self.sparse else None
+            return self._attend(p, kv, pos, ids, self.impl), ids
 
         b = self._data_axis(positions_bt.shape[0])
-        o, block_ids = self._local(local, (p, positions_bt), (self._proj_specs(b), P(b)),
-                                   (_heads(b), _heads(b) if self.sparse else None))
+        return self._local(local, (p, positions_bt), (self._proj_specs(b), P(b)),
+                           (_heads(b), _heads(b) if self.sparse else None))
+
+    def forward(self, x_btd, positions_bt, cos, sin):
+        """(output [B, T, D], block ids or None) of the no-cache attention of x (see attend_sequence)."""
+        o, block_ids = self.attend_sequence(self.project(x_btd, cos, sin), positions_bt)
         return self.output(o), block_ids
 
-    def attend_cached(self, p: Projections, kv: PagedKV, q_pos, layer_offset, *, impl=None):
+    def attend_cached(self, p: Projections, kv: PagedKV, q_pos, layer_offset):
         """Write this step's keys into the cache pools, then attend over the cache: (o [B, T, N, H], new kv).
 
         kv holds a stack's pools (layers folded into the page axis, m3jax/cache.py) and a page table of page ids
-        local to the data shard that owns the row; this layer's pages start at `layer_offset` in each shard's
-        pool. A query at position p writes to page `page_table[b, p // R]`, row p % R; padding (q_pos -1) writes
-        to the sink. On a mesh the batch rows and pools are split over "data" (rows [d*B/D, (d+1)*B/D) own
+        local to the data shard that owns the row; this layer's pages start at `layer_offset`
+        (m3jax.cache.layer_offset) in each shard's pool. A query at position p writes to page
+        `page_table[b, p // R]`, row p % R; padding (q_pos -1) writes to the sink. On a mesh the batch rows and pools are split over "data" (rows [d*B/D, (d+1)*B/D) own
         shard d's pages), heads over "model": each device writes and reads only its own pages.
         """
         b = DATA if self.data_shards > 1 else None
@@ -137,18 +141,19 @@ class Attention(nnx.Module):
             v = cache_lib.write_kv(kv.v_pages, p.v_btkh, page, row)
             ik = None if kv.ik_pages is None else cache_lib.write_ik(kv.ik_pages, p.ik_bti, page, row)
             layer = PagedKV(k, v, kv.page_table + offset, ik)
-            ids = self._select(p, layer, pos, impl) if self.sparse else None
-            return self._attend(p, layer, pos, ids, impl), PagedKV(k, v, kv.page_table, ik)
+            ids = self._select(p, layer, pos, self.impl) if self.sparse else None
+            return self._attend(p, layer, pos, ids, self.impl), PagedKV(k, v, kv.page_table, ik)
 
         kv_specs = self._kv_specs(b, kv)
         offset = jnp.asarray(layer_offset, jnp.int32)
         return self._local(local, (p, kv, q_pos, offset), (self._proj_specs(b), kv_specs, P(b), P()),
                            (_heads(b), kv_specs))
 
-    def select_blocks(self, p: Projections, kv: PagedKV, q_pos, *, impl=None):
-        """MSA index branch: i32[B, T, K, topk] logical block ids per (query, KV group), -1 padded; global page
-        ids (on a mesh: head-parallel, batch whole on every data shard)."""
-        return self._local(lambda p, kv, pos: self._select(p, kv, pos, impl), (p, kv, q_pos),
+    def select_blocks(self, p: Projections, kv: PagedKV, q_pos):
+        """MSA index branch alone: i32[B, T, K, topk] logical block ids per (query, KV group), -1 padded; global
+        page ids (on a mesh: head-parallel, batch whole on every data shard). Used by the transformers parity
+        test to compare selections layer by layer."""
+        return self._local(lambda p, kv, pos: self._select(p, kv, pos, self.impl), (p, kv, q_pos),
                            (self._proj_specs(None), self._kv_specs(None, kv), P()), _heads(None))
 
     def _select(self, p: Projections, kv: PagedKV, q_pos, impl):
@@ -198,5 +203,5 @@ class Attention(nnx.Module):
         ik_pages = layout.index_pages_from_sequence(p.ik_bti, self.block_size)[0] if self.sparse else None
         return PagedKV(k_pages, v_pages, page_table, ik_pages)
 
-    def __call__(self, x_btd, positions_bt, cos, sin, *, impl=None):
-        return self.forward(x_btd, positions_bt, cos, sin, impl=impl)[0]
+    def __call__(self, x_btd, positions_bt, cos, sin):
+        return self.forward(x_btd, positions_bt, cos, sin)[0]

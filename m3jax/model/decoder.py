@@ -1,41 +1,86 @@
-"""Decoder layers and stacks of consecutive layers of one kind, run with `jax.lax.scan`."""
+"""The decoder layer (the one layer body of every forward) and stacks of consecutive layers of one kind.
+
+`DecoderLayer.forward` is the only place a layer's computation is written. It runs over one or more *groups* of
+tokens (the no-cache forward has one, the cached step a decode group and a prefill group) and takes the keys its
+attention reads from a *key source*: `SequenceKeys` (no cache: the group's own keys) or
+`m3jax.model.cached.CachedKeys` (the paged cache, written first). Only the key source differs between the
+no-cache forward and the engine's step.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
 from m3jax.config import M3Config, MOE_MLP
-from m3jax.model.attention import Attention
+from m3jax.model.attention import Attention, Projections
 from m3jax.model.layers import MLP, RMSNorm
 from m3jax.model.moe import MoE
 
 
+class KeySource(Protocol):
+    def attend(self, attn: Attention, group: int, p: Projections) -> tuple[jax.Array, "KeySource", jax.Array | None]:
+        """(o [B, T, N, H], the key source after this group's keys were added, MSA block ids or None)."""
+
+
+class SequenceKeys:
+    """No cache: each group attends over its own tokens, the token at position s in key slot s."""
+
+    def __init__(self, positions: Sequence[jax.Array]):
+        self.positions = positions           # per group i32[B, T]
+
+    def attend(self, attn: Attention, group: int, p: Projections):
+        o, block_ids = attn.attend_sequence(p, self.positions[group])
+        return o, self, block_ids
+
+
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: h += attn(norm(h)); h += ffn(norm(h))."""
+    """Pre-norm residual block: h += attn(norm(h)); h += ffn(norm(h)). `impl` (the model's kernel choice) goes to
+    attention and MoE alike."""
 
     def __init__(self, cfg: M3Config, attention_type: str, mlp_type: str, *, dtype, rngs: nnx.Rngs,
                  mesh: Mesh | None = None, impl: str | None = None, fp8_experts: bool = False):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.attn = Attention(cfg, attention_type, dtype=dtype, rngs=rngs, mesh=mesh)
+        self.attn = Attention(cfg, attention_type, dtype=dtype, rngs=rngs, mesh=mesh, impl=impl)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.ffn = (MoE(cfg, dtype=dtype, rngs=rngs, mesh=mesh, impl=impl, fp8_experts=fp8_experts)
                     if mlp_type == MOE_MLP
                     else MLP(cfg, cfg.dense_intermediate_size, dtype=dtype, rngs=rngs))
 
-    def ffn_block(self, h):
+    def forward(self, hs: Sequence[jax.Array], ropes: Sequence[tuple[jax.Array, jax.Array]], keys: KeySource):
+        """One layer over groups of tokens hs (each [B, T, D], with its RoPE (cos, sin)).
+
+        Attention runs per group (each group reads `keys`, which may grow with it); the feed-forward block runs
+        once over the tokens of all groups together ([1, sum B*T, D]), so the MoE sees one batch of rows.
+        Returns (new hs, the key source after this layer, per group MSA block ids or None).
+        """
+        after_attn, block_ids = [], []
+        for i, (h, (cos, sin)) in enumerate(zip(hs, ropes)):
+            p = self.attn.project(self.input_norm(h), cos, sin)
+            o, keys, ids = keys.attend(self.attn, i, p)
+            after_attn.append(h + self.attn.output(o))
+            block_ids.append(ids)
+        if len(after_attn) == 1:
+            return [self._ffn_block(after_attn[0])], keys, block_ids
+        d = after_attn[0].shape[-1]
+        flat = self._ffn_block(jnp.concatenate([h.reshape(1, -1, d) for h in after_attn], axis=1))
+        out, start = [], 0
+        for h in after_attn:
+            n = h.shape[0] * h.shape[1]
+            out.append(flat[:, start:start + n].reshape(h.shape))
+            start += n
+        return out, keys, block_ids
+
+    def _ffn_block(self, h):
         return h + self.ffn(self.post_attention_norm(h))
 
-    def forward(self, h, positions, cos, sin, *, impl=None):
-        """(new h, MSA block ids of this layer or None)."""
-        a, block_ids = self.attn.forward(self.input_norm(h), positions, cos, sin, impl=impl)
-        return self.ffn_block(h + a), block_ids
-
-    def __call__(self, h, positions, cos, sin, *, impl=None):
-        return self.forward(h, positions, cos, sin, impl=impl)[0]
+    def __call__(self, h, positions, cos, sin):
+        """The no-cache layer over one sequence batch: new h."""
+        return self.forward([h], [(cos, sin)], SequenceKeys([positions]))[0][0]
 
 
 class LayerStack(nnx.Module):
@@ -70,9 +115,26 @@ class LayerStack(nnx.Module):
 
         return jax.lax.scan(step, carry, (state, xs))
 
-    def forward(self, h, positions, cos, sin, *, impl=None):
-        """(h, block ids stacked over the layers [L, B, T, K, topk], or None for full-attention stacks)."""
-        return self.scan(lambda layer, c, _: layer.forward(c, positions, cos, sin, impl=impl), h)
+    def layer_states(self) -> list:
+        """One nnx.State per layer (each layer's slice of the stacked weights, device copies)."""
+        _, state = nnx.split(self.layers)
+        return [jax.tree.map(lambda x: x[l], state) for l in range(self.num_layers)]
 
-    def __call__(self, h, positions, cos, sin, *, impl=None):
-        return self.forward(h, positions, cos, sin, impl=impl)[0]
+    def loop(self, body: Callable, carry, layer_states: Sequence):
+        """body(layer, carry, l) -> (carry, None) as a Python loop over per-layer weights (`layer_states()`):
+        no weight is sliced inside the step. Returns the final carry."""
+        graphdef = nnx.graphdef(self.layers)
+        for l, st in enumerate(layer_states):
+            carry, _ = body(nnx.merge(graphdef, st), carry, l)
+        return carry
+
+    def forward(self, h, positions, cos, sin):
+        """(h, block ids stacked over the layers [L, B, T, K, topk], or None for full-attention stacks)."""
+        def body(layer, h, _):
+            hs, _, ids = layer.forward([h], [(cos, sin)], SequenceKeys([positions]))
+            return hs[0], ids[0]
+
+        return self.scan(body, h)
+
+    def __call__(self, h, positions, cos, sin):
+        return self.forward(h, positions, cos, sin)[0]

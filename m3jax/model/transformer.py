@@ -27,10 +27,17 @@ class M3ForCausalLM(nnx.Module):
     """The MiniMax-M3 text model.
 
     `model(input_ids)` is the full causal forward with exact MSA semantics and no cache: int32 [B, S] ->
-    float32 logits [B, S, vocab]. `attn_impl` picks the MSA/attention implementation (see
-    pallas_kernels.dispatch: None = the backend's default, or "reference", "gpu", "gpu-interpret", "tpu", ...).
-    `mesh` (axes "data", "model") switches the MoE to expert parallelism; parameters are placed on it by
-    `m3jax.sharding` rules at load time. `fp8_experts` keeps the routed experts in MXFP8 (see MoE).
+    float32 logits [B, S, vocab].
+
+    attn_impl: the kernel choice, made once here and handed to every Attention and MoE at construction (see
+    pallas_kernels.dispatch: None = the backend's default, or "reference", "gpu", "gpu-interpret", "tpu", ...);
+    `m3jax.params.with_impl(model, impl)` gives the same weights with another choice.
+    mesh (axes "data", "model"): attention runs in shard_map over it and the MoE expert-parallel; parameters are
+    placed on it by `m3jax.sharding` rules at load time (`m3jax.params`). The mesh is stored in the modules (static
+    graph data, not a parameter) rather than passed to every call because `model(input_ids)` is the public
+    forward and must run sharded as loaded; moving a model to another mesh re-places its weights anyway
+    (`m3jax.params.shard_model`). The engine takes the mesh from the model.
+    fp8_experts keeps the routed experts in MXFP8 (see MoE).
     """
 
     def __init__(self, cfg: M3Config, *, dtype=jnp.bfloat16, attn_impl: str | None = None, rngs: nnx.Rngs,
@@ -77,7 +84,7 @@ class M3ForCausalLM(nnx.Module):
         h = self.embed(input_ids)
         selections = {}
         for stack in self.stacks:
-            h, ids = stack.forward(h, positions, cos, sin, impl=self.attn_impl)
+            h, ids = stack.forward(h, positions, cos, sin)
             if ids is not None:
                 selections.update({stack.first_layer + i: ids[i] for i in range(stack.num_layers)})
         return ForwardTrace(self.logits(h), selections)

@@ -1,5 +1,5 @@
-"""Model-level helpers shared by the GPU and TPU kernel suites: the same model with another attention
-implementation, and greedy decoding through the cached forward."""
+"""Model-level helpers shared by the GPU and TPU kernel suites: the same model with another kernel choice (attention
+and MoE alike, `m3jax.params.with_impl`), and greedy decoding through the cached forward."""
 
 from __future__ import annotations
 
@@ -12,16 +12,28 @@ from flax import nnx
 
 
 def with_impl(model, impl):
-    graphdef, state = nnx.split(model)
-    m = nnx.merge(graphdef, state)
-    m.attn_impl = impl
+    """The same weights with kernel choice `impl`; checks that every Attention and MoE module took it."""
+    from m3jax.model import Attention, MoE
+    from m3jax.params import with_impl as remade
+
+    m = remade(model, impl)
+    kinds = [type(mod) for _, mod in nnx.iter_graph(m) if isinstance(mod, (Attention, MoE))]
+    assert Attention in kinds and MoE in kinds, kinds
+    assert all(mod.impl == impl for _, mod in nnx.iter_graph(m) if isinstance(mod, (Attention, MoE)))
     return m
+
+
+def page_table_row(pages, max_blocks):
+    """A request's page-table row: its pages, then the sink (page 0) up to max_blocks."""
+    assert len(pages) <= max_blocks
+    return list(pages) + [0] * (max_blocks - len(pages))
 
 
 def greedy_cached(model, impl, prompts, new_tokens, num_pages=24):
     """Greedy decoding through forward_cached: one ragged prefill group, then [B, 1] decode steps (jitted)."""
-    from m3jax.cache import PageAllocator, init_cache, page_table_row
+    from m3jax.cache import init_cache
     from m3jax.model.cached import StepGroup, forward_cached
+    from m3jax.scheduler import PageAllocator
 
     graphdef, state = nnx.split(with_impl(model, impl))
 

@@ -57,7 +57,7 @@ def test_cached_greedy_tpu_interpret_matches_reference(model, tpu_calls):
     full = with_impl(model, "reference")(seq)
     np.testing.assert_array_equal(np.asarray(full.argmax(-1))[0, len(prompts[1]) - 1:], want[1])
 
-@pytest.mark.skipif(not hasattr(m3jax, "Engine"), reason="m3jax.Engine not built yet")
+
 def test_engine_greedy_tpu_interpret_matches_reference(model, tpu_calls):
     prompts = [[5, 9, 200, 31] * 6, [7, 8, 9]]
     params = m3jax.SamplingParams(max_new_tokens=3, temperature=0.0)

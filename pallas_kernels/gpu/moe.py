@@ -1,0 +1,236 @@
+"""Fused MoE experts on NVIDIA GPUs (Triton-lowered Pallas): bf16 or MXFP8 weights read as stored.
+
+moe: out[t] = sum_j combine[t, j] * down_e(swiglu_oai(x[t] @ gate_e, x[t] @ up_e)), e = ids[t, j]
+(reference.moe has the exact contract and layouts).
+
+Schedule. The routing plan (pallas_kernels/moe_plan.py) sorts the T*k slots by expert and pads each expert's
+rows to the row tile BM; tile i belongs to expert tile_expert[i] and only the first num_used tiles hold rows.
+Two kernels, each with the grid (row tiles, output column blocks), row tiles fastest so that the tiles of one
+expert run side by side and share its weight columns in L2:
+  1. gate_up: program (i, j) streams gate[e][:, j-block] and up[e][:, j-block] over D in BK steps, keeps both
+     [BM, BN] accumulators in registers and writes swiglu_oai(g, u) in x's dtype ([R, F] rows).
+  2. down: program (i, j) streams down[e][:, j-block] over F and writes the rows times their combine weight
+     (float32 [R, D]); the k rows of each token are summed by a gather (MoEPlan.combine), not by atomics, so
+     the result is deterministic.
+Programs of tiles past num_used return at once: a decode step reads only the routed experts' weights (batch 1:
+4 experts of 128). Weights are whole-array operands indexed in the kernel by (layer, expert) scalars read
+from the plan, so a stacked [L, E, ...] weight is read in place for layer `layer` and nothing is copied.
+
+MXFP8: the e4m3 tile [BK, BN] and its exponents [BK/32, BN] are loaded as stored and dequantised in registers
+(moe_plan.dequantize_tile: an exact float32 product, then the cast to x's dtype for the tensor cores); a
+dequantised weight never goes to HBM. GPUs whose Triton has no e4m3 conversion (compute capability < 8.9)
+refuse MXFP8 with NotImplementedError.
+
+Tiles: decode (few rows per expert) uses BM = 16 (the smallest Triton dot) and narrow column blocks, so that a
+batch-1 step still spreads the four experts' weights over a few hundred programs; prefill uses 128 x 128
+tiles with 8 warps (wgmma on Hopper). Limits (NotImplementedError): D and F multiples of the K step and of the
+column block (powers of two >= 16; 32 for MXFP8, whose exponent blocks must not straddle a K step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import moe_plan
+from pallas_kernels.gpu import _common as cm
+from pallas_kernels.gpu._compat import compiler_params, whole_array
+from pallas_kernels.reference import swiglu_oai
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class MoETiles:
+    """Tile sizes and Triton launch parameters of the two kernels (benchmarks/moe.py sweeps them)."""
+    block_m: int            # rows per tile (a power of two >= 16)
+    block_n_up: int         # F columns per gate_up program
+    block_n_down: int       # D columns per down program
+    block_k: int            # K step of both kernels (MXFP8: a multiple of 32)
+    num_warps: int
+    num_stages: int
+
+
+def default_tiles(num_slots: int, num_experts: int, fp8: bool) -> MoETiles:
+    """Decode-sized inputs (<= 16 rows per expert on average) get narrow tiles; prefill 128 x 128."""
+    per_expert = -(-num_slots // max(1, min(num_experts, num_slots)))
+    bm = min(128, max(16, cm.next_pow2(per_expert)))
+    if bm <= 32:
+        return MoETiles(bm, 64, 64, 128, num_warps=4, num_stages=4)
+    return MoETiles(bm, 128, 128, 64, num_warps=8, num_stages=3)
+
+
+def _fit(block: int, size: int) -> int:
+    """The largest power of two <= block dividing size (>= 16), or 0."""
+    b = block
+    while b >= 16 and size % b:
+        b //= 2
+    return b if b >= 16 else 0
+
+
+def _load_w(w_ref, s_ref, lead, k0, n0, bk, bn, dtype):
+    """Weight tile [bk, bn] of w_ref[*lead] at (k0, n0) in `dtype`, dequantised in registers when MXFP8."""
+    w = w_ref[(*lead, pl.ds(k0, bk), pl.ds(n0, bn))]
+    if s_ref is None:
+        return w
+    s = s_ref[(*lead, pl.ds(k0 // moe_plan.MXFP8_BLOCK, bk // moe_plan.MXFP8_BLOCK), pl.ds(n0, bn))]
+    return moe_plan.dequantize_tile(w, s, dtype)
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=f32, precision=cm.dot_precision(a.dtype))
+
+
+def _lead(layer_ref, e, stacked):
+    return (layer_ref[0], e) if stacked else (e,)
+
+
+def _gate_up_kernel(tile_ref, used_ref, layer_ref, x_ref, g_ref, u_ref, *rest, block_k, num_k, alpha, limit,
+                    stacked, fp8):
+    # tile_ref i32[tiles]; used_ref i32[1]; layer_ref i32[1]; x_ref [R, D] rows in padded order (whole)
+    # g_ref, u_ref [(L,) E, D, F] as stored (whole); with fp8 gs_ref, us_ref u8[(L,) E, D/32, F]
+    # h_ref [BM, BN] block (i, j) of the [R, F] activations
+    gs_ref, us_ref, h_ref = rest if fp8 else (None, None, rest[0])
+    i, j = pl.program_id(0), pl.program_id(1)
+    bm, bn = h_ref.shape
+
+    @pl.when(i < used_ref[0])
+    def _():
+        lead = _lead(layer_ref, tile_ref[i], stacked)
+        row0, n0 = i * bm, j * bn
+
+        def body(kk, acc):
+            k0 = pl.multiple_of(kk * block_k, block_k)
+            x = x_ref[pl.ds(row0, bm), pl.ds(k0, block_k)]                           # [BM, BK]
+            g = _load_w(g_ref, gs_ref, lead, k0, n0, block_k, bn, x.dtype)           # [BK, BN]
+            u = _load_w(u_ref, us_ref, lead, k0, n0, block_k, bn, x.dtype)
+            return acc[0] + _dot(x, g), acc[1] + _dot(x, u)
+
+        zero = jnp.zeros((bm, bn), f32)
+        g, u = lax.fori_loop(0, num_k, body, (zero, zero))
+        h_ref[...] = swiglu_oai(g, u, alpha, limit).astype(h_ref.dtype)
+
+
+def _down_kernel(tile_ref, used_ref, layer_ref, h_ref, w_ref, *rest, block_k, num_k, stacked, fp8):
+    # h_ref [R, F] activations (whole); w_ref [(L,) E, F, D] (whole); ws_ref u8[(L,) E, F/32, D] with fp8
+    # rw_ref f32[BM] combine weights of the tile's rows; y_ref f32[BM, BN] block (i, j) of [R, D]
+    ws_ref, rw_ref, y_ref = rest if fp8 else (None, *rest)
+    i, j = pl.program_id(0), pl.program_id(1)
+    bm, bn = y_ref.shape
+
+    @pl.when(i < used_ref[0])
+    def _():
+        lead = _lead(layer_ref, tile_ref[i], stacked)
+        row0, n0 = i * bm, j * bn
+
+        def body(kk, acc):
+            k0 = pl.multiple_of(kk * block_k, block_k)
+            h = h_ref[pl.ds(row0, bm), pl.ds(k0, block_k)]                           # [BM, BK]
+            return acc + _dot(h, _load_w(w_ref, ws_ref, lead, k0, n0, block_k, bn, h.dtype))
+
+        y = lax.fori_loop(0, num_k, body, jnp.zeros((bm, bn), f32))
+        y_ref[...] = y * rw_ref[...][:, None]
+
+
+def _check(x_td, ids_tk, combine_tk, weights, scales, layer):
+    op = "moe"
+    gate, up, down = weights
+    stacked = layer is not None
+    lead = 2 if stacked else 1
+    shapes = {"x": x_td.shape, "ids": ids_tk.shape, "combine": combine_tk.shape, "gate": gate.shape,
+              "up": up.shape, "down": down.shape}
+    if gate.ndim != lead + 2 or up.shape != gate.shape or down.shape[:lead] != gate.shape[:lead]:
+        raise ValueError(f"gpu.{op}: weights must be gate/up [{'L, ' * stacked}E, D, F], down "
+                         f"[{'L, ' * stacked}E, F, D] (layer={'given' if stacked else 'None'}), got {shapes}")
+    d, f = gate.shape[-2:]
+    if down.shape[-2:] != (f, d) or x_td.shape[-1] != d or x_td.ndim != 2:
+        raise ValueError(f"gpu.{op}: inconsistent shapes {shapes}")
+    if ids_tk.shape != combine_tk.shape or ids_tk.shape[0] != x_td.shape[0]:
+        raise ValueError(f"gpu.{op}: ids and combine must both be [T={x_td.shape[0]}, k], got {shapes}")
+    cm.check_dtype(op, x_td, "x")
+    fp8 = scales is not None
+    want = jnp.float8_e4m3fn if fp8 else x_td.dtype
+    for name, w in zip(("gate", "up", "down"), weights):
+        if w.dtype != want:
+            raise TypeError(f"gpu.{op}: {name} must be {jnp.dtype(want).name} (x's dtype, or e4m3 with scales), "
+                            f"got {w.dtype}")
+    if fp8:
+        blk = moe_plan.MXFP8_BLOCK
+        for name, w, s in zip(("gate", "up", "down"), weights, scales):
+            k_in = w.shape[-2]
+            want_s = (*w.shape[:-2], -(-k_in // blk), w.shape[-1])
+            if s.dtype != jnp.uint8 or s.shape != want_s:
+                raise ValueError(f"gpu.{op}: {name} scales must be uint8 {want_s}, got {s.dtype} {s.shape}")
+    return d, f, stacked, fp8
+
+
+def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=None, up_scale_ebf=None,
+        down_scale_ebd=None, *, alpha: float, limit: float, layer=None, interpret: bool = False):
+    """Routed experts, float32 [T, D]; arguments and semantics as reference.moe (plus `interpret`)."""
+    fp8 = gate_scale_ebf is not None
+    tiles = default_tiles(ids_tk.size, gate_edf.shape[-3], fp8)
+    return moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf, up_scale_ebf,
+                     down_scale_ebd, alpha=alpha, limit=limit, layer=layer, interpret=interpret, tiles=tiles)
+
+
+def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=None, up_scale_ebf=None,
+              down_scale_ebd=None, *, alpha, limit, layer=None, interpret=False, tiles: MoETiles):
+    """moe with explicit tiles (see the module docstring)."""
+    weights = (gate_edf, up_edf, down_efd)
+    scales = None
+    if any(s is not None for s in (gate_scale_ebf, up_scale_ebf, down_scale_ebd)):
+        scales = (gate_scale_ebf, up_scale_ebf, down_scale_ebd)
+        if any(s is None for s in scales):
+            raise ValueError("gpu.moe: MXFP8 needs all three of gate_scale_ebf, up_scale_ebf, down_scale_ebd")
+    d, f, stacked, fp8 = _check(x_td, ids_tk, combine_tk, weights, scales, layer)
+    if fp8 and not interpret:
+        dev = jax.devices()[0]
+        cc = str(getattr(dev, "compute_capability", "0"))
+        major, _, minor = cc.partition(".")
+        ok = dev.platform == "gpu" and (int(major), int(minor or 0)) >= (8, 9)
+        cm.require(ok, "moe", "MXFP8 needs e4m3 conversion (sm_89+)",
+                   {"device": dev.device_kind, "compute_capability": cc})
+    bm = tiles.block_m
+    bk = min(tiles.block_k, _fit(tiles.block_k, d), _fit(tiles.block_k, f)) or 0
+    bn_up, bn_down = _fit(tiles.block_n_up, f), _fit(tiles.block_n_down, d)
+    shapes = {"D": d, "F": f, "tiles": tiles}
+    cm.require(cm.is_pow2(bm) and bm >= 16, "moe", "block_m must be a power of two >= 16", shapes)
+    cm.require(bk >= 16 and bn_up and bn_down, "moe", "D and F must be multiples of 16 (Triton tiles)", shapes)
+    if fp8:
+        cm.require(bk % moe_plan.MXFP8_BLOCK == 0, "moe", "MXFP8 needs D and F multiples of 32", shapes)
+
+    num_experts = gate_edf.shape[-3]
+    p = moe_plan.plan(ids_tk, combine_tk, num_experts, bm)
+    xs = p.gather_rows(x_td)                                                   # [R, D]
+    layer_arr = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    params = compiler_params(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    whole = whole_array()
+    r = p.num_rows
+    sc = scales or (None, None, None)
+
+    up_kernel = functools.partial(_gate_up_kernel, block_k=bk, num_k=d // bk, alpha=alpha, limit=limit,
+                                  stacked=stacked, fp8=fp8)
+    operands = (p.tile_expert, p.num_used, layer_arr, xs, gate_edf, up_edf) + ((sc[0], sc[1]) if fp8 else ())
+    h = pl.pallas_call(
+        up_kernel, grid=(p.num_tiles, f // bn_up),
+        in_specs=[whole] * len(operands),
+        out_specs=pl.BlockSpec((bm, bn_up), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((r, f), x_td.dtype),
+        compiler_params=params, interpret=interpret, name="moe_gate_up",
+    )(*operands)
+
+    down_kernel = functools.partial(_down_kernel, block_k=bk, num_k=f // bk, stacked=stacked, fp8=fp8)
+    operands = (p.tile_expert, p.num_used, layer_arr, h, down_efd) + ((sc[2],) if fp8 else ())
+    y = pl.pallas_call(
+        down_kernel, grid=(p.num_tiles, d // bn_down),
+        in_specs=[whole] * len(operands) + [pl.BlockSpec((bm,), lambda i, j: (i,))],
+        out_specs=pl.BlockSpec((bm, bn_down), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((r, d), f32),
+        compiler_params=params, interpret=interpret, name="moe_down",
+    )(*operands, p.row_weight)
+    return p.combine(y)

@@ -102,6 +102,41 @@ def plan(ids_tk, combine_tk, num_experts: int, block_m: int) -> MoEPlan:
                    slot_row.reshape(t, k))
 
 
+def check_inputs(backend: str, x_td, ids_tk, combine_tk, weights, scales, layer):
+    """Static shape and dtype checks of a kernel's moe arguments -> (D, F, stacked, fp8); ValueError/TypeError
+    name the tensor."""
+    op = f"{backend}.moe"
+    gate, up, down = weights
+    stacked = layer is not None
+    lead = 2 if stacked else 1
+    shapes = {"x": x_td.shape, "ids": ids_tk.shape, "combine": combine_tk.shape, "gate": gate.shape,
+              "up": up.shape, "down": down.shape}
+    if gate.ndim != lead + 2 or up.shape != gate.shape or down.shape[:lead] != gate.shape[:lead]:
+        raise ValueError(f"{op}: weights must be gate/up [{'L, ' * stacked}E, D, F], down "
+                         f"[{'L, ' * stacked}E, F, D] (layer={'given' if stacked else 'None'}), got {shapes}")
+    d, f = gate.shape[-2:]
+    if down.shape[-2:] != (f, d) or x_td.shape[-1] != d or x_td.ndim != 2:
+        raise ValueError(f"{op}: inconsistent shapes {shapes}")
+    if ids_tk.shape != combine_tk.shape or ids_tk.shape[0] != x_td.shape[0]:
+        raise ValueError(f"{op}: ids and combine must both be [T={x_td.shape[0]}, k], got {shapes}")
+    if x_td.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"{op}: x must be float32/bfloat16/float16, got {x_td.dtype}")
+    fp8 = scales is not None
+    want = jnp.float8_e4m3fn if fp8 else x_td.dtype
+    for name, w in zip(("gate", "up", "down"), weights):
+        if w.dtype != want:
+            raise TypeError(f"{op}: {name} must be {jnp.dtype(want).name} (x's dtype, or e4m3 with scales), "
+                            f"got {w.dtype}")
+    if fp8:
+        blk = MXFP8_BLOCK
+        for name, w, s in zip(("gate", "up", "down"), weights, scales):
+            k_in = w.shape[-2]
+            want_s = (*w.shape[:-2], -(-k_in // blk), w.shape[-1])
+            if s.dtype != jnp.uint8 or s.shape != want_s:
+                raise ValueError(f"{op}: {name} scales must be uint8 {want_s}, got {s.dtype} {s.shape}")
+    return d, f, stacked, fp8
+
+
 def e8m0_factors(s_u8):
     """uint8 E8M0 exponents -> (scale, fix) float32 with scale * fix = 2**(s - 127) applied in two exact steps:
     scale = 2**(max(s, 1) - 127) from its bit pattern; fix = 0.5 for s = 0, NaN for s = 255, else 1."""

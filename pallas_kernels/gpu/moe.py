@@ -137,38 +137,6 @@ def _down_kernel(tile_ref, used_ref, layer_ref, h_ref, w_ref, *rest, block_k, nu
         y_ref[...] = y * rw_ref[...][:, None]
 
 
-def _check(x_td, ids_tk, combine_tk, weights, scales, layer):
-    op = "moe"
-    gate, up, down = weights
-    stacked = layer is not None
-    lead = 2 if stacked else 1
-    shapes = {"x": x_td.shape, "ids": ids_tk.shape, "combine": combine_tk.shape, "gate": gate.shape,
-              "up": up.shape, "down": down.shape}
-    if gate.ndim != lead + 2 or up.shape != gate.shape or down.shape[:lead] != gate.shape[:lead]:
-        raise ValueError(f"gpu.{op}: weights must be gate/up [{'L, ' * stacked}E, D, F], down "
-                         f"[{'L, ' * stacked}E, F, D] (layer={'given' if stacked else 'None'}), got {shapes}")
-    d, f = gate.shape[-2:]
-    if down.shape[-2:] != (f, d) or x_td.shape[-1] != d or x_td.ndim != 2:
-        raise ValueError(f"gpu.{op}: inconsistent shapes {shapes}")
-    if ids_tk.shape != combine_tk.shape or ids_tk.shape[0] != x_td.shape[0]:
-        raise ValueError(f"gpu.{op}: ids and combine must both be [T={x_td.shape[0]}, k], got {shapes}")
-    cm.check_dtype(op, x_td, "x")
-    fp8 = scales is not None
-    want = jnp.float8_e4m3fn if fp8 else x_td.dtype
-    for name, w in zip(("gate", "up", "down"), weights):
-        if w.dtype != want:
-            raise TypeError(f"gpu.{op}: {name} must be {jnp.dtype(want).name} (x's dtype, or e4m3 with scales), "
-                            f"got {w.dtype}")
-    if fp8:
-        blk = moe_plan.MXFP8_BLOCK
-        for name, w, s in zip(("gate", "up", "down"), weights, scales):
-            k_in = w.shape[-2]
-            want_s = (*w.shape[:-2], -(-k_in // blk), w.shape[-1])
-            if s.dtype != jnp.uint8 or s.shape != want_s:
-                raise ValueError(f"gpu.{op}: {name} scales must be uint8 {want_s}, got {s.dtype} {s.shape}")
-    return d, f, stacked, fp8
-
-
 def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=None, up_scale_ebf=None,
         down_scale_ebd=None, *, alpha: float, limit: float, layer=None, interpret: bool = False):
     """Routed experts, float32 [T, D]; arguments and semantics as reference.moe (plus `interpret`)."""
@@ -187,7 +155,7 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
         scales = (gate_scale_ebf, up_scale_ebf, down_scale_ebd)
         if any(s is None for s in scales):
             raise ValueError("gpu.moe: MXFP8 needs all three of gate_scale_ebf, up_scale_ebf, down_scale_ebd")
-    d, f, stacked, fp8 = _check(x_td, ids_tk, combine_tk, weights, scales, layer)
+    d, f, stacked, fp8 = moe_plan.check_inputs("gpu", x_td, ids_tk, combine_tk, weights, scales, layer)
     if fp8 and not interpret:
         dev = jax.devices()[0]
         cc = str(getattr(dev, "compute_capability", "0"))

@@ -137,3 +137,44 @@ def test_refusals_name_the_problem():
     x, ids, comb, w = _case(2, 2, 8, 40, 24, jnp.float32, "random", seed=0)
     with pytest.raises(dispatch.NoImplementationError, match="multiples of 16"):
         dispatch.moe(x, ids, comb, *w, alpha=ALPHA, limit=LIMIT, impl="gpu-interpret")
+
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Triton kernel compiled for the GPU (interpreted above on CPU)")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "mxfp8"])
+@pytest.mark.parametrize("t,e", [(1, 64), (32, 64), (700, 16)])
+def test_gpu_kernel_matches_reference(t, e, fp8):
+    """Compiled kernel: decode-sized (1 and 32 tokens over 64 experts) and prefill-sized (700 x top-4 over 16
+    experts: 128-row tiles, ragged) routings, 1024 -> 512; MXFP8 bit for bit the dequantised weights."""
+    x, ids, comb, w = _case(t, 4, e, 1024, 512, jnp.bfloat16, "random", seed=t, fp8=fp8)
+    want = _run("reference", x, ids, comb, w, fp8=fp8)
+    got = _run("gpu", x, ids, comb, w, fp8=fp8)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+    if fp8:
+        dense = [reference.dequantize_mxfp8(q, s, jnp.bfloat16) for q, s in w]
+        np.testing.assert_array_equal(got, _run("gpu", x, ids, comb, dense))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Triton kernel compiled for the GPU")
+@pytest.mark.parametrize("fp8", [False, True], ids=["f32", "mxfp8"])
+def test_gpu_kernel_float32_and_stacked_layer(fp8):
+    """float32 runs at full precision (no TF32); a layer of [L, E, ...] weights equals the per-layer call."""
+    x, ids, comb, w = _case(9, 2, 8, 64, 64, jnp.float32, "elsewhere", seed=5, fp8=fp8, layers=3)
+    per_layer = [(q[2], s[2]) for q, s in w] if fp8 else [a[2] for a in w]
+    got = _run("gpu", x, ids, comb, w, layer=jnp.int32(2), fp8=fp8)
+    np.testing.assert_array_equal(got, _run("gpu", x, ids, comb, per_layer, fp8=fp8))
+    np.testing.assert_allclose(got, _run("reference", x, ids, comb, per_layer, fp8=fp8), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="GPU only")
+def test_gpu_dequantisation_flushes_like_the_cpu():
+    """issue 20: the GPU keeps float32 subnormals unless told; both dequantisations flush them."""
+    w = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 256, axis=1).view(mxfp8.E4M3)
+    s = np.repeat(np.arange(256, dtype=np.uint8)[None, :], 8, axis=0)
+    exact = mxfp8.dequantize(w.T, s.T).T
+    want = np.where(np.abs(exact) < 2.0 ** -126, 0.0, exact)
+    np.testing.assert_array_equal(np.asarray(reference.dequantize_mxfp8(jnp.asarray(w), jnp.asarray(s))), want)
+    got = jax.jit(lambda a, b: moe_plan.dequantize_tile(a, b, jnp.float32))(w, s)
+    np.testing.assert_array_equal(np.asarray(got), want)

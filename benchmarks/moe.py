@@ -45,6 +45,10 @@ DECODE_TILES = [gpu_moe.MoETiles(16, 64, 64, 128, 4, 4), gpu_moe.MoETiles(16, 32
                 gpu_moe.MoETiles(16, 64, 64, 64, 4, 6)]
 PREFILL_TILES = [gpu_moe.MoETiles(128, 128, 128, 64, 8, 3), gpu_moe.MoETiles(64, 128, 128, 64, 4, 4),
                  gpu_moe.MoETiles(128, 128, 128, 32, 8, 4)]
+# MXFP8 only: the column-lane unpack (no interleave), added after the second H200 run (not yet measured)
+FP8_DECODE_TILES = [gpu_moe.MoETiles(16, 64, 64, 128, 4, 4, "lanes"), gpu_moe.MoETiles(16, 64, 64, 256, 4, 3, "lanes")]
+FP8_PREFILL_TILES = [gpu_moe.MoETiles(128, 128, 128, 32, 8, 4, "lanes"), gpu_moe.MoETiles(128, 256, 256, 32, 8, 3,
+                                                                                          "lanes")]
 
 
 def geometry(small: bool) -> dict:
@@ -119,9 +123,12 @@ def run_case(kind, t, fp8, weights, geo, ceil, impl, sweep, rows_out, jsonl=None
     want = None
     results = []
     tiles = (DECODE_TILES if kind == "decode" else PREFILL_TILES) if sweep else [None]
+    if sweep and fp8:
+        tiles = tiles + (FP8_DECODE_TILES if kind == "decode" else FP8_PREFILL_TILES)
     for tl in tiles:
         name = "fused" if tl is None else f"fused {tl.block_m}x{tl.block_n_up}/{tl.block_n_down}x{tl.block_k} " \
-                                          f"w{tl.num_warps}s{tl.num_stages}"
+                                          f"w{tl.num_warps}s{tl.num_stages}" + (" lanes" if fp8 and
+                                                                                tl.fp8_unpack == "lanes" else "")
         if tl is None:
             fn = jax.jit(lambda x, i, c, *w: dispatch.moe(x, i, c, *w, alpha=ALPHA, limit=LIMIT, impl=impl))
         else:

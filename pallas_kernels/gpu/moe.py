@@ -62,6 +62,9 @@ class MoETiles:
     block_k: int            # K step of both kernels (MXFP8: a multiple of 32)
     num_warps: int
     num_stages: int
+    # MXFP8 unpack of the int32 view: "interleave" (joins + reshapes back to [BK, BN], measured) or "lanes" (four
+    # [BK, BN/4] column-lane tiles, four sub-dots, strided stores: no interleave; not yet measured on a GPU)
+    fp8_unpack: str = "interleave"
 
 
 def default_tiles(num_slots: int, num_experts: int, fp8: bool) -> MoETiles:
@@ -119,51 +122,79 @@ def _lead(layer_ref, e, stacked):
     return (layer_ref[0], e) if stacked else (e,)
 
 
-def _gate_up_kernel(tile_ref, used_ref, layer_ref, x_ref, g_ref, u_ref, *rest, block_k, num_k, alpha, limit,
-                    stacked, fp8):
+def _load_lanes(w_ref, s_ref, lead, k0, n0, bk, bn, dtype, lanes):
+    """[tile] as _load_w, or with lanes = 4 the MXFP8 tile as 4 column lanes: lane l = columns n0 + l + 4c."""
+    if lanes == 1:
+        return [_load_w(w_ref, s_ref, lead, k0, n0, bk, bn, dtype)]
+    v = w_ref[(*lead, pl.ds(k0, bk), pl.ds(n0 // 4, bn // 4))]                        # int32 [BK, BN/4]
+    blk = moe_plan.MXFP8_BLOCK
+    out = []
+    for lane in range(4):
+        byte = (lax.shift_right_logical(v, jnp.int32(8 * lane)) & 0xFF).astype(jnp.uint8)
+        w = lax.bitcast_convert_type(byte, jnp.float8_e4m3fn)
+        sc = s_ref[(*lead, pl.ds(k0 // blk, bk // blk), pl.ds(n0 + lane, bn // 4, stride=4))]
+        out.append(moe_plan.dequantize_tile(w, sc, dtype))
+    return out
+
+
+def _store(ref, value, row0, n0, lane, lanes):
+    """The [BM, BN/lanes] result of one lane: the whole output block, or columns n0 + lane + lanes*c."""
+    if lanes == 1:
+        ref[...] = value
+    else:
+        ref[pl.ds(row0, value.shape[0]), pl.ds(n0 + lane, value.shape[1], stride=lanes)] = value
+
+
+def _gate_up_kernel(tile_ref, used_ref, layer_ref, x_ref, g_ref, u_ref, *rest, block_m, block_n, block_k, num_k,
+                    alpha, limit, stacked, fp8, lanes):
     # tile_ref i32[tiles]; used_ref i32[1]; layer_ref i32[1]; x_ref [R, D] rows in padded order (whole)
-    # g_ref, u_ref [(L,) E, D, F] as stored (whole); with fp8 gs_ref, us_ref u8[(L,) E, D/32, F]
-    # h_ref [BM, BN] block (i, j) of the [R, F] activations
+    # g_ref, u_ref [(L,) E, D, F] as stored (whole); with fp8 int32 views [(L,) E, D, F/4] and gs_ref, us_ref
+    # u8[(L,) E, D/32, F]; h_ref [BM, BN] block (i, j) of the [R, F] activations (lanes > 1: the whole [R, F])
     gs_ref, us_ref, h_ref = rest if fp8 else (None, None, rest[0])
     i, j = pl.program_id(0), pl.program_id(1)
-    bm, bn = h_ref.shape
 
     @pl.when(i < used_ref[0])
     def _():
         lead = _lead(layer_ref, tile_ref[i], stacked)
-        row0, n0 = i * bm, j * bn
+        row0, n0 = i * block_m, j * block_n
 
         def body(kk, acc):
             k0 = pl.multiple_of(kk * block_k, block_k)
-            x = x_ref[pl.ds(row0, bm), pl.ds(k0, block_k)]                           # [BM, BK]
-            g = _load_w(g_ref, gs_ref, lead, k0, n0, block_k, bn, x.dtype)           # [BK, BN]
-            u = _load_w(u_ref, us_ref, lead, k0, n0, block_k, bn, x.dtype)
-            return acc[0] + _dot(x, g), acc[1] + _dot(x, u)
+            x = x_ref[pl.ds(row0, block_m), pl.ds(k0, block_k)]                      # [BM, BK]
+            g = _load_lanes(g_ref, gs_ref, lead, k0, n0, block_k, block_n, x.dtype, lanes)   # [BK, BN/lanes]
+            u = _load_lanes(u_ref, us_ref, lead, k0, n0, block_k, block_n, x.dtype, lanes)
+            return tuple(a + _dot(x, w) for a, w in zip(acc, g + u))
 
-        zero = jnp.zeros((bm, bn), f32)
-        g, u = lax.fori_loop(0, num_k, body, (zero, zero))
-        h_ref[...] = swiglu_oai(g, u, alpha, limit).astype(h_ref.dtype)
+        zero = jnp.zeros((block_m, block_n // lanes), f32)
+        acc = lax.fori_loop(0, num_k, body, (zero,) * (2 * lanes))
+        for lane in range(lanes):
+            h = swiglu_oai(acc[lane], acc[lanes + lane], alpha, limit).astype(h_ref.dtype)
+            _store(h_ref, h, row0, n0, lane, lanes)
 
 
-def _down_kernel(tile_ref, used_ref, layer_ref, h_ref, w_ref, *rest, block_k, num_k, stacked, fp8):
-    # h_ref [R, F] activations (whole); w_ref [(L,) E, F, D] (whole); ws_ref u8[(L,) E, F/32, D] with fp8
-    # rw_ref f32[BM] combine weights of the tile's rows; y_ref f32[BM, BN] block (i, j) of [R, D]
+def _down_kernel(tile_ref, used_ref, layer_ref, h_ref, w_ref, *rest, block_m, block_n, block_k, num_k, stacked,
+                 fp8, lanes):
+    # h_ref [R, F] activations (whole); w_ref [(L,) E, F, D] (whole; fp8: int32 view [(L,) E, F, D/4] and ws_ref
+    # u8[(L,) E, F/32, D]); rw_ref f32[BM] combine weights of the tile's rows; y_ref f32[BM, BN] block (i, j)
+    # of [R, D] (lanes > 1: the whole [R, D])
     ws_ref, rw_ref, y_ref = rest if fp8 else (None, *rest)
     i, j = pl.program_id(0), pl.program_id(1)
-    bm, bn = y_ref.shape
 
     @pl.when(i < used_ref[0])
     def _():
         lead = _lead(layer_ref, tile_ref[i], stacked)
-        row0, n0 = i * bm, j * bn
+        row0, n0 = i * block_m, j * block_n
 
         def body(kk, acc):
             k0 = pl.multiple_of(kk * block_k, block_k)
-            h = h_ref[pl.ds(row0, bm), pl.ds(k0, block_k)]                           # [BM, BK]
-            return acc + _dot(h, _load_w(w_ref, ws_ref, lead, k0, n0, block_k, bn, h.dtype))
+            h = h_ref[pl.ds(row0, block_m), pl.ds(k0, block_k)]                      # [BM, BK]
+            w = _load_lanes(w_ref, ws_ref, lead, k0, n0, block_k, block_n, h.dtype, lanes)
+            return tuple(a + _dot(h, t) for a, t in zip(acc, w))
 
-        y = lax.fori_loop(0, num_k, body, jnp.zeros((bm, bn), f32))
-        y_ref[...] = y * rw_ref[...][:, None]
+        acc = lax.fori_loop(0, num_k, body, (jnp.zeros((block_m, block_n // lanes), f32),) * lanes)
+        rw = rw_ref[...][:, None]
+        for lane in range(lanes):
+            _store(y_ref, acc[lane] * rw, row0, n0, lane, lanes)
 
 
 def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=None, up_scale_ebf=None,
@@ -198,9 +229,12 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     shapes = {"D": d, "F": f, "tiles": tiles}
     cm.require(cm.is_pow2(bm) and bm >= 16, "moe", "block_m must be a power of two >= 16", shapes)
     cm.require(bk >= 16 and bn_up and bn_down, "moe", "D and F must be multiples of 16 (Triton tiles)", shapes)
+    lanes = 4 if fp8 and tiles.fp8_unpack == "lanes" else 1
+    cm.require(tiles.fp8_unpack in ("interleave", "lanes"), "moe", "fp8_unpack is interleave or lanes", shapes)
     if fp8:
         cm.require(bk % moe_plan.MXFP8_BLOCK == 0, "moe", "MXFP8 needs D and F multiples of 32", shapes)
         cm.require(min(bn_up, bn_down) % 4 == 0, "moe", "MXFP8 needs column blocks of whole int32 words", shapes)
+        cm.require(min(bn_up, bn_down) // lanes >= 16, "moe", "fp8 lanes need column blocks >= 64", shapes)
 
     num_experts = gate_edf.shape[-3]
     p = moe_plan.plan(ids_tk, combine_tk, num_experts, bm)
@@ -211,25 +245,26 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     r = p.num_rows
     sc = scales or (None, None, None)
 
-    up_kernel = functools.partial(_gate_up_kernel, block_k=bk, num_k=d // bk, alpha=alpha, limit=limit,
-                                  stacked=stacked, fp8=fp8)
+    up_kernel = functools.partial(_gate_up_kernel, block_m=bm, block_n=bn_up, block_k=bk, num_k=d // bk,
+                                  alpha=alpha, limit=limit, stacked=stacked, fp8=fp8, lanes=lanes)
     if fp8:
         gate_edf, up_edf, down_efd = (_pack_e4m3(w) for w in (gate_edf, up_edf, down_efd))
     operands = (p.tile_expert, p.num_used, layer_arr, xs, gate_edf, up_edf) + ((sc[0], sc[1]) if fp8 else ())
     h = pl.pallas_call(
         up_kernel, grid=(p.num_tiles, f // bn_up),
         in_specs=[whole] * len(operands),
-        out_specs=pl.BlockSpec((bm, bn_up), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((bm, bn_up), lambda i, j: (i, j)) if lanes == 1 else whole,
         out_shape=jax.ShapeDtypeStruct((r, f), x_td.dtype),
         compiler_params=params, interpret=interpret, name="moe_gate_up",
     )(*operands)
 
-    down_kernel = functools.partial(_down_kernel, block_k=bk, num_k=f // bk, stacked=stacked, fp8=fp8)
+    down_kernel = functools.partial(_down_kernel, block_m=bm, block_n=bn_down, block_k=bk, num_k=f // bk,
+                                    stacked=stacked, fp8=fp8, lanes=lanes)
     operands = (p.tile_expert, p.num_used, layer_arr, h, down_efd) + ((sc[2],) if fp8 else ())
     y = pl.pallas_call(
         down_kernel, grid=(p.num_tiles, d // bn_down),
         in_specs=[whole] * len(operands) + [pl.BlockSpec((bm,), lambda i, j: (i,))],
-        out_specs=pl.BlockSpec((bm, bn_down), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((bm, bn_down), lambda i, j: (i, j)) if lanes == 1 else whole,
         out_shape=jax.ShapeDtypeStruct((r, d), f32),
         compiler_params=params, interpret=interpret, name="moe_down",
     )(*operands, p.row_weight)

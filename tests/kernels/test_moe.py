@@ -180,3 +180,14 @@ def test_gpu_dequantisation_flushes_like_the_cpu():
     np.testing.assert_array_equal(np.asarray(reference.dequantize_mxfp8(jnp.asarray(w), jnp.asarray(s))), want)
     got = jax.jit(lambda a, b: moe_plan.dequantize_tile(a, b, jnp.float32))(w, s)
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_mxfp8_lanes_unpack_matches_the_interleaved_one():
+    """The column-lane MXFP8 variant (four sub-dots, strided stores) gives what the interleaved one gives."""
+    from pallas_kernels.gpu import moe as gpu_moe
+    x, ids, comb, w = _case(6, 2, 8, 64, 64, jnp.bfloat16, "elsewhere", seed=13, fp8=True)
+    args = [a for a, _ in w] + [s for _, s in w]
+    run = lambda unpack: np.asarray(gpu_moe.moe_tuned(
+        x, ids, comb, *args, alpha=ALPHA, limit=LIMIT, interpret=True,
+        tiles=gpu_moe.MoETiles(16, 64, 64, 32, 4, 4, fp8_unpack=unpack)))
+    np.testing.assert_array_equal(run("lanes"), run("interleave"))

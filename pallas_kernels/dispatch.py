@@ -1,4 +1,4 @@
-"""One entry point per MSA op; picks the implementation from the backend or an explicit `impl`.
+"""One entry point per kernel op (MSA, MoE); picks the implementation from the backend or an explicit `impl`.
 
     impl=None         the default for jax.default_backend(): "gpu" on GPU, "tpu" on TPU, "reference" on CPU
     impl="reference"  the float32 jnp reference (reference.py)

@@ -18,21 +18,23 @@ from the plan, so a stacked [L, E, ...] weight is read in place for layer `layer
 
 MXFP8: the e4m3 tile [BK, BN] and its exponents [BK/32, BN] are loaded as stored and dequantised in registers
 (moe_plan.dequantize_tile: an exact float32 product, then the cast to x's dtype for the tensor cores); a
-dequantised weight never goes to HBM. The e4m3 bytes are read through an int32 view (4 columns per word,
-unpacked with shifts and interleaved in registers), because the Triton lowering's int32 offsets overflow on a
-2.4 GB e4m3 stack (an illegal address on the H200 at expert >= 114). GPUs whose Triton has no e4m3 conversion (compute capability < 8.9)
-refuse MXFP8 with NotImplementedError.
+dequantised weight never goes to HBM. The e4m3 bytes are read through an int32 view (4 columns per word),
+because the Triton lowering's int32 offsets overflow on a 2.4 GB e4m3 stack (an illegal address on the H200 at
+expert >= 114). MoETiles.fp8_unpack picks how the words are unpacked: "interleave" (shifts, then joins and
+reshapes back to [BK, BN]; measured) or "lanes" (four [BK, BN/4] column-lane tiles, four sub-dots and strided
+stores; no interleave; not yet measured on a GPU). GPUs whose Triton has no e4m3 conversion (compute capability
+< 8.9) refuse MXFP8 with NotImplementedError.
 
 Tiles: decode (few rows per expert) uses BM = 16 (the smallest Triton dot) and narrow column blocks, so that a
 batch-1 step still spreads the four experts' weights over a few hundred programs; prefill uses 64- (bf16) or
 128-row (MXFP8) tiles of 128 columns (default_tiles: the best of an H200 sweep).
+Limits (NotImplementedError): D and F multiples of the K step and of the column block (powers of two >= 16; 32
+for MXFP8, whose exponent blocks must not straddle a K step).
 
 Measured (H200, jax 0.11.2, 128 experts 6144 -> 3072, top-4; benchmarks/RESULTS.md): bf16 decode at 0.9-1.6x
-the copy-rate bound of the routed experts' bytes and 3.6-27x faster than the ragged_dot path; prefill 8K at 329
-TFLOP/s. MXFP8 is correct but slower than bf16 (decode b1 0.52 ms vs 0.23, prefill 8K 52.5 ms vs 11.3): the
-in-register unpack of the int32 view (joins + reshapes) and the per-element dequantisation dominate. Next:
-per-lane sub-dots without the interleave, or a Mosaic GPU kernel. Limits (NotImplementedError): D and F multiples of the K step and of the
-column block (powers of two >= 16; 32 for MXFP8, whose exponent blocks must not straddle a K step).
+the copy-rate bound of the routed experts' bytes, 1.7-27x faster than the ragged_dot path; prefill 8K at 329
+TFLOP/s. MXFP8 ("interleave") is correct but slower than bf16 (decode b1 0.52 ms vs 0.23, prefill 8K 52.5 ms
+vs 11.3): the in-register unpack and the per-element dequantisation dominate.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One entry point per MSA op; picks the implementation from the backend or an explicit `impl`.
+"""One entry point per kernel op (MSA, MoE); picks the implementation from the backend or an explicit `impl`.
 
     impl=None         the default for jax.default_backend(): "gpu" on GPU, "tpu" on TPU, "reference" on CPU
     impl="reference"  the float32 jnp reference (reference.py)
@@ -22,7 +22,7 @@ from pallas_kernels import reference
 
 log = logging.getLogger(__name__)
 
-OPS = ("indexer_topk", "sparse_attention", "dense_attention", "grouped_matmul")
+OPS = ("indexer_topk", "sparse_attention", "dense_attention", "grouped_matmul", "moe")
 IMPLS = ("reference", "gpu", "gpu-interpret", "tpu", "tpu-interpret")
 _DEFAULT = {"gpu": ("gpu",), "cuda": ("gpu",), "tpu": ("tpu",), "cpu": ("reference",)}
 _BACKEND_MODULE = {"gpu": "pallas_kernels.gpu", "tpu": "pallas_kernels.tpu"}
@@ -109,3 +109,11 @@ def grouped_matmul(lhs_md, rhs_gdn, group_sizes, *, impl=None):
         order = (impl,) if isinstance(impl, str) else tuple(impl)
     order = order + ("reference",) * ("reference" not in order)
     return _call("grouped_matmul", order, lhs_md, rhs_gdn, group_sizes)
+
+
+def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=None, up_scale_ebf=None,
+        down_scale_ebd=None, *, alpha: float, limit: float, layer=None, impl=None):
+    """Routed experts of an MoE layer (bf16/f32 or MXFP8 weights, optionally a layer of a stacked [L, E, ...]
+    weight), float32 [T, D]; see reference.moe. No fallback: an input the kernel refuses raises."""
+    return _call("moe", impl, x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf, up_scale_ebf,
+                 down_scale_ebd, alpha=alpha, limit=limit, layer=layer)

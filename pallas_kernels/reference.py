@@ -142,3 +142,93 @@ def grouped_matmul(lhs_md, rhs_gdn, group_sizes):
     """
     return jax.lax.ragged_dot(lhs_md, rhs_gdn, group_sizes, preferred_element_type=f32,
                               precision=jax.lax.Precision.HIGHEST)
+
+
+# ------------------------------------------------------------------------------------------------------ MoE
+MXFP8_BLOCK = 32
+_TINY = 2.0 ** -126
+
+
+def dequantize_mxfp8(w, scale, dtype=f32):
+    """MXFP8 weights -> `dtype`: W = e4m3 * 2**(scale - 127), w e4m3 [..., I, O], scale uint8 [..., ceil(I/32), O]
+    (E8M0: one exponent per 32 consecutive inputs, the input axis second to last).
+
+    Semantics, the same on every backend: the product is computed exactly in float32 (an e4m3 value has 4
+    significant bits and the scale is a power of two; exponent byte 0 is 2**-127 as OCP MX defines it), then
+    results below float32's normal range (|W| < 2**-126) are flushed to zero and byte 255 gives NaN for its whole
+    block. Why flush: XLA's CPU backend flushes float32 subnormals in every arithmetic op and its GPU backend
+    keeps them, so "exact subnormals" cannot be computed the same way on both (issue 20); a weight below
+    1.2e-38 never occurs in a released checkpoint. The result then rounds once to `dtype` (exact for bf16 and
+    float32: the flush threshold is their common smallest normal).
+    """
+    i, blocks = w.shape[-2], scale.shape[-2]
+    wf = w.astype(f32)
+    if blocks * MXFP8_BLOCK != i:
+        wf = jnp.pad(wf, [(0, 0)] * (w.ndim - 2) + [(0, blocks * MXFP8_BLOCK - i), (0, 0)])
+    e = scale.astype(jnp.int32) - 127
+    half = jnp.right_shift(e, 1)                       # two normal powers of two: 2**-127 is itself subnormal
+    pow2 = lambda k: jax.lax.bitcast_convert_type(jnp.left_shift(k + 127, 23), f32)
+    y = (wf.reshape(*w.shape[:-2], blocks, MXFP8_BLOCK, w.shape[-1]) * pow2(half)[..., :, None, :]
+         * pow2(e - half)[..., :, None, :])
+    y = jnp.where(jnp.abs(y) < _TINY, 0.0, y)
+    y = jnp.where((scale == 255)[..., :, None, :], jnp.nan, y)
+    return y.reshape(*w.shape[:-2], blocks * MXFP8_BLOCK, w.shape[-1])[..., :i, :].astype(dtype)
+
+
+def swiglu_oai(gate, up, alpha: float, limit: float):
+    """SwiGLU-OAI, non-interleaved (M3_SPEC.md §1.4): min(g, limit) * sigmoid(alpha g) * (clip(u, +-limit) + 1)."""
+    g = jnp.minimum(gate, limit)
+    u = jnp.clip(up, -limit, limit)
+    return g * jax.nn.sigmoid(alpha * g) * (u + 1.0)
+
+
+def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=None, up_scale_ebf=None,
+        down_scale_ebd=None, *, alpha: float, limit: float, layer=None):
+    """Routed experts of an MoE layer: out[t] = sum_j combine[t, j] * expert_{ids[t, j]}(x[t]), float32 [T, D].
+
+    expert_e(x) = swiglu_oai(x @ gate[e], x @ up[e]) @ down[e], with the activation rounded to x's dtype before
+    the down projection (as the model stores it) and float32 accumulation everywhere else.
+
+    x_td        [T, D] f32 | bf16          rows (tokens) of this layer.
+    ids_tk      i32[T, k]                  chosen experts; an id outside [0, E) is "not here" (expert
+                                           parallelism: another device holds it) and contributes 0.
+    combine_tk  f32[T, k]                  combine weights.
+    gate_edf, up_edf [E, D, F]; down_efd [E, F, D]: x's dtype, or float8_e4m3fn with the three uint8 E8M0
+        exponent arrays gate_scale_ebf, up_scale_ebf [E, D/32, F] and down_scale_ebd [E, F/32, D] (MXFP8,
+        dequantised by dequantize_mxfp8 to x's dtype).
+    layer       None, or an int32 scalar: every weight then has a leading layer axis [L, E, ...] and layer
+                `layer` is used (the kernels read it in place; this reference slices it).
+
+    Rows are sorted by expert and run as ragged_dots at highest precision. With MXFP8 weights and fewer slots
+    (T*k) than experts, only the routed experts are gathered and dequantised.
+    """
+    weights = [w for w in (gate_edf, up_edf, down_efd, gate_scale_ebf, up_scale_ebf, down_scale_ebd)
+               if w is not None]
+    if layer is not None:
+        weights = [jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False) for w in weights]
+    fp8 = len(weights) == 6
+    t, k = ids_tk.shape
+    e = weights[0].shape[0]
+    here = (ids_tk >= 0) & (ids_tk < e)
+    if fp8 and t * k < e:                  # decode: dequantise only the (at most T*k) routed experts
+        rows = jnp.bincount(jnp.where(here, ids_tk, e).reshape(-1), length=e + 1)[:e]
+        used = jnp.nonzero(rows, size=t * k, fill_value=e)[0]            # ascending: the sums are unchanged
+        slot_of = jnp.full((e + 1,), t * k, jnp.int32).at[used].set(jnp.arange(t * k, dtype=jnp.int32))
+        ids_tk = jnp.where(here, slot_of[jnp.clip(ids_tk, 0, e - 1)], t * k)
+        weights = [jnp.take(w, jnp.minimum(used, e - 1), axis=0) for w in weights]
+        e = t * k
+    if fp8:
+        weights = [dequantize_mxfp8(w, s, x_td.dtype) for w, s in zip(weights[:3], weights[3:])]
+    gate, up, down = weights
+    flat = jnp.where(here, ids_tk, e).reshape(-1)                          # e = not here, sorted last
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    xs = x_td[token]
+    sizes = jnp.bincount(flat, length=e + 1)[:e].astype(jnp.int32)
+    g = grouped_matmul(xs, gate, sizes)
+    u = grouped_matmul(xs, up, sizes)
+    h = swiglu_oai(g, u, alpha, limit).astype(x_td.dtype)
+    y = grouped_matmul(h, down, sizes)                                     # rows past sum(sizes): unused
+    keep = here.reshape(-1)[order]
+    y = jnp.where(keep[:, None], y * combine_tk.reshape(-1)[order][:, None].astype(f32), 0.0)
+    return jnp.zeros((t, x_td.shape[1]), f32).at[token].add(y)

@@ -58,28 +58,53 @@ def test_fp8_experts_give_the_dequantised_logits(release):
 
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_decode_dequantises_only_the_routed_experts(release, tokens, monkeypatch):
-    """Fewer routed rows (tokens x top-2) than the 8 experts: only tokens x 2 expert slots are dequantised, and
-    the logits are the same."""
-    from m3jax.model.moe import MoE
+    """Fewer routed rows (tokens x top-2) than the 8 experts: the reference dequantises only tokens x 2 expert
+    slots, and the logits are the same."""
+    from pallas_kernels import reference
     path, ids, dense, _ = release
     model = m3jax.load(path, dtype="float32", progress=False, fp8_experts=True)
     experts_seen = []
-    inner = MoE._experts
+    inner = reference.dequantize_mxfp8
 
-    def spy(self, x, group, w, gate, up, down):
-        experts_seen.append(gate.shape[0])
-        return inner(self, x, group, w, gate, up, down)
+    def spy(w, scale, dtype=jnp.float32):
+        experts_seen.append(w.shape[0])
+        return inner(w, scale, dtype)
 
-    monkeypatch.setattr(MoE, "_experts", spy)
+    monkeypatch.setattr(reference, "dequantize_mxfp8", spy)
     x = ids[:1, :tokens]
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(dense(x)))
     slots = tokens * model.config.num_experts_per_tok
-    assert slots < model.config.num_local_experts and slots in experts_seen
+    assert slots < model.config.num_local_experts and set(experts_seen) == {slots}
     monkeypatch.undo()
     prompts = [list(map(int, ids[0, :7])), list(map(int, ids[1, :20]))]
     sp = m3jax.SamplingParams(max_new_tokens=6, temperature=0.0)       # decode steps of 2 rows: the same path
     want = [r.token_ids for r in m3jax.generate(dense, prompts, sp, max_seq_len=64, progress=False)]
     assert [r.token_ids for r in m3jax.generate(model, prompts, sp, max_seq_len=64, progress=False)] == want
+
+
+def _with_moe_impl(model, impl):
+    """A copy of `model` whose MoE layers run `impl` (dispatch.moe)."""
+    from flax import nnx
+
+    from m3jax.model.moe import MoE
+    graphdef, state = nnx.split(model)
+    m = nnx.merge(graphdef, state)
+    for _, node in nnx.iter_graph(m):
+        if isinstance(node, MoE):
+            node.impl = impl
+    return m
+
+
+@pytest.mark.parametrize("impl", ["gpu-interpret"])
+def test_fp8_experts_through_the_kernel(release, impl):
+    """The MoE kernel (interpreted) reads e4m3 + exponents as stored: the same logits as the kernel on the
+    dequantised float32 model, bit for bit, and the reference's up to float32 summation order."""
+    path, ids, dense, want = release
+    model = m3jax.load(path, dtype="float32", progress=False, fp8_experts=True)
+    x = ids[:, :9]
+    got = np.asarray(_with_moe_impl(model, impl)(x))
+    np.testing.assert_array_equal(got, np.asarray(_with_moe_impl(dense, impl)(x)))
+    np.testing.assert_allclose(got, want[:, :9], atol=2e-5, rtol=0)
 
 
 def test_fp8_experts_on_a_mesh_and_in_the_engine(release):

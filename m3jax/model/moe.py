@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from m3jax.config import M3Config
-from m3jax.model.layers import MLP, MXFP8_BLOCK, _init, dequantize_mxfp8, swiglu_oai
+from m3jax.model.layers import MLP, MXFP8_BLOCK, _init
 from m3jax.sharding import EXPERTS
 from pallas_kernels import dispatch
 
@@ -28,19 +28,19 @@ class MoE(nnx.Module):
 
     Router: s = sigmoid(x @ W_router) in float32 (the router weight and bias stay float32 whatever the model
     dtype, as in the checkpoint); experts are chosen by top-k of s + bias, but weighted by the unbiased s
-    renormalised over the chosen k. Routed experts run as grouped matmuls over rows sorted by expert
-    (`dispatch.grouped_matmul`: a Mosaic GPU kernel on Hopper, XLA's ragged_dot elsewhere), never as a
-    per-token gather of expert weights.
+    renormalised over the chosen k. Routed experts run as one fused op over rows sorted by expert
+    (`dispatch.moe`: Pallas kernels on GPU and TPU that visit only the experts with rows, gate+up with SwiGLU-OAI
+    in one pass, down with the combine weight; reference.moe elsewhere), never as a per-token gather of expert
+    weights.
 
     With a mesh, experts are split over all its devices (expert parallelism): every device sees all tokens,
     runs only its own experts on the rows routed to them, and the partial outputs are summed (psum). This is
     exact for any imbalance of tokens per expert.
 
     fp8_experts: the routed experts are held as released MXFP8 (e4m3 weights + one uint8 exponent per 32 inputs,
-    `*_scale_eb*`, about 1 byte per weight instead of 2) and dequantised to the model dtype inside the layer,
-    per device for the experts it holds, just before the grouped matmuls; when a step routes fewer rows than
-    there are experts (decode), only the routed experts are gathered and dequantised. A memory option: it adds
-    the dequantisation (a read of the FP8 bytes and a write of the dequantised experts) to every step.
+    `*_scale_eb*`, about 1 byte per weight instead of 2). The kernels read them as stored and dequantise tiles
+    on chip (reference.dequantize_mxfp8 semantics: exact, float32 subnormals flushed); no dequantised copy of an
+    expert is written to memory, so the FP8 layer reads half the bytes of the bf16 one.
     """
 
     def __init__(self, cfg: M3Config, *, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None, impl: str | None = None,
@@ -49,7 +49,7 @@ class MoE(nnx.Module):
         self.top_k = cfg.num_experts_per_tok
         self.scaling = cfg.routed_scaling_factor
         self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
-        self.impl = impl                   # grouped-matmul implementation (pallas_kernels.dispatch)
+        self.impl = impl                   # MoE kernel implementation (pallas_kernels.dispatch.moe)
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         if self.mesh is not None and e % self.mesh.size:
             raise ValueError(f"num_local_experts={e} must be divisible by the {self.mesh.size} devices of the mesh "
@@ -75,52 +75,18 @@ class MoE(nnx.Module):
         w = jnp.take_along_axis(s, ids, axis=-1)
         return ids, w / jnp.sum(w, axis=-1, keepdims=True)
 
-    def _experts(self, x_td, group_tk, w_tk, gate_edf, up_edf, down_efd):
-        """sum_k w[t, k] * expert_{group[t, k]}(x[t]) in float32 over the experts of gate_edf; a group id
-        outside [0, E) means "not here" (the row is computed by nobody and contributes 0)."""
-        t, d = x_td.shape
-        e = gate_edf.shape[0]
-        here = (group_tk >= 0) & (group_tk < e)
-        flat = jnp.where(here, group_tk, e).reshape(-1)                    # [T*k]; e = overflow, sorted last
-        order = jnp.argsort(flat, stable=True)
-        token = order // self.top_k                                        # source token of each sorted row
-        xs = x_td[token]                                                   # [T*k, D]
-        sizes = jnp.bincount(flat, length=e + 1)[:e].astype(jnp.int32)     # rows per expert, in order
-        g = dispatch.grouped_matmul(xs, gate_edf, sizes, impl=self.impl)
-        u = dispatch.grouped_matmul(xs, up_edf, sizes, impl=self.impl)
-        a = swiglu_oai(g, u, self.alpha, self.limit).astype(x_td.dtype)
-        y = dispatch.grouped_matmul(a, down_efd, sizes, impl=self.impl)    # [T*k, D]; overflow rows unused
-        keep = here.reshape(-1)[order]
-        y = jnp.where(keep[:, None], y * w_tk.reshape(-1)[order][:, None], 0.0)
-        return jnp.zeros((t, d), f32).at[token].add(y)
-
     def _stored_weights(self) -> tuple:
-        """(gate, up, down) as stored, then their MXFP8 scales when fp8_experts."""
+        """(gate, up, down) as stored, then their MXFP8 exponents when fp8_experts."""
         weights = (self.gate_edf[...], self.up_edf[...], self.down_efd[...])
         if self.fp8_experts:
             weights += (self.gate_scale_ebf[...], self.up_scale_ebf[...], self.down_scale_ebd[...])
         return weights
 
-    def _dense_weights(self, *stored) -> tuple:
-        """(gate, up, down) in the model dtype, from `_stored_weights` (all experts or this device's)."""
-        if not self.fp8_experts:
-            return stored
-        return tuple(dequantize_mxfp8(w, s, self.dtype) for w, s in zip(stored[:3], stored[3:]))
-
-    def _local_experts(self, x_td, group_tk, w_tk, *stored):
-        """`_experts` over the stored experts (all, or this device's). With fp8_experts and fewer routed rows
-        than experts (decode), only the experts some row routes to are gathered and dequantised: at most T*k
-        slots instead of every expert of the layer, in ascending expert order, so the sums are unchanged."""
-        e, slots = stored[0].shape[0], x_td.shape[0] * self.top_k
-        if not self.fp8_experts or slots >= e:
-            return self._experts(x_td, group_tk, w_tk, *self._dense_weights(*stored))
-        here = (group_tk >= 0) & (group_tk < e)
-        rows = jnp.bincount(jnp.where(here, group_tk, e).reshape(-1), length=e + 1)[:e]
-        used = jnp.nonzero(rows, size=slots, fill_value=e)[0]              # expert of each slot; e = empty slot
-        slot_of = jnp.full((e + 1,), slots, jnp.int32).at[used].set(jnp.arange(slots, dtype=jnp.int32))
-        group = jnp.where(here, slot_of[jnp.clip(group_tk, 0, e - 1)], slots)
-        picked = [jnp.take(a, jnp.minimum(used, e - 1), axis=0) for a in stored]
-        return self._experts(x_td, group, w_tk, *self._dense_weights(*picked))
+    def _local_experts(self, x_td, ids_tk, w_tk, *stored):
+        """sum_k w[t, k] * expert_{ids[t, k]}(x[t]), float32, over the stored experts (all, or this device's); an
+        id outside [0, E) contributes 0. One fused op (dispatch.moe): rows sorted by expert, only experts with
+        rows visited, weights read as stored (MXFP8 dequantised inside the kernel)."""
+        return dispatch.moe(x_td, ids_tk, w_tk, *stored, alpha=self.alpha, limit=self.limit, impl=self.impl)
 
     def routed(self, x_td, ids_tk, w_tk):
         weights = self._stored_weights()

@@ -1,0 +1,193 @@
+"""Fused MoE kernels (GPU Triton and TPU Mosaic, in their interpreters on CPU) against reference.moe.
+
+Routings cover empty experts, every row on one expert, ragged row counts, more experts than rows, ids of
+experts held elsewhere (expert parallelism: outside [0, E)), and a layer of a stacked [L, E, ...] weight.
+MXFP8: the kernels read e4m3 + E8M0 exponents as stored and must give exactly what they give on the
+dequantised weights; the in-tile dequantisation equals reference.dequantize_mxfp8 for every byte pair.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convert import mxfp8
+from pallas_kernels import dispatch, moe_plan, reference
+
+ALPHA, LIMIT = 1.702, 7.0
+IMPLS = ["gpu-interpret", "tpu-interpret"]
+TOL = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _routing(kind, t, k, e, rng):
+    if kind == "random":
+        return np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
+    if kind == "one-expert":                       # every token's first choice is expert 3, the rest spread
+        ids = np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
+        ids[:, 0] = 3
+        ids[:, 1:] = np.where(ids[:, 1:] == 3, (ids[:, 1:] + 1) % e, ids[:, 1:])
+        return ids
+    if kind == "empty-experts":                    # only experts 1 and 6 get rows
+        return np.stack([[1, 6][:k] for _ in range(t)])
+    if kind == "elsewhere":                        # expert parallelism: ids outside [0, E) belong to no expert
+        ids = np.stack([rng.choice(e + 4, k, replace=False) - 2 for _ in range(t)])
+        return ids
+    raise ValueError(kind)
+
+
+def _case(t, k, e, d, f, dtype, kind, seed, fp8=False, layers=None):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((t, d)), dtype)
+    ids = jnp.asarray(_routing(kind, t, k, e, rng), jnp.int32)
+    comb = jnp.asarray(rng.uniform(0.1, 1.0, (t, k)), jnp.float32)
+    lead = (layers,) if layers else ()
+    shapes = {"gate": lead + (e, d, f), "up": lead + (e, d, f), "down": lead + (e, f, d)}
+    if not fp8:
+        w = [jnp.asarray(rng.standard_normal(s) / np.sqrt(s[-2]), dtype) for s in shapes.values()]
+        return x, ids, comb, w
+    w = []
+    for s in shapes.values():
+        q = rng.integers(0, 256, s, dtype=np.uint8).view(mxfp8.E4M3)
+        q = np.where(np.isnan(q.astype(np.float32)), 0, q).astype(mxfp8.E4M3)       # no NaN bytes here
+        sc = rng.integers(118, 124, s[:-2] + (s[-2] // 32, s[-1]), dtype=np.uint8)
+        w.append((jnp.asarray(q), jnp.asarray(sc)))
+    return x, ids, comb, w
+
+
+def _run(impl, x, ids, comb, w, layer=None, fp8=False):
+    if fp8:
+        args = [a for a, _ in w] + [s for _, s in w]
+    else:
+        args = list(w)
+    return np.asarray(dispatch.moe(x, ids, comb, *args, alpha=ALPHA, limit=LIMIT, layer=layer, impl=impl))
+
+
+ROUTINGS = [("random", 5), ("one-expert", 9), ("empty-experts", 3), ("elsewhere", 6), ("random", 1)]
+# The TPU interpreter is ~10x slower than the GPU one on CPU: it runs the routings that differ most.
+CASES = [("gpu-interpret", k, t) for k, t in ROUTINGS] + [("tpu-interpret", k, t) for k, t in ROUTINGS[2:4]]
+
+
+@pytest.mark.parametrize("impl,kind,t", CASES)
+def test_kernel_matches_reference(impl, kind, t):
+    """8 experts of 64 -> 32, top-2: t=1, 3 are fewer rows than experts; 9 rows on expert 3 span 1 tile."""
+    x, ids, comb, w = _case(t, 2, 8, 64, 32, jnp.float32, kind, seed=t)
+    want = _run("reference", x, ids, comb, w)
+    got = _run(impl, x, ids, comb, w)
+    np.testing.assert_allclose(got, want, **TOL[jnp.float32])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_ragged_rows_over_several_tiles(impl):
+    """40 tokens x top-4 over 16 experts of 128 -> 64: ragged counts, several row tiles per expert."""
+    x, ids, comb, w = _case(40, 4, 16, 128, 64, jnp.bfloat16, "random", seed=7)
+    want = _run("reference", x, ids, comb, w)
+    np.testing.assert_allclose(_run(impl, x, ids, comb, w), want, **TOL[jnp.bfloat16])
+
+
+@pytest.mark.parametrize("impl,t", [("gpu-interpret", 2), ("gpu-interpret", 17), ("tpu-interpret", 17)])
+def test_mxfp8_is_exactly_the_dequantised_weights(impl, t):
+    """e4m3 + exponents read as stored give bit for bit what the same kernel gives on dequantised weights."""
+    x, ids, comb, w = _case(t, 2, 8, 64, 64, jnp.bfloat16, "random", seed=11, fp8=True)
+    dense = [reference.dequantize_mxfp8(q, s, jnp.bfloat16) for q, s in w]
+    got = _run(impl, x, ids, comb, w, fp8=True)
+    np.testing.assert_array_equal(got, _run(impl, x, ids, comb, dense))
+    np.testing.assert_allclose(got, _run("reference", x, ids, comb, w, fp8=True), **TOL[jnp.bfloat16])
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["f32", "mxfp8"])
+def test_layer_of_a_stacked_weight(impl, fp8):
+    """layer=l on [L, E, ...] weights equals the per-layer [E, ...] call on layer l."""
+    x, ids, comb, w = _case(4, 2, 8, 64, 32 if not fp8 else 64, jnp.float32, "random", seed=3, fp8=fp8, layers=3)
+    per_layer = [(q[1], s[1]) for q, s in w] if fp8 else [a[1] for a in w]
+    want = _run(impl, x, ids, comb, per_layer, fp8=fp8)
+    np.testing.assert_array_equal(_run(impl, x, ids, comb, w, layer=jnp.int32(1), fp8=fp8), want)
+
+
+def test_dequantize_tile_equals_the_reference_for_every_byte_pair():
+    """All 256 e4m3 bytes x all 256 exponent bytes (0 = 2**-127, 254, 255 = NaN), blocks of 32 along K."""
+    w = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 256, axis=1).view(mxfp8.E4M3)   # w[k, n] = byte k
+    s = np.repeat(np.arange(256, dtype=np.uint8)[None, :], 8, axis=0)                     # s[k // 32, n] = n
+    want = np.asarray(reference.dequantize_mxfp8(jnp.asarray(w), jnp.asarray(s), jnp.float32))
+    got = np.asarray(jax.jit(lambda a, b: moe_plan.dequantize_tile(a, b, jnp.float32))(w, s))
+    np.testing.assert_array_equal(got, want)
+    # the NumPy converter (exact float64 semantics) agrees once its subnormal results are flushed
+    exact = mxfp8.dequantize(w.T, s.T).T
+    np.testing.assert_array_equal(want, np.where(np.abs(exact) < 2.0 ** -126, 0.0, exact))
+
+
+def test_plan_pads_each_expert_to_whole_tiles():
+    ids = jnp.asarray([[2, 0], [2, 5], [2, 0], [9, -1]], jnp.int32)        # experts 2 x3, 0 x2, 5 x1; 2 elsewhere
+    comb = jnp.ones((4, 2), jnp.float32)
+    p = moe_plan.plan(ids, comb, num_experts=8, block_m=2)
+    assert p.num_tiles == moe_plan.max_tiles(8, 8, 2) == 8
+    assert int(p.num_used[0]) == 4                                         # 0: 1 tile, 2: 2 tiles, 5: 1 tile
+    np.testing.assert_array_equal(np.asarray(p.tile_expert), [0, 2, 2, 5, 5, 5, 5, 5])
+    tok = np.asarray(p.row_token)
+    np.testing.assert_array_equal(tok[:8], [0, 2, 0, 1, 2, -1, 1, -1])
+    np.testing.assert_array_equal(np.asarray(p.slot_row), [[2, 0], [3, 6], [4, 1], [16, 16]])
+
+
+def test_refusals_name_the_problem():
+    x, ids, comb, w = _case(2, 2, 8, 64, 32, jnp.float32, "random", seed=0)
+    with pytest.raises(ValueError, match="gpu.moe: weights must be"):
+        dispatch.moe(x, ids, comb, *w, alpha=ALPHA, limit=LIMIT, layer=jnp.int32(0), impl="gpu-interpret")
+    with pytest.raises(TypeError, match="gate must be bfloat16"):
+        dispatch.moe(x.astype(jnp.bfloat16), ids, comb, *w, alpha=ALPHA, limit=LIMIT, impl="gpu-interpret")
+    x, ids, comb, w = _case(2, 2, 8, 40, 24, jnp.float32, "random", seed=0)
+    with pytest.raises(dispatch.NoImplementationError, match="multiples of 16"):
+        dispatch.moe(x, ids, comb, *w, alpha=ALPHA, limit=LIMIT, impl="gpu-interpret")
+
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Triton kernel compiled for the GPU (interpreted above on CPU)")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "mxfp8"])
+@pytest.mark.parametrize("t,e", [(1, 64), (32, 64), (700, 16)])
+def test_gpu_kernel_matches_reference(t, e, fp8):
+    """Compiled kernel: decode-sized (1 and 32 tokens over 64 experts) and prefill-sized (700 x top-4 over 16
+    experts: 128-row tiles, ragged) routings, 1024 -> 512; MXFP8 bit for bit the dequantised weights."""
+    x, ids, comb, w = _case(t, 4, e, 1024, 512, jnp.bfloat16, "random", seed=t, fp8=fp8)
+    want = _run("reference", x, ids, comb, w, fp8=fp8)
+    got = _run("gpu", x, ids, comb, w, fp8=fp8)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+    if fp8:   # compiled, the MMAs of a tile dequantised in registers may be ordered differently: 1e-4 relative
+        dense = _run("gpu", x, ids, comb, [reference.dequantize_mxfp8(q, s, jnp.bfloat16) for q, s in w])
+        assert np.linalg.norm(got - dense) / np.linalg.norm(dense) < 1e-5
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Triton kernel compiled for the GPU")
+@pytest.mark.parametrize("fp8", [False, True], ids=["f32", "mxfp8"])
+def test_gpu_kernel_float32_and_stacked_layer(fp8):
+    """float32 runs at full precision (no TF32); a layer of [L, E, ...] weights equals the per-layer call."""
+    x, ids, comb, w = _case(9, 2, 8, 64, 64, jnp.float32, "elsewhere", seed=5, fp8=fp8, layers=3)
+    per_layer = [(q[2], s[2]) for q, s in w] if fp8 else [a[2] for a in w]
+    got = _run("gpu", x, ids, comb, w, layer=jnp.int32(2), fp8=fp8)
+    np.testing.assert_allclose(got, _run("gpu", x, ids, comb, per_layer, fp8=fp8), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, _run("reference", x, ids, comb, per_layer, fp8=fp8), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="GPU only")
+def test_gpu_dequantisation_flushes_like_the_cpu():
+    """issue 20: the GPU keeps float32 subnormals unless told; both dequantisations flush them."""
+    w = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 256, axis=1).view(mxfp8.E4M3)
+    s = np.repeat(np.arange(256, dtype=np.uint8)[None, :], 8, axis=0)
+    exact = mxfp8.dequantize(w.T, s.T).T
+    want = np.where(np.abs(exact) < 2.0 ** -126, 0.0, exact)
+    np.testing.assert_array_equal(np.asarray(reference.dequantize_mxfp8(jnp.asarray(w), jnp.asarray(s))), want)
+    got = jax.jit(lambda a, b: moe_plan.dequantize_tile(a, b, jnp.float32))(w, s)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_mxfp8_lanes_unpack_matches_the_interleaved_one():
+    """The column-lane MXFP8 variant (four sub-dots, strided stores) gives what the interleaved one gives."""
+    from pallas_kernels.gpu import moe as gpu_moe
+    x, ids, comb, w = _case(6, 2, 8, 64, 64, jnp.bfloat16, "elsewhere", seed=13, fp8=True)
+    args = [a for a, _ in w] + [s for _, s in w]
+    run = lambda unpack: np.asarray(gpu_moe.moe_tuned(
+        x, ids, comb, *args, alpha=ALPHA, limit=LIMIT, interpret=True,
+        tiles=gpu_moe.MoETiles(16, 64, 64, 32, 4, 4, fp8_unpack=unpack)))
+    np.testing.assert_array_equal(run("lanes"), run("interleave"))

@@ -122,7 +122,7 @@ def run_jax(args):
     # Prefill: one request, max_new_tokens=1 (the last chunk's logits give the token), chunks of jax_chunk.
     eng = Engine(model, max_batch_size=1, max_seq_len=max_seq, num_pages=blocks + 2,
                  prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1,
-                 len_buckets=(args.jax_chunk,), layer_loop=args.layer_loop)
+                 layer_loop=args.layer_loop)
     for s in args.prefill:
         try:
             prompt = rs.randint(0, cfg.vocab_size, s).tolist()
@@ -145,7 +145,7 @@ def run_jax(args):
             emit(args, what="prefill", tokens=s, chunk=args.jax_chunk, error=f"{type(e).__name__}: {str(e)[:300]}")
             eng = Engine(model, max_batch_size=1, max_seq_len=max_seq, num_pages=blocks + 2,
                          prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1,
-                         len_buckets=(args.jax_chunk,), layer_loop=args.layer_loop)
+                         layer_loop=args.layer_loop)
     del eng
 
     # Decode: max_batch requests at `ctx` tokens of context each, cache filled with random keys.

@@ -10,20 +10,68 @@ rows, then prompt chunks within the token budget); the runner (m3jax.runner) com
 the paged cache and samples; the scheduler appends the tokens, applies the stop rules and retires finished
 requests. Continuous batching, chunked prefill mixed with decode, per-data-shard page pools: see those modules.
 A step that raises fails the requests it held (finish_reason "error", pages freed) and re-raises, so the engine
-stays usable; `cancel(request_id)` drops a request at any time.
+stays usable; a request whose logits turn non-finite (NaN / inf) fails alone (finish_reason "error", the error
+names it) and the others go on; `cancel(request_id)` drops a request at any time.
+
+Compiled programs: an Engine runs a fixed set of step programs (`Engine.programs`, len(row_buckets) + 1, 3 by
+default; see m3jax.runner); `warmup()` compiles them up front (generate() does it once per engine). JAX's
+persistent compilation cache is turned on at construction (`compile_cache`, `configure_compile_cache`), so a
+new process loads them from disk instead of compiling.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Iterator, Sequence
 
+import jax
+
 from m3jax import cache as cache_lib
-from m3jax.runner import Runner, trace_count  # noqa: F401  (trace_count: re-exported for tests and benchmarks)
+from m3jax.runner import (DEFAULT_ROW_LEN, NonFinite, Runner, StepProgram,  # noqa: F401
+                          trace_count)  # trace_count: re-exported for tests and benchmarks
 from m3jax.sampling import SamplingParams
-from m3jax.scheduler import (FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, GenerationResult,  # noqa: F401
+from m3jax.scheduler import (FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Batch, GenerationResult,  # noqa: F401
                              PageAllocator, Scheduler, StepOutput)
 from m3jax.sharding import DATA
+
+log = logging.getLogger(__name__)
+COMPILE_CACHE_ENV = "M3JAX_COMPILE_CACHE"
+_OFF = ("", "0", "off", "false", "no")
+
+
+def default_compile_cache_dir() -> str:
+    """~/.cache/m3jax/jax_cache (under $XDG_CACHE_HOME when it is set)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "m3jax", "jax_cache")
+
+
+def configure_compile_cache(setting: str | bool | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache; returns the directory in use (None: off).
+
+    setting: a directory; True or None: $M3JAX_COMPILE_CACHE if set (a directory, or 0 / off to turn it off),
+    else default_compile_cache_dir(); False: leave it off. A directory already set in jax.config (by the user,
+    or by an earlier Engine) is kept as it is, whatever the setting: it is process-wide, so it is set once.
+    JAX only stores programs that took longer than jax_persistent_cache_min_compile_time_secs (1 s by default)
+    to compile: the step programs of a real model do; tiny test models may not.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    if setting is False:
+        return None
+    if setting is None or setting is True:
+        env = os.environ.get(COMPILE_CACHE_ENV)
+        if env is not None and env.strip().lower() in _OFF:
+            return None
+        setting = env or default_compile_cache_dir()
+    if not isinstance(setting, (str, os.PathLike)):
+        raise ValueError(f"Engine: compile_cache must be a directory, True, False or None, got {setting!r}")
+    path = os.path.abspath(os.path.expanduser(os.fspath(setting)))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    log.info("JAX persistent compilation cache: %s", path)
+    return path
 
 
 def checkpoint_tokenizer(model):
@@ -42,24 +90,28 @@ class Engine:
     at once. max_seq_len: prompt + generated tokens per request. num_pages: pages per layer (page 0 is the sink) in
     each data shard's pool; None sizes the pool from free device memory (`memory_fraction` of it), at most enough
     for the shard's share of max_batch_size full-length requests. max_tokens_per_step: token budget of one step
-    (decode rows + prefill chunk tokens). prefill_chunk: longest prompt chunk of one request in a step. tokenizer:
+    (max_batch_size decode rows + the rest for prompt chunks, rounded up to whole prefill rows; fixed, so that
+    the step has one shape). prefill_chunk: longest prompt chunk of one request in a step. tokenizer:
     for string prompts, stop strings and text; defaults to the checkpoint's (model.checkpoint_dir). mesh: the
     device mesh, which must be the one the model was placed on (default: model.mesh); K/V pools split on their head
     axis over "model" and one pool per "data" shard (see cache.init_cache); the model's parameters are placed by
-    m3jax.load / m3jax.params. row_buckets / len_buckets: the padded batch sizes / prefill chunk lengths to compile
-    for (default: powers of two up to max_batch_size / prefill_chunk; with D data shards, row buckets count the
-    rows of all shards and are rounded up to multiples of D); each (decode rows, prefill rows x length)
-    combination compiles once. layer_loop: "scan" | "split" | None (the backend's choice; see m3jax.runner).
+    m3jax.load / m3jax.params. row_buckets: the padded decode batch sizes (default: min(8, max_batch_size) and
+    max_batch_size; with D data shards they count the rows of all shards and are rounded up to multiples of D).
+    prefill_row_len: tokens per row of the prefill group (default 64; see m3jax.runner). The step programs are
+    one per decode bucket plus one mixed decode + prefill program (`programs`). layer_loop: "scan" | "split" |
+    None (the backend's choice; see m3jax.runner). compile_cache: JAX's persistent compilation cache directory;
+    None (default): $M3JAX_COMPILE_CACHE or ~/.cache/m3jax/jax_cache; False: off; a directory already set in
+    jax.config is kept (see configure_compile_cache). The directory in use is `compile_cache_dir`.
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 8192, mesh=None, *,
                  num_pages: int | None = None, max_tokens_per_step: int | None = None,
                  prefill_chunk: int = 512, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
-                 row_buckets: Sequence[int] | None = None, len_buckets: Sequence[int] | None = None,
-                 layer_loop: str | None = None):
+                 row_buckets: Sequence[int] | None = None, prefill_row_len: int = DEFAULT_ROW_LEN,
+                 layer_loop: str | None = None, compile_cache: str | bool | None = None):
         cfg = model.config
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
-                        ("prefill_chunk", prefill_chunk)):
+                        ("prefill_chunk", prefill_chunk), ("prefill_row_len", prefill_row_len)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"Engine: {name} must be a positive integer, got {v!r}")
         if max_seq_len > cfg.max_position_embeddings:
@@ -79,16 +131,20 @@ class Engine:
             want = -(-max_batch_size // data_shards) * cache_lib.max_blocks(max_seq_len, page_size) + 1
             num_pages = cache_lib.num_pages_for_memory(cfg, model.dtype, max_pages=want,
                                                        memory_fraction=memory_fraction, mesh=self.mesh)
-        self.runner = Runner(model, num_pages=num_pages, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                             prefill_chunk=prefill_chunk, mesh=self.mesh, row_buckets=row_buckets,
-                             len_buckets=len_buckets, layer_loop=layer_loop)
+        self.compile_cache_dir = configure_compile_cache(compile_cache)
         self.scheduler = Scheduler(vocab_size=cfg.vocab_size, eos_ids=cfg.eos_token_id,
                                    max_batch_size=max_batch_size, max_seq_len=max_seq_len, page_size=page_size,
                                    num_pages=num_pages, data_shards=data_shards,
                                    max_tokens_per_step=max_tokens_per_step, prefill_chunk=prefill_chunk,
+                                   prefill_row_len=prefill_row_len,
                                    tokenizer=tokenizer if tokenizer is not None else checkpoint_tokenizer(model),
                                    seed=seed)
+        self.runner = Runner(model, num_pages=num_pages, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                             prefill_rows=self.scheduler.prefill_rows_per_shard,
+                             row_len=self.scheduler.prefill_row_len, mesh=self.mesh, row_buckets=row_buckets,
+                             layer_loop=layer_loop)
         self.num_pages = num_pages
+        self.warmed_up = False
 
     # ------------------------------------------------------------------------------------------ settings
     max_batch_size = property(lambda self: self.scheduler.max_batch_size)
@@ -102,6 +158,7 @@ class Engine:
     allocators = property(lambda self: self.scheduler.allocators)
     num_steps = property(lambda self: self.runner.num_steps)
     layer_loop = property(lambda self: self.runner.layer_loop)
+    programs = property(lambda self: self.runner.programs)
 
     @property
     def eos_ids(self) -> frozenset:
@@ -171,6 +228,22 @@ class Engine:
         return self.scheduler.results.pop(request_id, None)
 
     # ------------------------------------------------------------------------------------------ steps
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every step program now (`programs`; from the persistent cache when it has them), each run
+        once on padding only, so that no later step compiles. progress: a tqdm bar."""
+        if self.warmed_up:
+            return
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(self.programs), desc="compile", unit="program")
+        try:
+            self.runner.warmup(None if bar is None else (lambda program: bar.update(1)))
+        finally:
+            if bar is not None:
+                bar.close()
+        self.warmed_up = True
+
     def step(self) -> list[StepOutput]:
         """Schedule, run one jitted step, sample, and retire finished requests."""
         batch = self.scheduler.schedule()
@@ -182,7 +255,21 @@ class Engine:
             # The step's requests cannot continue (their cache state is unknown): fail them, free their pages.
             self.scheduler.fail([r.request_id for r in batch.rows], f"step failed: {type(e).__name__}: {e}")
             raise
-        return self.scheduler.complete(batch, sampled)
+        bad = [(row, s) for row, s in zip(batch.rows, sampled) if isinstance(s, NonFinite)]
+        if not bad:
+            return self.scheduler.complete(batch, sampled)
+        # Non-finite logits: those requests fail (sampling them would emit garbage), the rest of the step stands.
+        failed = {row.request_id for row, _ in bad}
+        keep = lambda rows: tuple(r for r in rows if r.request_id not in failed)      # noqa: E731
+        outputs = self.scheduler.complete(Batch(keep(batch.decode), keep(batch.prefill)),
+                                          [s for row, s in zip(batch.rows, sampled) if row.request_id not in failed])
+        for row, _ in bad:
+            where = (f"computing positions {row.start}..{row.start + len(row.tokens) - 1}" if len(row.tokens) > 1
+                     else f"at position {row.start}")
+            result = self.scheduler.fail([row.request_id], f"request {row.request_id!r}: the model produced "
+                                         f"non-finite logits (NaN or inf) {where}; generation stopped")[0]
+            outputs.append(StepOutput(row.request_id, [], True, result))
+        return outputs
 
     def run(self) -> dict[Any, GenerationResult]:
         """Step until every queued request has finished; returns (and forgets) all finished results."""
@@ -232,12 +319,14 @@ def generate(model_or_engine, prompts: Sequence, sampling: SamplingParams | Sequ
         if len(params) != len(prompts):
             raise ValueError(f"sampling: got {len(params)} SamplingParams for {len(prompts)} prompts")
     prepared = [engine.prepare(p, s, i, chat) for i, (p, s) in enumerate(zip(prompts, params))]   # all first
+    show = bool(progress or (progress is None and len(prompts) >= 8))
+    engine.warmup(progress=show)          # once per engine: every step program, before any request runs
     ids = {}
     for i, (tok, s) in enumerate(prepared):
         cb = None if on_token is None else (lambda _rid, t, i=i: on_token(i, t))
         ids[engine.add_request(tok, s, on_token=cb)] = i
     bar = None
-    if progress or (progress is None and len(prompts) >= 8):
+    if show:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(prompts), desc="generate", unit="req")
     results: list[GenerationResult | None] = [None] * len(prompts)

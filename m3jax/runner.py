@@ -1,18 +1,38 @@
-"""The device side of generation: the model's state, the paged cache, and one jitted program per step shape.
+"""The device side of generation: the model's state, the paged cache, and a small fixed set of jitted step programs.
 
 `Runner.execute(batch)` takes the rows the scheduler chose (m3jax.scheduler.Batch: per row the tokens to compute,
 their first position, the request's page table, its data shard and sampling parameters), lays them out as step
 inputs, runs the cached forward (m3jax.model.cached.forward_cached) that writes the new keys into the donated
-cache, and samples the next token of every row that asks for one. It is the seam for anything that wants to run
-rows without the scheduler (benchmarks/generate.py fills the cache and times decode steps this way).
+cache, checks that every row's logits are finite, and samples the next token of every row that asks for one. It is
+the seam for anything that wants to run rows without the scheduler (benchmarks/generate.py fills the cache and
+times decode steps this way).
 
-Layout: the decode rows form one group [B, 1] and the prefill rows one group [B, T]; rows are laid out shard by
-shard ([D, rows per shard]) so that every data shard computes only its requests, over its own pages. Shapes are
-bucketed (rows and chunk lengths to powers of two, capped by max_batch_size / prefill_chunk), so a steady stream
-of decode steps reuses one compiled program per batch bucket. The layout is private to this module: a flat
-ragged token batch (one program per token budget) can replace it without touching the scheduler or the engine,
-and the shapes the current layout can produce are row_buckets x len_buckets (decode, prefill or both), which a
-warmup can compile up front.
+Step layout: two fixed rectangles, laid out shard by shard ([D, rows per shard]) so that every data shard computes
+only its requests, over its own pages:
+  - the decode group [rows, 1]: one token per decoding request, rows padded to a decode bucket
+    (`row_buckets`, default {min(8, max_batch_size), max_batch_size});
+  - the prefill group [prefill rows, row_len]: a flat token budget (the scheduler's per-shard prefill budget,
+    max_tokens_per_step - max_batch_size in total) cut into rows of `row_len` tokens. A prompt chunk of n tokens
+    takes ceil(n / row_len) consecutive rows, each with the request's page table and its own positions.
+The programs (`Runner.programs`) are: decode only, one per decode bucket, and one mixed program (the largest decode
+bucket + the prefill group; a step with prompt chunks but no decode rows runs it with an all-padding decode group).
+So an Engine compiles len(row_buckets) + 1 <= 3 step programs by default, whatever the mix of prompt lengths and
+batch sizes (before, rows and chunk lengths were bucketed separately per group: on the tiny CPU workload of
+tests/test_compile_bound.py that was 15 programs, now 3).
+
+Why rows of `row_len` tokens rather than one [1, N] row per token or [rows, prefill_chunk] rectangles: a chunk
+split into rows is exact (every row of the group writes its keys before any row attends, so a later row of the
+same chunk sees the earlier ones through the cache, causally by position), and the kernels' work does not
+depend on how a request's queries are split into rows as long as a row is at least one kernel tile: the GPU dense
+and indexer kernels tile each row by TQ = 128 / G_padded tokens (8 for M3: 16 query heads per KV group) and walk
+the history per tile; the sparse kernel runs per token, and its KV-block-major schedule is chosen from the total
+number of queries (pallas_kernels/gpu/attention.py). Per token rows ([N, 1]) would instead give every token its own
+page-table row and decode-style programs; [rows, prefill_chunk] rectangles pad every short prompt to the chunk
+length. row_len = 64 (DEFAULT_ROW_LEN) wastes < 64 tokens per prompt (the last chunk's last row) and lets up to
+8 prompts share a step of the default 512-token prefill budget. The reference (CPU) kernels gather a row's whole
+page table once per row, so very short rows cost more there; CPU measurement in the report of issue 22. Not
+measured on the GPU yet. The dense layers' `contiguous_chunks` path is not used: its promise holds row by row
+(consecutive positions, then padding) but it has not been checked with a chunk spread over several rows.
 
 Layer loop (`layer_loop`): "scan" runs each LayerStack's layers as a `lax.scan` over the stacked weights; "split"
 keeps one copy of each layer's weights (made once, 2x weight memory while the runner lives) and loops over them in
@@ -28,7 +48,8 @@ CPU and TPU nothing was measured that favours it. "split" stays for measuring (b
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+import dataclasses
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +64,7 @@ from m3jax.scheduler import Batch, Row
 from m3jax.sharding import DATA
 
 LAYER_LOOPS = ("scan", "split")
+DEFAULT_ROW_LEN = 64                 # tokens per prefill row (see the module docstring)
 _TRACES = collections.Counter()      # step-program shape -> number of times it was traced (= compiled)
 
 
@@ -61,7 +83,8 @@ def _step_impl(graphdef, state, layer_states, cache, groups, logits_at):
     _TRACES[tuple(tuple(g.tokens.shape) for g in groups)] += 1
     model = nnx.merge(graphdef, state)
     logits, cache = forward_cached(model, cache, groups, logits_at, layer_states=layer_states)
-    return jnp.concatenate(logits, axis=0), cache
+    logits = jnp.concatenate(logits, axis=0)
+    return logits, jnp.isfinite(logits).all(axis=-1), cache
 
 
 _step_donating = jax.jit(_step_impl, static_argnums=0, donate_argnums=3)
@@ -84,6 +107,11 @@ def _bucket(n: int, sizes: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
 
+def default_row_buckets(max_batch_size: int) -> list[int]:
+    """Decode buckets: a small one (few requests decode with little padding) and the full batch."""
+    return sorted({min(8, max_batch_size), max_batch_size})
+
+
 def _check_buckets(name, given, limit, default) -> list[int]:
     if given is None:
         return default
@@ -93,18 +121,53 @@ def _check_buckets(name, given, limit, default) -> list[int]:
     return b
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One row of a step group: tokens [offset, offset + length) of a scheduled Row (a decode row is one slot;
+    a prompt chunk is cut into slots of at most row_len tokens)."""
+
+    row: Row
+    offset: int
+    length: int
+
+    @property
+    def last(self) -> bool:
+        return self.offset + self.length == len(self.row.tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """The shape of one compiled step: decode rows and prefill rows per data shard (0: no such group)."""
+
+    decode_rows: int
+    prefill_rows: int
+    row_len: int
+
+    def __str__(self) -> str:
+        parts = [f"decode {self.decode_rows}"] * bool(self.decode_rows)
+        parts += [f"prefill {self.prefill_rows}x{self.row_len}"] * bool(self.prefill_rows)
+        return " + ".join(parts) + " rows/shard"
+
+
+@dataclasses.dataclass(frozen=True)
+class NonFinite:
+    """Returned by Runner.execute, in place of a sample, for a row whose logits hold NaN or inf."""
+
+    request_id: object
+
+
 class Runner:
-    """Model state + cache + the jitted step (see the module docstring).
+    """Model state + cache + the jitted step programs (see the module docstring).
 
     model: an M3ForCausalLM, already placed on `mesh` (its kernel choice is read once, from the model). num_pages:
-    pages per layer in each data shard's pool. max_batch_size / max_seq_len / prefill_chunk bound the shapes.
-    row_buckets / len_buckets: the padded batch sizes (all shards' rows) / prefill chunk lengths to compile for.
+    pages per layer in each data shard's pool. max_batch_size / max_seq_len bound the shapes. row_buckets: the
+    padded decode batch sizes (all shards' rows). prefill_rows / row_len: the prefill group, rows per data shard
+    and tokens per row (the scheduler's prefill budget, m3jax.scheduler.Scheduler.prefill_rows_per_shard).
     layer_loop: "scan" | "split" | None (the backend's choice, `default_layer_loop`).
     """
 
-    def __init__(self, model, *, num_pages: int, max_batch_size: int, max_seq_len: int, prefill_chunk: int,
-                 mesh=None, row_buckets: Sequence[int] | None = None, len_buckets: Sequence[int] | None = None,
-                 layer_loop: str | None = None):
+    def __init__(self, model, *, num_pages: int, max_batch_size: int, max_seq_len: int, prefill_rows: int,
+                 row_len: int, mesh=None, row_buckets: Sequence[int] | None = None, layer_loop: str | None = None):
         self.model = model
         self.mesh = mesh
         self.data_shards = 1 if mesh is None else mesh.shape[DATA]
@@ -119,29 +182,54 @@ class Runner:
         # CPU ignores donation (and warns); elsewhere the cache is updated in place.
         self._step_fn = _step_plain if backend == "cpu" else _step_donating
         self._rows_sharding = None if mesh is None else NamedSharding(mesh, P(DATA))
-        total = _check_buckets("row_buckets", row_buckets, max_batch_size, buckets(max_batch_size))
+        total = _check_buckets("row_buckets", row_buckets, max_batch_size, default_row_buckets(max_batch_size))
         self.row_buckets = sorted({-(-b // self.data_shards) for b in total})     # rows per data shard
-        self.len_buckets = _check_buckets("len_buckets", len_buckets, prefill_chunk,
-                                          buckets(prefill_chunk, min(16, prefill_chunk)))
+        self.prefill_rows, self.row_len = prefill_rows, row_len
         self.num_steps = 0
 
-    def _group(self, rows: Sequence[Row], t_bucket: int):
-        """(StepGroup, logits index per row, the Row at each batch position or None for padding)."""
-        per_shard = [[r for r in rows if r.shard == d] for d in range(self.data_shards)]
-        b = _bucket(max(map(len, per_shard)), self.row_buckets)
-        layout: list[Row | None] = [None] * (b * self.data_shards)
-        for d, shard_rows in enumerate(per_shard):
-            layout[d * b:d * b + len(shard_rows)] = shard_rows
-        tokens = np.zeros((len(layout), t_bucket), np.int32)
-        q_pos = np.full((len(layout), t_bucket), -1, np.int32)
+    @property
+    def programs(self) -> list[StepProgram]:
+        """Every step shape this runner can run (warmup compiles them all)."""
+        decode = [StepProgram(b, 0, self.row_len) for b in self.row_buckets]
+        return decode + [StepProgram(self.row_buckets[-1], self.prefill_rows, self.row_len)]
+
+    def program_for(self, batch: Batch) -> StepProgram:
+        shards = range(self.data_shards)
+        decode = max(sum(r.shard == d for r in batch.decode) for d in shards)
+        tiles = max(sum(-(-len(r.tokens) // self.row_len) for r in batch.prefill if r.shard == d) for d in shards)
+        if tiles > self.prefill_rows:
+            raise ValueError(f"step: prompt chunks need {tiles} rows of {self.row_len} tokens in one data shard, "
+                             f"the prefill group has {self.prefill_rows} (the scheduler's budget was exceeded)")
+        if not batch.prefill:
+            return StepProgram(_bucket(decode, self.row_buckets), 0, self.row_len)
+        return StepProgram(self.row_buckets[-1], self.prefill_rows, self.row_len)
+
+    def _slots(self, batch: Batch, program: StepProgram) -> list[tuple[list[list[Slot]], int, int]]:
+        """Per group of the program: (slots of each data shard, rows per shard, tokens per row)."""
+        shards = range(self.data_shards)
+        groups = [([[Slot(r, 0, 1) for r in batch.decode if r.shard == d] for d in shards], program.decode_rows, 1)]
+        if program.prefill_rows:
+            per_shard = [[Slot(r, o, min(self.row_len, len(r.tokens) - o))
+                          for r in batch.prefill if r.shard == d for o in range(0, len(r.tokens), self.row_len)]
+                         for d in shards]
+            groups.append((per_shard, program.prefill_rows, self.row_len))
+        return groups
+
+    def _group(self, per_shard: list[list[Slot]], rows: int, width: int):
+        """(StepGroup, logits index per row, the Slot at each batch position or None for padding)."""
+        layout: list[Slot | None] = [None] * (rows * self.data_shards)
+        for d, slots in enumerate(per_shard):
+            layout[d * rows:d * rows + len(slots)] = slots
+        tokens = np.zeros((len(layout), width), np.int32)
+        q_pos = np.full((len(layout), width), -1, np.int32)
         table = np.zeros((len(layout), self.max_blocks), np.int32)
         last = np.zeros((len(layout),), np.int32)
-        for i, r in enumerate(layout):
-            if r is None:
+        for i, s in enumerate(layout):
+            if s is None:
                 continue
-            n = len(r.tokens)
-            tokens[i, :n] = r.tokens
-            q_pos[i, :n] = np.arange(r.start, r.start + n)
+            r, n = s.row, s.length
+            tokens[i, :n] = r.tokens[s.offset:s.offset + n]
+            q_pos[i, :n] = np.arange(r.start + s.offset, r.start + s.offset + n)
             table[i, :len(r.pages)] = r.pages
             last[i] = n - 1
         group = StepGroup(tokens, q_pos, table)
@@ -149,36 +237,54 @@ class Runner:
             group, last = jax.device_put((group, last), self._rows_sharding)
         return group, last, layout
 
-    def execute(self, batch: Batch) -> list[tuple[int, float | None] | None]:
-        """Compute the batch's rows; returns, per row of batch.rows, (sampled token, its logprob or None) for rows
-        with `sample`, else None."""
+    def _run(self, batch: Batch, program: StepProgram):
         groups, logits_at, layout = [], [], []
-        for rows, t_bucket in ((batch.decode, 1),
-                               (batch.prefill, _bucket(max((len(r.tokens) for r in batch.prefill), default=1),
-                                                       self.len_buckets))):
-            if not rows:
-                continue
-            g, last, lay = self._group(rows, t_bucket)
+        for per_shard, rows, width in self._slots(batch, program):
+            g, last, lay = self._group(per_shard, rows, width)
             groups.append(g)
             logits_at.append(last)
             layout.extend(lay)
-        if not groups:
+        logits, finite, self.cache = self._step_fn(self._graphdef, self._state, self._layer_states, self.cache,
+                                                   tuple(groups), tuple(logits_at))
+        return logits, finite, layout
+
+    def execute(self, batch: Batch) -> list[tuple[int, float | None] | NonFinite | None]:
+        """Compute the batch's rows; returns, per row of batch.rows, (sampled token, its logprob or None) for rows
+        with `sample`, NonFinite for a row whose logits are not all finite (nothing is sampled for it), else
+        None."""
+        if not batch.rows:
             return []
-        logits, self.cache = self._step_fn(self._graphdef, self._state, self._layer_states, self.cache,
-                                           tuple(groups), tuple(logits_at))
+        logits, finite, layout = self._run(batch, self.program_for(batch))
         self.num_steps += 1
-        out: dict[int, tuple[int, float | None]] = {}
-        want = [i for i, r in enumerate(layout) if r is not None and r.sample]
+        finite = np.asarray(finite)
+        bad = {id(s.row) for i, s in enumerate(layout) if s is not None and not finite[i]}
+        out: dict[int, tuple[int, float | None] | NonFinite] = {id(r): NonFinite(r.request_id)
+                                                               for r in batch.rows if id(r) in bad}
+        want = [i for i, s in enumerate(layout) if s is not None and s.last and s.row.sample and id(s.row) not in bad]
         if want:
-            params = [r.params if r is not None else SamplingParams() for r in layout]
-            seeds = [r.seed if r is not None else 0 for r in layout]
-            counters = [r.num_generated if r is not None else 0 for r in layout]
-            sb = SamplingBatch.from_params(params, seeds, counters, len(layout))
-            chosen = [layout[i] for i in want]
-            tokens, lps = sample(logits, sb, all_greedy=all(r.params.temperature == 0 for r in chosen),
-                                 want_logprobs=any(r.params.logprobs for r in chosen))
-            tokens = np.asarray(tokens)
-            lps = None if lps is None else np.asarray(lps)
+            chosen = [layout[i].row for i in want]
+            tokens, lps = self._sample(logits, layout, all(r.params.temperature == 0 for r in chosen),
+                                       any(r.params.logprobs for r in chosen))
             for i in want:
-                out[id(layout[i])] = (int(tokens[i]), None if lps is None else float(lps[i]))
+                out[id(layout[i].row)] = (int(tokens[i]), None if lps is None else float(lps[i]))
         return [out.get(id(r)) for r in batch.rows]
+
+    @staticmethod
+    def _sample(logits, layout: list[Slot | None], all_greedy: bool, want_logprobs: bool):
+        rows = [s.row if s is not None and s.last else None for s in layout]
+        params = [r.params if r is not None else SamplingParams() for r in rows]
+        seeds = [r.seed if r is not None else 0 for r in rows]
+        counters = [r.num_generated if r is not None else 0 for r in rows]
+        sb = SamplingBatch.from_params(params, seeds, counters, len(rows))
+        tokens, lps = sample(logits, sb, all_greedy=all_greedy, want_logprobs=want_logprobs)
+        return np.asarray(tokens), None if lps is None else np.asarray(lps)
+
+    def warmup(self, on_program: Callable[[StepProgram], None] | None = None) -> None:
+        """Compile (and run once, on padding only: keys go to the sink page) every step program, with the greedy
+        and the sampling sampler of its logits shape. on_program(program) is called after each."""
+        for program in self.programs:
+            logits, _, layout = self._run(Batch(), program)
+            for greedy in (True, False):
+                self._sample(logits, layout, greedy, False)
+            if on_program is not None:
+                on_program(program)

@@ -6,8 +6,11 @@ Once per step (`Scheduler.schedule`):
      max_new_tokens, capped at max_seq_len) can be reserved; otherwise they wait in the queue. Reserving up front
      means a running request can never run out of pages mid-generation.
   2. Every request whose prompt is done decodes one token (the decode rows).
-  3. The remaining token budget (`max_tokens_per_step` minus the decode rows) goes to prompt chunks of at most
-     `prefill_chunk` tokens, oldest request first (the prefill rows).
+  3. The prefill budget goes to prompt chunks of at most `prefill_chunk` tokens, oldest request first (the
+     prefill rows). The budget is fixed, so that the runner's prefill group has one shape: each data shard has
+     `prefill_rows_per_shard` rows of `prefill_row_len` tokens (together max_tokens_per_step - max_batch_size
+     tokens, rounded up to whole rows), and a chunk of n tokens takes ceil(n / prefill_row_len) of its shard's
+     rows (m3jax.runner lays it out that way).
 Then `Scheduler.complete` takes the sampled tokens, applies the stop rules and retires finished requests.
 
 On a mesh with "data" = D > 1 each data shard owns a page pool and its own `PageAllocator`; a request is admitted
@@ -223,7 +226,7 @@ class Scheduler:
 
     def __init__(self, *, vocab_size: int, eos_ids, max_batch_size: int, max_seq_len: int, page_size: int,
                  num_pages: int, data_shards: int = 1, max_tokens_per_step: int, prefill_chunk: int,
-                 tokenizer=None, seed: int = 0):
+                 prefill_row_len: int = 1, tokenizer=None, seed: int = 0):
         self.vocab_size = vocab_size
         self.eos_ids = frozenset(eos_ids)
         self.max_batch_size = max_batch_size
@@ -233,6 +236,13 @@ class Scheduler:
         self.rows_per_shard = -(-max_batch_size // data_shards)
         self.max_tokens_per_step = max_tokens_per_step
         self.prefill_chunk = prefill_chunk
+        # The prefill budget of each data shard, in whole rows (see the module docstring).
+        per_shard = -(-(max_tokens_per_step - max_batch_size) // data_shards)
+        if per_shard < 1 or prefill_row_len < 1:
+            raise ValueError(f"Engine: max_tokens_per_step ({max_tokens_per_step}) must exceed max_batch_size "
+                             f"({max_batch_size}) and prefill_row_len ({prefill_row_len}) must be positive")
+        self.prefill_row_len = min(prefill_row_len, per_shard)
+        self.prefill_rows_per_shard = -(-per_shard // self.prefill_row_len)
         self.tokenizer = tokenizer
         self.seed = seed
         self.allocators = [PageAllocator(num_pages) for _ in range(data_shards)]
@@ -339,13 +349,14 @@ class Scheduler:
         if not self.running:
             return None
         decode = [r for r in self.running if r.pending == 1]
-        budget = self.max_tokens_per_step - len(decode)
+        width = self.prefill_row_len
+        budget = [self.prefill_rows_per_shard * width] * self.data_shards      # tokens, whole rows
         chunks = []
         for r in self.running:
-            if r.pending > 1 and budget > 0 and len(chunks) < self.max_batch_size:
-                n = min(r.pending, self.prefill_chunk, budget)
+            if r.pending > 1 and budget[r.shard] > 0:
+                n = min(r.pending, self.prefill_chunk, budget[r.shard])
                 chunks.append((r, n))
-                budget -= n
+                budget[r.shard] -= -(-n // width) * width
         pages = lambda r: self.allocators[r.shard].pages(r.id)     # noqa: E731
         return Batch(tuple(Row.of(r, 1, pages(r)) for r in decode),
                      tuple(Row.of(r, n, pages(r)) for r, n in chunks))

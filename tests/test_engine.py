@@ -21,7 +21,7 @@ from m3jax.tokenizer import M3Tokenizer, write_byte_level_tokenizer
 
 MAX_LEN = 64
 ENGINE_KW = dict(max_batch_size=8, max_seq_len=MAX_LEN, num_pages=40, prefill_chunk=16, max_tokens_per_step=24,
-                 row_buckets=(8,), len_buckets=(16,))
+                 row_buckets=(8,), prefill_row_len=8)
 
 
 @pytest.fixture(scope="module")
@@ -248,22 +248,26 @@ def test_a_failing_step_leaves_the_engine_usable(model, no_cache_greedy):
 
 
 def test_scheduler_rows_budget_and_shards_host_only():
-    """The scheduler alone (no device): prompt chunks share the token budget oldest first, requests go to the
-    least-loaded data shard, a row samples exactly when it completes its request's pending tokens."""
+    """The scheduler alone (no device): prompt chunks share each data shard's prefill budget (whole rows of
+    prefill_row_len tokens) oldest first, requests go to the least-loaded data shard, a row samples exactly when
+    it completes its request's pending tokens."""
     from m3jax.scheduler import Scheduler
     s = Scheduler(vocab_size=300, eos_ids=[299], max_batch_size=4, max_seq_len=64, page_size=8, num_pages=40,
-                  data_shards=2, max_tokens_per_step=20, prefill_chunk=16)
+                  data_shards=2, max_tokens_per_step=28, prefill_chunk=16, prefill_row_len=4)
+    assert (s.prefill_row_len, s.prefill_rows_per_shard) == (4, 3)           # (28 - 4) / 2 = 12 tokens a shard
     sp = m3jax.SamplingParams(max_new_tokens=4)
-    a, b = s.add(list(range(1, 31)), sp), s.add(list(range(1, 11)), sp)
+    a, b, c = s.add(list(range(1, 31)), sp), s.add(list(range(1, 11)), sp), s.add(list(range(1, 7)), sp)
     rows = lambda batch: [(r.request_id, len(r.tokens), r.start, r.shard, r.sample) for r in batch.rows]  # noqa
     first = s.schedule()
-    assert first.decode == () and rows(first) == [(a, 16, 0, 0, False), (b, 4, 0, 1, False)]
+    # a: shard 0's 12 tokens; b: 10 tokens = 3 rows of 4, all of shard 1's rows, so c (also shard 1) waits.
+    assert first.decode == () and rows(first) == [(a, 12, 0, 0, False), (b, 10, 0, 1, True)]
     assert first.prefill[0].pages == (1, 2, 3, 4, 5) and first.prefill[1].pages == (1, 2)   # 34 and 14 tokens
-    assert s.complete(first, [None, None]) == []
+    out = s.complete(first, [None, (7, None)])
+    assert [(o.request_id, o.new_token_ids, o.finished) for o in out] == [(b, [7], False)]
     second = s.schedule()
-    assert rows(second) == [(a, 14, 16, 0, True), (b, 6, 4, 1, True)]
-    out = s.complete(second, [(7, None), (299, None)])                  # b samples eos: finished
-    assert [(o.request_id, o.new_token_ids, o.finished) for o in out] == [(a, [7], False), (b, [299], True)]
-    assert s.results[b].finish_reason == "stop" and s.allocators[1].num_free == s.allocators[1].capacity
+    assert rows(second) == [(b, 1, 10, 1, True), (a, 12, 12, 0, False), (c, 6, 0, 1, True)]
+    out = s.complete(second, [(299, None), None, (5, None)])             # b samples eos: finished
+    assert [(o.request_id, o.new_token_ids, o.finished) for o in out] == [(b, [299], True), (c, [5], False)]
+    assert s.results[b].finish_reason == "stop" and s.allocators[1].pages(c) == [3, 4]
     third = s.schedule()
-    assert rows(third) == [(a, 1, 30, 0, True)] and third.prefill == ()
+    assert rows(third) == [(c, 1, 6, 1, True), (a, 6, 24, 0, True)]

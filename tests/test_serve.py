@@ -31,9 +31,9 @@ from m3jax.serve.text import StreamText, Utf8HoldbackDecoder  # noqa: E402
 from m3jax.tokenizer import M3Tokenizer  # noqa: E402
 
 MODEL = "tiny"
-# One engine geometry: 8 rows, prompt chunks of 128 (3 compiled step programs: decode, prefill, mixed).
+# One engine geometry: 8 rows, prompt chunks of 128 (2 compiled step programs: decode, decode + prefill).
 ENGINE_KW = dict(max_batch_size=8, max_seq_len=2048, prefill_chunk=128, max_tokens_per_step=136, num_pages=600,
-                 row_buckets=(8,), len_buckets=(128,))
+                 row_buckets=(8,))
 
 
 @pytest.fixture(scope="module")

@@ -271,3 +271,26 @@ def test_scheduler_rows_budget_and_shards_host_only():
     assert s.results[b].finish_reason == "stop" and s.allocators[1].pages(c) == [3, 4]
     third = s.schedule()
     assert rows(third) == [(c, 1, 6, 1, True), (a, 6, 24, 0, True)]
+
+def test_non_finite_logits_fail_only_their_request(model, no_cache_greedy):
+    """NaN embedding rows for two token ids: a prompt holding one fails during its prefill, a request that
+    generates the other fails at the decode step that embeds it (its earlier tokens kept); the rest of the batch
+    is exact, nothing is sampled from NaN logits, and the engine goes on over the pages they held."""
+    from flax import nnx
+    ps = prompts([12, 30, 20, 25], seed=20)
+    refs = [no_cache_greedy(p, 10) for p in ps]
+    in_prompt, generated = 300, refs[3][2]          # 300: outside the prompts' ids; request 3's third token
+    clean = [ps[0], refs[0], ps[2], refs[2], ps[3], refs[3][:2]]
+    assert not any(t in seq for seq in clean for t in (in_prompt, generated)), "pick other seeds"
+    bad = nnx.clone(model)
+    bad.embed_vd[...] = bad.embed_vd[...].at[np.array([in_prompt, generated])].set(np.nan)
+    eng = engine(bad)
+    poisoned = ps[1][:20] + [in_prompt] + ps[1][21:]           # in its second prompt chunk
+    res = m3jax.generate(eng, [ps[0], poisoned, ps[2], ps[3]], GREEDY)
+    assert [r.finish_reason for r in res] == ["length", "error", "length", "error"], [r.error for r in res]
+    assert "request 1:" in res[1].error and "non-finite logits" in res[1].error and res[1].token_ids == []
+    assert "request 3:" in res[3].error and "position 27" in res[3].error and res[3].token_ids == refs[3][:3]
+    assert res[0].token_ids == refs[0] and res[2].token_ids == refs[2]
+    assert not eng.has_work() and eng.allocator.num_free == eng.allocator.capacity
+    p = prompts([40], seed=21)[0]
+    assert m3jax.generate(eng, [p], GREEDY)[0].token_ids == no_cache_greedy(p, 10)

@@ -1,0 +1,314 @@
+"""Offline batch generation as a user runs it: m3jax.generate on a list of prompts vs transformers==5.23.0.
+
+Model: the scaled M3 of benchmarks/generate.py (real widths and attention / MSA / MoE geometry, 3 dense + 3 MSA/MoE
+layers, --experts routed experts, random bf16 weights); --small: its tiny geometry (runs on CPU).
+
+Workload (fixed): for N in --prompts (64 and 256), N prompts of random token ids whose lengths are drawn
+log-uniformly from [100, 4000] tokens (numpy RandomState(0): lengths = round(exp(U(ln 100, ln 4000))), median
+about 630, mean about 1050), --new-tokens (256) greedy tokens each, eos ignored. --small: lengths in [10, 200], 8 new
+tokens, 8 and 16 prompts.
+
+Measured, one process per framework (`--part jax` / `--part torch`), JSON lines:
+  m3jax, per N (one Engine(max_batch_size=--max-batch-size), reused by the second call):
+    first_call_s: Engine construction + m3jax.generate (warmup compiles every step program, then the batch);
+    step_programs_compiled: traces of the step program in that call (m3jax.runner.trace_count), and
+    xla_compiles / compile_s: every XLA compilation of the process in that call and the seconds it took
+      (jax.monitoring "/jax/core/compile/backend_compile_duration"), persistent-cache hits separately;
+    then the same call again: wall time and prompt / generated / total tokens per second of wall time
+      (each count over the whole call: the throughputs of one offline batch, not separate phases).
+  m3jax, second process (spawned after the first N's calls, so the persistent compilation cache holds the
+    programs): the first call of the smallest N in a fresh process: ttft_s (Engine construction to the first
+    token of any request), first_call_s, its compiles and cache hits, and process_s (the script's start to the
+    first token, including imports and building the random model).
+  transformers: model.generate on sub-batches of --torch-batch prompts, left-padded, greedy, the same lengths
+    and new tokens (one warm-up sub-batch first). Sub-batches because the SDPA path materialises a
+    [batch, heads, T, T] mask (2 GB per 4K-token prompt); a sub-batch that runs out of memory is halved and retried,
+    and the size that ran is recorded.
+
+    python benchmarks/batch.py --part jax --out results.jsonl
+    python benchmarks/batch.py --part torch --out results.jsonl
+    python benchmarks/batch.py --part jax --small          # CPU check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.generate import LAYERS, geometry  # noqa: E402
+
+PROCESS_START = time.perf_counter()
+
+
+def emit(args, **row):
+    row.update(part=args.part, experts=geometry(args)["experts"], small=args.small)
+    line = json.dumps(row)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+
+
+def workload(args, n: int) -> list[list[int]]:
+    """The first n prompts of the workload (the module docstring): the N = 64 prompts are the first 64 of 256."""
+    import numpy as np
+    lo, hi = (10, 200) if args.small else (100, 4000)
+    rs = np.random.RandomState(0)
+    lengths = np.round(np.exp(rs.uniform(math.log(lo), math.log(hi), max(args.prompts)))).astype(int)[:n]
+    vocab = geometry(args)["vocab"]
+    return [rs.randint(1, vocab, int(s)).tolist() for s in lengths]
+
+
+# ------------------------------------------------------------------------------------------------ m3jax
+def jax_model(args):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from m3jax.config import M3Config, MSAConfig
+    from m3jax.model import M3ForCausalLM
+
+    g = geometry(args)
+    cfg = M3Config(vocab_size=g["vocab"], hidden_size=g["hidden"], num_hidden_layers=len(LAYERS),
+                   num_attention_heads=g["heads"], num_key_value_heads=g["kv"], head_dim=g["head_dim"],
+                   rotary_dim=g["rotary"], dense_intermediate_size=g["dense_width"],
+                   intermediate_size=g["expert_width"], shared_intermediate_size=g["expert_width"],
+                   num_local_experts=g["experts"], num_experts_per_tok=g["top_experts"],
+                   layer_types=tuple(a for a, _ in LAYERS), mlp_layer_types=tuple(m for _, m in LAYERS),
+                   msa=MSAConfig(num_index_heads=g["kv"], index_dim=g["index_dim"], block_size=g["block"],
+                                 topk_blocks=g["topk"]), eos_token_id=(0,), bos_token_id=None)
+    return nnx.jit(lambda: M3ForCausalLM(cfg, dtype=jnp.bfloat16, attn_impl=args.impl, rngs=nnx.Rngs(0)))()
+
+
+class CompileEvents:
+    """XLA compilations (count, seconds) and persistent-cache hits while active."""
+
+    def __init__(self):
+        import jax
+        self.jax, self.compiles, self.seconds, self.hits = jax, 0, 0.0, 0
+
+    def _duration(self, event, secs, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.compiles += 1
+            self.seconds += secs
+
+    def _event(self, event, **kw):
+        if event == "/jax/compilation_cache/cache_hits":
+            self.hits += 1
+
+    def __enter__(self):
+        self.jax.monitoring.register_event_duration_secs_listener(self._duration)
+        self.jax.monitoring.register_event_listener(self._event)
+        return self
+
+    def __exit__(self, *exc):
+        self.jax.monitoring.unregister_event_duration_listener(self._duration)
+        self.jax.monitoring.unregister_event_listener(self._event)
+
+
+def engine_kw(args) -> dict:
+    hi = 200 if args.small else 4000
+    kw = dict(max_batch_size=args.max_batch_size, max_seq_len=hi + args.new_tokens + 64)
+    if args.prefill_chunk:
+        kw["prefill_chunk"] = args.prefill_chunk
+    if args.max_tokens_per_step:
+        kw["max_tokens_per_step"] = args.max_tokens_per_step
+    return kw
+
+
+def first_call(args, model, prompts, sampling):
+    """Engine + m3jax.generate in a process that has not run this configuration: (engine, row fields)."""
+    import m3jax
+    from m3jax.runner import trace_count
+
+    first = []
+    traces = trace_count()
+    with CompileEvents() as ev:
+        t0 = time.perf_counter()
+        eng = m3jax.Engine(model, **engine_kw(args))
+        results = m3jax.generate(eng, prompts, sampling, progress=False,
+                                 on_token=lambda i, t: first or first.append(time.perf_counter()))
+        wall = time.perf_counter() - t0
+    bad = [r.error for r in results if r.finish_reason == "error"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests failed, e.g. {bad[0]}")
+    return eng, dict(first_call_s=wall, ttft_s=first[0] - t0, process_s=first[0] - PROCESS_START,
+                     step_programs=len(eng.programs),
+                     step_programs_compiled=trace_count() - traces, xla_compiles=ev.compiles,
+                     compile_s=ev.seconds, cache_hits=ev.hits, compile_cache_dir=eng.compile_cache_dir)
+
+
+def run_jax(args):
+    import jax
+
+    import m3jax
+
+    model = jax_model(args)
+    dev = jax.devices()[0]
+    sampling = m3jax.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    if args.ttft_child:                # the second process: only the first call of the smallest N
+        prompts = workload(args, min(args.prompts))
+        _, row = first_call(args, model, prompts, sampling)
+        print("TTFT " + json.dumps(row), flush=True)
+        return
+    emit(args, what="setup", device=str(getattr(dev, "device_kind", dev)), jax=jax.__version__,
+         impl=args.impl or "default", **engine_kw(args))
+    for n in args.prompts:
+        prompts = workload(args, n)
+        n_prompt, n_gen = sum(map(len, prompts)), n * args.new_tokens
+        try:
+            eng, row = first_call(args, model, prompts, sampling)
+            del row["process_s"]                  # meaningful in the second process only
+            t0, steps = time.perf_counter(), eng.num_steps
+            results = m3jax.generate(eng, prompts, sampling, progress=False)
+            wall = time.perf_counter() - t0
+            assert all(len(r.token_ids) == args.new_tokens for r in results)
+            emit(args, what="batch", prompts=n, prompt_tokens=n_prompt, new_tokens=args.new_tokens, **row,
+                 second_call_s=wall, prompt_tokens_per_s=n_prompt / wall, generated_tokens_per_s=n_gen / wall,
+                 total_tokens_per_s=(n_prompt + n_gen) / wall, steps=eng.num_steps - steps)
+            del eng
+        except Exception as e:          # noqa: BLE001 - record and go on to the next measurement
+            emit(args, what="batch", prompts=n, error=f"{type(e).__name__}: {str(e)[:300]}")
+    # A second process: the persistent compilation cache now holds the step programs.
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", "jax", "--ttft-child"] + child_args(args)
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    rows = [json.loads(line[5:]) for line in out.stdout.splitlines() if line.startswith("TTFT ")]
+    if out.returncode or not rows:
+        emit(args, what="second_process", error=f"exit {out.returncode}: {out.stderr[-300:]}")
+    else:
+        emit(args, what="second_process", prompts=min(args.prompts), wall_s=time.perf_counter() - t0, **rows[0])
+
+
+def child_args(args) -> list[str]:
+    out = ["--prompts", str(min(args.prompts)), "--new-tokens", str(args.new_tokens), "--experts",
+           str(args.experts), "--max-batch-size", str(args.max_batch_size)]
+    out += ["--small"] * args.small + (["--impl", args.impl] if args.impl else [])
+    for flag, v in (("--prefill-chunk", args.prefill_chunk), ("--max-tokens-per-step", args.max_tokens_per_step)):
+        if v:
+            out += [flag, str(v)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ torch
+def torch_model(args):
+    import torch
+    from transformers.models.minimax_m3_vl import configuration_minimax_m3_vl as hf_config
+    from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf_modeling
+
+    g = geometry(args)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    text = dict(
+        vocab_size=g["vocab"], hidden_size=g["hidden"], intermediate_size=g["expert_width"],
+        num_hidden_layers=len(LAYERS), num_attention_heads=g["heads"], num_key_value_heads=g["kv"],
+        head_dim=g["head_dim"], dense_intermediate_size=g["dense_width"], shared_intermediate_size=g["expert_width"],
+        num_local_experts=g["experts"], num_experts_per_tok=g["top_experts"], index_n_heads=g["kv"],
+        index_head_dim=g["index_dim"], index_block_size=g["block"], index_topk_blocks=g["topk"],
+        index_local_blocks=1, layer_types=[a for a, _ in LAYERS], mlp_layer_types=[m for _, m in LAYERS],
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                         "partial_rotary_factor": g["rotary"] / g["head_dim"]},
+        rotary_dim=g["rotary"], max_position_embeddings=1 << 20, bos_token_id=None, eos_token_id=0,
+        pad_token_id=0,
+    )
+    cfg = hf_config.MiniMaxM3VLTextConfig(**text)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = hf_modeling.MiniMaxM3VLForCausalLM(cfg)
+    model = model.to_empty(device=dev).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.normal_(0.0, 0.2) if p.ndim == 1 else p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.05)
+        rot = model.model.rotary_emb          # to_empty() left the RoPE buffers uninitialised
+        inv = 1.0 / (5e6 ** (torch.arange(0, g["rotary"], 2, dtype=torch.float32, device=dev) / g["rotary"]))
+        for attr in ("inv_freq", "original_inv_freq"):
+            if isinstance(getattr(rot, attr, None), torch.Tensor):
+                getattr(rot, attr).copy_(inv)
+    return model, dev
+
+
+def run_torch(args):
+    import torch
+    import transformers
+
+    model, dev = torch_model(args)
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    emit(args, what="setup", device=name, torch=torch.__version__, transformers=transformers.__version__,
+         attn="sdpa", torch_batch=args.torch_batch)
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def generate(prompts):
+        width = max(map(len, prompts))
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):                       # left padding
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+        assert out.shape[1] == width + args.new_tokens
+        return out
+
+    with torch.no_grad():
+        generate(workload(args, 1))                           # warm-up
+        sync()
+        for n in args.prompts:
+            prompts = workload(args, n)
+            n_prompt, n_gen = sum(map(len, prompts)), n * args.new_tokens
+            size, i, t0 = args.torch_batch, 0, time.perf_counter()
+            try:
+                while i < n:
+                    try:
+                        generate(prompts[i:i + size])
+                        sync()
+                        i += size
+                    except torch.OutOfMemoryError:
+                        if size == 1:
+                            raise
+                        size //= 2
+                        torch.cuda.empty_cache() if dev == "cuda" else None
+                wall = time.perf_counter() - t0
+                emit(args, what="batch", prompts=n, prompt_tokens=n_prompt, new_tokens=args.new_tokens,
+                     torch_batch=size, wall_s=wall, prompt_tokens_per_s=n_prompt / wall,
+                     generated_tokens_per_s=n_gen / wall, total_tokens_per_s=(n_prompt + n_gen) / wall)
+            except torch.OutOfMemoryError as e:
+                emit(args, what="batch", prompts=n, error=f"OOM at sub-batch 1: {str(e)[:120]}")
+            torch.cuda.empty_cache() if dev == "cuda" else None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("jax", "torch"), required=True)
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--small", action="store_true", help="tiny geometry and workload (CPU check of the script)")
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--impl", default=None, help="m3jax attention impl (default: the backend's kernels)")
+    ap.add_argument("--prompts", type=int, nargs="+", default=None, help="batch sizes N (default 64 256)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 256 (--small: 8)")
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="m3jax Engine option (default: its own)")
+    ap.add_argument("--max-tokens-per-step", type=int, default=None, help="m3jax Engine option")
+    ap.add_argument("--torch-batch", type=int, default=16, help="transformers: prompts per generate call")
+    ap.add_argument("--ttft-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.prompts is None:
+        args.prompts = [8, 16] if args.small else [64, 256]
+    if args.new_tokens is None:
+        args.new_tokens = 8 if args.small else 256
+    (run_jax if args.part == "jax" else run_torch)(args)
+
+
+if __name__ == "__main__":
+    main()

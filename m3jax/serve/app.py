@@ -7,6 +7,8 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 error JSON naming the field: 400 bad field or a prompt longer than max_seq_len, 404 unknown model or path, 503
 queue full or a failed engine. A client that disconnects cancels its requests (see worker.py for what that frees).
 Each request logs one line: id, prompt / completion / cached tokens, time to first token, total time.
+`usage.prompt_tokens_details.cached_tokens` counts the prompt tokens the engine took from its prefix cache
+(GenerationResult.num_cached_tokens; once per prompt, from its first choice).
 """
 
 from __future__ import annotations

@@ -219,7 +219,7 @@ class PageAllocator:
         """Append pages that are held or cached (e.g. a cached prefix) to owner's list: one more reference each."""
         for p in pages:
             if self._refs.get(p, 0) < 1 and p not in self._key_of:
-                raise ValueError(f"page {p} is neither held nor cached; only those can be shared")
+                raise ValueError(f"page {p} is not held and not cached; only held or cached pages can be shared")
         for p in pages:
             if p in self._free:
                 del self._free[p]

@@ -60,7 +60,7 @@ def test_allocator_cache_refcounts_and_lru_eviction():
     a.share("v", a.lookup(ks))                             # a cached free page is revived by sharing
     assert a.num_free == 0 and [a.refcount(q) for q in p[:2]] == [1, 1]
     assert not a.can_allocate(1) and a.can_allocate(0, p[:2])
-    with pytest.raises(ValueError, match="neither held nor cached"):
+    with pytest.raises(ValueError, match="not held and not cached"):
         PageAllocator(3).share("u", [1])
     a.check()
     a.release("v")

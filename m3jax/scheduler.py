@@ -24,7 +24,9 @@ block's end. A new request looks up the keys of its prompt's full blocks, shares
 computed (there must be logits to sample from), so a request never writes into a page it shares: no copy on
 write. A page whose last reference goes stays cached on the free list, least recently used first in line to be
 handed out again (evicted); uncached free pages go before any cached one. A hit counts only on the data shard that
-holds the pages: a request admitted to another shard computes its whole prompt.
+holds the pages: a request admitted to another shard computes its whole prompt. Keys see token ids only: a request
+whose keys depend on more (image or video features behind placeholder tokens) must put that content's hash in
+`Request.cache_salt`, which starts its chain.
 """
 
 from __future__ import annotations

@@ -478,6 +478,10 @@ def test_serve_cli_builds_the_app(ckpt):
                                                 "--max-batch-size", "2", "--served-model-name", "m3-test"]))
     assert name == "m3-test" and app.state.server.cfg.model_name == "m3-test"
     assert app.state.server.cfg.max_seq_len == 64 and app.state.worker.engine.max_batch_size == 2
+    assert app.state.worker.engine.enable_prefix_caching
+    app, _ = build_app(_parser().parse_args(["--model", ckpt, "--dtype", "float32", "--max-seq-len", "64",
+                                             "--no-prefix-caching"]))
+    assert not app.state.worker.engine.enable_prefix_caching
 
 
 class _FailingEngine:

@@ -179,6 +179,7 @@ def test_eviction_under_page_pressure_keeps_outputs_exact(model, reference):
 
 
 @pytest.mark.slow
+@pytest.mark.multi_device
 def test_data_shards_hit_only_where_the_pages_are(model, reference):
     """2x1 mesh, one row per data shard: the second copy of a prompt finds shard 0 (which holds its blocks)
     busy, runs on shard 1 and computes everything; both equal the reference."""

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -159,6 +160,8 @@ def _optimizer(tcfg: TrainConfig, paths) -> optax.GradientTransformation:
 
 
 def learning_rate_schedule(tcfg: TrainConfig):
+    if tcfg.warmup_steps == 0:
+        return optax.cosine_decay_schedule(tcfg.lr, max(tcfg.steps, 1), alpha=tcfg.min_lr_ratio)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=tcfg.lr, warmup_steps=tcfg.warmup_steps,
         decay_steps=max(tcfg.steps, tcfg.warmup_steps + 1), end_value=tcfg.lr * tcfg.min_lr_ratio)
@@ -189,7 +192,7 @@ class Trainer:
         self.paths = [_dotted(p) for p, _ in leaves]
         self.tx = _optimizer(tcfg, self.paths)
         self.schedule = learning_rate_schedule(tcfg)
-        self._steps: dict[bool, Callable] = {}
+        self._steps: dict = {}              # compiled functions by (kind, sparse)
         self.state_shardings = None
 
     # Model <-> params ------------------------------------------------------------------------------
@@ -213,7 +216,8 @@ class Trainer:
     def init_state(self) -> dict:
         """Fresh parameters (the model's own initialisation, seed `tcfg.seed`), optimizer state and step 0,
         placed on the mesh when there is one."""
-        return jax.jit(self._init, out_shardings=self._state_shardings())()
+        state = self._init()                 # eagerly: compiling the initialisation costs more than running it
+        return state if self.mesh is None else jax.device_put(state, self._state_shardings())
 
     def abstract_state(self):
         """ShapeDtypeStructs (with shardings on a mesh) of the state: the restore target."""
@@ -249,12 +253,28 @@ class Trainer:
         lm = losses.lm_loss(out.logits, targets)
         return lm + self.tcfg.kl_weight * out.kl, (lm, out.kl, out.expert_load)
 
+    def _grads(self, params, tokens, *, sparse: bool):
+        return jax.grad(self._loss, has_aux=True)(params, tokens[:, :-1], tokens[:, 1:], sparse)
+
+    def loss_and_grads(self, params, tokens, *, sparse: bool):
+        """(f32 gradients of the training loss by parameter path, (lm loss, indexer KL, expert loads)) on int32
+        tokens [batch, seq_len + 1]; jitted (with the state's shardings on a mesh). What the step applies."""
+        key = ("grads", sparse)
+        if key not in self._steps:
+            fn = functools.partial(self._grads, sparse=sparse)
+            if self.mesh is None:
+                self._steps[key] = jax.jit(fn)
+            else:
+                sh = self._state_shardings()["params"]
+                self._steps[key] = jax.jit(fn, in_shardings=(sh, NamedSharding(self.mesh, P(sharding.DATA, None))),
+                                           out_shardings=(sh, NamedSharding(self.mesh, P())))
+        return self._steps[key](params, jnp.asarray(tokens, jnp.int32))
+
     def _step_fn(self, sparse: bool):
         tcfg = self.tcfg
 
         def step(state, tokens):
-            inputs, targets = tokens[:, :-1], tokens[:, 1:]
-            grads, (lm, kl, loads) = jax.grad(self._loss, has_aux=True)(state["params"], inputs, targets, sparse)
+            grads, (lm, kl, loads) = self._grads(state["params"], tokens, sparse=sparse)
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             imbalance = []
@@ -264,7 +284,7 @@ class Trainer:
                 path = f"stacks.{i}.layers.ffn.{_ROUTER_BIAS}"
                 params[path] = update_router_bias(params[path], load, tcfg.router_bias_rate)
                 imbalance.append(load.max(-1) / load.mean(-1))
-            metrics = {"loss": lm, "indexer_kl": kl, "grad_norm": optax.global_norm(grads),
+            metrics = {"loss": lm, "indexer_kl": kl, "grad_norm": optax.tree.norm(grads),
                        "lr": self.schedule(state["step"]),
                        "max_expert_load": jnp.concatenate(imbalance).mean() if imbalance else jnp.zeros((), f32)}
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
@@ -284,9 +304,9 @@ class Trainer:
         if tokens.shape != want:
             raise ValueError(f"tokens must be [batch_size, seq_len + 1] = {list(want)}, got {list(tokens.shape)}")
         sparse = self.tcfg.sparse_at(int(state["step"]))
-        if sparse not in self._steps:
-            self._steps[sparse] = self._step_fn(sparse)
-        return self._steps[sparse](state, jnp.asarray(tokens, jnp.int32))
+        if ("step", sparse) not in self._steps:
+            self._steps[("step", sparse)] = self._step_fn(sparse)
+        return self._steps[("step", sparse)](state, jnp.asarray(tokens, jnp.int32))
 
 
 class Checkpoints:

@@ -104,7 +104,7 @@ def model_config(name: str, vocab_size: int) -> M3Config:
            quarter of the blocks at 2K tokens and an eighth at 4K (the bundled-model target of issue 18).
     """
     if name == "tiny":
-        return M3Config.tiny(vocab_size=vocab_size)
+        return M3Config.tiny(vocab_size=vocab_size, eos_token_id=(0,))     # id 0: <|endoftext|> (training.data)
     if name == "small":
         n = 8
         return M3Config(

@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
                    help="BPE vocabulary to train (default 512 for tiny, 8192 for small); a token file's id range")
     p.add_argument("--heldout-fraction", type=float, default=0.05,
                    help="share of the corpus files held out for evaluation (default 0.05)")
+    p.add_argument("--suffixes", default=None,
+                   help="comma-separated file suffixes read from a --data directory (default: common text/code)")
     p.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 2x4 (default: one device)")
     p.add_argument("--resume", action="store_true", help="continue OUT from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,8 +67,12 @@ def _prepare_data(args, out: str) -> tuple[str, int, dict]:
             raise ValueError(f"token file {args.data} holds id {top - 1}, outside --vocab-size {vocab}")
         return os.path.abspath(args.data), vocab or top, {"token_file": os.path.abspath(args.data)}
     vocab = args.vocab_size or DEFAULT_VOCAB.get(args.config, DEFAULT_VOCAB["small"])
+    suffixes = data.DEFAULT_SUFFIXES if args.suffixes is None else tuple(
+        x.strip() for x in args.suffixes.split(",") if x.strip())
+    if not suffixes:
+        raise ValueError(f"--suffixes {args.suffixes!r} names no suffix")
     manifest = data.prepare_corpus(args.data, os.path.join(out, "data"), vocab_size=vocab,
-                                   heldout_fraction=args.heldout_fraction)
+                                   heldout_fraction=args.heldout_fraction, suffixes=suffixes)
     return (os.path.join(out, "data", "tokens.npy"), manifest["vocab_size"],
             {"corpus": manifest["source"], "dir": os.path.join(out, "data"),
              "train_files": len(manifest["train_files"]), "heldout_files": len(manifest["heldout_files"])})

@@ -73,8 +73,8 @@ def _prepare_data(args, out: str) -> tuple[str, int, dict]:
         raise ValueError(f"--suffixes {args.suffixes!r} names no suffix")
     manifest = data.prepare_corpus(args.data, os.path.join(out, "data"), vocab_size=vocab,
                                    heldout_fraction=args.heldout_fraction, suffixes=suffixes)
-    return (os.path.join(out, "data", "tokens.npy"), manifest["vocab_size"],
-            {"corpus": manifest["source"], "dir": os.path.join(out, "data"),
+    return (os.path.abspath(os.path.join(out, "data", "tokens.npy")), manifest["vocab_size"],
+            {"corpus": manifest["source"], "dir": os.path.abspath(os.path.join(out, "data")),
              "train_files": len(manifest["train_files"]), "heldout_files": len(manifest["heldout_files"])})
 
 
@@ -136,7 +136,9 @@ def run_training(args) -> str:
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start = 0
     if args.resume:
-        start = T.Checkpoints(ckpt_dir).latest_step() or 0
+        ckpts = T.Checkpoints(ckpt_dir)
+        start = ckpts.latest_step() or 0
+        ckpts.close()
     state, history = T.train(trainer, loader, checkpoint_dir=ckpt_dir, resume=args.resume,
                              progress=not args.no_progress)
     T.write_metrics(metrics_path, history, after_step=start)

@@ -99,8 +99,8 @@ class TrainConfig:
 def model_config(name: str, vocab_size: int) -> M3Config:
     """A named training preset with the tokenizer's vocabulary, or a config.json path (its vocab must fit).
 
-    tiny:  ~0.1M parameters, blocks of 8, top-3: CPU tests and notebooks.
-    small: ~47M parameters (1 dense + 7 MSA/MoE layers, 8 experts top-2), blocks of 64, top-8: MSA keeps a
+    tiny:  0.24M parameters at vocab 512, blocks of 8, top-3: CPU tests and notebooks.
+    small: 55.4M parameters at vocab 8192 (1 dense + 7 MSA/MoE layers, 8 experts top-2), blocks of 64, top-8: MSA keeps a
            quarter of the blocks at 2K tokens and an eighth at 4K (the bundled-model target of issue 18).
     """
     if name == "tiny":

@@ -154,7 +154,7 @@ def test_tokenizer_and_loader_are_deterministic(tmp_path):
     m1 = data.prepare_corpus(str(src), str(tmp_path / "d1"), vocab_size=300, heldout_fraction=0.3)
     m2 = data.prepare_corpus(str(src), str(tmp_path / "d2"), vocab_size=300, heldout_fraction=0.3)
     assert open(tmp_path / "d1" / "tokenizer.json").read() == open(tmp_path / "d2" / "tokenizer.json").read()
-    t1, t2 = data.load_tokens(str(tmp_path / "d1" / "tokens.npy")), data.load_tokens(str(tmp_path / "d2" / "tokens.npy"))
+    t1, t2 = (data.load_tokens(str(tmp_path / d / "tokens.npy")) for d in ("d1", "d2"))
     assert np.array_equal(t1, t2) and t1.dtype == np.uint16
     assert m1["skipped_not_utf8"] == ["pkg/bin.py"]
     listed = sorted(f["path"] for f in m1["train_files"] + m1["heldout_files"])

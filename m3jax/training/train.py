@@ -100,8 +100,8 @@ def model_config(name: str, vocab_size: int) -> M3Config:
     """A named training preset with the tokenizer's vocabulary, or a config.json path (its vocab must fit).
 
     tiny:  0.24M parameters at vocab 512, blocks of 8, top-3: CPU tests and notebooks.
-    small: 55.4M parameters at vocab 8192 (1 dense + 7 MSA/MoE layers, 8 experts top-2), blocks of 64, top-8: MSA keeps a
-           quarter of the blocks at 2K tokens and an eighth at 4K (the bundled-model target of issue 18).
+    small: 55.4M parameters at vocab 8192 (1 dense + 7 MSA/MoE layers, 8 experts top-2), blocks of 64, top-8:
+           MSA keeps a quarter of the blocks at 2K tokens and an eighth at 4K (the bundled-model target of issue 18).
     """
     if name == "tiny":
         return M3Config.tiny(vocab_size=vocab_size, eos_token_id=(0,))     # id 0: <|endoftext|> (training.data)
@@ -183,7 +183,8 @@ class Trainer:
         self.cfg, self.tcfg = cfg, tcfg
         self.mesh = None if mesh is None else sharding.check_mesh(mesh)
         if self.mesh is not None and tcfg.batch_size % self.mesh.shape[sharding.DATA]:
-            raise ValueError(f"batch size {tcfg.batch_size} must be divisible by the mesh's data={self.mesh.shape['data']}")
+            raise ValueError(f"batch size {tcfg.batch_size} must be divisible by the mesh's "
+                             f"data={self.mesh.shape[sharding.DATA]}")
         # The reference implementations are differentiable XLA; the Pallas kernels have no VJP.
         abstract = nnx.eval_shape(lambda: M3ForCausalLM(cfg, dtype=f32, attn_impl="reference", mesh=self.mesh,
                                                         rngs=nnx.Rngs(0)))

@@ -102,13 +102,17 @@ class Engine:
     None (the backend's choice; see m3jax.runner). compile_cache: JAX's persistent compilation cache directory;
     None (default): $M3JAX_COMPILE_CACHE or ~/.cache/m3jax/jax_cache; False: off; a directory already set in
     jax.config is kept (see configure_compile_cache). The directory in use is `compile_cache_dir`.
+    enable_prefix_caching: a request reuses the cached K, V and index-K pages of every full block of its prompt
+    that an earlier request computed on the same data shard (m3jax.scheduler); outputs are those without a hit, and
+    GenerationResult.num_cached_tokens says how many prompt tokens were not computed.
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 8192, mesh=None, *,
                  num_pages: int | None = None, max_tokens_per_step: int | None = None,
                  prefill_chunk: int = 512, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
                  row_buckets: Sequence[int] | None = None, prefill_row_len: int = DEFAULT_ROW_LEN,
-                 layer_loop: str | None = None, compile_cache: str | bool | None = None):
+                 layer_loop: str | None = None, compile_cache: str | bool | None = None,
+                 enable_prefix_caching: bool = True):
         cfg = model.config
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                         ("prefill_chunk", prefill_chunk), ("prefill_row_len", prefill_row_len)):
@@ -138,7 +142,7 @@ class Engine:
                                    max_tokens_per_step=max_tokens_per_step, prefill_chunk=prefill_chunk,
                                    prefill_row_len=prefill_row_len,
                                    tokenizer=tokenizer if tokenizer is not None else checkpoint_tokenizer(model),
-                                   seed=seed)
+                                   seed=seed, enable_prefix_caching=enable_prefix_caching)
         self.runner = Runner(model, num_pages=num_pages, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                              prefill_rows=self.scheduler.prefill_rows_per_shard,
                              row_len=self.scheduler.prefill_row_len, mesh=self.mesh, row_buckets=row_buckets,
@@ -159,6 +163,7 @@ class Engine:
     num_steps = property(lambda self: self.runner.num_steps)
     layer_loop = property(lambda self: self.runner.layer_loop)
     programs = property(lambda self: self.runner.programs)
+    enable_prefix_caching = property(lambda self: self.scheduler.enable_prefix_caching)
 
     @property
     def eos_ids(self) -> frozenset:
@@ -215,6 +220,10 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix block (pages in use stay in use); returns how many blocks were cached."""
+        return self.scheduler.reset_prefix_cache()
 
     @property
     def num_waiting(self) -> int:

@@ -17,8 +17,10 @@ only its requests, over its own pages:
 The programs (`Runner.programs`) are: decode only, one per decode bucket, and one mixed program (the largest decode
 bucket + the prefill group; a step with prompt chunks but no decode rows runs it with an all-padding decode group).
 So an Engine compiles len(row_buckets) + 1 <= 3 step programs by default, whatever the mix of prompt lengths and
-batch sizes (before, rows and chunk lengths were bucketed separately per group: on the tiny CPU workload of
-tests/test_compile_bound.py that was 15 programs, now 3).
+batch sizes. Before, rows and chunk lengths were bucketed separately per group: measured on the 2-core CPU box
+(tiny model, 2026-11-30), the mixed workload of tests/test_compile_bound.py compiled 17 programs (now 3), and
+issue 22's 64 prompts of 50-1500 tokens with Engine(max_batch_size=64, max_seq_len=2048) 17 programs in a first
+call of 501 s (now 3 programs, 128 s; the box was shared, so the times are rough).
 
 Why rows of `row_len` tokens rather than one [1, N] row per token or [rows, prefill_chunk] rectangles: a chunk
 split into rows is exact (every row of the group writes its keys before any row attends, so a later row of the
@@ -30,8 +32,8 @@ number of queries (pallas_kernels/gpu/attention.py). Per token rows ([N, 1]) wou
 page-table row and decode-style programs; [rows, prefill_chunk] rectangles pad every short prompt to the chunk
 length. row_len = 64 (DEFAULT_ROW_LEN) wastes < 64 tokens per prompt (the last chunk's last row) and lets up to
 8 prompts share a step of the default 512-token prefill budget. The reference (CPU) kernels gather a row's whole
-page table once per row, so very short rows cost more there; CPU measurement in the report of issue 22. Not
-measured on the GPU yet. The dense layers' `contiguous_chunks` path is not used: its promise holds row by row
+page table once per row, so very short rows cost more there. row_len and the padded decode rows of the mixed
+program have not been swept on the GPU yet (issue 22 asks for that sweep). The dense layers' `contiguous_chunks` path is not used: its promise holds row by row
 (consecutive positions, then padding) but it has not been checked with a chunk spread over several rows.
 
 Layer loop (`layer_loop`): "scan" runs each LayerStack's layers as a `lax.scan` over the stacked weights; "split"

@@ -4,9 +4,10 @@ Model: the scaled M3 of benchmarks/generate.py (real widths and attention / MSA 
 layers, --experts routed experts, random bf16 weights); --small: its tiny geometry (runs on CPU).
 
 Workload (fixed): for N in --prompts (64 and 256), N prompts of random token ids whose lengths are drawn
-log-uniformly from [100, 4000] tokens (numpy RandomState(0): lengths = round(exp(U(ln 100, ln 4000))), median
-about 630, mean about 1050), --new-tokens (256) greedy tokens each, eos ignored. --small: lengths in [10, 200], 8 new
-tokens, 8 and 16 prompts.
+log-uniformly from [100, 4000] tokens (numpy RandomState(seed): lengths = round(exp(U(ln 100, ln 4000))), median
+about 630, mean about 1050), --new-tokens (256) greedy tokens each, eos ignored. m3jax's first call uses seed 0,
+the timed (second) call and transformers seed 1: fresh prompts, so that the prefix cache (on by default) has
+nothing to reuse. --small: lengths in [10, 200], 8 new tokens, 8 and 16 prompts.
 
 Measured, one process per framework (`--part jax` / `--part torch`), JSON lines:
   m3jax, per N (one Engine(max_batch_size=--max-batch-size), reused by the second call):
@@ -14,7 +15,7 @@ Measured, one process per framework (`--part jax` / `--part torch`), JSON lines:
     step_programs_compiled: traces of the step program in that call (m3jax.runner.trace_count), and
     xla_compiles / compile_s: every XLA compilation of the process in that call and the seconds it took
       (jax.monitoring "/jax/core/compile/backend_compile_duration"), persistent-cache hits separately;
-    then the same call again: wall time and prompt / generated / total tokens per second of wall time
+    then a second call (same N, fresh prompts): wall time and prompt / generated / total tokens per second of wall time
       (each count over the whole call: the throughputs of one offline batch, not separate phases).
   m3jax, second process (spawned after the first N's calls, so the persistent compilation cache holds the
     programs): the first call of the smallest N in a fresh process: ttft_s (Engine construction to the first
@@ -56,11 +57,11 @@ def emit(args, **row):
             f.write(line + "\n")
 
 
-def workload(args, n: int) -> list[list[int]]:
+def workload(args, n: int, seed: int = 0) -> list[list[int]]:
     """The first n prompts of the workload (the module docstring): the N = 64 prompts are the first 64 of 256."""
     import numpy as np
     lo, hi = (10, 200) if args.small else (100, 4000)
-    rs = np.random.RandomState(0)
+    rs = np.random.RandomState(seed)
     lengths = np.round(np.exp(rs.uniform(math.log(lo), math.log(hi), max(args.prompts)))).astype(int)[:n]
     vocab = geometry(args)["vocab"]
     return [rs.randint(1, vocab, int(s)).tolist() for s in lengths]
@@ -161,12 +162,15 @@ def run_jax(args):
          impl=args.impl or "default", **engine_kw(args))
     for n in args.prompts:
         prompts = workload(args, n)
-        n_prompt, n_gen = sum(map(len, prompts)), n * args.new_tokens
+        n_gen = n * args.new_tokens
         try:
             eng, row = first_call(args, model, prompts, sampling)
             del row["process_s"]                  # meaningful in the second process only
+            fresh = workload(args, n, seed=1)     # new prompts: no prefix-cache hit on the first call's
+            n_prompt = sum(map(len, fresh))       # the second call's (first call: first_call_prompt_tokens)
+            row["first_call_prompt_tokens"] = sum(map(len, prompts))
             t0, steps = time.perf_counter(), eng.num_steps
-            results = m3jax.generate(eng, prompts, sampling, progress=False)
+            results = m3jax.generate(eng, fresh, sampling, progress=False)
             wall = time.perf_counter() - t0
             assert all(len(r.token_ids) == args.new_tokens for r in results)
             emit(args, what="batch", prompts=n, prompt_tokens=n_prompt, new_tokens=args.new_tokens, **row,
@@ -265,7 +269,7 @@ def run_torch(args):
         generate(workload(args, 1))                           # warm-up
         sync()
         for n in args.prompts:
-            prompts = workload(args, n)
+            prompts = workload(args, n, seed=1)               # the prompts of m3jax's timed (second) call
             n_prompt, n_gen = sum(map(len, prompts)), n * args.new_tokens
             size, i, t0 = args.torch_batch, 0, time.perf_counter()
             try:

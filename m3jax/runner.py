@@ -33,8 +33,9 @@ page-table row and decode-style programs; [rows, prefill_chunk] rectangles pad e
 length. row_len = 64 (DEFAULT_ROW_LEN) wastes < 64 tokens per prompt (the last chunk's last row) and lets up to
 8 prompts share a step of the default 512-token prefill budget. The reference (CPU) kernels gather a row's whole
 page table once per row, so very short rows cost more there. row_len and the padded decode rows of the mixed
-program have not been swept on the GPU yet (issue 22 asks for that sweep). The dense layers' `contiguous_chunks` path is not used: its promise holds row by row
-(consecutive positions, then padding) but it has not been checked with a chunk spread over several rows.
+program have not been swept on the GPU yet (issue 22 asks for that sweep). The dense layers' `contiguous_chunks`
+path is not used: its promise holds row by row (consecutive positions, then padding) but it has not been checked
+with a chunk spread over several rows.
 
 Layer loop (`layer_loop`): "scan" runs each LayerStack's layers as a `lax.scan` over the stacked weights; "split"
 keeps one copy of each layer's weights (made once, 2x weight memory while the runner lives) and loops over them in

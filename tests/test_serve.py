@@ -38,7 +38,7 @@ ENGINE_KW = dict(max_batch_size=8, max_seq_len=2048, prefill_chunk=128, max_toke
 
 @pytest.fixture(scope="module")
 def ckpt():
-    from m3jax.testing import bundled_tiny_checkpoint
+    from m3jax.api import bundled_tiny_checkpoint
     return bundled_tiny_checkpoint()            # written once per machine (~/.cache/m3jax), shared with other tests
 
 

@@ -130,8 +130,13 @@ def bundled_tiny_checkpoint() -> str:
     release format under $M3JAX_CACHE or ~/.cache/m3jax on first use. `m3jax generate` uses it without --model."""
     from m3jax.testing import make_tiny_checkpoint
 
-    root = os.environ.get("M3JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "m3jax"))
-    path = os.path.join(root, "tiny-seed0-v2")           # v2: weights drawn with numpy (testing.random_params)
+    path = bundled_tiny_path()
     if not os.path.exists(os.path.join(path, "config.json")):
         make_tiny_checkpoint(path, seed=0)
     return path
+
+
+def bundled_tiny_path() -> str:
+    """Where bundled_tiny_checkpoint() keeps the demo model (it may not be written yet)."""
+    root = os.environ.get("M3JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "m3jax"))
+    return os.path.join(root, "tiny-seed0-v2")           # v2: weights drawn with numpy (testing.random_params)

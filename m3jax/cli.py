@@ -6,6 +6,7 @@ The command line sits above everything (engine, api, convert); nothing in m3jax 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -74,12 +75,19 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     try:
         import jax
 
-        from m3jax.api import bundled_tiny_checkpoint, load
+        from m3jax.api import bundled_tiny_checkpoint, bundled_tiny_path, load
         from m3jax.engine import Engine, generate
         from m3jax.sampling import SamplingParams
         from m3jax.sharding import parse_mesh
         from m3jax.tokenizer import IncrementalDecoder, M3Tokenizer
-        path = args.model or bundled_tiny_checkpoint()
+        if args.model is None:                           # say what runs: its text is noise, not a trained model's
+            path = bundled_tiny_path()
+            new = not os.path.exists(os.path.join(path, "config.json"))
+            bundled_tiny_checkpoint()
+            print(f"m3jax generate: no --model given: the bundled tiny random-weight test model (not trained: its "
+                  f"text is noise), {'written to' if new else 'read from'} {path}", file=sys.stderr)
+        else:
+            path = args.model
         mesh = parse_mesh(args.mesh) if args.mesh else None
         if mesh is not None and mesh.size < len(jax.devices()):
             print(f"m3jax generate: mesh {args.mesh} uses the first {mesh.size} of {len(jax.devices())} devices",

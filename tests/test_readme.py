@@ -109,7 +109,7 @@ def test_openai_client_block_runs_against_m3jax_serve(tmp_path):
     s.close()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "m3jax.cli", "serve", "--port", str(port), "--max-seq-len", "512"],
+    server = subprocess.Popen([sys.executable, "-m", "m3jax.cli", "serve", "--port", str(port)],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300

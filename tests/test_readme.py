@@ -55,7 +55,12 @@ def test_readme_has_the_blocks_this_test_runs():
     assert CLI_LINES and all(line.startswith(("m3jax generate", "m3jax make-tiny")) for line in CLI_LINES)
 
 
-@pytest.mark.parametrize("section,code", [pytest.param(s, c, marks=[pytest.mark.slow] if s != "Quick start" else [],
+def _marks(text: str, slow: bool) -> list:
+    """slow as asked; multi_device where the text builds a mesh of 8 devices (skipped where there are fewer)."""
+    return [pytest.mark.slow] * slow + [pytest.mark.multi_device] * bool(re.search(r"make_mesh\(|--mesh 2x4", text))
+
+
+@pytest.mark.parametrize("section,code", [pytest.param(s, c, marks=_marks(c, slow=s != "Quick start"),
                                                        id=s.split()[0].lower()) for s, c in LOCAL])
 def test_python_block_runs_as_pasted(section, code, tmp_path):
     r = _python(code, tmp_path)
@@ -86,8 +91,8 @@ def paths(tmp_path_factory):
             "DST": str(d / "dst")}
 
 
-@pytest.mark.parametrize("line", [pytest.param(line, id=f"line{i}", marks=[] if i == 0 or "make-tiny" in line
-                                               else [pytest.mark.slow]) for i, line in enumerate(CLI_LINES)])
+@pytest.mark.parametrize("line", [pytest.param(line, id=f"line{i}", marks=_marks(line, i > 0 and "make-tiny" not in line))
+                                  for i, line in enumerate(CLI_LINES)])
 def test_cli_line_runs_as_pasted(line, paths, tmp_path):
     args = _cli_args(line, paths)
     if "--max-new-tokens" not in args and "make-tiny" not in line:

@@ -49,6 +49,13 @@ def _convert(args) -> None:
     convert_main(args)
 
 
+def _say(note: str | None) -> None:
+    """A note on stderr after the output (so that a user error stays the one line on stderr)."""
+    if note:
+        sys.stdout.flush()
+        print(note, file=sys.stderr)
+
+
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """`m3jax generate`: returns the exit code. Errors print one line to stderr and return 2."""
     ap = argparse.ArgumentParser(prog="m3jax generate", description="Generate text with an M3 checkpoint.")
@@ -84,10 +91,10 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             path = bundled_tiny_path()
             new = not os.path.exists(os.path.join(path, "config.json"))
             bundled_tiny_checkpoint()
-            print(f"m3jax generate: no --model given: the bundled tiny random-weight test model (not trained: its "
-                  f"text is noise), {'written to' if new else 'read from'} {path}", file=sys.stderr)
+            note = (f"m3jax generate: no --model given: the text above came from the bundled tiny random-weight test "
+                    f"model (not trained: its text is noise), {'written to' if new else 'read from'} {path}")
         else:
-            path = args.model
+            path, note = args.model, None
         mesh = parse_mesh(args.mesh) if args.mesh else None
         if mesh is not None and mesh.size < len(jax.devices()):
             print(f"m3jax generate: mesh {args.mesh} uses the first {mesh.size} of {len(jax.devices())} devices",
@@ -109,6 +116,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.write(dec.push(t))
                 sys.stdout.flush()
             sys.stdout.write(dec.flush() + "\n")
+            _say(note)
             return 0
         for i, r in enumerate(generate(engine, args.prompt, params, chat=args.chat, progress=False)):
             if len(args.prompt) > 1:
@@ -116,6 +124,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             print(r.text)
             if args.ids:
                 print(f"token ids: {list(r.token_ids)} ({r.finish_reason})")
+        _say(note)
         return 0
     except USER_ERRORS as e:
         print(f"m3jax generate: error: {e}", file=sys.stderr)

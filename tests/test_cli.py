@@ -226,6 +226,8 @@ def test_generate_names_the_bundled_random_weight_model(tmp_path, monkeypatch, c
         assert cli.main(args) == 0
         err = capsys.readouterr().err
         assert "bundled tiny random-weight test model" in err and f"{how} {tmp_path / 'tiny-seed0-v2'}" in err
+    assert cli.main(args + ["--top-k", "385"]) == 2                     # an error stays one line: no note then
+    assert "<= the vocab size 384" in _one_line_error(capsys, "generate")
     assert "random-weight test model" in open(os.path.join(os.path.dirname(__file__), "..", "Makefile")).read()
 
 

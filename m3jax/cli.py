@@ -49,11 +49,11 @@ def _convert(args) -> None:
     convert_main(args)
 
 
-def _say(note: str | None) -> None:
-    """A note on stderr after the output (so that a user error stays the one line on stderr)."""
-    if note:
-        sys.stdout.flush()
-        print(note, file=sys.stderr)
+def _say(notes: list[str]) -> None:
+    """Notes on stderr after the output (so that a user error stays the one line on stderr)."""
+    sys.stdout.flush()
+    for note in notes:
+        print(f"m3jax generate: {note}", file=sys.stderr)
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
@@ -91,14 +91,13 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             path = bundled_tiny_path()
             new = not os.path.exists(os.path.join(path, "config.json"))
             bundled_tiny_checkpoint()
-            note = (f"m3jax generate: no --model given: the text above came from the bundled tiny random-weight test "
-                    f"model (not trained: its text is noise), {'written to' if new else 'read from'} {path}")
+            notes = [f"no --model given: the text above came from the bundled tiny random-weight test model (not "
+                     f"trained: its text is noise), {'written to' if new else 'read from'} {path}"]
         else:
-            path, note = args.model, None
+            path, notes = args.model, []
         mesh = parse_mesh(args.mesh) if args.mesh else None
         if mesh is not None and mesh.size < len(jax.devices()):
-            print(f"m3jax generate: mesh {args.mesh} uses the first {mesh.size} of {len(jax.devices())} devices",
-                  file=sys.stderr)
+            notes.append(f"mesh {args.mesh} used the first {mesh.size} of the {len(jax.devices())} devices")
         dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
         model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False,
                      fp8_experts=args.fp8_experts, verify=not args.no_verify)
@@ -109,14 +108,14 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
-                        prefill_chunk=max(1, min(512, max_seq_len)), mesh=mesh)
+                        prefill_chunk=min(512, max_seq_len), mesh=mesh)
         if args.stream and len(args.prompt) == 1:
             dec = IncrementalDecoder(tok)          # a character split over tokens is printed once complete
             for t in engine.stream(args.prompt[0], params, chat=args.chat, request_id="cli"):
                 sys.stdout.write(dec.push(t))
                 sys.stdout.flush()
             sys.stdout.write(dec.flush() + "\n")
-            _say(note)
+            _say(notes)
             return 0
         for i, r in enumerate(generate(engine, args.prompt, params, chat=args.chat, progress=False)):
             if len(args.prompt) > 1:
@@ -124,7 +123,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             print(r.text)
             if args.ids:
                 print(f"token ids: {list(r.token_ids)} ({r.finish_reason})")
-        _say(note)
+        _say(notes)
         return 0
     except USER_ERRORS as e:
         print(f"m3jax generate: error: {e}", file=sys.stderr)

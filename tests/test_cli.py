@@ -200,6 +200,8 @@ def test_generate_no_verify_and_a_sub_mesh(tmp_path, capsys):
     assert cli.main(args) == 2
     assert "does not match its checksum" in _one_line_error(capsys, "generate")
     assert cli.main(args + ["--no-verify", "--mesh", "1x1"]) == 0
+    if jax.device_count() > 1:                                            # says which devices ran it
+        assert f"mesh 1x1 used the first 1 of the {jax.device_count()} devices" in capsys.readouterr().err
 
 
 def test_serve_is_a_subcommand(tmp_path, capsys, monkeypatch):

@@ -25,6 +25,8 @@ from m3jax.scheduler import (FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Generatio
                              PageAllocator, Scheduler, StepOutput)
 from m3jax.sharding import DATA
 
+DEFAULT_MAX_SEQ_LEN = 8192
+
 
 def checkpoint_tokenizer(model):
     """The tokenizer of the checkpoint the model was loaded from (model.checkpoint_dir), or None."""
@@ -39,7 +41,8 @@ class Engine:
     """Continuous-batching generation over a paged KV + index-K cache. See the module docstring.
 
     model: an M3ForCausalLM (its attn_impl picks the attention and MoE kernels). max_batch_size: requests decoding
-    at once. max_seq_len: prompt + generated tokens per request. num_pages: pages per layer (page 0 is the sink) in
+    at once. max_seq_len: prompt + generated tokens per request (default: 8192, or the model's
+    max_position_embeddings if lower). num_pages: pages per layer (page 0 is the sink) in
     each data shard's pool; None sizes the pool from free device memory (`memory_fraction` of it), at most enough
     for the shard's share of max_batch_size full-length requests. max_tokens_per_step: token budget of one step
     (decode rows + prefill chunk tokens). prefill_chunk: longest prompt chunk of one request in a step. tokenizer:
@@ -55,12 +58,14 @@ class Engine:
     GenerationResult.num_cached_tokens says how many prompt tokens were not computed.
     """
 
-    def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 8192, mesh=None, *,
+    def __init__(self, model, max_batch_size: int = 8, max_seq_len: int | None = None, mesh=None, *,
                  num_pages: int | None = None, max_tokens_per_step: int | None = None,
                  prefill_chunk: int = 512, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
                  row_buckets: Sequence[int] | None = None, len_buckets: Sequence[int] | None = None,
                  layer_loop: str | None = None, enable_prefix_caching: bool = True):
         cfg = model.config
+        if max_seq_len is None:
+            max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                         ("prefill_chunk", prefill_chunk)):
             if not isinstance(v, int) or v < 1:

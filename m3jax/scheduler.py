@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from m3jax.cache import SINK_PAGE, OutOfPages, pages_per_sequence
-from m3jax.sampling import SamplingParams
+from m3jax.sampling import SamplingParams, _is_int
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 
@@ -342,10 +342,10 @@ class Scheduler:
                 prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
             ids = tok.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = [int(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else t for t in prompt]
-            bad = [t for t in ids if not isinstance(t, int)]
+            bad = [t for t in prompt if not _is_int(t)]          # True is not token id 1
             if bad:
                 raise ValueError(f"request {request}: prompt token ids must be ints, got {bad[0]!r}")
+            ids = [int(t) for t in prompt]
         else:
             raise ValueError(f"request {request}: prompt must be a str or a list of token ids, got "
                              f"{type(prompt).__name__}")

@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-prefix-caching", action="store_true",
                     help="compute every prompt in full (default: reuse the cached blocks of earlier prompts)")
     ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip the checksums of a converted checkpoint's pieces (faster load, corruption unnoticed)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap
 
@@ -39,7 +41,7 @@ def build_app(args):
     from m3jax.engine import Engine
     from m3jax.serve.app import create_app
     from m3jax.sharding import parse_mesh
-    from m3jax.testing import bundled_tiny_checkpoint
+    from m3jax.api import bundled_tiny_checkpoint
     from m3jax.tokenizer import M3Tokenizer
 
     for name in ("port", "max_batch_size", "prefill_chunk"):
@@ -49,9 +51,9 @@ def build_app(args):
     mesh = parse_mesh(args.mesh) if args.mesh else None
     dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
     model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False,
-                 fp8_experts=args.fp8_experts)
+                 fp8_experts=args.fp8_experts, verify=not args.no_verify)
     tok = M3Tokenizer.from_pretrained(path)
-    max_seq_len = args.max_seq_len or min(4096, model.config.max_position_embeddings)
+    max_seq_len = args.max_seq_len if args.max_seq_len is not None else min(4096, model.config.max_position_embeddings)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
                     prefill_chunk=min(args.prefill_chunk, max_seq_len), mesh=mesh,
                     enable_prefix_caching=not args.no_prefix_caching)

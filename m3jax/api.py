@@ -132,7 +132,20 @@ def bundled_tiny_checkpoint() -> str:
 
     path = bundled_tiny_path()
     if not os.path.exists(os.path.join(path, "config.json")):
-        make_tiny_checkpoint(path, seed=0)
+        # Several processes may ask at once (pytest workers, servers): each writes its own copy beside the cache
+        # dir and renames it into place; the first rename wins and the others drop theirs.
+        tmp = f"{path}.tmp-{os.getpid()}"
+        if os.path.exists(tmp):
+            import shutil
+            shutil.rmtree(tmp)
+        make_tiny_checkpoint(tmp, seed=0)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise
+            import shutil
+            shutil.rmtree(tmp)
     return path
 
 

@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     convert_arguments(sub.add_parser("convert", help="release safetensors -> Orbax checkpoint"))
     sub.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP server (needs `pip install m3jax[serve]`); "
                    "`m3jax serve -h` for options")
+    sub.add_parser("train", add_help=False, help="train an M3-architecture model with optax (LM + MSA indexer KL "
+                   "losses); `m3jax train -h` for options")
     t = sub.add_parser("make-tiny", help="write a tiny random-weight test checkpoint in the HF release format")
     t.add_argument("dst")
     t.add_argument("--overwrite", action="store_true",
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"pip install 'm3jax[serve]'", file=sys.stderr)
             return 2
         return serve_main(argv[1:])
+    if argv[:1] == ["train"]:                    # and the trainer (m3jax/training/cli.py)
+        from m3jax.training.cli import train_main
+        return train_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         {"convert": _convert, "make-tiny": _make_tiny}[args.command](args)

@@ -285,3 +285,12 @@ def test_load_records_the_checkpoint_and_the_engine_fits_the_model(tmp_path):
     eng = m3jax.Engine(model, max_batch_size=1, num_pages=8)
     assert eng.max_seq_len == model.config.max_position_embeddings == 4096 and eng.tokenizer is not None
     assert m3jax.Engine(model, max_batch_size=1, num_pages=8, max_seq_len=64).max_seq_len == 64
+
+
+def test_train_is_a_subcommand(tmp_path, capsys):
+    """`m3jax train` reaches the trainer's CLI: a missing corpus is one line and exit 2, and nothing is created."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(tmp_path / "no-such-corpus"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-corpus" in err[0], err
+    assert not out.exists()

@@ -8,7 +8,7 @@
 """
 
 from m3jax.vision.config import VisionConfig
-from m3jax.vision.merge import embed_with_vision, logits_from_embeddings, scatter_features
+from m3jax.vision.merge import embed_with_vision, scatter_features
 from m3jax.vision.model import VisionGrid, VisionModel, default_attn_impl
 from m3jax.vision.processor import (ImageInputError, ImageProcessor, VideoProcessor, VideoTiming, expand_prompt,
                                     smart_resize)
@@ -16,5 +16,5 @@ from m3jax.vision.weights import convert_tensor, expected_tensor_names, is_visio
 
 __all__ = ["VisionConfig", "VisionModel", "VisionGrid", "default_attn_impl", "ImageProcessor", "VideoProcessor",
            "VideoTiming", "ImageInputError", "expand_prompt", "smart_resize", "scatter_features",
-           "embed_with_vision", "logits_from_embeddings", "load_vision_params", "convert_tensor", "expected_tensor_names",
+           "embed_with_vision", "load_vision_params", "convert_tensor", "expected_tensor_names",
            "is_vision_tensor"]

@@ -71,6 +71,7 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
     model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in paths]))
     if (vision_cfg := VisionConfig.of_checkpoint(path)) is not None:     # a VL checkpoint: its vision tower too
         model.vision = loader.load_vision(path, vision_cfg, _dtype(dtype), mesh)
+    model.checkpoint_dir = path          # the Engine's default tokenizer and image processor come from it
     return model
 
 

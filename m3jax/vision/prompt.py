@@ -99,9 +99,13 @@ def prepare_prompt(prompt, *, tokenizer, vision_config, image_processor: ImagePr
     """Process, expand and tokenize a multimodal prompt (see the module docstring). Every error is a ValueError
     naming `request` (bad images: unreadable, zero-sized, wrong layout; markers and images in different numbers;
     placeholder tokens that do not match the features)."""
-    if isinstance(prompt, MultimodalPrompt):
-        return prompt
     what = f"request {request}"
+    if isinstance(prompt, MultimodalPrompt):
+        if prompt.has_pixels and vision_config is None:
+            raise ValueError(f"{what}: the prompt has images or videos but the model has no vision tower")
+        if vision_config is not None:
+            check_placeholders(prompt, vision_config, what)
+        return prompt
     if tokenizer is None:
         raise ValueError(f"{what}: a multimodal prompt needs a tokenizer (the checkpoint's tokenizer.json)")
     images, videos = [], []

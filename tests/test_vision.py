@@ -494,6 +494,22 @@ def test_engine_prompts_and_bad_images(tiny_vl, tmp_path):
         with pytest.raises(ValueError, match=f"request bad-.*{message}"):
             engine.add_request(prompt, request_id=f"bad-{message}", chat=isinstance(prompt, list))
     assert not engine.has_work()
-    rid = engine.add_request({"text": f"x{marker}y", "images": [image]}, m3jax.SamplingParams(max_new_tokens=2))
-    engine.run()
+    video = np.stack(vh.random_images(31, [(30, 40)] * 3))
+    prompt = {"text": f"x{processor.VIDEO_TOKEN}y{marker}", "images": [image], "videos": [video]}
+    mm, _ = engine.prepare(prompt)
+    cfg = model.vision.config
+    spans = mm.content_spans(cfg)
+    assert [mm.token_ids[s] for s, _, _ in spans] == [260, 259] and len({d for _, _, d in spans}) == 2
+    other, _ = engine.prepare({"text": prompt["text"], "images": [255 - image], "videos": [video]})
+    assert other.token_ids == mm.token_ids and other.content_spans(cfg)[1][2] != spans[1][2]
+    # the same image and video through the no-cache forward: the engine's tokens
+    ids = list(mm.token_ids)
+    with jax.default_matmul_precision("highest"):
+        for _ in range(2):
+            logits = model(np.asarray([ids]), pixel_values=mm.pixel_values, image_grid_thw=mm.image_grid_thw,
+                           pixel_values_videos=mm.pixel_values_videos, video_grid_thw=mm.video_grid_thw)
+            ids.append(int(np.argmax(logits[0, -1])))
+    rid = engine.add_request(prompt, m3jax.SamplingParams(max_new_tokens=2))
+    with jax.default_matmul_precision("highest"):
+        assert engine.run()[rid].token_ids == ids[len(mm.token_ids):]
     assert rid not in engine._pixels and not engine.has_work()

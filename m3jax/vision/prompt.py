@@ -40,6 +40,27 @@ class MultimodalPrompt:
     def has_pixels(self) -> bool:
         return self.pixel_values is not None or self.pixel_values_videos is not None
 
+    def content_spans(self, vision_config) -> list[tuple[int, int, str]]:
+        """(first position, end position, sha256 of the pixels and grid) of each image's and each video chunk's
+        run of placeholder tokens, in prompt order: what a prefix cache must mix into the key of every block
+        that overlaps the run, since the placeholder ids alone are the same for every image of a size."""
+        import hashlib
+
+        ids, m, spans = np.asarray(self.token_ids), vision_config.merge_window, []
+        for pv, grid, token in ((self.pixel_values, self.image_grid_thw, vision_config.image_token_index),
+                                (self.pixel_values_videos, self.video_grid_thw, vision_config.video_token_index)):
+            if pv is None:
+                continue
+            positions = np.flatnonzero(ids == token)
+            rows = np.concatenate([[0], np.cumsum(np.asarray(grid).prod(axis=1))])
+            tokens = rows // m
+            for k, g in enumerate(np.asarray(grid)):
+                digest = hashlib.sha256(np.asarray(g, np.int64).tobytes())
+                digest.update(np.ascontiguousarray(pv[rows[k]:rows[k + 1]]).tobytes())
+                run = positions[tokens[k]:tokens[k + 1]]
+                spans.append((int(run[0]), int(run[-1]) + 1, digest.hexdigest()))
+        return sorted(spans)
+
 
 def is_multimodal(prompt: Any) -> bool:
     """A `{"text", "images", "videos"}` dict, a list of chat messages, or an already prepared prompt."""

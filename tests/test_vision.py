@@ -445,6 +445,17 @@ def test_tiny_vl_checkpoint_loads_and_converts(tiny_vl, tmp_path):
     for name, w in weights.release_tensors(model.vision):
         np.testing.assert_array_equal(w, stored[name], err_msg=name)
     assert ImageProcessor.from_pretrained(path).max_pixels == 16 * 28 * 28
+    # on a mesh: the tower is replicated and the forward with an image is the single-device one
+    mesh = m3jax.sharding.make_mesh(data=2, model=2, devices=jax.devices()[:4])
+    sharded = m3jax.load(path, dtype="float32", mesh=mesh, progress=False)
+    w = sharded.vision.tower.encoder.layers.q_dnh[...]
+    assert w.sharding.is_fully_replicated and len(w.sharding.device_set) == 4
+    px = ImageProcessor.from_pretrained(path)(vh.random_images(40, [(50, 60)]))
+    ids = np.asarray([[1, 261] + [259] * (int(px["image_grid_thw"].prod()) // 4) + [262, 7, 8]])
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(sharded(ids, pixel_values=px["pixel_values"],
+                                                      image_grid_thw=px["image_grid_thw"])),
+                                   np.asarray(model(ids, **px)), atol=1e-5)
     conv = orbax_io.convert(path, str(tmp_path / "conv"), "float32", progress=False)["dst"]
     again = m3jax.load(conv, dtype="bfloat16", progress=False)
     assert again.vision.dtype == jnp.bfloat16
@@ -513,3 +524,21 @@ def test_engine_prompts_and_bad_images(tiny_vl, tmp_path):
     with jax.default_matmul_precision("highest"):
         assert engine.run()[rid].token_ids == ids[len(mm.token_ids):]
     assert rid not in engine._pixels and not engine.has_work()
+
+
+@pytest.mark.slow
+def test_vision_benchmark_small(tmp_path, monkeypatch):
+    """benchmarks/vision.py --small (float32, CPU): runs, and m3jax's features equal transformers'."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_vision", os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "vision.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["vision.py", "--small", "--dtype", "float32", "--out", str(tmp_path)])
+    bench.main()
+    with open(tmp_path / "vision.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["impl"] for r in rows] == ["transformers (sdpa)", "m3jax xla", "m3jax reference"]
+    assert all(r["ms"] > 0 and r["err"] <= FEATURE_TOL for r in rows[1:]), rows

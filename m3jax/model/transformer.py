@@ -104,16 +104,19 @@ class M3ForCausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         return h.astype(self.dtype), jnp.asarray(positions, jnp.int32)
 
-    def trace(self, input_ids=None, positions=None, *, inputs_embeds=None, **vision_inputs) -> ForwardTrace:
+    def trace(self, input_ids=None, positions=None, *, inputs_embeds=None, pixel_values=None, image_grid_thw=None,
+              pixel_values_videos=None, video_grid_thw=None) -> ForwardTrace:
         """The no-cache forward that also returns each MSA layer's block selection (for research).
 
-        inputs_embeds [B, S, D] replaces input_ids; vision_inputs (pixel_values, image_grid_thw,
-        pixel_values_videos, video_grid_thw) are scattered into input_ids' placeholder embeddings first.
+        inputs_embeds [B, S, D] replaces input_ids; image / video pixels (from m3jax.vision's processors) are
+        scattered into input_ids' placeholder embeddings first.
         """
-        if any(v is not None for v in vision_inputs.values()):
+        if pixel_values is not None or pixel_values_videos is not None:
             if input_ids is None:
                 raise ValueError("image / video inputs need input_ids (their placeholder tokens)")
-            inputs_embeds, input_ids = self.input_embeddings(input_ids, **vision_inputs), None
+            inputs_embeds = self.input_embeddings(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                                                  video_grid_thw)
+            input_ids = None
         h, positions = self._inputs(input_ids, positions, inputs_embeds)
         cos, sin = self.rope(positions)
         selections = {}

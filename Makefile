@@ -1,7 +1,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install install-test demo test test-fast
+.PHONY: install install-test demo test test-fast test-gpu
 
 install:
 	$(PIP) install -q -e .
@@ -20,3 +20,9 @@ test: install-test
 # For development: skips the tests marked slow. `make test` stays the full suite.
 test-fast: install-test
 	$(PY) -m pytest -q -m "not slow" --durations=15
+
+# On a GPU host: the whole suite, 4 pytest workers sharing the GPU (no preallocation: each takes what it uses).
+# Tests that need 8 devices skip there (they run on CPU's forced host devices in `make test`); GPU-only kernel
+# tests run. float32 is float32 there too: float32 models and references use precision=HIGHEST, never TF32.
+test-gpu: install-test
+	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -n 4 --durations=15

@@ -34,6 +34,7 @@ def test_user_errors_print_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.multi_device
 def test_generate_on_a_mesh_gives_the_same_tokens(capsys):
     """`--mesh 2x4` (8 forced host devices, tests/conftest.py): the bundled tiny model's greedy ids are unchanged."""
     args = ["generate", "--prompt", "hello world", "--prompt", "a second prompt", "--max-new-tokens", "6", "--ids"]

@@ -10,8 +10,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from convert import orbax_io
 from m3jax.testing import make_tiny_checkpoint
+
+pytestmark = pytest.mark.multi_device           # meshes of 8 devices (tests/conftest.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

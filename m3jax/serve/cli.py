@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-queue", type=int, default=None,
                     help="requests waiting beyond the running batch before 503 (default: 4 x max-batch-size)")
     ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="compute every prompt in full (default: reuse the cached blocks of earlier prompts)")
     ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap
@@ -51,7 +53,8 @@ def build_app(args):
     tok = M3Tokenizer.from_pretrained(path)
     max_seq_len = args.max_seq_len or min(4096, model.config.max_position_embeddings)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
-                    prefill_chunk=min(args.prefill_chunk, max_seq_len), mesh=mesh)
+                    prefill_chunk=min(args.prefill_chunk, max_seq_len), mesh=mesh,
+                    enable_prefix_caching=not args.no_prefix_caching)
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
     return create_app(engine, model_name=name, max_queue=args.max_queue, tokenizer=tok, checkpoint_dir=path), name
 
@@ -67,7 +70,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         print(f"m3jax serve: error: {e}", file=sys.stderr)
         return 2
     import uvicorn
-    print(f"m3jax serve: {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"m3jax serve: {name!r} on http://{args.host}:{args.port}/v1 (prefix caching "
+          f"{'off' if args.no_prefix_caching else 'on'})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

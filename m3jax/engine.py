@@ -198,7 +198,8 @@ class Engine:
         if not vision_prompt.is_multimodal(prompt):
             return self.scheduler.add(prompt, sampling, request_id=request_id, on_token=on_token, chat=chat)
         mm = self._multimodal(prompt, request_id if request_id is not None else "<new>", chat)
-        rid = self.scheduler.add(mm.token_ids, sampling, request_id=request_id, on_token=on_token)
+        salt = mm.cache_salt(self.vision.config) if mm.has_pixels else b""    # prefix cache: keyed by content
+        rid = self.scheduler.add(mm.token_ids, sampling, request_id=request_id, on_token=on_token, cache_salt=salt)
         if mm.has_pixels:
             self._pixels[rid] = vision_prompt.PromptVision(mm)
         return rid

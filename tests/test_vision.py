@@ -520,10 +520,17 @@ def test_engine_prompts_and_bad_images(tiny_vl, tmp_path):
             logits = model(np.asarray([ids]), pixel_values=mm.pixel_values, image_grid_thw=mm.image_grid_thw,
                            pixel_values_videos=mm.pixel_values_videos, video_grid_thw=mm.video_grid_thw)
             ids.append(int(np.argmax(logits[0, -1])))
-    rid = engine.add_request(prompt, m3jax.SamplingParams(max_new_tokens=2))
     with jax.default_matmul_precision("highest"):
+        rid = engine.add_request(prompt, m3jax.SamplingParams(max_new_tokens=2))
         assert engine.run()[rid].token_ids == ids[len(mm.token_ids):]
-    assert rid not in engine._pixels and not engine.has_work()
+        assert rid not in engine._pixels and not engine.has_work()
+        # prefix cache: the same pixels hit (same tokens), other pixels of the same size (same ids) do not
+        again = engine.add_request(prompt, m3jax.SamplingParams(max_new_tokens=2))
+        other_rid = engine.add_request(dict(prompt, images=[255 - image]), m3jax.SamplingParams(max_new_tokens=2))
+        results = engine.run()
+    assert results[again].token_ids == ids[len(mm.token_ids):] and results[again].num_cached_tokens > 0
+    assert results[other_rid].num_cached_tokens == 0
+    assert mm.cache_salt(cfg) != other.cache_salt(cfg)
 
 
 @pytest.mark.slow

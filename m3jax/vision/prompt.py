@@ -61,6 +61,16 @@ class MultimodalPrompt:
                 spans.append((int(run[0]), int(run[-1]) + 1, digest.hexdigest()))
         return sorted(spans)
 
+    def cache_salt(self, vision_config) -> bytes:
+        """sha256 over `content_spans`: the prefix cache's salt for this prompt (its first block key depends on
+        it), so two prompts share cached blocks only when their pixels and placeholder positions are equal."""
+        import hashlib
+
+        h = hashlib.sha256(b"m3jax vision")
+        for start, end, digest in self.content_spans(vision_config):
+            h.update(f"{start}:{end}:{digest};".encode())
+        return h.digest()
+
 
 def is_multimodal(prompt: Any) -> bool:
     """A `{"text", "images", "videos"}` dict, a list of chat messages, or an already prepared prompt."""

@@ -13,6 +13,7 @@ from m3jax import sharding
 from m3jax.config import M3Config
 from m3jax.model import M3ForCausalLM
 from m3jax.params import abstract_params, flat_params, remake_model
+from m3jax.vision.config import VisionConfig
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -38,7 +39,8 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         heads replicated when "model" > num_key_value_heads, experts over every device, vocabulary split) and
         the MoE runs expert-parallel. `shardings` (param path -> NamedSharding / PartitionSpec, or a callable
         (path, shape) -> one of them or None) overrides the rules. Without a mesh, everything goes to the first
-        device.
+        device. The vision tower of a VL checkpoint (config.json with a vision_config) is loaded too, as
+        `model.vision`, replicated (about 0.9B parameters for the release).
     attn_impl: attention implementation (see pallas_kernels.dispatch); None picks the backend's default.
     fp8_experts: keep the routed experts of an MXFP8 release in MXFP8 on the devices (about half the bytes of
         bf16), dequantised per layer inside the step (see m3jax.model.moe.MoE). A release whose experts are not
@@ -73,7 +75,9 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         graphdef, treedef, paths, arrays = _replicate_kv_heads(cfg, replicas, arrays, mesh, _dtype(dtype), attn_impl,
                                                                fp8_experts)
     model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in paths]))
-    model.checkpoint_dir = path                     # the Engine reads the tokenizer from here
+    if (vision_cfg := VisionConfig.of_checkpoint(path)) is not None:     # a VL checkpoint: its vision tower too
+        model.vision = loader.load_vision(path, vision_cfg, _dtype(dtype), mesh)
+    model.checkpoint_dir = path          # the Engine's default tokenizer and image processor come from it
     return model
 
 

@@ -28,7 +28,7 @@ CPU and TPU nothing was measured that favours it. "split" stays for measuring (b
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +57,11 @@ def default_layer_loop(backend: str) -> str:
     return "scan"
 
 
-def _step_impl(graphdef, state, layer_states, cache, groups, logits_at):
-    _TRACES[tuple(tuple(g.tokens.shape) for g in groups)] += 1
+def _step_impl(graphdef, state, layer_states, cache, groups, logits_at, input_embeds=None):
+    _TRACES[tuple(tuple(g.tokens.shape) for g in groups) + (input_embeds is not None,)] += 1
     model = nnx.merge(graphdef, state)
-    logits, cache = forward_cached(model, cache, groups, logits_at, layer_states=layer_states)
+    logits, cache = forward_cached(model, cache, groups, logits_at, layer_states=layer_states,
+                                   input_embeds=input_embeds)
     return jnp.concatenate(logits, axis=0), cache
 
 
@@ -91,6 +92,14 @@ def _check_buckets(name, given, limit, default) -> list[int]:
     if not b or b[0] < 1 or b[-1] != limit:
         raise ValueError(f"Engine: {name} must be positive sizes ending at {limit}, got {list(given)}")
     return b
+
+
+class EmbedOverride(NamedTuple):
+    """Input embeddings that replace token embeddings in one request's prompt (image / video features):
+    the token at absolute position positions[k] enters the model as values[k]."""
+
+    positions: np.ndarray      # int[n], ascending
+    values: np.ndarray         # [n, hidden] in the model dtype
 
 
 class Runner:
@@ -149,10 +158,33 @@ class Runner:
             group, last = jax.device_put((group, last), self._rows_sharding)
         return group, last, layout
 
-    def execute(self, batch: Batch) -> list[tuple[int, float | None] | None]:
+    def _embeds(self, layout: Sequence[Row | None], t_bucket: int, overrides: Mapping[Any, EmbedOverride]):
+        """(mask [B, T], values [B, T, D]) of a group whose rows' tokens meet an override, else None."""
+        mask, values = None, None
+        for i, r in enumerate(layout):
+            o = None if r is None else overrides.get(r.request_id)
+            if o is None:
+                continue
+            lo, hi = np.searchsorted(o.positions, [r.start, r.start + len(r.tokens)])
+            if lo == hi:
+                continue
+            if mask is None:
+                mask = np.zeros((len(layout), t_bucket), bool)
+                values = np.zeros((len(layout), t_bucket, o.values.shape[-1]), np.dtype(self.model.dtype))
+            mask[i, o.positions[lo:hi] - r.start] = True
+            values[i, o.positions[lo:hi] - r.start] = o.values[lo:hi]
+        if mask is None:
+            return None
+        if self._rows_sharding is not None:
+            return jax.device_put((mask, values), self._rows_sharding)
+        return mask, values
+
+    def execute(self, batch: Batch, overrides: Mapping[Any, EmbedOverride] | None = None
+                ) -> list[tuple[int, float | None] | None]:
         """Compute the batch's rows; returns, per row of batch.rows, (sampled token, its logprob or None) for rows
-        with `sample`, else None."""
-        groups, logits_at, layout = [], [], []
+        with `sample`, else None. overrides: request id -> input embeddings replacing some of its prompt
+        tokens' (image features at their placeholders); a step whose rows meet one compiles its own program."""
+        groups, logits_at, layout, embeds = [], [], [], []
         for rows, t_bucket in ((batch.decode, 1),
                                (batch.prefill, _bucket(max((len(r.tokens) for r in batch.prefill), default=1),
                                                        self.len_buckets))):
@@ -162,10 +194,12 @@ class Runner:
             groups.append(g)
             logits_at.append(last)
             layout.extend(lay)
+            embeds.append(self._embeds(lay, t_bucket, overrides) if overrides else None)
         if not groups:
             return []
+        embeds = tuple(embeds) if any(e is not None for e in embeds) else None
         logits, self.cache = self._step_fn(self._graphdef, self._state, self._layer_states, self.cache,
-                                           tuple(groups), tuple(logits_at))
+                                           tuple(groups), tuple(logits_at), embeds)
         self.num_steps += 1
         out: dict[int, tuple[int, float | None]] = {}
         want = [i for i, r in enumerate(layout) if r is not None and r.sample]

@@ -389,8 +389,9 @@ class Scheduler:
                 or any(r.id == request_id for r in self.waiting))
 
     def add(self, prompt, sampling: SamplingParams | None = None, *, request_id=None,
-            on_token: Callable[[Any, int], None] | None = None, chat: bool = False):
-        """Queue a request; returns its id. Invalid input raises ValueError before anything is queued."""
+            on_token: Callable[[Any, int], None] | None = None, chat: bool = False, cache_salt: bytes = b""):
+        """Queue a request; returns its id. Invalid input raises ValueError before anything is queued.
+        cache_salt: see `Request.cache_salt` (the Engine passes the hash of a prompt's images)."""
         if request_id is not None and self.in_use(request_id):
             raise ValueError(f"request {request_id}: request_id is already in use")
         ids, sampling = self.prepare(prompt, sampling, request_id, chat)
@@ -400,7 +401,8 @@ class Scheduler:
             rid = serial = next(self._serials)
         seed = sampling.seed if sampling.seed is not None else (self.seed * 1_000_003 + serial) % 2**32
         self.waiting.append(Request(rid, ids, sampling, seed, on_token, tokens=list(ids),
-                                    max_total=min(len(ids) + sampling.max_new_tokens, self.max_seq_len)))
+                                    max_total=min(len(ids) + sampling.max_new_tokens, self.max_seq_len),
+                                    cache_salt=cache_salt))
         return rid
 
     # ------------------------------------------------------------------------------------------ steps

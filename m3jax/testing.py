@@ -23,10 +23,10 @@ from flax import nnx
 from m3jax.config import M3Config
 from m3jax.model import M3ForCausalLM
 from m3jax.params import abstract_params
-from m3jax.tokenizer import write_byte_level_tokenizer
+from m3jax.tokenizer import BOS, EOT, ROLE, write_byte_level_tokenizer
 
 # What make_tiny_checkpoint writes (and all it may replace with overwrite=True).
-CHECKPOINT_FILES = ("config.json", "tokenizer.json", "model.safetensors.index.json")
+CHECKPOINT_FILES = ("config.json", "tokenizer.json", "model.safetensors.index.json", "preprocessor_config.json")
 
 
 def random_params(cfg: M3Config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -83,9 +83,11 @@ def _check_replaceable(path: str, overwrite: bool) -> None:
 
 
 def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, quant: str | None = None, num_shards: int = 1,
-                         dtype: str = "bfloat16", *, overwrite: bool = False, **config_overrides) -> str:
+                         dtype: str = "bfloat16", vision: bool = False, *, overwrite: bool = False,
+                         **config_overrides) -> str:
     """Write a tiny HF-release-format checkpoint (config, safetensors, tokenizer) to `path`; returns `path`.
 
+    vision: also a tiny vision tower and projector (`write_tiny_vision`), as a VL release holds them.
     config_overrides go to `M3Config.tiny` (e.g. num_hidden_layers=4, block_size=16, topk_blocks=2).
     `path` must not exist or be an empty directory; overwrite=True also replaces a checkpoint there (a directory
     holding only config.json, safetensors and tokenizer files; anything else is refused). The directory is
@@ -113,6 +115,8 @@ def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, quant: str | No
         os.mkdir(tmp)                           # mode 0o777 & ~umask (mkdtemp would make it 0700)
         release.write_release(tmp, cfg, random_params(cfg, seed), dtype, quant, num_shards)
         write_byte_level_tokenizer(os.path.join(tmp, "tokenizer.json"))
+        if vision:
+            write_tiny_vision(tmp, cfg, seed, dtype)
         if os.path.isdir(path):                 # checked above: empty, or a checkpoint we may replace
             os.rename(path, old)
         os.rename(tmp, path)
@@ -123,3 +127,75 @@ def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, quant: str | No
         raise
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   projector_hidden_size=48)
+# Small images stay small: at most 16 placeholder tokens per image (64 patches of 14 x 14).
+TINY_PREPROCESSOR = {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28, "patch_size": 14,
+                     "temporal_patch_size": 2, "merge_size": 2, "resample": 3}
+
+
+def random_vision_model(vision_cfg, seed: int = 0, dtype=jnp.float32):
+    """A VisionModel with random weights: matrices 1/sqrt(fan_in), LayerNorm gains around 1, biases around 0."""
+    from m3jax.vision import VisionModel
+
+    model = VisionModel(vision_cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    key = jax.random.key(seed + 7)
+    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        name, k, v = ".".join(map(str, path)), jax.random.fold_in(key, i), var[...]
+        noise = jax.random.normal(k, v.shape, jnp.float32)
+        if "layer_norm" in name or "layrnorm" in name:
+            v = (1.0 if name.endswith("weight") else 0.0) + 0.2 * noise
+        elif "bias" in name:
+            v = 0.2 * noise
+        else:   # the input axes: all but the last (head-major outputs: the first only)
+            fan_in = int(np.prod(v.shape[:-1])) if name.endswith(("_nhd", "_mej", "_xd", "_df", "_fd", "_dj",
+                                                                     "_je")) else v.shape[-3]
+            fan_in = v.shape[-3] if name.endswith("_dnh") else fan_in
+            v = noise / np.sqrt(fan_in)
+        var.set_value(jnp.asarray(v, dtype))
+    return model
+
+
+def write_tiny_vision(path: str, cfg: M3Config, seed: int = 0, dtype: str = "bfloat16") -> None:
+    """Add a tiny vision tower to the release-format checkpoint being assembled in `path`: its tensors (one
+    more safetensors file, listed in the index when there is one), vision_config and the image / video token
+    ids in config.json, the image markers as special tokens in tokenizer.json, and a preprocessor_config.json."""
+    import json
+
+    from convert import release
+    from convert.safetensors_io import DTYPES as ST_DTYPES, write_file
+    from m3jax.vision import VisionConfig, processor
+    from m3jax.vision.weights import release_tensors
+
+    specials = [BOS, EOT, ROLE, processor.IMAGE_TOKEN, processor.VIDEO_TOKEN, processor.VISION_START_TOKEN,
+                processor.VISION_END_TOKEN]
+    ids = write_byte_level_tokenizer(os.path.join(path, "tokenizer.json"), specials)
+    image_id, video_id = ids[processor.IMAGE_TOKEN], ids[processor.VIDEO_TOKEN]
+    if max(ids.values()) >= cfg.vocab_size:
+        raise ValueError(f"vocab_size must be > {max(ids.values())} for the vision special tokens")
+    vision_json = dict(TINY_VISION, patch_size=14, temporal_patch_size=2, spatial_merge_size=2, hidden_act="gelu",
+                       layer_norm_eps=1e-5, num_channels=3)
+    wrapper = {"vision_config": {k: v for k, v in vision_json.items() if k != "projector_hidden_size"},
+               "projector_hidden_size": TINY_VISION["projector_hidden_size"], "image_token_index": image_id,
+               "video_token_index": video_id, "text_config": {"hidden_size": cfg.hidden_size}}
+    vision = random_vision_model(VisionConfig.from_hf(wrapper), seed)
+    st = ST_DTYPES[release.DTYPES[dtype]]
+    tensors = {name: w.astype(st) for name, w in release_tensors(vision)}
+    write_file(os.path.join(path, "model-vision.safetensors"), tensors, {"format": "pt"})
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            d = json.load(f)
+        d["weight_map"].update({name: "model-vision.safetensors" for name in tensors})
+        d["metadata"]["total_size"] += sum(a.nbytes for a in tensors.values())
+        with open(index, "w") as f:
+            json.dump(d, f)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.update({k: v for k, v in wrapper.items() if k != "text_config"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(TINY_PREPROCESSOR, f, indent=2)

@@ -65,7 +65,9 @@ def _marks(text: str, slow: bool) -> list:
 def test_python_block_runs_as_pasted(section, code, tmp_path):
     r = _python(code, tmp_path)
     if section == "Quick start":
-        assert re.search(r"\] .*(stop|length)$", r.stdout.strip(), re.S), r.stdout     # token ids, text, reason
+        out = r.stdout.strip()
+        assert re.search(r"\] .*?(stop|length)$", out, re.S | re.M), out          # token ids, text, reason
+        assert re.fullmatch(r"\[\d+(, \d+)*\]", out.splitlines()[-1]), out      # the image prompt's token ids
 
 
 # The CLI section's lines --------------------------------------------------------------------------------------------

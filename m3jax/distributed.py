@@ -1,0 +1,193 @@
+"""Multi-host runs: one process per host (or per GPU), every process running the same program (SPMD).
+
+    m3jax.distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=I)   # first, before any jax call
+    mesh = m3jax.sharding.make_mesh(data=1, model=16)        # jax.devices(): every process's devices
+    model = m3jax.load(path, mesh=mesh)                      # each process reads only its devices' slices
+    out = m3jax.generate(model, prompts, params)             # the same prompts in every process
+
+Start-up wraps `jax.distributed.initialize`. The arguments may also come from the environment: the coordinator
+from `JAX_COORDINATOR_ADDRESS` (read by jax itself), the process count and id from `M3JAX_NUM_PROCESSES` and
+`M3JAX_PROCESS_ID`, the local devices from `JAX_LOCAL_DEVICE_IDS` (jax). On Cloud TPU, Slurm and Open MPI all
+of them may be left out: jax detects them. The command line spells them `--coordinator HOST:PORT
+--num-processes N --process-id I` (`add_distributed_args`, `maybe_initialize`).
+
+The engine in SPMD: every process gets the same request stream (the same prompts and sampling parameters, in
+the same order) and runs the same host-side scheduler, so every process makes the same decisions and launches
+the same jitted programs; request seeds depend only on the engine seed and the request's serial number, so
+sampling draws the same numbers everywhere. Sampled tokens come back to every process's host (`to_host`:
+`process_allgather` when the array spans other hosts' devices), so every process holds every result.
+`check_agree` all-gathers a hash (tests and debugging) and raises when processes disagree.
+
+Failure: a process that cannot reach the coordinator raises `DistributedError` after `init_timeout_s`; a process
+that dies is noticed by the others through missed heartbeats (`heartbeat_timeout_s`), which makes jax's
+distributed runtime end them with an error naming the cause; an uncaught exception in one process (after
+`initialize`) prints it and exits that process at once (`os._exit(1)`) instead of waiting at jax's shutdown
+barrier, so the others are ended by the heartbeat check. Nothing waits forever.
+CPU: cross-process collectives use gloo (`jax_cpu_collectives_implementation`, set here: the one place that
+names it; jax 0.10.2 already defaults to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import traceback
+from typing import Sequence
+
+import jax
+import numpy as np
+
+INIT_TIMEOUT_S = 300            # jax's default: how long process 0 waits for the others at start-up
+HEARTBEAT_TIMEOUT_S = 100       # jax's default: a process silent this long is taken as dead
+_ENV_NUM_PROCESSES, _ENV_PROCESS_ID = "M3JAX_NUM_PROCESSES", "M3JAX_PROCESS_ID"
+
+
+class DistributedError(RuntimeError):
+    """Start-up of a multi-process run failed, or processes disagree."""
+
+
+def _env_int(name: str) -> int | None:
+    text = os.environ.get(name)
+    if text in (None, ""):
+        return None
+    if not text.isdigit():
+        raise ValueError(f"environment variable {name} must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _use_gloo_on_cpu() -> None:
+    """CPU collectives across processes: gloo (jax 0.10.2 and 0.11.2 both name it
+    `jax_cpu_collectives_implementation`; jax versions that lack the option need nothing)."""
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:        # pragma: no cover - an older or newer jax without the option
+        pass
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_device_ids: Sequence[int] | None = None, *,
+               init_timeout_s: int = INIT_TIMEOUT_S, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+               exit_on_error: bool = True) -> None:
+    """Join a multi-process run (`jax.distributed.initialize`); must come before any other jax call.
+
+    coordinator_address: "HOST:PORT" of process 0, which also serves the coordination service there (None:
+        JAX_COORDINATOR_ADDRESS, or detected on Cloud TPU / Slurm / Open MPI). num_processes / process_id
+        (None: M3JAX_NUM_PROCESSES / M3JAX_PROCESS_ID, or detected). local_device_ids: the devices of this
+        process (None: all it sees; JAX_LOCAL_DEVICE_IDS).
+    init_timeout_s: how long to wait for every process to connect; then DistributedError names the coordinator.
+    heartbeat_timeout_s: a process that stops answering for this long ends the run on every host.
+    exit_on_error: an uncaught exception in this process prints its traceback and exits at once (status 1), so
+        the others are ended by the heartbeat check instead of waiting in a collective.
+    """
+    num_processes = _env_int(_ENV_NUM_PROCESSES) if num_processes is None else num_processes
+    process_id = _env_int(_ENV_PROCESS_ID) if process_id is None else process_id
+    for name, v in (("num_processes", num_processes), ("process_id", process_id)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ValueError(f"distributed: {name} must be a non-negative integer, got {v!r}")
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"distributed: num_processes must be >= 1, got {num_processes}")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise ValueError(f"distributed: process_id {process_id} must be < num_processes {num_processes}")
+    if jax.distributed.is_initialized():
+        raise DistributedError("distributed: already initialized (initialize() is called once per process)")
+    _use_gloo_on_cpu()
+    where = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the detected coordinator"
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids,
+                                   initialization_timeout=int(init_timeout_s),
+                                   heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    except RuntimeError as e:
+        if "must be called before" in str(e):
+            raise DistributedError("distributed: initialize() must come before any other jax call in the "
+                                   "process (jax.devices(), an array, a jit)") from None
+        raise DistributedError(f"distributed: process {process_id} of {num_processes} could not join the run "
+                               f"through coordinator {where} within {init_timeout_s} s ({_first_line(e)}); "
+                               f"check that every process was started with the same --coordinator and "
+                               f"--num-processes, and that the port is reachable") from None
+    if exit_on_error:
+        _exit_on_uncaught_exception()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _exit_on_uncaught_exception() -> None:
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, tb)
+        traceback.print_exception(kind, value, tb)
+        print(f"m3jax.distributed: process {jax.process_index()} of {jax.process_count()} failed: "
+              f"{kind.__name__}: {_first_line(value)}; exiting so that the run ends on every host", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)        # not sys.exit: jax's shutdown barrier would wait for processes that are stuck
+
+    sys.excepthook = hook
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """--coordinator / --num-processes / --process-id (plus timeouts) for a command that may run multi-host."""
+    g = parser.add_argument_group("multi-host (jax.distributed; see m3jax.distributed)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordination service; enables a multi-process run")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes in the run")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
+    g.add_argument("--init-timeout", type=int, default=INIT_TIMEOUT_S,
+                   help=f"seconds to wait for every process to join (default {INIT_TIMEOUT_S})")
+    g.add_argument("--heartbeat-timeout", type=int, default=HEARTBEAT_TIMEOUT_S,
+                   help=f"seconds of silence after which a process counts as dead (default {HEARTBEAT_TIMEOUT_S})")
+
+
+def maybe_initialize(args: argparse.Namespace) -> bool:
+    """initialize() when the command line (or M3JAX_NUM_PROCESSES) asks for a multi-process run; True if it did.
+    A partial set of the three options raises ValueError naming the missing ones."""
+    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    if all(v is None for v in given.values()) and _env_int(_ENV_NUM_PROCESSES) is None:
+        return False
+    env = {"--coordinator": os.environ.get("JAX_COORDINATOR_ADDRESS"),
+           "--num-processes": _env_int(_ENV_NUM_PROCESSES), "--process-id": _env_int(_ENV_PROCESS_ID)}
+    missing = [k for k, v in given.items() if v is None and env[k] is None]
+    if missing:
+        raise ValueError(f"a multi-process run needs --coordinator, --num-processes and --process-id; missing "
+                         f"{', '.join(missing)}")
+    initialize(args.coordinator, args.num_processes, args.process_id, init_timeout_s=args.init_timeout,
+               heartbeat_timeout_s=args.heartbeat_timeout)
+    return True
+
+
+def is_main_process() -> bool:
+    """Process 0: the one that prints results, writes files and serves HTTP in a multi-process run."""
+    return jax.process_index() == 0
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of `x` as numpy in every process, also when its shards live on other hosts' devices."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def check_agree(what: str, value) -> None:
+    """Raise DistributedError unless every process passes the same `value` (anything with a stable repr: a
+    batch layout, a list of token ids). One small all-gather: for tests and debug mode, not every step."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+    digest = np.frombuffer(hashlib.sha256(repr(value).encode()).digest()[:8], np.uint32)
+    got = np.asarray(multihost_utils.process_allgather(digest))          # [processes, 2]
+    if not (got == got[0]).all():
+        bad = [i for i in range(len(got)) if not (got[i] == got[0]).all()]
+        raise DistributedError(f"distributed: processes disagree on {what}: process(es) {bad} differ from process 0 "
+                               f"(process {jax.process_index()} has {repr(value)[:200]})")
+
+
+__all__ = ["DistributedError", "INIT_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S", "add_distributed_args", "check_agree",
+           "initialize", "is_main_process", "maybe_initialize", "to_host"]

@@ -10,6 +10,7 @@ import sys
 from typing import Sequence
 
 from convert.safetensors_io import CheckpointError
+from m3jax import distributed
 from m3jax.config import ConfigError
 
 USER_ERRORS = (ValueError, OSError, ConfigError, CheckpointError)
@@ -64,8 +65,10 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fp8-experts", action="store_true", help="keep an MXFP8 release's routed experts in FP8")
     ap.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     ap.add_argument("--ids", action="store_true", help="also print the generated token ids")
+    distributed.add_distributed_args(ap)
     args = ap.parse_args(argv)
     try:
+        distributed.maybe_initialize(args)       # multi-host: before any jax call (see m3jax.distributed)
         from m3jax.api import bundled_tiny_checkpoint, load
         from m3jax.engine import Engine, generate
         from m3jax.sampling import SamplingParams

@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import os
 import sys
+import threading
 import traceback
 from typing import Sequence
 
@@ -41,6 +42,7 @@ import numpy as np
 
 INIT_TIMEOUT_S = 300            # jax's default: how long process 0 waits for the others at start-up
 HEARTBEAT_TIMEOUT_S = 100       # jax's default: a process silent this long is taken as dead
+_JAX_TIMEOUT_MARGIN_S = 30    # jax's own start-up timeout: after the watchdog's (see initialize)
 _ENV_NUM_PROCESSES, _ENV_PROCESS_ID = "M3JAX_NUM_PROCESSES", "M3JAX_PROCESS_ID"
 
 
@@ -94,20 +96,32 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise DistributedError("distributed: already initialized (initialize() is called once per process)")
     _use_gloo_on_cpu()
     where = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the detected coordinator"
+    message = (f"m3jax.distributed: process {process_id} of {num_processes} could not join the run through "
+               f"coordinator {where} within {init_timeout_s} s; check that every process was started with the same "
+               f"--coordinator and --num-processes, and that the port is reachable from every host")
+    # jax's own start-up timeout aborts the process with a C++ stack trace; this watchdog ends it first, with one
+    # line (jax's timeout, set later, stays as the backstop).
+    watchdog = threading.Timer(init_timeout_s, _die, (message,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids,
-                                   initialization_timeout=int(init_timeout_s),
+                                   initialization_timeout=int(init_timeout_s) + _JAX_TIMEOUT_MARGIN_S,
                                    heartbeat_timeout_seconds=int(heartbeat_timeout_s))
     except RuntimeError as e:
         if "must be called before" in str(e):
             raise DistributedError("distributed: initialize() must come before any other jax call in the "
                                    "process (jax.devices(), an array, a jit)") from None
-        raise DistributedError(f"distributed: process {process_id} of {num_processes} could not join the run "
-                               f"through coordinator {where} within {init_timeout_s} s ({_first_line(e)}); "
-                               f"check that every process was started with the same --coordinator and "
-                               f"--num-processes, and that the port is reachable") from None
+        raise DistributedError(f"{message} ({_first_line(e)})") from None
+    finally:
+        watchdog.cancel()
     if exit_on_error:
         _exit_on_uncaught_exception()
+
+
+def _die(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _first_line(e: BaseException) -> str:
@@ -144,9 +158,13 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                    help=f"seconds of silence after which a process counts as dead (default {HEARTBEAT_TIMEOUT_S})")
 
 
-def maybe_initialize(args: argparse.Namespace) -> bool:
+def maybe_initialize(args: argparse.Namespace, quiet_followers: bool = True) -> bool:
     """initialize() when the command line (or M3JAX_NUM_PROCESSES) asks for a multi-process run; True if it did.
-    A partial set of the three options raises ValueError naming the missing ones."""
+
+    A partial set of the three options raises ValueError naming the missing ones; so does a command with a --mesh
+    option left unset (a multi-process run needs a mesh over every process's devices). quiet_followers: the
+    standard output of processes other than 0 goes to os.devnull (their results are process 0's); errors still
+    reach their standard error."""
     given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
              "--process-id": args.process_id}
     if all(v is None for v in given.values()) and _env_int(_ENV_NUM_PROCESSES) is None:
@@ -157,8 +175,13 @@ def maybe_initialize(args: argparse.Namespace) -> bool:
     if missing:
         raise ValueError(f"a multi-process run needs --coordinator, --num-processes and --process-id; missing "
                          f"{', '.join(missing)}")
+    if getattr(args, "mesh", "") is None:
+        raise ValueError("a multi-process run needs --mesh DATAxMODEL over the devices of every process "
+                         "(e.g. 1x16 for two hosts of 8 GPUs)")
     initialize(args.coordinator, args.num_processes, args.process_id, init_timeout_s=args.init_timeout,
                heartbeat_timeout_s=args.heartbeat_timeout)
+    if not is_main_process() and quiet_followers:
+        sys.stdout = open(os.devnull, "w")      # every process holds every result: process 0 prints them
     return True
 
 

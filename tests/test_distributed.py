@@ -148,9 +148,10 @@ def test_two_processes_match_one_process_with_8_devices(ckpt, tmp_path):
             np.testing.assert_allclose(np.load(multi_dir / f"logits_{text}_{i}.npy"), want, rtol=2e-5, atol=2e-5)
             assert got[i][text]["tokens"] == ref[text]["tokens"], text
             assert got[i][text]["sampled"] == ref[text]["sampled"], text
-            # Each process reads exactly the slices its 4 devices hold: well under the whole model.
+            # Each process reads exactly the slices its 4 devices hold: on 1x8 half of every split parameter (the
+            # rest is replicated: norms, router, KV-head weights); on 2x4 half of the experts.
             assert got[i][text]["bytes_read"] == got[i][text]["expected_bytes"], (text, i)
-            assert got[i][text]["bytes_read"] < 0.75 * ref[text]["bytes_read"], (text, i)
+            assert got[i][text]["bytes_read"] < ref[text]["bytes_read"] * (0.6 if text == "1x8" else 0.9), (text, i)
         assert ref[text]["bytes_read"] == ref[text]["expected_bytes"]
     print("max RSS MiB: reference", round(ref["max_rss_mib"]), "processes",
           [round(g["max_rss_mib"]) for g in got], "bytes read:",

@@ -68,6 +68,20 @@ def expected_bytes(ckpt: str, mesh) -> int:
     return total
 
 
+def _record_layouts(engine) -> list:
+    """Every step's batch layout (request, positions, pages, shard of each row), appended as the engine runs."""
+    layouts, schedule = [], engine.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        if batch is not None:
+            layouts.append([(r.request_id, r.start, len(r.tokens), r.pages, r.shard, r.sample) for r in batch.rows])
+        return batch
+
+    engine.scheduler.schedule = recording
+    return layouts
+
+
 def worker(ckpt: str, out: str, coordinator: str, num_processes: int, process_id: int, mode: str) -> None:
     from m3jax import distributed
     if num_processes > 1:
@@ -87,10 +101,14 @@ def worker(ckpt: str, out: str, coordinator: str, num_processes: int, process_id
         read = safetensors_io.bytes_read() - before
         ids = np.asarray([PROMPTS[0][:8]] * d, np.int32)
         logits = distributed.to_host(model(ids))
-        outs = m3jax.generate(model, PROMPTS, m3jax.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0,
-                                                                   ignore_eos=True),
-                              max_batch_size=2 * d, max_seq_len=64, prefill_chunk=16)
+        engine = m3jax.Engine(model, max_batch_size=2 * d, max_seq_len=64, prefill_chunk=16)
+        layouts = _record_layouts(engine)
+        outs = m3jax.generate(engine, PROMPTS, m3jax.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0,
+                                                                    ignore_eos=True))
         tokens = [list(o.token_ids) for o in outs]
+        # Every process made the same scheduling decisions (rows, positions, pages of every step) and got the
+        # same tokens; a disagreement raises DistributedError in every process.
+        distributed.check_agree(f"step layouts on mesh {text}", layouts)
         distributed.check_agree(f"greedy tokens on mesh {text}", tokens)
         sampled = m3jax.generate(model, PROMPTS, m3jax.SamplingParams(max_new_tokens=3, temperature=1.0, seed=7,
                                                                       ignore_eos=True),
@@ -169,13 +187,14 @@ def test_missing_process_fails_within_init_timeout(ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_dead_process_ends_the_run(ckpt, tmp_path):
-    """Process 1 dies after joining: process 0 (waiting in a collective of the load) is ended by the heartbeat
-    check (10 s) with an error, never a hang."""
+    """Process 1 dies after joining: process 0 is ended by jax's heartbeat check (10 s here) with an error naming
+    the dead process ("another task died ... stopped sending heartbeats: 1"), never a hang."""
     port = _free_port()
     procs = [_spawn(ckpt, str(tmp_path), port, 2, i, mode="die") for i in range(2)]
     (rc0, _, err0), (rc1, _, _) = _finish(procs, timeout=150)
     assert rc1 == 3
     assert rc0 != 0, err0[-2000:]
+    assert "another task died" in err0 and "stopped sending heartbeats" in err0, err0[-2000:]
 
 
 def test_partial_command_line_is_a_clear_error():

@@ -79,7 +79,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         (None: M3JAX_NUM_PROCESSES / M3JAX_PROCESS_ID, or detected). local_device_ids: the devices of this
         process (None: all it sees; JAX_LOCAL_DEVICE_IDS).
     init_timeout_s: how long to wait for every process to connect; then DistributedError names the coordinator.
-    heartbeat_timeout_s: a process that stops answering for this long ends the run on every host.
+    heartbeat_timeout_s: a process that stops answering for this long ends the run on every host; also the
+        longest wait at jax's shutdown barrier on exit (jax's default, 300 s, would hold a failed process).
     exit_on_error: an uncaught exception in this process prints its traceback and exits at once (status 1), so
         the others are ended by the heartbeat check instead of waiting in a collective.
     """
@@ -96,7 +97,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise DistributedError("distributed: already initialized (initialize() is called once per process)")
     _use_gloo_on_cpu()
     where = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the detected coordinator"
-    message = (f"m3jax.distributed: process {process_id} of {num_processes} could not join the run through "
+    who = "this process" if process_id is None else f"process {process_id} of {num_processes}"
+    message = (f"m3jax.distributed: {who} could not join the run through "
                f"coordinator {where} within {init_timeout_s} s; check that every process was started with the same "
                f"--coordinator and --num-processes, and that the port is reachable from every host")
     # jax's own start-up timeout aborts the process with a C++ stack trace; this watchdog ends it first, with one
@@ -107,7 +109,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids,
                                    initialization_timeout=int(init_timeout_s) + _JAX_TIMEOUT_MARGIN_S,
-                                   heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+                                   heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+                                   shutdown_timeout_seconds=int(heartbeat_timeout_s))
     except RuntimeError as e:
         if "must be called before" in str(e):
             raise DistributedError("distributed: initialize() must come before any other jax call in the "
@@ -149,7 +152,8 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     """--coordinator / --num-processes / --process-id (plus timeouts) for a command that may run multi-host."""
     g = parser.add_argument_group("multi-host (jax.distributed; see m3jax.distributed)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="address of process 0's coordination service; enables a multi-process run")
+                   help="address of process 0's coordination service, or 'auto' (Cloud TPU, Slurm, Open MPI: "
+                        "jax detects the coordinator, process count and id); enables a multi-process run")
     g.add_argument("--num-processes", type=int, default=None, help="number of processes in the run")
     g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
     g.add_argument("--init-timeout", type=int, default=INIT_TIMEOUT_S,
@@ -169,20 +173,34 @@ def maybe_initialize(args: argparse.Namespace, quiet_followers: bool = True) -> 
              "--process-id": args.process_id}
     if all(v is None for v in given.values()) and _env_int(_ENV_NUM_PROCESSES) is None:
         return False
+    if args.coordinator == "auto":               # Cloud TPU, Slurm, Open MPI: jax detects all three
+        _check_mesh_arg(args)
+        initialize(None, args.num_processes, args.process_id, init_timeout_s=args.init_timeout,
+                   heartbeat_timeout_s=args.heartbeat_timeout)
+        _quiet(quiet_followers)
+        return True
     env = {"--coordinator": os.environ.get("JAX_COORDINATOR_ADDRESS"),
            "--num-processes": _env_int(_ENV_NUM_PROCESSES), "--process-id": _env_int(_ENV_PROCESS_ID)}
     missing = [k for k, v in given.items() if v is None and env[k] is None]
     if missing:
         raise ValueError(f"a multi-process run needs --coordinator, --num-processes and --process-id; missing "
                          f"{', '.join(missing)}")
+    _check_mesh_arg(args)
+    initialize(args.coordinator, args.num_processes, args.process_id, init_timeout_s=args.init_timeout,
+               heartbeat_timeout_s=args.heartbeat_timeout)
+    _quiet(quiet_followers)
+    return True
+
+
+def _check_mesh_arg(args: argparse.Namespace) -> None:
     if getattr(args, "mesh", "") is None:
         raise ValueError("a multi-process run needs --mesh DATAxMODEL over the devices of every process "
                          "(e.g. 1x16 for two hosts of 8 GPUs)")
-    initialize(args.coordinator, args.num_processes, args.process_id, init_timeout_s=args.init_timeout,
-               heartbeat_timeout_s=args.heartbeat_timeout)
-    if not is_main_process() and quiet_followers:
+
+
+def _quiet(quiet_followers: bool) -> None:
+    if quiet_followers and not is_main_process():
         sys.stdout = open(os.devnull, "w")      # every process holds every result: process 0 prints them
-    return True
 
 
 def is_main_process() -> bool:

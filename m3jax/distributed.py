@@ -216,6 +216,15 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def min_over_processes(value: int) -> int:
+    """The smallest of every process's `value` (an int), the same in every process (e.g. the free memory of the
+    device with the least of it: every process must size its caches alike)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(np.min(multihost_utils.process_allgather(np.asarray([value], np.int64))))
+
+
 def check_agree(what: str, value) -> None:
     """Raise DistributedError unless every process passes the same `value` (anything with a stable repr: a
     batch layout, a list of token ids). One small all-gather: for tests and debug mode, not every step."""
@@ -231,4 +240,4 @@ def check_agree(what: str, value) -> None:
 
 
 __all__ = ["DistributedError", "INIT_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S", "add_distributed_args", "check_agree",
-           "initialize", "is_main_process", "maybe_initialize", "to_host"]
+           "initialize", "is_main_process", "maybe_initialize", "min_over_processes", "to_host"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import pickle
 import sys
 import threading
 import traceback
@@ -239,5 +240,89 @@ def check_agree(what: str, value) -> None:
                                f"(process {jax.process_index()} has {repr(value)[:200]})")
 
 
+# ------------------------------------------------------------------------------------ a leader and followers
+_OPS_PREFIX = "m3jax/engine_ops"
+_POLL_MS = 60_000               # a follower of an idle server waits in slices of this, forever
+
+
+def _client():
+    from jax._src import distributed as jax_distributed     # the coordination service's key-value store
+    if jax_distributed.global_state.client is None:
+        raise DistributedError("distributed: initialize() first (leader/follower engines need jax.distributed)")
+    return jax_distributed.global_state.client
+
+
+class LeaderEngine:
+    """Process 0's Engine when requests arrive in process 0 only (the HTTP server): every `add_request` and
+    `cancel` is applied here and recorded, and each `step()` first publishes the record through jax's
+    coordination service, so that the Engines of the other processes (`follow`) apply the same operations in
+    the same order and run the same step. Prompts travel as token ids (text is tokenised here; image inputs
+    are not supported). Everything else is the wrapped Engine's (`leader.tokenizer`, `leader.pop_result`...).
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._ops: list[tuple] = []
+        self._published = 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def add_request(self, prompt, sampling=None, *, request_id=None, on_token=None, chat: bool = False):
+        ids, params = self.engine.prepare(prompt, sampling, request_id, chat)
+        rid = self.engine.add_request(ids, params, request_id=request_id, on_token=on_token)
+        self._ops.append(("add", rid, list(ids), params))
+        return rid
+
+    def cancel(self, request_id) -> bool:
+        self._ops.append(("cancel", request_id))
+        return self.engine.cancel(request_id)
+
+    def step(self):
+        self._publish(self._ops + [("step",)])
+        self._ops = []
+        return self.engine.step()
+
+    def close(self) -> None:
+        """Tell the followers to return (they return from `follow`)."""
+        self._publish(self._ops + [("stop",)])
+        self._ops = []
+
+    def _publish(self, ops) -> None:
+        client = _client()
+        client.key_value_set_bytes(f"{_OPS_PREFIX}/{self._published}", pickle.dumps(ops))
+        if self._published >= 2:     # every follower has read n - 2: it took part in step n - 1's collectives
+            client.key_value_delete(f"{_OPS_PREFIX}/{self._published - 2}")
+        self._published += 1
+
+
+def follow(engine) -> int:
+    """Run `engine` as process 0's `LeaderEngine` directs (in every process but 0) until it closes; returns the
+    number of steps run. Results are dropped here: process 0 holds them."""
+    client, n, steps = _client(), 0, 0
+    while True:
+        try:
+            blob = client.blocking_key_value_get_bytes(f"{_OPS_PREFIX}/{n}", _POLL_MS)
+        except Exception as e:        # noqa: BLE001 - jax raises its runtime error type on the timeout
+            if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
+                continue              # an idle leader; a dead one ends this process through the heartbeat check
+            raise
+        n += 1
+        for op in pickle.loads(blob):
+            if op[0] == "add":
+                engine.add_request(op[2], op[3], request_id=op[1])
+            elif op[0] == "cancel":
+                engine.cancel(op[1])
+                engine.pop_result(op[1])
+            elif op[0] == "step":
+                for out in engine.step():
+                    if out.finished:
+                        engine.pop_result(out.request_id)
+                steps += 1
+            elif op[0] == "stop":
+                return steps
+
+
 __all__ = ["DistributedError", "INIT_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S", "add_distributed_args", "check_agree",
-           "initialize", "is_main_process", "maybe_initialize", "min_over_processes", "to_host"]
+           "follow", "initialize", "is_main_process", "LeaderEngine", "maybe_initialize", "min_over_processes",
+           "to_host"]

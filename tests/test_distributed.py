@@ -83,6 +83,23 @@ def _record_layouts(engine) -> list:
     return layouts
 
 
+def _lead_or_follow(engine, num_processes: int, process_id: int):
+    """Requests arriving in process 0 only (as in the server): process 0 leads, the others follow."""
+    import m3jax
+    from m3jax import distributed
+
+    params = m3jax.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    if process_id > 0:
+        return distributed.follow(engine)                       # the number of steps it ran
+    leader = distributed.LeaderEngine(engine) if num_processes > 1 else engine
+    rids = [leader.add_request(p, params) for p in PROMPTS]
+    while leader.has_work():
+        leader.step()
+    if num_processes > 1:
+        leader.close()
+    return [list(leader.pop_result(r).token_ids) for r in rids]
+
+
 def worker(ckpt: str, out: str, coordinator: str, num_processes: int, process_id: int, mode: str) -> None:
     from m3jax import distributed
     if num_processes > 1:
@@ -117,6 +134,7 @@ def worker(ckpt: str, out: str, coordinator: str, num_processes: int, process_id
             sampled = m3jax.generate(engine, PROMPTS, m3jax.SamplingParams(max_new_tokens=3, temperature=1.0,
                                                                            seed=7, ignore_eos=True))
             result[text]["sampled"] = [list(o.token_ids) for o in sampled]
+            result[text]["led"] = _lead_or_follow(engine, num_processes, process_id)
         else:            # the converted (Orbax) directory restores onto the same global mesh
             restored = m3jax.load(ckpt + "-orbax", dtype="float32", mesh=mesh, progress=False)
             np.save(os.path.join(out, f"logits_orbax_{process_id}.npy"), distributed.to_host(restored(ids)))
@@ -173,6 +191,9 @@ def test_two_processes_match_one_process_with_8_devices(ckpt, tmp_path):
             np.testing.assert_allclose(np.load(multi_dir / f"logits_{text}_{i}.npy"), want, rtol=2e-5, atol=2e-5)
             assert got[i][text]["tokens"] == ref[text]["tokens"], text
             assert got[i][text].get("sampled") == ref[text].get("sampled"), text
+        if "led" in ref[text]:           # process 0 led with requests only it had; process 1 followed
+            assert got[0][text]["led"] == ref[text]["tokens"] and ref[text]["led"] == ref[text]["tokens"]
+            assert got[1][text]["led"] >= 1
             # Each process reads exactly the slices its 4 devices hold: on 1x8 half of every split parameter (the
             # rest is replicated: norms, router, KV-head weights); on 2x4 half of the experts.
             assert got[i][text]["bytes_read"] == got[i][text]["expected_bytes"], (text, i)

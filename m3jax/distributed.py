@@ -204,6 +204,11 @@ def _quiet(quiet_followers: bool) -> None:
         sys.stdout = open(os.devnull, "w")      # every process holds every result: process 0 prints them
 
 
+def is_multi_process() -> bool:
+    """More than one process in this run (jax.distributed was initialised with num_processes > 1)."""
+    return jax.process_count() > 1
+
+
 def is_main_process() -> bool:
     """Process 0: the one that prints results, writes files and serves HTTP in a multi-process run."""
     return jax.process_index() == 0
@@ -283,6 +288,16 @@ class LeaderEngine:
         self._ops = []
         return self.engine.step()
 
+    def run(self) -> dict:
+        """Step until every queued request has finished; returns (and forgets) all finished results."""
+        while self.engine.has_work():
+            self.step()
+        results, self.engine.scheduler.results = self.engine.scheduler.results, {}
+        return results
+
+    def stream(self, *args, **kwargs):
+        raise NotImplementedError("LeaderEngine.stream: use add_request(..., on_token=) and step()")
+
     def close(self) -> None:
         """Tell the followers to return (they return from `follow`)."""
         self._publish(self._ops + [("stop",)])
@@ -324,5 +339,5 @@ def follow(engine) -> int:
 
 
 __all__ = ["DistributedError", "INIT_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S", "add_distributed_args", "check_agree",
-           "follow", "initialize", "is_main_process", "LeaderEngine", "maybe_initialize", "min_over_processes",
+           "follow", "initialize", "is_main_process", "is_multi_process", "LeaderEngine", "maybe_initialize", "min_over_processes",
            "to_host"]

@@ -16,7 +16,10 @@ the same order) and runs the same host-side scheduler, so every process makes th
 the same jitted programs; request seeds depend only on the engine seed and the request's serial number, so
 sampling draws the same numbers everywhere. Sampled tokens come back to every process's host (`to_host`:
 `process_allgather` when the array spans other hosts' devices), so every process holds every result.
-`check_agree` all-gathers a hash (tests and debugging) and raises when processes disagree.
+`check_agree` all-gathers a hash (tests and debugging) and raises when processes disagree. When requests arrive
+in process 0 only (the HTTP server), process 0 drives a `LeaderEngine`, which publishes each step's new requests
+and cancellations through jax's coordination service, and the other processes `follow` it: the same request
+stream again, replayed.
 
 Failure: a process that cannot reach the coordinator raises `DistributedError` after `init_timeout_s`; a process
 that dies is noticed by the others through missed heartbeats (`heartbeat_timeout_s`), which makes jax's

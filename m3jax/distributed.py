@@ -264,8 +264,8 @@ class LeaderEngine:
     """Process 0's Engine when requests arrive in process 0 only (the HTTP server): every `add_request` and
     `cancel` is applied here and recorded, and each `step()` first publishes the record through jax's
     coordination service, so that the Engines of the other processes (`follow`) apply the same operations in
-    the same order and run the same step. Prompts travel as token ids (text is tokenised here; image inputs
-    are not supported). Everything else is the wrapped Engine's (`leader.tokenizer`, `leader.pop_result`...).
+    the same order and run the same step. Prompts travel as token ids (text is tokenised here). Everything
+    else is the wrapped Engine's (`leader.tokenizer`, `leader.pop_result`...).
     """
 
     def __init__(self, engine):

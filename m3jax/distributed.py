@@ -33,6 +33,7 @@ names it; jax 0.10.2 already defaults to it).
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import os
 import pickle
@@ -272,6 +273,8 @@ class LeaderEngine:
         self.engine = engine
         self._ops: list[tuple] = []
         self._published = 0
+        self._closed = False
+        atexit.register(self.close)      # runs before jax's shutdown barrier, which the followers then reach
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -302,9 +305,11 @@ class LeaderEngine:
         raise NotImplementedError("LeaderEngine.stream: use add_request(..., on_token=) and step()")
 
     def close(self) -> None:
-        """Tell the followers to return (they return from `follow`)."""
-        self._publish(self._ops + [("stop",)])
-        self._ops = []
+        """Tell the followers to return (they return from `follow`); once, also at exit."""
+        if not self._closed:
+            self._closed = True
+            self._publish(self._ops + [("stop",)])
+            self._ops = []
 
     def _publish(self, ops) -> None:
         client = _client()

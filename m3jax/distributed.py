@@ -21,13 +21,14 @@ in process 0 only (the HTTP server), process 0 drives a `LeaderEngine`, which pu
 and cancellations through jax's coordination service, and the other processes `follow` it: the same request
 stream again, replayed.
 
-Failure: a process that cannot reach the coordinator raises `DistributedError` after `init_timeout_s`; a process
-that dies is noticed by the others through missed heartbeats (`heartbeat_timeout_s`), which makes jax's
+Failure: a process that cannot join (coordinator unreachable, another process missing) prints one line naming the
+coordinator and exits with status 1 after `init_timeout_s`; a process that dies is noticed by the others through missed heartbeats (`heartbeat_timeout_s`), which makes jax's
 distributed runtime end them with an error naming the cause; an uncaught exception in one process (after
 `initialize`) prints it and exits that process at once (`os._exit(1)`) instead of waiting at jax's shutdown
 barrier, so the others are ended by the heartbeat check. Nothing waits forever.
 CPU: cross-process collectives use gloo (`jax_cpu_collectives_implementation`, set here: the one place that
-names it; jax 0.10.2 already defaults to it).
+names it; jax 0.10.2 already defaults to it). Private jax used here, and only here: the coordination service's
+key-value client (`jax._src.distributed.global_state.client`) for LeaderEngine / follow.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import hashlib
+import logging
 import os
 import pickle
 import sys
@@ -45,9 +47,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
+log = logging.getLogger(__name__)
 INIT_TIMEOUT_S = 300            # jax's default: how long process 0 waits for the others at start-up
 HEARTBEAT_TIMEOUT_S = 100       # jax's default: a process silent this long is taken as dead
-_JAX_TIMEOUT_MARGIN_S = 30    # jax's own start-up timeout: after the watchdog's (see initialize)
+_JAX_TIMEOUT_MARGIN_S = 30      # jax's own start-up timeout: after the watchdog's (see initialize)
 _ENV_NUM_PROCESSES, _ENV_PROCESS_ID = "M3JAX_NUM_PROCESSES", "M3JAX_PROCESS_ID"
 
 
@@ -65,12 +68,13 @@ def _env_int(name: str) -> int | None:
 
 
 def _use_gloo_on_cpu() -> None:
-    """CPU collectives across processes: gloo (jax 0.10.2 and 0.11.2 both name it
-    `jax_cpu_collectives_implementation`; jax versions that lack the option need nothing)."""
+    """CPU collectives across processes: gloo (the option `jax_cpu_collectives_implementation` of jax 0.10.2 and
+    of jax's main branch; a jax without it is told nothing, and a log line says so)."""
     try:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except AttributeError:        # pragma: no cover - an older or newer jax without the option
-        pass
+    except AttributeError:        # pragma: no cover - a jax without the option
+        log.warning("distributed: this jax has no jax_cpu_collectives_implementation option; CPU collectives "
+                    "across processes use its default")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -87,7 +87,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         JAX_COORDINATOR_ADDRESS, or detected on Cloud TPU / Slurm / Open MPI). num_processes / process_id
         (None: M3JAX_NUM_PROCESSES / M3JAX_PROCESS_ID, or detected). local_device_ids: the devices of this
         process (None: all it sees; JAX_LOCAL_DEVICE_IDS).
-    init_timeout_s: how long to wait for every process to connect; then DistributedError names the coordinator.
+    init_timeout_s: how long to wait for every process to connect; then one line naming the coordinator goes to
+        stderr and the process exits with status 1 (a watchdog: jax's own timeout aborts with a C++ stack trace).
     heartbeat_timeout_s: a process that stops answering for this long ends the run on every host; also the
         longest wait at jax's shutdown barrier on exit (jax's default, 300 s, would hold a failed process).
     exit_on_error: an uncaught exception in this process prints its traceback and exits at once (status 1), so

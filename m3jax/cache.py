@@ -116,8 +116,10 @@ def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fractio
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
     devices = [device] if device is not None else list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    if jax.process_count() > 1:           # multi-host: this host's devices here, the minimum over hosts below
+        devices = [d for d in devices if d.process_index == jax.process_index()]
     free = None
-    for d in [d for d in devices if d.process_index == jax.process_index()]:     # multi-host: this host's
+    for d in devices:
         try:
             stats = d.memory_stats()
         except Exception:          # noqa: BLE001 - backends without statistics raise assorted errors

@@ -11,8 +11,10 @@ concurrency) and --level-timeout seconds per level; a request still open then is
 Per level: TTFT (send -> first streamed chunk; the server sends one chunk per engine step of the request), TPOT
 ((last chunk - first chunk) / (tokens - 1)), output tokens/s over the level's wall time, and the outcome of
 every request (ok / HTTP status + reason / lost). Prefix turn: a cold request with a fresh 32K prefix + 64
-tokens, then a second request with the same prefix + 64 other tokens (its `cached_tokens` is reported; without
-prefix caching in the engine both are cold prefills).
+tokens, then a second request with the same prefix + 64 other tokens, which takes every full block of the prefix
+from the engine's prefix cache (its `cached_tokens` is reported; --prefix-caching off makes it a cold prefill too),
+then another cold request with a fresh prefix; repeated for --prefix-repeats fresh prefixes, the speedup is the
+median cold TTFT over the median second-turn TTFT.
 
     python benchmarks/serve.py --out benchmarks/results_serve_h200.json          # scaled M3 (generate.py), GPU
     python benchmarks/serve.py --model /path/to/checkpoint ...                   # a checkpoint instead
@@ -75,7 +77,7 @@ def start_server(args):
     from m3jax.tokenizer import M3Tokenizer, write_byte_level_tokenizer
 
     if args.small or args.model:
-        from m3jax.testing import bundled_tiny_checkpoint
+        from m3jax.api import bundled_tiny_checkpoint
         path = args.model or bundled_tiny_checkpoint()
         model = m3jax.load(path, dtype=args.dtype or ("float32" if args.small else "bfloat16"), progress=False,
                            fp8_experts=args.fp8_experts)
@@ -91,7 +93,8 @@ def start_server(args):
     engine = m3jax.Engine(model, tokenizer=tok, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                           prefill_chunk=args.prefill_chunk, memory_fraction=args.memory_fraction,
                           row_buckets=rows, len_buckets=(min(args.prefill_chunk, args.max_seq_len),),
-                          unroll_layers=args.split_weights, split_layer_weights=args.split_weights)
+                          layer_loop="split" if args.split_weights else None,
+                          enable_prefix_caching=args.prefix_caching == "on")
     app = create_app(engine, model_name=MODEL_NAME, tokenizer=tok, max_queue=args.max_queue,
                      completion_default_max_tokens=args.new_tokens)
     s = socket.socket()
@@ -210,16 +213,22 @@ def client_main(url, plan, out_queue):
             import openai
             client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
             pre, t = plan["prefix"], plan["level_timeout"]
-            shared = ids(pre)
             await _one(client, ids(pre) + ids(64), 1, t)                   # warm-up at this length
-            cold = await _one(client, shared + ids(64), 1, t)             # first turn: the prefix is new
-            second = await _one(client, shared + ids(64), 1, t)           # second turn: same prefix
-            other = await _one(client, ids(pre) + ids(64), 1, t)          # another cold prefill
+            trials = []
+            for _ in range(plan["prefix_repeats"]):                        # a fresh prefix each time
+                shared = ids(pre)
+                cold = await _one(client, shared + ids(64), 1, t)         # first turn: the prefix is new
+                second = await _one(client, shared + ids(64), 1, t)       # second turn: same prefix, cached
+                other = await _one(client, ids(pre) + ids(64), 1, t)      # another cold prefill
+                trials.append({"first_turn": cold, "second_turn": second, "cold_again": other})
             await client.close()
-            out_queue.put({"what": "prefix", "prefix_tokens": pre, "first_turn": cold, "second_turn": second,
-                           "cold_again": other,
-                           "speedup": (other["ttft"] / second["ttft"]) if cold["ok"] and second["ok"] and
-                           other["ok"] else None})
+            ok = all(x["ok"] for tr in trials for x in tr.values())
+            med = {k: statistics.median(tr[k]["ttft"] for tr in trials) if ok else None
+                   for k in ("first_turn", "second_turn", "cold_again")}
+            out_queue.put({"what": "prefix", "prefix_tokens": pre, "trials": trials,
+                           "second_turn_cached": [tr["second_turn"].get("cached") for tr in trials],
+                           "ttft_median_s": med,
+                           "speedup": med["cold_again"] / med["second_turn"] if ok else None})
 
     asyncio.run(main())
     out_queue.put(None)
@@ -233,7 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--experts", type=int, default=64, help="routed experts of the scaled M3")
     ap.add_argument("--fp8-experts", action="store_true")
-    ap.add_argument("--split-weights", action="store_true", help="Engine(split_layer_weights=True) (GPU decode)")
+    ap.add_argument("--split-weights", action="store_true", help='Engine(layer_loop="split") (GPU decode)')
+    ap.add_argument("--prefix-caching", choices=["on", "off"], default="on",
+                    help="Engine(enable_prefix_caching=...): off makes the second turn a cold prefill too")
     ap.add_argument("--levels", default=None, help="concurrency levels (default 1,8,32,64; small: 1,4,8)")
     ap.add_argument("--max-batch-size", type=int, default=None, help="default: the largest level")
     ap.add_argument("--max-seq-len", type=int, default=None, help="default 40960 (small: 512)")
@@ -245,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=None, help="default 256 (small: 8)")
     ap.add_argument("--prefix", type=int, default=None, help="shared-prefix tokens (default 32768; small: 256; 0: "
                     "skip)")
+    ap.add_argument("--prefix-repeats", type=int, default=None, help="fresh shared prefixes measured (median; "
+                    "default 3, small: 5)")
     ap.add_argument("--requests-per-level", type=int, default=None, help="default 2 x concurrency (max 256)")
     ap.add_argument("--level-timeout", type=float, default=None, help="seconds per level (default 600; small 300)")
     ap.add_argument("--warm-levels", choices=["on", "off"], default=None, help="run each level's load once "
@@ -261,6 +274,7 @@ def main(argv=None) -> int:
     args.new_tokens = d(args.new_tokens, 256, 8)
     plan = {"levels": levels, "min_prompt": d(args.min_prompt, 1024, 16), "max_prompt": d(args.max_prompt, 8192, 64),
             "new_tokens": args.new_tokens, "prefix": d(args.prefix, 32768, 256),
+            "prefix_repeats": max(1, d(args.prefix_repeats, 3, 5)),
             "requests_per_level": min(args.requests_per_level or 0, 256),
             "level_timeout": d(args.level_timeout, 600.0, 300.0), "seed": 0,
             "warm_levels": d(args.warm_levels, "on", "off") == "on"}
@@ -275,6 +289,7 @@ def main(argv=None) -> int:
     setup = {"what": "setup", "device": str(getattr(dev, "device_kind", dev)), "jax": jax.__version__,
              "model": what, "max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len,
              "prefill_chunk": args.prefill_chunk, "num_pages": engine.num_pages, "plan": plan,
+             "prefix_caching": engine.enable_prefix_caching,
              "date": time.strftime("%Y-%m-%d", time.gmtime())}
     rows = [setup]
     _emit(args, setup)
@@ -324,11 +339,11 @@ def _table(rows):
                   f"{r['output_tokens_per_s']:.1f} | {r['errors'] or '-'} |")
     for r in rows:
         if r["what"] == "prefix":
-            f = lambda x: f"{ms(x.get('ttft'))} ms (cached {x.get('cached', '-')})" if x.get("ok") \
-                else x.get("error")                                                # noqa: E731
+            med = r["ttft_median_s"]
             sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-            print(f"\nshared {r['prefix_tokens']}-token prefix: first turn TTFT {f(r['first_turn'])}, second turn "
-                  f"{f(r['second_turn'])}, another cold prefill {f(r['cold_again'])}; cold / second = {sp}")
+            print(f"\nshared {r['prefix_tokens']}-token prefix, median of {len(r['trials'])} fresh prefixes: first "
+                  f"turn TTFT {ms(med['first_turn'])} ms, second turn {ms(med['second_turn'])} ms (cached tokens "
+                  f"{r['second_turn_cached']}), another cold prefill {ms(med['cold_again'])} ms; cold / second = {sp}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
 import threading
+import uuid
 from typing import Iterable, Mapping
 
 import ml_dtypes
@@ -97,7 +97,8 @@ def write_file(file: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[s
         arrays.append(a)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(file)), suffix=".tmp")
+    tmp = f"{os.path.abspath(file)}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask's mode (mkstemp: 0600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))

@@ -28,7 +28,7 @@ def _dtype(dtype) -> jnp.dtype:
 
 def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
          attn_impl: str | None = None, progress: bool = True,
-         shardings=None, fp8_experts: bool = False) -> M3ForCausalLM:
+         shardings=None, fp8_experts: bool = False, verify: bool = True) -> M3ForCausalLM:
     """Load a checkpoint directory into an M3ForCausalLM, placed (sharded) as it is read.
 
     path: an HF release dir (BF16/FP32 or MXFP8 safetensors, single file or sharded with an index json) or a
@@ -44,12 +44,18 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         bf16), dequantised per layer inside the step (see m3jax.model.moe.MoE). A release whose experts are not
         MXFP8 raises; a converted dir must have been converted with the same choice (`m3jax convert
         --fp8-experts`).
+    verify: check a converted dir's pieces against the checksums in its manifest before reading them (a changed
+        byte raises CheckpointError naming the piece); False skips it (`--no-verify`). Releases are not checksummed.
+
+    The returned model records `model.checkpoint_dir = path`, where the Engine finds the tokenizer.
     """
     from convert import loader, orbax_io, placement     # `import m3jax` loads no converter code: lazy
 
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"checkpoint {path} is not a directory (pass the directory holding config.json)")
     cfg = M3Config.from_pretrained(path)
     replicas = 1
     if mesh is not None:
@@ -60,13 +66,15 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
     graphdef, treedef, paths, targets = abstract_params(cfg, _dtype(dtype), attn_impl, mesh, fp8_experts)
     resolved = placement.resolve_shardings({p: s for p, (s, _) in targets.items()}, mesh, shardings)
     if orbax_io.is_converted(path):
-        arrays = orbax_io.restore(path, targets, resolved, progress=progress)
+        arrays = orbax_io.restore(path, targets, resolved, progress=progress, verify=verify)
     else:
         arrays = loader.load_release(path, cfg, targets, resolved, progress=progress)
     if replicas > 1:
         graphdef, treedef, paths, arrays = _replicate_kv_heads(cfg, replicas, arrays, mesh, _dtype(dtype), attn_impl,
                                                                fp8_experts)
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in paths]))
+    model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in paths]))
+    model.checkpoint_dir = path                     # the Engine reads the tokenizer from here
+    return model
 
 
 def _replicated_kv_first(shardings):
@@ -122,8 +130,26 @@ def bundled_tiny_checkpoint() -> str:
     release format under $M3JAX_CACHE or ~/.cache/m3jax on first use. `m3jax generate` uses it without --model."""
     from m3jax.testing import make_tiny_checkpoint
 
-    root = os.environ.get("M3JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "m3jax"))
-    path = os.path.join(root, "tiny-seed0-v1")
+    path = bundled_tiny_path()
     if not os.path.exists(os.path.join(path, "config.json")):
-        make_tiny_checkpoint(path, seed=0)
+        # Several processes may ask at once (pytest workers, servers): each writes its own copy beside the cache
+        # dir and renames it into place; the first rename wins and the others drop theirs.
+        tmp = f"{path}.tmp-{os.getpid()}"
+        if os.path.exists(tmp):
+            import shutil
+            shutil.rmtree(tmp)
+        make_tiny_checkpoint(tmp, seed=0)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise
+            import shutil
+            shutil.rmtree(tmp)
     return path
+
+
+def bundled_tiny_path() -> str:
+    """Where bundled_tiny_checkpoint() keeps the demo model (it may not be written yet)."""
+    root = os.environ.get("M3JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "m3jax"))
+    return os.path.join(root, "tiny-seed0-v2")           # v2: weights drawn with numpy (testing.random_params)

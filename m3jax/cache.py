@@ -183,7 +183,7 @@ def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
     if mesh is not None and mesh.size > 1 and mesh != getattr(model, "mesh", None):
         # The pools are split over the mesh and read through the model's shard_map: they must be the same mesh.
         raise ValueError("cache: mesh is not the mesh the model was placed on; load it with "
-                         "m3jax.load(path, mesh=mesh) or place it with m3jax.sharding.shard_model(model, mesh)")
+                         "m3jax.load(path, mesh=mesh) or place it with m3jax.params.shard_model(model, mesh)")
     dtype = jnp.dtype(dtype or model.dtype)
     sizes = {DATA: 1, MODEL: 1} if mesh is None else dict(mesh.shape)
     layout = cache_layout(model.config, num_pages, data=sizes[DATA], model=sizes[MODEL])

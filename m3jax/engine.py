@@ -25,6 +25,8 @@ from m3jax.scheduler import (FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Generatio
                              PageAllocator, Scheduler, StepOutput)
 from m3jax.sharding import DATA
 
+DEFAULT_MAX_SEQ_LEN = 8192
+
 
 def checkpoint_tokenizer(model):
     """The tokenizer of the checkpoint the model was loaded from (model.checkpoint_dir), or None."""
@@ -39,7 +41,8 @@ class Engine:
     """Continuous-batching generation over a paged KV + index-K cache. See the module docstring.
 
     model: an M3ForCausalLM (its attn_impl picks the attention and MoE kernels). max_batch_size: requests decoding
-    at once. max_seq_len: prompt + generated tokens per request. num_pages: pages per layer (page 0 is the sink) in
+    at once. max_seq_len: prompt + generated tokens per request (default: 8192, or the model's
+    max_position_embeddings if lower). num_pages: pages per layer (page 0 is the sink) in
     each data shard's pool; None sizes the pool from free device memory (`memory_fraction` of it), at most enough
     for the shard's share of max_batch_size full-length requests. max_tokens_per_step: token budget of one step
     (decode rows + prefill chunk tokens). prefill_chunk: longest prompt chunk of one request in a step. tokenizer:
@@ -50,14 +53,19 @@ class Engine:
     for (default: powers of two up to max_batch_size / prefill_chunk; with D data shards, row buckets count the
     rows of all shards and are rounded up to multiples of D); each (decode rows, prefill rows x length)
     combination compiles once. layer_loop: "scan" | "split" | None (the backend's choice; see m3jax.runner).
+    enable_prefix_caching: a request reuses the cached K, V and index-K pages of every full block of its prompt
+    that an earlier request computed on the same data shard (m3jax.scheduler); outputs are those without a hit, and
+    GenerationResult.num_cached_tokens says how many prompt tokens were not computed.
     """
 
-    def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 8192, mesh=None, *,
+    def __init__(self, model, max_batch_size: int = 8, max_seq_len: int | None = None, mesh=None, *,
                  num_pages: int | None = None, max_tokens_per_step: int | None = None,
                  prefill_chunk: int = 512, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
                  row_buckets: Sequence[int] | None = None, len_buckets: Sequence[int] | None = None,
-                 layer_loop: str | None = None):
+                 layer_loop: str | None = None, enable_prefix_caching: bool = True):
         cfg = model.config
+        if max_seq_len is None:
+            max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                         ("prefill_chunk", prefill_chunk)):
             if not isinstance(v, int) or v < 1:
@@ -87,7 +95,7 @@ class Engine:
                                    num_pages=num_pages, data_shards=data_shards,
                                    max_tokens_per_step=max_tokens_per_step, prefill_chunk=prefill_chunk,
                                    tokenizer=tokenizer if tokenizer is not None else checkpoint_tokenizer(model),
-                                   seed=seed)
+                                   seed=seed, enable_prefix_caching=enable_prefix_caching)
         self.num_pages = num_pages
 
     # ------------------------------------------------------------------------------------------ settings
@@ -102,6 +110,7 @@ class Engine:
     allocators = property(lambda self: self.scheduler.allocators)
     num_steps = property(lambda self: self.runner.num_steps)
     layer_loop = property(lambda self: self.runner.layer_loop)
+    enable_prefix_caching = property(lambda self: self.scheduler.enable_prefix_caching)
 
     @property
     def eos_ids(self) -> frozenset:
@@ -158,6 +167,10 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix block (pages in use stay in use); returns how many blocks were cached."""
+        return self.scheduler.reset_prefix_cache()
 
     @property
     def num_waiting(self) -> int:

@@ -11,24 +11,36 @@ Once per step (`Scheduler.schedule`):
 Then `Scheduler.complete` takes the sampled tokens, applies the stop rules and retires finished requests.
 
 On a mesh with "data" = D > 1 each data shard owns a page pool and its own `PageAllocator`; a request is admitted
-to the shard with the fewest running requests (that has the pages), and its rows carry the shard so that the
-runner lays them out where its pages are.
+to the shard that holds the longest cached prefix of its prompt, then the one with the fewest running requests
+(among those with a free row and the pages), and its rows carry the shard so that the runner lays them out where
+its pages are.
 
-Pages are refcounted (`PageAllocator.share`) so that a later prefix cache can map one physical page into several
-requests' page tables; today every page has one owner.
+Prefix caching (`enable_prefix_caching`): a page is one MSA block of `page_size` tokens, and one page id covers
+the K, V and index-K rows of that block in every layer (layers are folded into the page axis, cache.layer_offset),
+so sharing a page id shares all of them. Every full block whose keys are computed is registered in its shard's
+allocator under a chain key, sha256(parent key, the block's token ids), so a key names the whole prefix up to the
+block's end. A new request looks up the keys of its prompt's full blocks, shares the longest cached run (refcount
++ 1) and starts computing after it. Only full blocks are ever shared, and the last prompt token is always
+computed (there must be logits to sample from), so a request never writes into a page it shares: no copy on
+write. A page whose last reference goes stays cached on the free list, least recently used first in line to be
+handed out again (evicted); uncached free pages go before any cached one. A hit counts only on the data shard that
+holds the pages: a request admitted to another shard computes its whole prompt. Keys see token ids only: a request
+whose keys depend on more (image or video features behind placeholder tokens) must put that content's hash in
+`Request.cache_salt`, which starts its chain.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import itertools
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from m3jax.cache import SINK_PAGE, OutOfPages, pages_per_sequence
-from m3jax.sampling import SamplingParams
+from m3jax.sampling import SamplingParams, _is_int
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 
@@ -46,6 +58,7 @@ class GenerationResult:
     prompt_token_ids: list[int] | None = None
     request_id: Any = None
     error: str | None = None
+    num_cached_tokens: int = 0         # prompt tokens whose keys came from the prefix cache (not computed)
 
 
 @dataclasses.dataclass
@@ -72,6 +85,10 @@ class Request:
     num_computed: int = 0            # tokens whose keys are in the cache
     logprobs: list[float] = dataclasses.field(default_factory=list)
     max_total: int = 0               # stop with "length" once len(tokens) reaches this
+    cache_salt: bytes = b""          # folded into its first block key: content the token ids do not show
+    block_keys: list[bytes] = dataclasses.field(default_factory=list)   # chain keys of its first full blocks
+    num_registered: int = 0          # its first blocks registered in (or taken from) the prefix cache
+    num_cached: int = 0              # prompt tokens taken from the prefix cache at admission
 
     @property
     def num_generated(self) -> int:
@@ -116,26 +133,51 @@ class Batch:
         return self.decode + self.prefill
 
 
+def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The prefix-cache key of a full block: sha256 over the parent block's key and the block's token ids, so equal
+    keys mean equal prefixes (a cryptographic hash: one user cannot craft a prompt that collides with another's)."""
+    return hashlib.sha256(parent + np.asarray(tokens, np.int64).tobytes()).digest()
+
+
+def root_key(salt: bytes = b"") -> bytes:
+    """The parent key of a sequence's first block (salt: content that the token ids do not show)."""
+    return hashlib.sha256(b"m3jax prefix root" + salt).digest()
+
+
 class PageAllocator:
-    """Host-side owner of the physical page ids 1..num_pages-1 of one pool (page 0 is the sink).
+    """Host-side owner of the physical page ids 1..num_pages-1 of one pool (page 0 is the sink), and the prefix
+    cache of that pool.
 
     `allocate(owner, n)` gives `owner` n more pages (appended to its page list) or raises OutOfPages and changes
-    nothing; `share(owner, pages)` appends pages someone else holds (refcount + 1: the seam for prefix caching);
-    `release(owner)` drops all of the owner's references, and a page returns to the free list when its last
-    reference goes. The allocator checks every page's count against its owners.
+    nothing; `share(owner, pages)` appends pages that are held or cached (refcount + 1); `release(owner)` drops all
+    of the owner's references, and a page returns to the free list when its last reference goes.
+
+    Prefix cache: `register(page, key)` records that a held page holds the full block named `key` (block_key);
+    `lookup(keys)` gives the pages of the longest cached run of keys. A cached page whose last reference goes stays
+    cached on the free list: free pages are handed out uncached ones first, then cached ones least recently
+    released first (and forgotten then: evicted). `num_free` counts cached free pages too (they can be taken at any
+    time). `check()` verifies every count against the owners and the cache maps.
     """
 
     def __init__(self, num_pages: int):
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is the sink), got {num_pages}")
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, 0, -1))   # pop() hands out low ids first
+        self._free = collections.OrderedDict.fromkeys(range(1, num_pages))   # handed out from the front
         self._refs: dict[int, int] = {}
         self._pages: dict[object, list[int]] = {}
+        self._key_of: dict[int, bytes] = {}          # cached page -> its block key
+        self._page_of: dict[bytes, int] = {}         # block key -> cached page
+        self.num_evicted = 0
 
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Pages that hold a registered full block (held or free)."""
+        return len(self._page_of)
 
     @property
     def capacity(self) -> int:
@@ -152,8 +194,10 @@ class PageAllocator:
     def refcount(self, page: int) -> int:
         return self._refs.get(page, 0)
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+    def can_allocate(self, n: int, shared: Sequence[int] = ()) -> bool:
+        """Whether n fresh pages can be allocated after sharing `shared` (cached free pages among them leave the
+        free list)."""
+        return n + sum(1 for p in shared if p in self._free) <= len(self._free)
 
     def allocate(self, owner, n: int) -> list[int]:
         """Append n fresh pages to owner's list and return them; raises OutOfPages (changing nothing) if short."""
@@ -161,19 +205,27 @@ class PageAllocator:
             raise ValueError(f"cannot allocate {n} pages")
         if n > len(self._free):
             raise OutOfPages(f"{owner!r} needs {n} pages, {len(self._free)} of {self.capacity} are free")
-        got = [self._free.pop() for _ in range(n)]
-        for p in got:
+        got = []
+        for _ in range(n):
+            p, _ = self._free.popitem(last=False)
+            key = self._key_of.pop(p, None)
+            if key is not None:                       # the least recently used cached block: evicted
+                del self._page_of[key]
+                self.num_evicted += 1
             self._refs[p] = 1
+            got.append(p)
         self._pages.setdefault(owner, []).extend(got)
         return got
 
     def share(self, owner, pages: Sequence[int]) -> None:
-        """Append pages that are already held (e.g. a cached prefix) to owner's list: one more reference each."""
+        """Append pages that are held or cached (e.g. a cached prefix) to owner's list: one more reference each."""
         for p in pages:
-            if self._refs.get(p, 0) < 1:
-                raise ValueError(f"page {p} is not held by anyone; only held pages can be shared")
+            if self._refs.get(p, 0) < 1 and p not in self._key_of:
+                raise ValueError(f"page {p} is not held and not cached; only held or cached pages can be shared")
         for p in pages:
-            self._refs[p] += 1
+            if p in self._free:
+                del self._free[p]
+            self._refs[p] = self._refs.get(p, 0) + 1
         self._pages.setdefault(owner, []).extend(pages)
 
     def ensure(self, owner, num_tokens: int, page_size: int) -> list[int]:
@@ -181,28 +233,59 @@ class PageAllocator:
         need = pages_per_sequence(num_tokens, page_size) - len(self._pages.get(owner, ()))
         return self.allocate(owner, need) if need > 0 else []
 
+    def register(self, page: int, key: bytes) -> bool:
+        """Record that held page `page` holds the full block `key`; False (nothing changes) when another page
+        already holds that block or this page holds one already."""
+        if self._refs.get(page, 0) < 1:
+            raise ValueError(f"page {page} is not held; only a held page's block can be cached")
+        if key in self._page_of or page in self._key_of:
+            return False
+        self._page_of[key] = page
+        self._key_of[page] = key
+        return True
+
+    def lookup(self, keys: Sequence[bytes]) -> list[int]:
+        """The pages of the longest cached run keys[0], keys[1], ... (held or free)."""
+        out = []
+        for k in keys:
+            p = self._page_of.get(k)
+            if p is None:
+                break
+            out.append(p)
+        return out
+
+    def reset_cache(self) -> int:
+        """Forget every cached block (held pages stay held); returns how many were forgotten."""
+        n = len(self._page_of)
+        for p in list(self._free):
+            if p in self._key_of:
+                self._free.move_to_end(p, last=False)
+        self._key_of.clear()
+        self._page_of.clear()
+        return n
+
     def release(self, owner) -> int:
         """Drop all of owner's page references; returns how many pages it held. Unknown owners raise KeyError."""
         if owner not in self._pages:
             raise KeyError(f"{owner!r} holds no pages")
         pages = self._pages.pop(owner)
-        for p in reversed(pages):
+        for p in reversed(pages):          # a prefix's later blocks go first in line: they are useless without it
             n = self._refs.get(p, 0)
             if n < 1:
                 raise RuntimeError(f"page {p} listed for {owner!r} has no references")
             if n == 1:
                 del self._refs[p]
-                self._free.append(p)
+                self._free[p] = None
+                if p not in self._key_of:
+                    self._free.move_to_end(p, last=False)        # nothing to keep: handed out before cached pages
             else:
                 self._refs[p] = n - 1
         return len(pages)
 
     def check(self) -> None:
         """Invariants: every page 1..P-1 is free xor referenced; a page's count equals the owner lists holding it;
-        the sink is never handed out."""
+        the sink is never handed out; the two cache maps are inverse."""
         free = set(self._free)
-        if len(free) != len(self._free):
-            raise RuntimeError("page allocator: a page is on the free list twice")
         if SINK_PAGE in free or SINK_PAGE in self._refs:
             raise RuntimeError("page allocator: the sink page was handed out")
         if free & set(self._refs):
@@ -213,17 +296,20 @@ class PageAllocator:
         held = collections.Counter(p for pages in self._pages.values() for p in pages)
         if held != collections.Counter(self._refs):
             raise RuntimeError("page allocator: reference counts differ from the owners' page lists")
+        if {p: k for k, p in self._page_of.items()} != self._key_of:
+            raise RuntimeError("page allocator: the prefix cache's key and page maps disagree")
 
 
 class Scheduler:
     """Queue, admission, page allocators, chunk budget and stop rules (see the module docstring).
 
     tokenizer: for string prompts, chat prompts, stop strings and result text (None: token ids only).
+    enable_prefix_caching: reuse the cached full blocks of a prompt (see the module docstring).
     """
 
     def __init__(self, *, vocab_size: int, eos_ids, max_batch_size: int, max_seq_len: int, page_size: int,
                  num_pages: int, data_shards: int = 1, max_tokens_per_step: int, prefill_chunk: int,
-                 tokenizer=None, seed: int = 0):
+                 tokenizer=None, seed: int = 0, enable_prefix_caching: bool = True):
         self.vocab_size = vocab_size
         self.eos_ids = frozenset(eos_ids)
         self.max_batch_size = max_batch_size
@@ -235,6 +321,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.seed = seed
+        self.enable_prefix_caching = bool(enable_prefix_caching)
         self.allocators = [PageAllocator(num_pages) for _ in range(data_shards)]
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -255,10 +342,10 @@ class Scheduler:
                 prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
             ids = tok.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = [int(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else t for t in prompt]
-            bad = [t for t in ids if not isinstance(t, int)]
+            bad = [t for t in prompt if not _is_int(t)]          # True is not token id 1
             if bad:
                 raise ValueError(f"request {request}: prompt token ids must be ints, got {bad[0]!r}")
+            ids = [int(t) for t in prompt]
         else:
             raise ValueError(f"request {request}: prompt must be a str or a list of token ids, got "
                              f"{type(prompt).__name__}")
@@ -325,13 +412,48 @@ class Scheduler:
             req = self.waiting[0]
             need = self.pages_needed(len(req.prompt), req.params)
             load = collections.Counter(r.shard for r in self.running)
-            fits = [d for d in range(self.data_shards)
-                    if load[d] < self.rows_per_shard and self.allocators[d].can_allocate(need)]
+            # The full blocks before the last prompt token may come from the cache (that token is always computed).
+            keys = self._block_keys(req, (len(req.prompt) - 1) // self.page_size)
+            fits = {}
+            for d in range(self.data_shards):
+                hit = self.allocators[d].lookup(keys)
+                if load[d] < self.rows_per_shard and self.allocators[d].can_allocate(need - len(hit), hit):
+                    fits[d] = hit
             if not fits:
                 break                                     # queued until a running request frees pages
-            req.shard = min(fits, key=lambda d: (load[d], -self.allocators[d].num_free))
-            self.allocators[req.shard].allocate(req.id, need)
+            req.shard = min(fits, key=lambda d: (-len(fits[d]), load[d], -self.allocators[d].num_free))
+            hit = fits[req.shard]
+            self.allocators[req.shard].share(req.id, hit)         # first: allocate may evict free cached pages
+            self.allocators[req.shard].allocate(req.id, need - len(hit))
+            req.num_computed = req.num_cached = len(hit) * self.page_size
+            req.num_registered = len(hit)
             self.running.append(self.waiting.popleft())
+
+    def _block_keys(self, req: Request, n: int) -> list[bytes]:
+        """The chain keys of req's first n full blocks (computed once; [] with prefix caching off)."""
+        if not self.enable_prefix_caching:
+            return []
+        r = self.page_size
+        while len(req.block_keys) < n:
+            m = len(req.block_keys)
+            parent = req.block_keys[-1] if m else root_key(req.cache_salt)
+            req.block_keys.append(block_key(parent, req.tokens[m * r:(m + 1) * r]))
+        return req.block_keys[:n]
+
+    def _register_blocks(self, req: Request) -> None:
+        """Cache req's full blocks whose keys are now all computed (prompt and generated tokens alike)."""
+        done = req.num_computed // self.page_size
+        if not self.enable_prefix_caching or done <= req.num_registered:
+            return
+        alloc, keys = self.allocators[req.shard], self._block_keys(req, done)
+        pages = alloc.pages(req.id)
+        for m in range(req.num_registered, done):
+            alloc.register(pages[m], keys[m])
+        req.num_registered = done
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block in every shard (pages in use stay in use); returns how many were cached."""
+        return sum(a.reset_cache() for a in self.allocators)
 
     def schedule(self) -> Batch | None:
         """Admit, then the rows of the next step (None when nothing runs)."""
@@ -363,6 +485,7 @@ class Scheduler:
         reqs = [self._request(row.request_id) for row in rows]
         for r, row in zip(reqs, rows):
             r.num_computed += len(row.tokens)
+            self._register_blocks(r)
         outputs = []
         for r, row, got in zip(reqs, rows, sampled):
             if got is not None:
@@ -370,7 +493,9 @@ class Scheduler:
         return outputs
 
     def fail(self, request_ids: Sequence, error: str) -> list[GenerationResult]:
-        """Finish these running requests with finish_reason "error" and free their pages."""
+        """Finish these running requests with finish_reason "error" and free their pages. The prefix cache is
+        forgotten too: after a failed step nothing vouches for the cache's contents."""
+        self.reset_prefix_cache()
         return [self._finish(self._request(i), FINISH_ERROR, None, error) for i in request_ids]
 
     def cancel(self, request_id) -> bool:
@@ -426,7 +551,7 @@ class Scheduler:
             if cut is not None:
                 text = text[:cut]
         result = GenerationResult(list(out), text, reason, list(r.logprobs) if r.params.logprobs else None,
-                                  list(r.prompt), r.id, error)
+                                  list(r.prompt), r.id, error, r.num_cached)
         self.allocators[r.shard].release(r.id)
         self.running.remove(r)
         self.results[r.id] = result

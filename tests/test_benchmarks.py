@@ -32,6 +32,7 @@ def test_memory_plan_json_is_what_the_code_computes():
 
 
 @pytest.mark.slow
+@pytest.mark.multi_device
 def test_multi_gpu_script_on_forced_cpu_devices():
     """benchmarks/multi_gpu.py --small: every mesh (model-, data- and mixed-parallel) with FP8 experts generates
     the one-device greedy tokens."""

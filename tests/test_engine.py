@@ -187,6 +187,7 @@ def test_generate_main_cli(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.multi_device
 def test_engine_on_a_mesh(model, no_cache_greedy):
     """A real 2x4 mesh (8 forced host devices): rows and pools split over "data", heads over "model" (KV heads
     replicated 2 -> 4), attention in shard_map; greedy tokens equal the single-device no-cache forward's."""

@@ -31,6 +31,7 @@ from m3jax.serve.text import StreamText, Utf8HoldbackDecoder  # noqa: E402
 from m3jax.tokenizer import M3Tokenizer  # noqa: E402
 
 MODEL = "tiny"
+BLOCK = 8                        # the tiny checkpoint's MSA block = KV page = prefix-cache block
 # One engine geometry: 8 rows, prompt chunks of 128 (3 compiled step programs: decode, prefill, mixed).
 ENGINE_KW = dict(max_batch_size=8, max_seq_len=2048, prefill_chunk=128, max_tokens_per_step=136, num_pages=600,
                  row_buckets=(8,), len_buckets=(128,))
@@ -38,7 +39,7 @@ ENGINE_KW = dict(max_batch_size=8, max_seq_len=2048, prefill_chunk=128, max_toke
 
 @pytest.fixture(scope="module")
 def ckpt():
-    from m3jax.testing import bundled_tiny_checkpoint
+    from m3jax.api import bundled_tiny_checkpoint
     return bundled_tiny_checkpoint()            # written once per machine (~/.cache/m3jax), shared with other tests
 
 
@@ -122,11 +123,13 @@ def test_completion_equals_single_request_engine(server, client, caplog):
         with caplog.at_level(logging.INFO, logger="m3jax.serve"):
             r = client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
         line = [rec.getMessage() for rec in caplog.records if r.id in rec.getMessage()]
+        cached = r.usage.prompt_tokens_details.cached_tokens      # the reference run cached its full blocks
         assert len(line) == 1 and f"prompt {r.usage.prompt_tokens} tokens, completion " \
-            f"{r.usage.completion_tokens} tokens, cached 0 tokens, TTFT" in line[0] and "total" in line[0]
+            f"{r.usage.completion_tokens} tokens, cached {cached} tokens, TTFT" in line[0] and "total" in line[0]
         assert r.choices[0].text == w
         assert r.choices[0].finish_reason in ("length", "stop")
-        assert r.usage.prompt_tokens == len(p.encode()) and r.usage.prompt_tokens_details.cached_tokens == 0
+        assert r.usage.prompt_tokens == len(p.encode())
+        assert cached == (r.usage.prompt_tokens - 1) // BLOCK * BLOCK     # every full block before the last token
     # a list of prompts, n=2 (greedy: both choices equal), token-id prompts and logprobs
     r = client.completions.create(model=MODEL, prompt=prompts[:2], max_tokens=8, temperature=0, n=2, logprobs=0)
     assert [c.text for c in r.choices] == [want[0], want[0], want[1], want[1]]
@@ -264,8 +267,8 @@ def test_no_500_for_any_wrongly_typed_field(server, path):
                 continue                                                   # a valid short prompt replaced it
             assert code in (400, 404), (field, value, code, body)
             assert body["error"]["message"] and body["error"]["type"] == "invalid_request_error", body
-    # the extremes that are valid run (a top_k beyond int32 once crashed the engine step)
-    for extra in ({"top_k": 2**31 - 1, "temperature": 2.0}, {"seed": 2**32 - 1, "temperature": 1.0, "top_p": 1e-9},
+    # the extremes that are valid run (a top_k beyond int32 once crashed the engine step; now top_k <= the vocab)
+    for extra in ({"top_k": 384, "temperature": 2.0}, {"seed": 2**32 - 1, "temperature": 1.0, "top_p": 1e-9},
                   {"max_tokens": 1, "stop": ["a", "b", "c", "d"], "n": 2}):
         body = {"model": MODEL, "max_tokens": 1, **extra}
         body.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user",
@@ -291,12 +294,48 @@ def test_invalid_json_unknown_path_and_queue_full(server, client):
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0).choices
 
 
-def test_client_disconnect_cancels_the_request(server):
-    """The client reads two chunks and closes: its request leaves the engine (with Engine.cancel at once; without,
-    its stream is dropped and it leaves when it finishes), and the server keeps serving."""
+def _long_prompt(seed):
+    rs = np.random.RandomState(seed)
+    return " ".join(rs.choice(["alpha", "beta", "gamma", "delta", "epsilon"], 60))     # ~350 tokens, ~43 blocks
+
+
+def test_repeated_long_prompt_hits_the_prefix_cache(server, client):
+    """The second time a long prompt comes (completions, then chat with a long system message, streamed with
+    usage too), it reports cached tokens, and its output is the first one's."""
+    p = _long_prompt(11)
+    cold = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+    warm = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+    n = cold.usage.prompt_tokens
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert warm.usage.prompt_tokens_details.cached_tokens == (n - 1) // BLOCK * BLOCK > 300
+    assert warm.choices[0].text == cold.choices[0].text
+    msgs = [{"role": "system", "content": _long_prompt(12)}, {"role": "user", "content": "Summarise."}]
+    first = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    again = chunks[-1].usage
+    n = first.usage.prompt_tokens         # earlier chats may share the template's opening blocks, not the system text
+    assert first.usage.prompt_tokens_details.cached_tokens < n - 300
+    assert again.prompt_tokens == n and again.prompt_tokens_details.cached_tokens == (n - 1) // BLOCK * BLOCK
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    m = first.choices[0].message
+    assert (text, reasoning) == (m.content or "", getattr(m, "reasoning_content", None) or "")
+
+
+def test_client_disconnect_cancels_the_request(server, client):
+    """A client that reads two chunks and closes: its request leaves the engine long before its 300 tokens, every
+    page it held is returned, and the cached prefix it shared with a request still running stays valid: that
+    request, and the same prompt afterwards, give the cold run's text."""
     worker = server.worker
+    p = _long_prompt(13)
+    cold = client.completions.create(model=MODEL, prompt=p, max_tokens=40, temperature=0)
+    shared = {}
+    other = threading.Thread(target=lambda: shared.setdefault("r", client.completions.create(
+        model=MODEL, prompt=p, max_tokens=40, temperature=0)))
+    other.start()
     req = urllib.request.Request(server.url + "/v1/completions", method="POST",
-                                 data=json.dumps({"model": MODEL, "prompt": "tell me a long story", "max_tokens": 300,
+                                 data=json.dumps({"model": MODEL, "prompt": p + " and then", "max_tokens": 300,
                                                   "temperature": 0, "stream": True,
                                                   "stop": ["\u2603\u2603\u2603"]}).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -307,14 +346,20 @@ def test_client_disconnect_cancels_the_request(server):
             lines += 1
     steps_at_close = worker.num_steps
     r.close()
+    other.join(120)
     t0 = time.time()
     while worker.outstanding and time.time() - t0 < 120:
         time.sleep(0.05)
-    assert worker.outstanding == 0
-    assert not any(a.owners() for a in worker.engine.allocators)       # no request holds pages any more
-    if worker.cancel_frees_pages:
-        assert worker.num_steps - steps_at_close < 290           # left long before its 300 tokens
-    assert not worker._abandoned
+    assert worker.cancel_frees_pages and worker.outstanding == 0 and not worker._abandoned
+    assert worker.num_steps - steps_at_close < 200                  # left long before its 300 tokens
+    allocs = worker.engine.allocators
+    assert not any(a.owners() for a in allocs) and all(a.num_free == a.capacity for a in allocs)
+    for a in allocs:
+        a.check()
+    assert shared["r"].usage.prompt_tokens_details.cached_tokens > 300
+    assert shared["r"].choices[0].text == cold.choices[0].text
+    after = client.completions.create(model=MODEL, prompt=p, max_tokens=40, temperature=0)
+    assert after.usage.prompt_tokens_details.cached_tokens > 300 and after.choices[0].text == cold.choices[0].text
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -433,6 +478,10 @@ def test_serve_cli_builds_the_app(ckpt):
                                                 "--max-batch-size", "2", "--served-model-name", "m3-test"]))
     assert name == "m3-test" and app.state.server.cfg.model_name == "m3-test"
     assert app.state.server.cfg.max_seq_len == 64 and app.state.worker.engine.max_batch_size == 2
+    assert app.state.worker.engine.enable_prefix_caching
+    app, _ = build_app(_parser().parse_args(["--model", ckpt, "--dtype", "float32", "--max-seq-len", "64",
+                                             "--no-prefix-caching"]))
+    assert not app.state.worker.engine.enable_prefix_caching
 
 
 class _FailingEngine:

@@ -13,6 +13,8 @@ from m3jax import sharding
 from m3jax.params import flat_params, shard_model
 from m3jax.testing import random_model
 
+pytestmark = pytest.mark.multi_device           # meshes of up to 8 devices (tests/conftest.py)
+
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 CFG = dict(num_attention_heads=8, num_key_value_heads=2, num_index_heads=2, num_local_experts=8)
 

@@ -30,8 +30,20 @@ def define_torchvision_op_schemas() -> bool:
     """
     if importlib.util.find_spec("torchvision") is None or importlib.util.find_spec("torch") is None:
         return False
+    import glob
+    import os
+
     import torch
 
+    # Where torchvision's C++ ops load (a matching torch build, e.g. CUDA torch on a GPU host), let them register
+    # themselves: defining the schemas first would make their registration abort the process.
+    tv_dir = os.path.dirname(importlib.util.find_spec("torchvision").origin)
+    for lib_path in glob.glob(os.path.join(tv_dir, "_C*.so")):
+        try:
+            torch.ops.load_library(lib_path)
+            return False
+        except (OSError, RuntimeError):
+            pass
     missing = [name for name in _SCHEMAS if not _has_op(torch, name)]
     if not missing:
         return False

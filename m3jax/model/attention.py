@@ -18,7 +18,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from m3jax import cache as cache_lib
 from m3jax.config import M3Config, SPARSE_ATTENTION
-from m3jax.model.layers import RMSNorm, _init, apply_rope
+from m3jax.model.layers import RMSNorm, _init, apply_rope, matmul_precision
 from m3jax.sharding import DATA, MODEL
 from pallas_kernels import dispatch, layout
 
@@ -81,6 +81,7 @@ class Attention(nnx.Module):
         self.k_dkh = _init(rngs, (d, k, h), dtype)
         self.v_dkh = _init(rngs, (d, k, h), dtype)
         self.o_nhd = _init(rngs, (n, h, d), dtype)
+        self.precision = matmul_precision(dtype)
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
         if self.sparse:
@@ -92,13 +93,16 @@ class Attention(nnx.Module):
 
     def project(self, x_btd, cos, sin) -> Projections:
         """q, k, v (and the index branch's iq, ik) of the normalised hidden state x: project -> norm -> RoPE."""
-        q = apply_rope(self.q_norm(jnp.einsum("btd,dnh->btnh", x_btd, self.q_dnh[...])), cos, sin)
-        k = apply_rope(self.k_norm(jnp.einsum("btd,dkh->btkh", x_btd, self.k_dkh[...])), cos, sin)
-        v = jnp.einsum("btd,dkh->btkh", x_btd, self.v_dkh[...])
+        def proj(eq, w):
+            return jnp.einsum(eq, x_btd, w[...], precision=self.precision)
+
+        q = apply_rope(self.q_norm(proj("btd,dnh->btnh", self.q_dnh)), cos, sin)
+        k = apply_rope(self.k_norm(proj("btd,dkh->btkh", self.k_dkh)), cos, sin)
+        v = proj("btd,dkh->btkh", self.v_dkh)
         if not self.sparse:
             return Projections(q, k, v)
-        iq = apply_rope(self.index_q_norm(jnp.einsum("btd,dki->btki", x_btd, self.index_q_dki[...])), cos, sin)
-        ik = self.index_k_norm(jnp.einsum("btd,di->bti", x_btd, self.index_k_di[...]))
+        iq = apply_rope(self.index_q_norm(proj("btd,dki->btki", self.index_q_dki)), cos, sin)
+        ik = self.index_k_norm(proj("btd,di->bti", self.index_k_di))
         ik = apply_rope(ik[:, :, None, :], cos, sin)[:, :, 0, :]
         return Projections(q, k, v, iq, ik)
 
@@ -194,7 +198,7 @@ class Attention(nnx.Module):
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
     def output(self, o_btnh):
-        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_nhd[...])
+        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_nhd[...], precision=self.precision)
 
     def sequence_kv(self, p: Projections) -> PagedKV:
         """This step's own keys viewed as pages (no cache): token s of a row sits in page slot s."""

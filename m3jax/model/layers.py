@@ -11,6 +11,16 @@ from m3jax.config import M3Config
 f32 = jnp.float32
 
 
+def matmul_precision(dtype) -> jax.lax.Precision:
+    """The precision of a model's matmuls: float32 models compute them in float32 (HIGHEST) on every backend.
+
+    Why: XLA runs float32 dots as TF32 on NVIDIA GPUs unless asked otherwise (about 1e-3 relative error, enough
+    to flip MSA block selections), so a model loaded with dtype="float32" would silently not be float32. bf16
+    models keep the backend default (bf16 inputs, float32 accumulation).
+    """
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else jax.lax.Precision.DEFAULT
+
+
 def _init(rngs: nnx.Rngs, shape, dtype, std: float = 0.02):
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, f32).astype(dtype))
 
@@ -55,27 +65,6 @@ def apply_rope(x, cos, sin):
 MXFP8_BLOCK = 32
 
 
-def dequantize_mxfp8(w, scale, dtype):
-    """MXFP8 weights -> `dtype`: w e4m3 [..., I, O] times 2**(scale - 127), scale uint8 [..., ceil(I/32), O] (E8M0:
-    one exponent per 32 inputs, the input axis second to last; byte 255 is NaN).
-
-    The product is exact in float32 (4 significant bits times a power of two), so the result equals
-    `convert.mxfp8.dequantize` of the released [O, I] matrix, transposed, to the bit, except for results below
-    float32's normal range (|x| < 2**-126), which XLA flushes to 0. The scale is applied as two normal powers of
-    two, so that scale byte 0 (2**-127, itself subnormal) is not flushed.
-    """
-    i, blocks = w.shape[-2], scale.shape[-2]
-    wf = w.astype(f32)
-    if blocks * MXFP8_BLOCK != i:
-        wf = jnp.pad(wf, [(0, 0)] * (w.ndim - 2) + [(0, blocks * MXFP8_BLOCK - i), (0, 0)])
-    e = scale.astype(jnp.int32) - 127
-    half = jnp.right_shift(e, 1)
-    y = (wf.reshape(*w.shape[:-2], blocks, MXFP8_BLOCK, w.shape[-1]) * _pow2(half)[..., :, None, :]
-         * _pow2(e - half)[..., :, None, :])
-    y = jnp.where((scale == 255)[..., :, None, :], jnp.nan, y)
-    return y.reshape(*w.shape[:-2], blocks * MXFP8_BLOCK, w.shape[-1])[..., :i, :].astype(dtype)
-
-
 def _pow2(k):
     """2**k as float32, k int32 in [-126, 127] (bit pattern; exact)."""
     return jax.lax.bitcast_convert_type(jnp.left_shift(k + 127, 23), f32)
@@ -115,8 +104,10 @@ class MLP(nnx.Module):
         self.gate_df = _init(rngs, (d, width), dtype)
         self.up_df = _init(rngs, (d, width), dtype)
         self.down_fd = _init(rngs, (width, d), dtype)
+        self.precision = matmul_precision(dtype)
 
     def __call__(self, x_btd):
-        g = jnp.einsum("btd,df->btf", x_btd, self.gate_df[...])
-        u = jnp.einsum("btd,df->btf", x_btd, self.up_df[...])
-        return jnp.einsum("btf,fd->btd", swiglu_oai(g, u, self.alpha, self.limit), self.down_fd[...])
+        g = jnp.einsum("btd,df->btf", x_btd, self.gate_df[...], precision=self.precision)
+        u = jnp.einsum("btd,df->btf", x_btd, self.up_df[...], precision=self.precision)
+        return jnp.einsum("btf,fd->btd", swiglu_oai(g, u, self.alpha, self.limit), self.down_fd[...],
+                          precision=self.precision)

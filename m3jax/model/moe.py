@@ -95,6 +95,10 @@ class MoE(nnx.Module):
         local = self.gate_edf.shape[0] // self.mesh.size
 
         def shard(x, ids, w, *stored):
+            # Mark the replicated inputs as varying before they meet this device's experts, so that their
+            # cotangents are summed over the devices in the backward pass (without it, jax 0.10 gathers x by a
+            # varying index yet keeps one device's partial gradient: training through EP was wrong).
+            x, w = jax.lax.pcast((x, w), EXPERTS, to="varying")
             first = jax.lax.axis_index(EXPERTS) * local                    # this device's first expert
             return jax.lax.psum(self._local_experts(x, ids - first, w, *stored), EXPERTS)
 

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from m3jax.config import M3Config
 from m3jax.model.decoder import LayerStack
-from m3jax.model.layers import RMSNorm, _init, rope_cos_sin
+from m3jax.model.layers import RMSNorm, _init, matmul_precision, rope_cos_sin
 
 f32 = jnp.float32
 
@@ -44,6 +44,7 @@ class M3ForCausalLM(nnx.Module):
                  mesh: Mesh | None = None, fp8_experts: bool = False):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
+        self.precision = matmul_precision(dtype)     # float32 models: float32 matmuls on every backend (no TF32)
         self.attn_impl = attn_impl
         self.mesh = mesh
         self.fp8_experts = fp8_experts
@@ -62,8 +63,10 @@ class M3ForCausalLM(nnx.Module):
     def logits(self, h_btd):
         h = self.final_norm(h_btd)
         if self.config.tie_word_embeddings:
-            return jnp.einsum("btd,vd->btv", h, self.embed_vd[...], preferred_element_type=f32)
-        return jnp.einsum("btd,dv->btv", h, self.lm_head_dv[...], preferred_element_type=f32)
+            return jnp.einsum("btd,vd->btv", h, self.embed_vd[...], preferred_element_type=f32,
+                              precision=self.precision)
+        return jnp.einsum("btd,dv->btv", h, self.lm_head_dv[...], preferred_element_type=f32,
+                          precision=self.precision)
 
     def rope(self, positions):
         return rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)

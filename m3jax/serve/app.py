@@ -7,6 +7,8 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 error JSON naming the field: 400 bad field or a prompt longer than max_seq_len, 404 unknown model or path, 503
 queue full or a failed engine. A client that disconnects cancels its requests (see worker.py for what that frees).
 Each request logs one line: id, prompt / completion / cached tokens, time to first token, total time.
+`usage.prompt_tokens_details.cached_tokens` counts the prompt tokens the engine took from its prefix cache
+(GenerationResult.num_cached_tokens; once per prompt, from its first choice).
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ class Server:
 
     def __init__(self, worker: EngineWorker, tokenizer, config: ServerConfig, chat_template: ChatTemplate):
         self.worker, self.tok, self.cfg, self.template = worker, tokenizer, config, chat_template
+        self.vocab_size = getattr(getattr(worker.engine, "config", None), "vocab_size", None)
+
+    def _parse_common(self, body: dict, chat: bool) -> Common:
+        common = parse_common(body, chat)
+        if self.vocab_size is not None and common.sampling.top_k > self.vocab_size:
+            # A k beyond the vocab filters nothing (the extra is unbounded, as vLLM's): off, which the engine takes.
+            common = dataclasses.replace(common, sampling=dataclasses.replace(common.sampling, top_k=0))
+        return common
 
     # ------------------------------------------------------------------------------------------ helpers
     def _check_model(self, body: dict) -> None:
@@ -113,7 +123,7 @@ class Server:
     async def completions(self, request: Request):
         body = await self._body(request)
         self._check_model(body)
-        common = parse_common(body, chat=False)
+        common = self._parse_common(body, chat=False)
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             prompts = [self._encode(prompt, "prompt")]
@@ -131,7 +141,7 @@ class Server:
     async def chat(self, request: Request):
         body = await self._body(request)
         self._check_model(body)
-        common = parse_common(body, chat=True)
+        common = self._parse_common(body, chat=True)
         try:
             messages = check_messages(body.get("messages"))
         except ValueError as e:

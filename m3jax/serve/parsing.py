@@ -10,8 +10,8 @@ answer text, every tag prefixed by the namespace token `]<]minimax[>[` (M3_SPEC.
     ]<]minimax[>[</invoke>
     ]<]minimax[>[</tool_call>
 
-A parameter is named by its tag (a close tag without the namespace token is accepted too). Its value is raw text for a string, nested elements for an object, `<item>`
-elements for an array, and JSON otherwise. `ChatOutputParser.feed(text)` takes the decoded text as it streams
+A parameter is named by its tag (a close tag without the namespace token is accepted too). Its value is raw text
+for a string, nested elements for an object, `<item>` elements for an array, and JSON otherwise. `ChatOutputParser.feed(text)` takes the decoded text as it streams
 and returns what became certain; text that may still be the start of a tag is held back until the next feed
 or `finish()`. Feeding the whole text at once gives exactly the concatenation of the streamed deltas.
 """

@@ -46,12 +46,9 @@ class Event:
 
 
 def cached_tokens(result: GenerationResult | None) -> int:
-    """Prompt tokens served from the prefix cache, when the engine reports them (0 before prefix caching)."""
-    for name in ("num_cached_tokens", "cached_tokens"):
-        v = getattr(result, name, None)
-        if isinstance(v, int):
-            return v
-    return 0
+    """Prompt tokens the engine took from its prefix cache (GenerationResult.num_cached_tokens; 0 without a
+    result)."""
+    return 0 if result is None else result.num_cached_tokens
 
 
 @dataclasses.dataclass

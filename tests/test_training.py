@@ -1,0 +1,220 @@
+"""m3jax.training: the training forward equals the model, the indexer KL's gradient reaches only the indexer, a
+train step lowers the loss, a sharded step equals the single-device one, a resumed run is exact, the data
+pipeline is deterministic. Tiny configs; one Trainer (two compiled steps: warm-up and sparse) is shared."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m3jax.config import M3Config
+from m3jax.sharding import make_mesh
+from m3jax.testing import random_model
+from m3jax.training import data, losses
+from m3jax.training import train as T
+
+CFG = M3Config.tiny(vocab_size=64)
+TCFG = T.TrainConfig(steps=6, batch_size=4, seq_len=48, lr=3e-3, warmup_steps=1, indexer_warmup_steps=2,
+                     checkpoint_every=3, compute_dtype="bfloat16")
+# A learnable stream (period 23) over a 64-token vocabulary: 48 tokens = 6 blocks of 8, top-3 => sparse.
+TOKENS = np.tile(np.arange(46) % 23, 100).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return T.Trainer(CFG, TCFG)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(trainer):
+    _, history = T.train(trainer, data.TokenLoader(TOKENS, TCFG.batch_size, TCFG.seq_len, seed=0), progress=False)
+    return history
+
+
+def test_training_forward_equals_model():
+    """The training forward (jnp attention with probabilities) is the inference forward: same logits."""
+    graphdef, state = nnx.split(random_model(CFG, seed=0))   # CPU: the reference attention and MoE
+    ids = jax.random.randint(jax.random.key(1), (2, 45), 0, CFG.vocab_size)
+
+    @jax.jit                                   # one compile for the three forwards
+    def run(state):
+        model = nnx.merge(graphdef, state)
+        return model(ids), losses.forward(model, ids, sparse=True), losses.forward(model, ids, sparse=False)
+
+    want, out, dense = run(state)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(want), atol=2e-5, rtol=2e-5)
+    assert np.isfinite(float(out.kl)) and float(out.kl) > 0
+    # Dense warm-up differs from the sparse model here: 45 tokens are 6 blocks, of which MSA keeps 3.
+    assert np.abs(np.asarray(dense.logits) - np.asarray(out.logits)).max() > 1e-3
+
+
+def test_indexer_kl_is_zero_when_student_matches_teacher():
+    teacher = jnp.asarray([[[[0.5, 0.25, 0.25, 0.0]]]])          # [B, T, K, M]; block 3 not visible at pos 20
+    pos = jnp.asarray([[20]])
+    kl = losses.indexer_kl(teacher, jnp.log(jnp.asarray([[[[0.5, 0.25, 0.25, 7.0]]]])), pos, 8)
+    assert abs(float(kl)) < 1e-6
+    kl = losses.indexer_kl(teacher, jnp.zeros((1, 1, 1, 4)), pos, 8)
+    want = 0.5 * np.log(0.5 * 3) + 2 * 0.25 * np.log(0.25 * 3)
+    np.testing.assert_allclose(float(kl), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_kl_gradient_reaches_only_the_indexer(sparse):
+    model = random_model(CFG, seed=0)            # CPU: the reference (differentiable) attention and MoE
+    graphdef, state = nnx.split(model)
+    ids = jax.random.randint(jax.random.key(2), (2, 40), 0, CFG.vocab_size)
+
+    def kl(state):
+        return losses.forward(nnx.merge(graphdef, state), ids, sparse=sparse).kl
+
+    grads = jax.jit(jax.grad(kl))(state)
+    seen_indexer = 0
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        name = jax.tree_util.keystr(path)
+        g = np.asarray(g)
+        if "index_" in name:
+            seen_indexer += 1
+            assert np.abs(g).max() > 0, f"{name}: the KL gradient does not reach this indexer parameter"
+        else:
+            assert not g.any(), f"{name}: the KL gradient leaks into a backbone parameter"
+    assert seen_indexer == 4          # index_q, index_k and their two norms, in the one MSA stack
+
+
+def test_train_step_lowers_the_loss(uninterrupted):
+    loss = [h["loss"] for h in uninterrupted]
+    kl = [h["indexer_kl"] for h in uninterrupted]
+    assert [h["sparse"] for h in uninterrupted] == [False, False, True, True, True, True]
+    assert loss[-1] < loss[0] - 0.3, loss
+    assert all(np.isfinite(loss)) and all(np.isfinite(kl))
+
+
+def test_resumed_run_is_exact(trainer, uninterrupted, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    first, _ = T.train(trainer, data.TokenLoader(TOKENS, TCFG.batch_size, TCFG.seq_len, seed=0),
+                       checkpoint_dir=ckpt, progress=False, stop_after=3)
+    assert int(first["step"]) == 3 and sorted(os.listdir(ckpt)) == ["3"]
+    fresh_loader = data.TokenLoader(TOKENS, TCFG.batch_size, TCFG.seq_len, seed=0)   # position restored from ckpt
+    _, rest = T.train(trainer, fresh_loader, checkpoint_dir=ckpt, resume=True, progress=False)
+    assert [h["step"] for h in rest] == [4, 5, 6]
+    assert [h["loss"] for h in rest] == [h["loss"] for h in uninterrupted[3:]]            # bit-exact
+    assert [h["indexer_kl"] for h in rest] == [h["indexer_kl"] for h in uninterrupted[3:]]
+
+
+def test_router_bias_moves_towards_balance():
+    bias = jnp.zeros((1, 4))
+    load = jnp.asarray([[10, 2, 4, 0]])
+    np.testing.assert_allclose(np.asarray(T.update_router_bias(bias, load, 0.01)), [[-0.01, 0.01, 0.0, 0.01]])
+
+
+@pytest.mark.multi_device
+def test_sharded_step_equals_single_device():
+    """2x4 mesh (data x model) vs one device, float32 compute, in the sparse phase: the gradients the step applies
+    agree to 1e-5 of each tensor's largest entry, the losses to 1e-5 relative (only the order of the partitioned
+    reductions differs), the expert loads exactly. Optimizer updates are elementwise on identically placed
+    arrays; later steps are not compared, because a rounding difference can flip a discrete choice (an expert or
+    an MSA block) or the sign of Adam's first update of a near-zero gradient."""
+    tcfg = T.TrainConfig(steps=1, batch_size=4, seq_len=48, lr=3e-3, warmup_steps=0, indexer_warmup_steps=0,
+                         compute_dtype="float32")
+    batch = data.TokenLoader(TOKENS, 4, 48).next_batch()
+    runs = {}
+    for name, mesh in (("single", None), ("2x4", make_mesh(2, 4))):
+        trainer = T.Trainer(CFG, tcfg, mesh=mesh)
+        state = trainer.init_state()
+        grads, (lm, kl, loads) = trainer.loss_and_grads(state["params"], batch, sparse=True)
+        runs[name] = (jax.device_get(grads), float(lm), float(kl), jax.device_get(loads[1]), state)
+    g1, g8 = runs["single"][0], runs["2x4"][0]
+    for path in g1:
+        scale = max(float(np.abs(g1[path]).max()), 1e-30)
+        np.testing.assert_allclose(g8[path], g1[path], atol=1e-5 * scale, rtol=0, err_msg=path)
+    for i in (1, 2):
+        np.testing.assert_allclose(runs["2x4"][i], runs["single"][i], rtol=1e-5)
+    np.testing.assert_array_equal(runs["2x4"][3], runs["single"][3])          # the same experts chosen
+    params = runs["2x4"][4]["params"]
+    assert params["embed_vd"].sharding.spec == jax.sharding.PartitionSpec("model", None)
+    assert params["stacks.1.layers.attn.q_dnh"].sharding.spec == jax.sharding.PartitionSpec(None, None, "model", None)
+    assert params["stacks.1.layers.ffn.gate_edf"].sharding.spec[1] == ("data", "model")
+
+
+def _corpus(root):
+    os.makedirs(root / "pkg")
+    (root / "a.py").write_text("def add(a, b):\n    return a + b\n" * 20)
+    (root / "pkg" / "b.py").write_text("class Point:\n    x: int = 0\n    y: int = 0\n" * 20)
+    (root / "pkg" / "c.txt").write_text("plain text, repeated. " * 40)
+    (root / "pkg" / "bin.py").write_bytes(b"\xff\xfe not utf-8")
+    return root
+
+
+def test_tokenizer_and_loader_are_deterministic(tmp_path):
+    src = _corpus(tmp_path / "src")
+    m1 = data.prepare_corpus(str(src), str(tmp_path / "d1"), vocab_size=300, heldout_fraction=0.3)
+    m2 = data.prepare_corpus(str(src), str(tmp_path / "d2"), vocab_size=300, heldout_fraction=0.3)
+    assert open(tmp_path / "d1" / "tokenizer.json").read() == open(tmp_path / "d2" / "tokenizer.json").read()
+    t1, t2 = (data.load_tokens(str(tmp_path / d / "tokens.npy")) for d in ("d1", "d2"))
+    assert np.array_equal(t1, t2) and t1.dtype == np.uint16
+    assert m1["skipped_not_utf8"] == ["pkg/bin.py"]
+    listed = sorted(f["path"] for f in m1["train_files"] + m1["heldout_files"])
+    assert listed == ["a.py", "pkg/b.py", "pkg/c.txt"] and m1 == m2
+    assert json.load(open(tmp_path / "d1" / "files.json")) == m1
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tmp_path / "d1" / "tokenizer.json"))
+    assert tok.decode(tok.encode("def add(a, b):").ids) == "def add(a, b):"
+    with pytest.raises(ValueError, match="already exists"):
+        data.prepare_corpus(str(src), str(tmp_path / "d1"), vocab_size=300)
+
+    a, b = data.TokenLoader(t1, 2, 16, seed=3), data.TokenLoader(t1, 2, 16, seed=3)
+    batches = [a.next_batch() for _ in range(5)]
+    assert all(np.array_equal(x, b.next_batch()) for x in batches)
+    c = data.TokenLoader(t1, 2, 16, seed=3)
+    c.load_state_dict(a.state_dict() | {"position": 2})
+    assert np.array_equal(c.next_batch(), batches[2])
+    assert batches[0].shape == (2, 17) and batches[0].dtype == np.int32
+    with pytest.raises(ValueError, match="seq_len"):
+        c.load_state_dict(data.TokenLoader(t1, 2, 8).state_dict())
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "exists and is not empty"),
+    (["--resume", "--lr", "1"], "only --steps may change"),
+    (["--mesh", "3x"], "DATAxMODEL"),
+    (["--batch", "0"], "batch_size must be a positive integer"),
+])
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, extra, message):
+    from m3jax.training.cli import train_main
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"train": {}}))
+    src = str(_corpus(tmp_path / "src"))
+    target = str(out) if not extra or extra[0] == "--resume" else str(tmp_path / "new")
+    assert train_main(["--data", src, "--out", target, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("m3jax train: error:")
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_token_file_needs_a_vocabulary(tmp_path, capsys):
+    from m3jax.training.cli import train_main
+    np.save(tmp_path / "t.npy", TOKENS)
+    assert train_main(["--data", str(tmp_path / "t.npy"), "--out", str(tmp_path / "run")]) == 2
+    assert "--vocab-size" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cli_trains_and_resumes(tmp_path, capsys):
+    from m3jax.training.cli import train_main
+    src, out = str(_corpus(tmp_path / "src")), str(tmp_path / "run")
+    common = ["--data", src, "--out", out, "--no-progress"]
+    assert train_main([*common, "--steps", "2", "--seq-len", "32", "--batch", "2", "--vocab-size", "300",
+                       "--indexer-warmup-steps", "1", "--heldout-fraction", "0"]) == 0
+    assert "trained steps 1..2" in capsys.readouterr().out
+    assert train_main([*common, "--resume", "--steps", "3"]) == 0
+    assert "trained steps 3..3" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 2, 3] and sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["2", "3"]
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["train"]["steps"] == 3 and run["data"]["train_files"] == 3

@@ -11,6 +11,7 @@ import sys
 from typing import Sequence
 
 from convert.safetensors_io import CheckpointError
+from m3jax import distributed
 from m3jax.config import ConfigError
 
 USER_ERRORS = (ValueError, OSError, ConfigError, CheckpointError)
@@ -80,8 +81,10 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ids", action="store_true", help="also print the generated token ids")
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the checksums of a converted checkpoint's pieces (faster load, corruption unnoticed)")
+    distributed.add_distributed_args(ap)
     args = ap.parse_args(argv)
     try:
+        distributed.maybe_initialize(args)       # multi-host: before any jax call (see m3jax.distributed)
         import jax
 
         from m3jax.api import bundled_tiny_checkpoint, bundled_tiny_path, load

@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax import cache as cache_lib
+from m3jax.distributed import to_host
 from m3jax.model.cached import StepGroup, forward_cached
 from m3jax.sampling import SamplingBatch, SamplingParams, sample
 from m3jax.scheduler import Batch, Row
@@ -211,8 +212,8 @@ class Runner:
             chosen = [layout[i] for i in want]
             tokens, lps = sample(logits, sb, all_greedy=all(r.params.temperature == 0 for r in chosen),
                                  want_logprobs=any(r.params.logprobs for r in chosen))
-            tokens = np.asarray(tokens)
-            lps = None if lps is None else np.asarray(lps)
+            tokens = to_host(tokens)                   # multi-host: gathered from every process's devices
+            lps = None if lps is None else to_host(lps)
             for i in want:
                 out[id(layout[i])] = (int(tokens[i]), None if lps is None else float(lps[i]))
         return [out.get(id(r)) for r in batch.rows]

@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Sequence
 
+from m3jax import distributed
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="m3jax serve", description="Serve an M3 checkpoint over an OpenAI-compatible "
@@ -30,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the checksums of a converted checkpoint's pieces (faster load, corruption unnoticed)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    distributed.add_distributed_args(ap)
     return ap
 
 
@@ -57,6 +60,11 @@ def build_app(args):
     engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
                     prefill_chunk=min(args.prefill_chunk, max_seq_len), mesh=mesh,
                     enable_prefix_caching=not args.no_prefix_caching)
+    if distributed.is_multi_process():      # process 0 serves; the others replay its engine operations
+        if not distributed.is_main_process():
+            distributed.follow(engine)
+            return None, None
+        engine = distributed.LeaderEngine(engine)
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
     return create_app(engine, model_name=name, max_queue=args.max_queue, tokenizer=tok, checkpoint_dir=path), name
 
@@ -67,10 +75,13 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from m3jax.cli import USER_ERRORS
     try:
+        distributed.maybe_initialize(args)      # multi-host: before any jax call (see m3jax.distributed)
         app, name = build_app(args)
     except USER_ERRORS as e:
         print(f"m3jax serve: error: {e}", file=sys.stderr)
         return 2
+    if app is None:                             # a follower whose leader closed
+        return 0
     import uvicorn
     print(f"m3jax serve: {name!r} on http://{args.host}:{args.port}/v1 (prefix caching "
           f"{'off' if args.no_prefix_caching else 'on'})", file=sys.stderr)

@@ -9,8 +9,10 @@ install:
 install-test:
 	$(PIP) install -q -e ".[test]"
 
-# Generate greedily from the bundled tiny model (created on first use under ~/.cache/m3jax).
+# Generate greedily from the bundled tiny random-weight test model (written on first use under ~/.cache/m3jax, or
+# $M3JAX_CACHE); there is no trained default model yet, so the text is noise. The CLI names the model and its path.
 demo: install
+	@echo "m3jax demo: 24 greedy tokens after 'The quick brown fox' from the bundled tiny random-weight test model"
 	$(PY) -m m3jax.cli generate --prompt "The quick brown fox" --max-new-tokens 24 --ids
 
 # The full suite (what CI runs); the 15 slowest tests are listed at the end so the suite's cost stays visible.

@@ -50,6 +50,8 @@ class Slice:
 SLICES = (
     Slice("4x H200", 1, 4, 141),
     Slice("8x H100", 1, 8, 80),
+    Slice("2 hosts x 4x H200", 1, 8, 141),          # multi-host GPU (m3jax.distributed): 2 processes, 4 GPUs each
+    Slice("2 hosts x 8x H100", 1, 16, 80),
     Slice("TPU v5p-16 (8 chips)", 1, 8, 95),
     Slice("TPU v5p-32 (16 chips)", 2, 8, 95),
     Slice("TPU v6e-32 (32 chips)", 2, 16, 32),

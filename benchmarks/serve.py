@@ -77,7 +77,7 @@ def start_server(args):
     from m3jax.tokenizer import M3Tokenizer, write_byte_level_tokenizer
 
     if args.small or args.model:
-        from m3jax.testing import bundled_tiny_checkpoint
+        from m3jax.api import bundled_tiny_checkpoint
         path = args.model or bundled_tiny_checkpoint()
         model = m3jax.load(path, dtype=args.dtype or ("float32" if args.small else "bfloat16"), progress=False,
                            fp8_experts=args.fp8_experts)

@@ -9,16 +9,18 @@ parameters plus one piece. Slices are read in the released axis order (no host t
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import logging
 import math
+import os
 from typing import Mapping
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from convert import placement
+from convert import placement, weight_map
 from convert.safetensors_io import CheckpointError  # noqa: F401  (re-exported for callers)
 from convert.source import ReleaseCheckpoint, check_quantization, describe  # noqa: F401
 from m3jax.config import M3Config
@@ -129,4 +131,53 @@ def _place_fp8(asm, ckpt, path, scale_path, box, perm, sharding, scale_sharding,
     asm.add(scale_path, sbox, placement.make_piece(reader.scale, tuple(sbox[i] for i in perm), ssharding), perm)
 
 
-__all__ = ["PIECE_BYTES", "load_release", "release_pieces"]
+VISION_FILE = "vision.safetensors"     # a converted dir's vision / projector tensors, as released
+
+
+def vision_tensors(path: str) -> dict:
+    """{name: TensorInfo} of the vision / projector tensors of a release dir, or of a converted dir's
+    VISION_FILE ({} when there are none)."""
+    from convert import orbax_io                       # orbax_io imports this module
+    from convert.safetensors_io import checkpoint_tensors, read_header
+
+    if orbax_io.is_converted(path):
+        file = os.path.join(path, VISION_FILE)
+        return read_header(file) if os.path.isfile(file) else {}
+    return {n: info for n, info in checkpoint_tensors(path).items() if weight_map.VISION.match(n)}
+
+
+class _LazyTensors(collections.abc.Mapping):
+    """Memory-mapped tensors, touched one at a time by `load_vision_params`."""
+
+    def __init__(self, infos):
+        self.infos = infos
+
+    def __getitem__(self, name):
+        from convert.safetensors_io import read_tensor
+        return read_tensor(self.infos[name])
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def __len__(self):
+        return len(self.infos)
+
+
+def load_vision(path: str, vision_cfg, dtype, mesh=None):
+    """The VisionModel of a checkpoint (tower + projector) in `dtype`, replicated on `mesh` (or on the default
+    device). Raises CheckpointError when config.json has a vision_config but the checkpoint no vision tensors."""
+    from flax import nnx
+
+    from m3jax.vision import VisionModel, load_vision_params
+
+    infos = vision_tensors(path)
+    if not infos:
+        raise CheckpointError(f"{path}: config.json has a vision_config but the checkpoint holds no vision / "
+                              f"projector tensors (a directory converted before vision support: convert again)")
+    model = nnx.eval_shape(lambda: VisionModel(vision_cfg, dtype=dtype))
+    sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    log.info("loading %d vision / projector tensors (replicated)", len(infos))
+    return load_vision_params(model, _LazyTensors(infos), sharding)
+
+
+__all__ = ["PIECE_BYTES", "VISION_FILE", "load_release", "load_vision", "release_pieces", "vision_tensors"]

@@ -51,8 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from convert import loader, placement
-from convert.safetensors_io import CheckpointError
+from convert import loader, placement, weight_map
+from convert.safetensors_io import CheckpointError, read_tensor, write_file
 from convert.source import ReleaseCheckpoint, describe, raise_problems
 from m3jax.config import M3Config
 
@@ -146,6 +146,9 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", *, overwrite: bool = Fa
                               "tensors": len(ckpt.tensors), "bytes": sum(t.nbytes for t in ckpt.tensors.values())}
             with open(os.path.join(claim.tmp, "config.json"), "w") as f:
                 json.dump(_clean_config(src), f, indent=2)
+            vision = {n: read_tensor(t) for n, t in ckpt.tensors.items() if weight_map.VISION.match(n)}
+            if vision:                       # the vision tower and projector, as released (memory-mapped)
+                write_file(os.path.join(claim.tmp, loader.VISION_FILE), vision)
             for name in EXTRA_FILES:
                 if os.path.isfile(os.path.join(src, name)):  # copyfile, not copy2: the umask's mode, not the source's
                     shutil.copyfile(os.path.join(src, name), os.path.join(claim.tmp, name))

@@ -11,7 +11,8 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
+import threading
+import uuid
 from typing import Iterable, Mapping
 
 import ml_dtypes
@@ -96,7 +97,8 @@ def write_file(file: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[s
         arrays.append(a)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(file)), suffix=".tmp")
+    tmp = f"{os.path.abspath(file)}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask's mode (mkstemp: 0600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
@@ -171,6 +173,14 @@ def _write_json(file: str, obj) -> None:
 # Region reads (positional reads into a fresh buffer: no mmap, so nothing but the result stays resident) -----
 
 _MAX_READ = 1 << 28
+_read_lock = threading.Lock()
+_bytes_read = 0               # tensor bytes read by read_region in this process (see bytes_read)
+
+
+def bytes_read() -> int:
+    """Tensor bytes this process has read through `read_region` so far: a multi-process load reads only the slices
+    of its own devices, which tests check by the difference of two calls."""
+    return _bytes_read
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int, info: TensorInfo) -> None:
@@ -181,6 +191,9 @@ def _pread_into(fd: int, buf: memoryview, offset: int, info: TensorInfo) -> None
             raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name} "
                                   f"(byte {offset + done} of {info.offset + info.nbytes} expected)")
         done += n
+    global _bytes_read
+    with _read_lock:
+        _bytes_read += done
 
 
 def read_region(fd: int, info: TensorInfo, rows: tuple[int, int], cols: tuple[int, int],

@@ -193,7 +193,7 @@ class ReleaseCheckpoint:
                 problems.append(f"missing tensor {p.name}: expected by config.json, not in the checkpoint "
                                 f"{self.path}")
         if vision or mtp:
-            log.warning("skipping %d vision/projector tensors (no vision tower yet) and %d mtp tensors", vision, mtp)
+            log.info("%d vision/projector tensors are read by the vision loader; skipping %d mtp tensors", vision, mtp)
 
         leaves: dict[str, Leaf] = {}
         for p in placements:

@@ -13,6 +13,7 @@ from m3jax import sharding
 from m3jax.config import M3Config
 from m3jax.model import M3ForCausalLM
 from m3jax.params import abstract_params, flat_params, remake_model
+from m3jax.vision.config import VisionConfig
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -28,7 +29,7 @@ def _dtype(dtype) -> jnp.dtype:
 
 def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
          attn_impl: str | None = None, progress: bool = True,
-         shardings=None, fp8_experts: bool = False) -> M3ForCausalLM:
+         shardings=None, fp8_experts: bool = False, verify: bool = True) -> M3ForCausalLM:
     """Load a checkpoint directory into an M3ForCausalLM, placed (sharded) as it is read.
 
     path: an HF release dir (BF16/FP32 or MXFP8 safetensors, single file or sharded with an index json) or a
@@ -38,18 +39,25 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         heads replicated when "model" > num_key_value_heads, experts over every device, vocabulary split) and
         the MoE runs expert-parallel. `shardings` (param path -> NamedSharding / PartitionSpec, or a callable
         (path, shape) -> one of them or None) overrides the rules. Without a mesh, everything goes to the first
-        device.
+        device. The vision tower of a VL checkpoint (config.json with a vision_config) is loaded too, as
+        `model.vision`, replicated (about 0.9B parameters for the release).
     attn_impl: attention implementation (see pallas_kernels.dispatch); None picks the backend's default.
     fp8_experts: keep the routed experts of an MXFP8 release in MXFP8 on the devices (about half the bytes of
         bf16), dequantised per layer inside the step (see m3jax.model.moe.MoE). A release whose experts are not
         MXFP8 raises; a converted dir must have been converted with the same choice (`m3jax convert
         --fp8-experts`).
+    verify: check a converted dir's pieces against the checksums in its manifest before reading them (a changed
+        byte raises CheckpointError naming the piece); False skips it (`--no-verify`). Releases are not checksummed.
+
+    The returned model records `model.checkpoint_dir = path`, where the Engine finds the tokenizer.
     """
     from convert import loader, orbax_io, placement     # `import m3jax` loads no converter code: lazy
 
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"checkpoint {path} is not a directory (pass the directory holding config.json)")
     cfg = M3Config.from_pretrained(path)
     replicas = 1
     if mesh is not None:
@@ -60,13 +68,17 @@ def load(path: str | os.PathLike, dtype="bfloat16", mesh: jax.sharding.Mesh | No
     graphdef, treedef, paths, targets = abstract_params(cfg, _dtype(dtype), attn_impl, mesh, fp8_experts)
     resolved = placement.resolve_shardings({p: s for p, (s, _) in targets.items()}, mesh, shardings)
     if orbax_io.is_converted(path):
-        arrays = orbax_io.restore(path, targets, resolved, progress=progress)
+        arrays = orbax_io.restore(path, targets, resolved, progress=progress, verify=verify)
     else:
         arrays = loader.load_release(path, cfg, targets, resolved, progress=progress)
     if replicas > 1:
         graphdef, treedef, paths, arrays = _replicate_kv_heads(cfg, replicas, arrays, mesh, _dtype(dtype), attn_impl,
                                                                fp8_experts)
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in paths]))
+    model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in paths]))
+    if (vision_cfg := VisionConfig.of_checkpoint(path)) is not None:     # a VL checkpoint: its vision tower too
+        model.vision = loader.load_vision(path, vision_cfg, _dtype(dtype), mesh)
+    model.checkpoint_dir = path          # the Engine's default tokenizer and image processor come from it
+    return model
 
 
 def _replicated_kv_first(shardings):
@@ -122,8 +134,26 @@ def bundled_tiny_checkpoint() -> str:
     release format under $M3JAX_CACHE or ~/.cache/m3jax on first use. `m3jax generate` uses it without --model."""
     from m3jax.testing import make_tiny_checkpoint
 
-    root = os.environ.get("M3JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "m3jax"))
-    path = os.path.join(root, "tiny-seed0-v1")
+    path = bundled_tiny_path()
     if not os.path.exists(os.path.join(path, "config.json")):
-        make_tiny_checkpoint(path, seed=0)
+        # Several processes may ask at once (pytest workers, servers): each writes its own copy beside the cache
+        # dir and renames it into place; the first rename wins and the others drop theirs.
+        tmp = f"{path}.tmp-{os.getpid()}"
+        if os.path.exists(tmp):
+            import shutil
+            shutil.rmtree(tmp)
+        make_tiny_checkpoint(tmp, seed=0)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise
+            import shutil
+            shutil.rmtree(tmp)
     return path
+
+
+def bundled_tiny_path() -> str:
+    """Where bundled_tiny_checkpoint() keeps the demo model (it may not be written yet)."""
+    root = os.environ.get("M3JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "m3jax"))
+    return os.path.join(root, "tiny-seed0-v2")           # v2: weights drawn with numpy (testing.random_params)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax.config import M3Config, SPARSE_ATTENTION
+from m3jax.distributed import min_over_processes
 from m3jax.sharding import DATA, MODEL
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fractio
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
     devices = [device] if device is not None else list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    if jax.process_count() > 1:           # multi-host: this host's devices here, the minimum over hosts below
+        devices = [d for d in devices if d.process_index == jax.process_index()]
     free = None
     for d in devices:
         try:
@@ -122,9 +125,13 @@ def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fractio
         except Exception:          # noqa: BLE001 - backends without statistics raise assorted errors
             stats = None
         if not stats or "bytes_limit" not in stats:
-            return max_pages
+            free = -1
+            break
         left = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         free = left if free is None else min(free, left)
+    free = min_over_processes(-1 if free is None else free)    # every process must size the pool alike
+    if free < 0:
+        return max_pages
     sizes = dict(mesh.shape) if mesh is not None else {DATA: 1, MODEL: 1}
     per_page = bytes_per_page(cfg, dtype, data=sizes[DATA], model=sizes[MODEL])
     fit = int(free * memory_fraction) // per_page
@@ -176,7 +183,7 @@ def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
     if mesh is not None and mesh.size > 1 and mesh != getattr(model, "mesh", None):
         # The pools are split over the mesh and read through the model's shard_map: they must be the same mesh.
         raise ValueError("cache: mesh is not the mesh the model was placed on; load it with "
-                         "m3jax.load(path, mesh=mesh) or place it with m3jax.sharding.shard_model(model, mesh)")
+                         "m3jax.load(path, mesh=mesh) or place it with m3jax.params.shard_model(model, mesh)")
     dtype = jnp.dtype(dtype or model.dtype)
     sizes = {DATA: 1, MODEL: 1} if mesh is None else dict(mesh.shape)
     layout = cache_layout(model.config, num_pages, data=sizes[DATA], model=sizes[MODEL])

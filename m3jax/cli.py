@@ -1,4 +1,4 @@
-"""`m3jax generate | convert | make-tiny`: the command line. User errors print one line and exit 2.
+"""`m3jax generate | convert | make-tiny | serve`: the command line. User errors print one line and exit 2.
 
 The command line sits above everything (engine, api, convert); nothing in m3jax imports it.
 """
@@ -6,10 +6,12 @@ The command line sits above everything (engine, api, convert); nothing in m3jax 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from convert.safetensors_io import CheckpointError
+from m3jax import distributed
 from m3jax.config import ConfigError
 
 USER_ERRORS = (ValueError, OSError, ConfigError, CheckpointError)
@@ -23,8 +25,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("generate", add_help=False,
                    help="generate text (default: the bundled tiny model); `m3jax generate -h` for options")
     convert_arguments(sub.add_parser("convert", help="release safetensors -> Orbax checkpoint"))
-    t = sub.add_parser("make-tiny", help="write a tiny HF-release-format checkpoint")
+    sub.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP server (needs `pip install m3jax[serve]`); "
+                   "`m3jax serve -h` for options")
+    sub.add_parser("train", add_help=False, help="train an M3-architecture model with optax (LM + MSA indexer KL "
+                   "losses); `m3jax train -h` for options")
+    t = sub.add_parser("make-tiny", help="write a tiny random-weight test checkpoint in the HF release format")
     t.add_argument("dst")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint at DST (only a dir holding config.json, safetensors, tokenizer.json)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quant", choices=["mxfp8"], default=None)
     t.add_argument("--num-shards", type=int, default=1)
@@ -35,13 +43,20 @@ def _parser() -> argparse.ArgumentParser:
 def _make_tiny(args) -> None:
     from m3jax.testing import make_tiny_checkpoint
     path = make_tiny_checkpoint(args.dst, seed=args.seed, quant=args.quant, num_shards=args.num_shards,
-                                dtype=args.dtype)
+                                dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {path}")
 
 
 def _convert(args) -> None:
     from convert.cli import convert_main
     convert_main(args)
+
+
+def _say(notes: list[str]) -> None:
+    """Notes on stderr after the output (so that a user error stays the one line on stderr)."""
+    sys.stdout.flush()
+    for note in notes:
+        print(f"m3jax generate: {note}", file=sys.stderr)
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
@@ -57,27 +72,44 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
     ap.add_argument("--max-batch-size", type=int, default=8)
-    ap.add_argument("--max-seq-len", type=int, default=None, help="default: 4096, or the tiny model's limit")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="default: 4096, or the model's limit if lower")
     ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: float32 for the tiny model)")
     ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
     ap.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     ap.add_argument("--fp8-experts", action="store_true", help="keep an MXFP8 release's routed experts in FP8")
     ap.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     ap.add_argument("--ids", action="store_true", help="also print the generated token ids")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip the checksums of a converted checkpoint's pieces (faster load, corruption unnoticed)")
+    distributed.add_distributed_args(ap)
     args = ap.parse_args(argv)
     try:
-        from m3jax.api import bundled_tiny_checkpoint, load
+        distributed.maybe_initialize(args)       # multi-host: before any jax call (see m3jax.distributed)
+        import jax
+
+        from m3jax.api import bundled_tiny_checkpoint, bundled_tiny_path, load
         from m3jax.engine import Engine, generate
         from m3jax.sampling import SamplingParams
         from m3jax.sharding import parse_mesh
         from m3jax.tokenizer import IncrementalDecoder, M3Tokenizer
-        path = args.model or bundled_tiny_checkpoint()
+        if args.model is None:                           # say what runs: its text is noise, not a trained model's
+            path = bundled_tiny_path()
+            new = not os.path.exists(os.path.join(path, "config.json"))
+            bundled_tiny_checkpoint()
+            notes = [f"no --model given: the text above came from the bundled tiny random-weight test model (not "
+                     f"trained: its text is noise), {'written to' if new else 'read from'} {path}"]
+        else:
+            path, notes = args.model, []
         mesh = parse_mesh(args.mesh) if args.mesh else None
+        if mesh is not None and mesh.size < len(jax.devices()):
+            notes.append(f"mesh {args.mesh} used the first {mesh.size} of the {len(jax.devices())} devices")
         dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
         model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False,
-                     fp8_experts=args.fp8_experts)
+                     fp8_experts=args.fp8_experts, verify=not args.no_verify)
         tok = M3Tokenizer.from_pretrained(path)
-        max_seq_len = args.max_seq_len or min(4096, model.config.max_position_embeddings)
+        max_seq_len = args.max_seq_len
+        if max_seq_len is None:                          # 0 or a negative value is refused by the Engine
+            max_seq_len = min(4096, model.config.max_position_embeddings)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
@@ -88,6 +120,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.write(dec.push(t))
                 sys.stdout.flush()
             sys.stdout.write(dec.flush() + "\n")
+            _say(notes)
             return 0
         for i, r in enumerate(generate(engine, args.prompt, params, chat=args.chat, progress=False)):
             if len(args.prompt) > 1:
@@ -95,8 +128,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             print(r.text)
             if args.ids:
                 print(f"token ids: {list(r.token_ids)} ({r.finish_reason})")
+        _say(notes)
         return 0
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except USER_ERRORS as e:
         print(f"m3jax generate: error: {e}", file=sys.stderr)
         return 2
 
@@ -105,6 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["generate"]:                 # the engine owns its options
         return generate_main(argv[1:])
+    if argv[:1] == ["serve"]:                    # so does the server (m3jax/serve/cli.py)
+        try:
+            import uvicorn  # noqa: F401
+
+            from m3jax.serve.cli import serve_main
+            import m3jax.serve.app  # noqa: F401
+        except ImportError as e:
+            print(f"m3jax serve: error: the server needs the serve extra ({e.name} is missing): "
+                  f"pip install 'm3jax[serve]'", file=sys.stderr)
+            return 2
+        return serve_main(argv[1:])
+    if argv[:1] == ["train"]:                    # and the trainer (m3jax/training/cli.py)
+        from m3jax.training.cli import train_main
+        return train_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         {"convert": _convert, "make-tiny": _make_tiny}[args.command](args)

@@ -28,12 +28,15 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 
 from m3jax import cache as cache_lib
-from m3jax.runner import (DEFAULT_ROW_LEN, NonFinite, Runner, StepProgram,  # noqa: F401
+from m3jax.runner import (DEFAULT_ROW_LEN, EmbedOverride, NonFinite, Runner, StepProgram,  # noqa: F401
                           trace_count)  # trace_count: re-exported for tests and benchmarks
 from m3jax.sampling import SamplingParams
 from m3jax.scheduler import (FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Batch, GenerationResult,  # noqa: F401
                              PageAllocator, Scheduler, StepOutput)
 from m3jax.sharding import DATA
+from m3jax.vision import prompt as vision_prompt
+
+DEFAULT_MAX_SEQ_LEN = 8192
 
 log = logging.getLogger(__name__)
 COMPILE_CACHE_ENV = "M3JAX_COMPILE_CACHE"
@@ -87,7 +90,8 @@ class Engine:
     """Continuous-batching generation over a paged KV + index-K cache. See the module docstring.
 
     model: an M3ForCausalLM (its attn_impl picks the attention and MoE kernels). max_batch_size: requests decoding
-    at once. max_seq_len: prompt + generated tokens per request. num_pages: pages per layer (page 0 is the sink) in
+    at once. max_seq_len: prompt + generated tokens per request (default: 8192, or the model's
+    max_position_embeddings if lower). num_pages: pages per layer (page 0 is the sink) in
     each data shard's pool; None sizes the pool from free device memory (`memory_fraction` of it), at most enough
     for the shard's share of max_batch_size full-length requests. max_tokens_per_step: token budget of one step
     (max_batch_size decode rows + the rest for prompt chunks, rounded up to whole prefill rows; fixed, so that
@@ -107,13 +111,15 @@ class Engine:
     GenerationResult.num_cached_tokens says how many prompt tokens were not computed.
     """
 
-    def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 8192, mesh=None, *,
+    def __init__(self, model, max_batch_size: int = 8, max_seq_len: int | None = None, mesh=None, *,
                  num_pages: int | None = None, max_tokens_per_step: int | None = None,
                  prefill_chunk: int = 512, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
                  row_buckets: Sequence[int] | None = None, prefill_row_len: int = DEFAULT_ROW_LEN,
                  layer_loop: str | None = None, compile_cache: str | bool | None = None,
                  enable_prefix_caching: bool = True):
         cfg = model.config
+        if max_seq_len is None:
+            max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                         ("prefill_chunk", prefill_chunk), ("prefill_row_len", prefill_row_len)):
             if not isinstance(v, int) or v < 1:
@@ -149,6 +155,7 @@ class Engine:
                              layer_loop=layer_loop)
         self.num_pages = num_pages
         self.warmed_up = False
+        self._vision_setup(model)
 
     # ------------------------------------------------------------------------------------------ settings
     max_batch_size = property(lambda self: self.scheduler.max_batch_size)
@@ -196,13 +203,52 @@ class Engine:
             raise ValueError(f"Engine: {self.data_shards} data shards have one allocator each; use allocators[d]")
         return self.allocators[0]
 
+    # ------------------------------------------------------------------------------------------ images
+    def _vision_setup(self, model) -> None:
+        """Processors from the checkpoint's preprocessor_config.json (defaults without one); pixels per request."""
+        self.vision = getattr(model, "vision", None)
+        self._pixels: dict[Any, vision_prompt.PromptVision] = {}      # request id -> its pixels and features
+        if self.vision is not None:
+            from m3jax.vision.processor import ImageProcessor, VideoProcessor
+            path = getattr(model, "checkpoint_dir", None)
+            self.image_processor = ImageProcessor.from_pretrained(path) if path else ImageProcessor()
+            self.video_processor = VideoProcessor.from_pretrained(path) if path else VideoProcessor()
+
+    def _multimodal(self, prompt, request, chat: bool) -> vision_prompt.MultimodalPrompt:
+        return vision_prompt.prepare_prompt(
+            prompt, tokenizer=self.tokenizer, vision_config=None if self.vision is None else self.vision.config,
+            image_processor=getattr(self, "image_processor", None),
+            video_processor=getattr(self, "video_processor", None), chat=chat, request=request)
+
+    def _overrides(self, batch) -> dict:
+        """Input-embedding overrides of the batch's rows: each request's features, computed at its first chunk."""
+        out = {}
+        for row in batch.rows:
+            pv = self._pixels.get(row.request_id)
+            if pv is not None:
+                out[row.request_id] = EmbedOverride(*pv.features(self.vision))
+        return out
+
+    def _forget_pixels(self) -> None:
+        """Drop the pixels of requests that are gone or whose placeholders are all in the cache."""
+        live = {r.id: r for r in self.scheduler.running}
+        live.update({r.id: r for r in self.scheduler.waiting})
+        for rid in list(self._pixels):
+            r, pv = live.get(rid), self._pixels[rid]
+            if r is None or (pv.positions is not None and r.num_computed > pv.positions[-1]):
+                del self._pixels[rid]
+
     # ------------------------------------------------------------------------------------------ requests
     def encode_prompt(self, prompt, request, chat: bool = False) -> list[int]:
         """Token ids of a prompt (str or ids), checked against the vocab and max_seq_len; ValueError names it."""
         return self.scheduler.encode_prompt(prompt, request, chat)
 
     def prepare(self, prompt, sampling: SamplingParams | None = None, request_id=None, chat: bool = False):
-        """Validate one request without queueing it: (token ids, params). Raises ValueError naming it."""
+        """Validate one request without queueing it: (token ids, params). Raises ValueError naming it.
+        A multimodal prompt (m3jax.vision.prompt) gives its MultimodalPrompt instead of the ids."""
+        if vision_prompt.is_multimodal(prompt):
+            mm = self._multimodal(prompt, request_id if request_id is not None else "<new>", chat)
+            return mm, self.scheduler.prepare(mm.token_ids, sampling, request_id)[1]
         return self.scheduler.prepare(prompt, sampling, request_id, chat)
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, *, request_id=None,
@@ -212,10 +258,18 @@ class Engine:
         on_token(request_id, token_id) is called for every generated token, as it is produced; if it raises,
         that request finishes with finish_reason "error".
         """
-        return self.scheduler.add(prompt, sampling, request_id=request_id, on_token=on_token, chat=chat)
+        if not vision_prompt.is_multimodal(prompt):
+            return self.scheduler.add(prompt, sampling, request_id=request_id, on_token=on_token, chat=chat)
+        mm = self._multimodal(prompt, request_id if request_id is not None else "<new>", chat)
+        salt = mm.cache_salt(self.vision.config) if mm.has_pixels else b""    # prefix cache: keyed by content
+        rid = self.scheduler.add(mm.token_ids, sampling, request_id=request_id, on_token=on_token, cache_salt=salt)
+        if mm.has_pixels:
+            self._pixels[rid] = vision_prompt.PromptVision(mm)
+        return rid
 
     def cancel(self, request_id) -> bool:
         """Drop a queued or running request and free its pages (no result is kept); False if it is not live."""
+        self._pixels.pop(request_id, None)
         return self.scheduler.cancel(request_id)
 
     def has_work(self) -> bool:
@@ -259,14 +313,20 @@ class Engine:
         if batch is None:
             return []
         try:
-            sampled = self.runner.execute(batch)
+            overrides = self._overrides(batch) if self._pixels else None
+            sampled = self.runner.execute(batch, overrides) if overrides else self.runner.execute(batch)
         except BaseException as e:
             # The step's requests cannot continue (their cache state is unknown): fail them, free their pages.
             self.scheduler.fail([r.request_id for r in batch.rows], f"step failed: {type(e).__name__}: {e}")
+            if self._pixels:
+                self._forget_pixels()
             raise
         bad = [(row, s) for row, s in zip(batch.rows, sampled) if isinstance(s, NonFinite)]
         if not bad:
-            return self.scheduler.complete(batch, sampled)
+            out = self.scheduler.complete(batch, sampled)
+            if self._pixels:
+                self._forget_pixels()
+            return out
         # Non-finite logits: those requests fail (sampling them would emit garbage), the rest of the step stands.
         failed = {row.request_id for row, _ in bad}
         keep = lambda rows: tuple(r for r in rows if r.request_id not in failed)      # noqa: E731
@@ -278,6 +338,8 @@ class Engine:
             result = self.scheduler.fail([row.request_id], f"request {row.request_id!r}: the model produced "
                                          f"non-finite logits (NaN or inf) {where}; generation stopped")[0]
             outputs.append(StepOutput(row.request_id, [], True, result))
+        if self._pixels:
+            self._forget_pixels()
         return outputs
 
     def run(self) -> dict[Any, GenerationResult]:
@@ -306,7 +368,9 @@ def generate(model_or_engine, prompts: Sequence, sampling: SamplingParams | Sequ
 
     model_or_engine: an M3ForCausalLM (an Engine is built with engine_kwargs, e.g. max_batch_size,
     max_seq_len) or an Engine (its queue must be empty). prompts: list[str] (tokenizer= or the checkpoint's;
-    chat=True applies the chat template) or list[list[int]]. sampling: one SamplingParams for all, or one per
+    chat=True applies the chat template) or list[list[int]]; with a vision tower also
+    {"text": ..., "images": [...], "videos": [...]} (m3jax.vision.prompt), or chat messages with OpenAI-style
+    image_url parts (data URLs) when chat=True. sampling: one SamplingParams for all, or one per
     prompt. on_token(prompt_index, token_id) streams tokens. progress: tqdm bar (default: 8+ prompts).
     Every prompt and parameter is checked before any work: ValueError names the request (its index).
     """

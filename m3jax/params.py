@@ -13,7 +13,7 @@ from typing import Mapping
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from m3jax import sharding
 from m3jax.config import M3Config
@@ -77,7 +77,10 @@ def remake_model(model: M3ForCausalLM, params: Mapping[str, jax.Array] | None = 
         if mesh is not None:
             value = jax.device_put(value, NamedSharding(mesh, sharding.param_spec(path, v.shape, mesh)))
         arrays.append(value)
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
+    new = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
+    if getattr(model, "vision", None) is not None:      # the vision tower (m3jax.vision) stays, replicated
+        new.vision = model.vision if mesh is None else jax.device_put(model.vision, NamedSharding(mesh, P()))
+    return new
 
 
 def with_impl(model: M3ForCausalLM, attn_impl: str | None) -> M3ForCausalLM:

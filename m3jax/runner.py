@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax import cache as cache_lib
+from m3jax.distributed import to_host
 from m3jax.model.cached import StepGroup, forward_cached
 from m3jax.sampling import SamplingBatch, SamplingParams, sample
 from m3jax.scheduler import Batch, Row
@@ -82,10 +83,11 @@ def default_layer_loop(backend: str) -> str:
     return "scan"
 
 
-def _step_impl(graphdef, state, layer_states, cache, groups, logits_at):
-    _TRACES[tuple(tuple(g.tokens.shape) for g in groups)] += 1
+def _step_impl(graphdef, state, layer_states, cache, groups, logits_at, input_embeds=None):
+    _TRACES[tuple(tuple(g.tokens.shape) for g in groups) + (input_embeds is not None,)] += 1
     model = nnx.merge(graphdef, state)
-    logits, cache = forward_cached(model, cache, groups, logits_at, layer_states=layer_states)
+    logits, cache = forward_cached(model, cache, groups, logits_at, layer_states=layer_states,
+                                   input_embeds=input_embeds)
     logits = jnp.concatenate(logits, axis=0)
     return logits, jnp.isfinite(logits).all(axis=-1), cache
 
@@ -122,6 +124,14 @@ def _check_buckets(name, given, limit, default) -> list[int]:
     if not b or b[0] < 1 or b[-1] != limit:
         raise ValueError(f"Engine: {name} must be positive sizes ending at {limit}, got {list(given)}")
     return b
+
+
+class EmbedOverride(NamedTuple):
+    """Input embeddings that replace token embeddings in one request's prompt (image / video features):
+    the token at absolute position positions[k] enters the model as values[k]."""
+
+    positions: np.ndarray      # int[n], ascending
+    values: np.ndarray         # [n, hidden] in the model dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,26 +250,53 @@ class Runner:
             group, last = jax.device_put((group, last), self._rows_sharding)
         return group, last, layout
 
-    def _run(self, batch: Batch, program: StepProgram):
-        groups, logits_at, layout = [], [], []
+    def _embeds(self, layout: Sequence[Slot | None], width: int, overrides: Mapping[Any, EmbedOverride]):
+        """(mask [B, T], values [B, T, D]) of a group whose slots' tokens meet an override, else None."""
+        mask, values = None, None
+        for i, s in enumerate(layout):
+            o = None if s is None else overrides.get(s.row.request_id)
+            if o is None:
+                continue
+            first = s.row.start + s.offset
+            lo, hi = np.searchsorted(o.positions, [first, first + s.length])
+            if lo == hi:
+                continue
+            if mask is None:
+                mask = np.zeros((len(layout), width), bool)
+                values = np.zeros((len(layout), width, o.values.shape[-1]), np.dtype(self.model.dtype))
+            mask[i, o.positions[lo:hi] - first] = True
+            values[i, o.positions[lo:hi] - first] = o.values[lo:hi]
+        if mask is None:
+            return None
+        if self._rows_sharding is not None:
+            return jax.device_put((mask, values), self._rows_sharding)
+        return mask, values
+
+    def _run(self, batch: Batch, program: StepProgram, overrides: Mapping[Any, EmbedOverride] | None = None):
+        groups, logits_at, layout, embeds = [], [], [], []
         for per_shard, rows, width in self._slots(batch, program):
             g, last, lay = self._group(per_shard, rows, width)
             groups.append(g)
             logits_at.append(last)
             layout.extend(lay)
+            embeds.append(self._embeds(lay, width, overrides) if overrides else None)
+        embeds = tuple(embeds) if any(e is not None for e in embeds) else None
         logits, finite, self.cache = self._step_fn(self._graphdef, self._state, self._layer_states, self.cache,
-                                                   tuple(groups), tuple(logits_at))
+                                                   tuple(groups), tuple(logits_at), embeds)
         return logits, finite, layout
 
-    def execute(self, batch: Batch) -> list[tuple[int, float | None] | NonFinite | None]:
+    def execute(self, batch: Batch, overrides: Mapping[Any, EmbedOverride] | None = None
+                ) -> list[tuple[int, float | None] | NonFinite | None]:
         """Compute the batch's rows; returns, per row of batch.rows, (sampled token, its logprob or None) for rows
         with `sample`, NonFinite for a row whose logits are not all finite (nothing is sampled for it), else
-        None."""
+        None. overrides: request id -> input embeddings replacing some of its prompt tokens' (image features at
+        their placeholders); a step whose rows meet one runs the mixed program's variant with input embeddings
+        (one more program, compiled when first needed: warmup does not compile it)."""
         if not batch.rows:
             return []
-        logits, finite, layout = self._run(batch, self.program_for(batch))
+        logits, finite, layout = self._run(batch, self.program_for(batch), overrides)
         self.num_steps += 1
-        finite = np.asarray(finite)
+        finite = to_host(finite)                   # multi-host: gathered from every process's devices
         bad = {id(s.row) for i, s in enumerate(layout) if s is not None and not finite[i]}
         out: dict[int, tuple[int, float | None] | NonFinite] = {id(r): NonFinite(r.request_id)
                                                                for r in batch.rows if id(r) in bad}
@@ -280,7 +317,7 @@ class Runner:
         counters = [r.num_generated if r is not None else 0 for r in rows]
         sb = SamplingBatch.from_params(params, seeds, counters, len(rows))
         tokens, lps = sample(logits, sb, all_greedy=all_greedy, want_logprobs=want_logprobs)
-        return np.asarray(tokens), None if lps is None else np.asarray(lps)
+        return to_host(tokens), None if lps is None else to_host(lps)      # multi-host: from every process
 
     def warmup(self, on_program: Callable[[StepProgram], None] | None = None) -> None:
         """Compile (and run once, on padding only: keys go to the sink page) every step program, with the greedy

@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from m3jax.cache import SINK_PAGE, OutOfPages, pages_per_sequence
-from m3jax.sampling import SamplingParams
+from m3jax.sampling import SamplingParams, _is_int
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 
@@ -353,10 +353,10 @@ class Scheduler:
                 prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
             ids = tok.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = [int(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else t for t in prompt]
-            bad = [t for t in ids if not isinstance(t, int)]
+            bad = [t for t in prompt if not _is_int(t)]          # True is not token id 1
             if bad:
                 raise ValueError(f"request {request}: prompt token ids must be ints, got {bad[0]!r}")
+            ids = [int(t) for t in prompt]
         else:
             raise ValueError(f"request {request}: prompt must be a str or a list of token ids, got "
                              f"{type(prompt).__name__}")
@@ -400,8 +400,9 @@ class Scheduler:
                 or any(r.id == request_id for r in self.waiting))
 
     def add(self, prompt, sampling: SamplingParams | None = None, *, request_id=None,
-            on_token: Callable[[Any, int], None] | None = None, chat: bool = False):
-        """Queue a request; returns its id. Invalid input raises ValueError before anything is queued."""
+            on_token: Callable[[Any, int], None] | None = None, chat: bool = False, cache_salt: bytes = b""):
+        """Queue a request; returns its id. Invalid input raises ValueError before anything is queued.
+        cache_salt: see `Request.cache_salt` (the Engine passes the hash of a prompt's images)."""
         if request_id is not None and self.in_use(request_id):
             raise ValueError(f"request {request_id}: request_id is already in use")
         ids, sampling = self.prepare(prompt, sampling, request_id, chat)
@@ -411,7 +412,8 @@ class Scheduler:
             rid = serial = next(self._serials)
         seed = sampling.seed if sampling.seed is not None else (self.seed * 1_000_003 + serial) % 2**32
         self.waiting.append(Request(rid, ids, sampling, seed, on_token, tokens=list(ids),
-                                    max_total=min(len(ids) + sampling.max_new_tokens, self.max_seq_len)))
+                                    max_total=min(len(ids) + sampling.max_new_tokens, self.max_seq_len),
+                                    cache_salt=cache_salt))
         return rid
 
     # ------------------------------------------------------------------------------------------ steps

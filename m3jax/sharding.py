@@ -36,11 +36,16 @@ def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Dev
 
 
 def parse_mesh(text: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """make_mesh from "DATAxMODEL" (e.g. "2x4"), as the command line spells it; ValueError names the problem."""
+    """make_mesh from "DATAxMODEL" (e.g. "2x4"), as the command line spells it, over the first DATA x MODEL of
+    `devices` (default: all), so "1x1" runs on one device of eight; ValueError names the problem."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"mesh must be DATAxMODEL with positive integers (e.g. 2x4), got {text!r}")
-    return make_mesh(data=int(parts[0]), model=int(parts[1]), devices=devices)
+    data, model = int(parts[0]), int(parts[1])
+    devices = list(jax.devices() if devices is None else devices)
+    if data * model > len(devices):
+        raise ValueError(f"mesh {text} needs {data * model} devices, have {len(devices)}")
+    return make_mesh(data=data, model=model, devices=devices[:data * model])
 
 
 def check_mesh(mesh: Mesh) -> Mesh:
@@ -133,11 +138,3 @@ def replicate_kv_param(path: str, value, replicas: int):
         return value
     return value.repeat(replicas, axis=-2)
 
-
-def __getattr__(name):
-    # shard_model / remake_model moved to m3jax.params (they build models; this module imports no model code).
-    # Forwarded, resolved at call time, for callers not yet moved (tests/test_fp8_experts.py).
-    if name in ("shard_model", "remake_model"):
-        from m3jax import params
-        return getattr(params, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

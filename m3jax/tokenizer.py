@@ -7,7 +7,7 @@ from typing import Protocol, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-# M3 special tokens used by the chat layout (M3_SPEC.md §4.7).
+# M3 special tokens used by the chat layout (as in the MiniMaxAI/MiniMax-M3 release's tokenizer and chat template).
 BOS, ROLE, EOT = "]~!b[", "]~b]", "[e~["
 
 

@@ -22,7 +22,6 @@ from pallas_kernels import reference
 
 log = logging.getLogger(__name__)
 
-OPS = ("indexer_topk", "sparse_attention", "dense_attention", "grouped_matmul", "moe")
 IMPLS = ("reference", "gpu", "gpu-interpret", "tpu", "tpu-interpret")
 _DEFAULT = {"gpu": ("gpu",), "cuda": ("gpu",), "tpu": ("tpu",), "cpu": ("reference",)}
 _BACKEND_MODULE = {"gpu": "pallas_kernels.gpu", "tpu": "pallas_kernels.tpu"}

@@ -1,6 +1,6 @@
 """Float32 jnp references for the MSA kernels: the oracle every kernel is tested against.
 
-Layouts (axis letters as in STYLE.md: B batch, T query tokens, N query heads, K KV heads = index heads,
+Layouts (the project's axis letters: B batch, T query tokens, N query heads, K KV heads = index heads,
 G query heads per KV head, H head dim, I index dim, P physical pages, R rows per page = MSA block size,
 C chosen blocks, M logical blocks per request):
 
@@ -14,10 +14,10 @@ C chosen blocks, M logical blocks per request):
                                q_pos = -1 marks a padding row: it selects nothing and its output is 0.
   block_ids     i32[B, T, K, C] logical block ids chosen per (query, KV group); -1 marks an empty slot.
 
-Semantics follow M3_SPEC.md §3 and transformers' `MiniMaxM3VLIndexer`: per query token and per KV group,
-index scores <iq, ik> (no scale: ranking-invariant), causal mask per key, max-pool per block, the query's own
-`local_blocks` blocks forced, top-C by raw score (no exp), -1 where fewer blocks are visible. Main branch:
-exact softmax over the keys of the chosen blocks that are causally visible.
+Semantics follow transformers' `MiniMaxM3VLIndexer` (transformers/models/minimax_m3_vl/modeling_minimax_m3_vl.py):
+per query token and per KV group, index scores <iq, ik> (no scale: ranking-invariant), causal mask per key,
+max-pool per block, the query's own `local_blocks` blocks forced, top-C by raw score (no exp), -1 where fewer
+blocks are visible. Main branch: exact softmax over the keys of the chosen blocks that are causally visible.
 
 These functions materialise [B, T, K, M*R] score / logit tensors: they are for tests and small inputs, not
 for long contexts (that is what the kernels are for).
@@ -176,7 +176,8 @@ def dequantize_mxfp8(w, scale, dtype=f32):
 
 
 def swiglu_oai(gate, up, alpha: float, limit: float):
-    """SwiGLU-OAI, non-interleaved (M3_SPEC.md §1.4): min(g, limit) * sigmoid(alpha g) * (clip(u, +-limit) + 1)."""
+    """SwiGLU-OAI, non-interleaved (transformers' `MiniMaxM3VLDenseMLP`):
+    min(g, limit) * sigmoid(alpha g) * (clip(u, +-limit) + 1)."""
     g = jnp.minimum(gate, limit)
     u = jnp.clip(up, -limit, limit)
     return g * jax.nn.sigmoid(alpha * g) * (u + 1.0)

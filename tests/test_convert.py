@@ -26,7 +26,8 @@ from convert import loader, mxfp8, orbax_io, placement, weight_map
 from convert.safetensors_io import CheckpointError, checkpoint_tensors, read_tensor, write_file, write_sharded
 from convert.source import ReleaseCheckpoint
 from m3jax.config import M3Config
-from m3jax.testing import flat_params, make_tiny_checkpoint, random_model
+from m3jax.params import flat_params
+from m3jax.testing import make_tiny_checkpoint, random_model
 
 _FWD = nnx.jit(lambda m, ids: m(ids))
 IDS = (jnp.arange(48, dtype=jnp.int32)[None] * 37 + 5) % 384          # 6 blocks of 8: MSA really sparse
@@ -434,9 +435,9 @@ class _Spec(NamedTuple):          # release_pieces only reads `.spec` (no 8-devi
 @pytest.mark.parametrize("quant,count", [(None, 23_416 - 523), ("mxfp8", 45_838 - 523)])
 def test_full_size_release_validates_and_plans_bounded_pieces(tmp_path, quant, count):
     """Headers of the real 60-layer / 128-expert checkpoint over sparse files: the weight map takes exactly the
-    released text tensors (M3_SPEC §2.2 counts minus the 515 vision and 8 projector tensors), and the piece
-    plans bound host memory: converter pieces <= 128 MiB, direct-load pieces <= 256 MiB (experts spread over 8
-    devices, never cut)."""
+    released text tensors (the tensor counts of the releases' model.safetensors.index.json minus the 515 vision
+    and 8 projector tensors), and the piece plans bound host memory: converter pieces <= 128 MiB, direct-load
+    pieces <= 256 MiB (experts spread over 8 devices, never cut)."""
     from convert.synthetic import write_release
     from jax.sharding import PartitionSpec as P
 

@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import m3jax.api
-    from m3jax.testing import flat_params
+    from m3jax.params import flat_params
 
     assert jax.device_count() == 8, jax.devices()
     conv, release = sys.argv[1], sys.argv[2]

@@ -12,9 +12,9 @@ import m3jax
 from convert import mxfp8
 from convert.safetensors_io import CheckpointError
 from m3jax import sharding
+from m3jax.params import flat_params
 from pallas_kernels.reference import dequantize_mxfp8
 from tests.backend import assert_same_sums
-from m3jax.testing import flat_params
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_quantize_experts_holds_the_quantised_model():
     want = np.asarray(nnx.merge(graphdef, state)(ids))
     assert_same_sums(m3jax.quantize_experts(model)(ids), want, what="quantize_experts vs dequantised weights")
     mesh = sharding.make_mesh(data=2, model=4)
-    placed = m3jax.quantize_experts(sharding.shard_model(model, mesh))
+    placed = m3jax.quantize_experts(m3jax.params.shard_model(model, mesh))
     assert flat_params(placed)["stacks.1.layers.ffn.down_scale_ebd"].sharding.spec == P(None, ("data", "model"),
                                                                                         None, None)
     np.testing.assert_allclose(np.asarray(jax.jit(lambda x: placed(x))(ids)), want, atol=2e-5, rtol=0)

@@ -17,6 +17,8 @@ CLAIMS = {
     "msa_selection.ipynb": [r"layer \d+: last token reads \[3, 3\] of 25 blocks per group"],
     "sharding.ipynb": [r"^8 devices: cpu$", r"KV heads after replication: 4$", r"same MSA block selections: True",
                        r"same greedy tokens as one device: True$", r"^data shard 1: requests \[\d+(, \d+)*\]"],
+    "vision.ipynb": [r"-> grid_thw \[\[1, 10, 16\]\]", r"40 placeholders at positions 72\.\.111 \(expected 40\)",
+                     r"layer \d+: queries after the image pick image blocks in [\d.]+% of their choices"],
 }
 NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "notebooks", "*.ipynb")))
 

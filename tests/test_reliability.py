@@ -111,7 +111,7 @@ def test_incomplete_character_is_held_until_complete(byte_tokenizer):
 def tiny(tmp_path_factory):
     """A private copy of the bundled tiny checkpoint (written once per machine; a copy takes milliseconds and a
     test that fails by deleting its source cannot damage the shared one)."""
-    from m3jax.testing import bundled_tiny_checkpoint
+    from m3jax.api import bundled_tiny_checkpoint
     dst = str(tmp_path_factory.mktemp("rel") / "release")
     shutil.copytree(bundled_tiny_checkpoint(), dst)
     return dst

@@ -39,7 +39,7 @@ ENGINE_KW = dict(max_batch_size=8, max_seq_len=2048, prefill_chunk=128, max_toke
 
 @pytest.fixture(scope="module")
 def ckpt():
-    from m3jax.testing import bundled_tiny_checkpoint
+    from m3jax.api import bundled_tiny_checkpoint
     return bundled_tiny_checkpoint()            # written once per machine (~/.cache/m3jax), shared with other tests
 
 
@@ -267,8 +267,8 @@ def test_no_500_for_any_wrongly_typed_field(server, path):
                 continue                                                   # a valid short prompt replaced it
             assert code in (400, 404), (field, value, code, body)
             assert body["error"]["message"] and body["error"]["type"] == "invalid_request_error", body
-    # the extremes that are valid run (a top_k beyond int32 once crashed the engine step)
-    for extra in ({"top_k": 2**31 - 1, "temperature": 2.0}, {"seed": 2**32 - 1, "temperature": 1.0, "top_p": 1e-9},
+    # the extremes that are valid run (a top_k beyond int32 once crashed the engine step; now top_k <= the vocab)
+    for extra in ({"top_k": 384, "temperature": 2.0}, {"seed": 2**32 - 1, "temperature": 1.0, "top_p": 1e-9},
                   {"max_tokens": 1, "stop": ["a", "b", "c", "d"], "n": 2}):
         body = {"model": MODEL, "max_tokens": 1, **extra}
         body.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user",

@@ -112,6 +112,7 @@ def test_router_bias_moves_towards_balance():
     np.testing.assert_allclose(np.asarray(T.update_router_bias(bias, load, 0.01)), [[-0.01, 0.01, 0.0, 0.01]])
 
 
+@pytest.mark.multi_device
 def test_sharded_step_equals_single_device():
     """2x4 mesh (data x model) vs one device, float32 compute, in the sparse phase: the gradients the step applies
     agree to 1e-5 of each tensor's largest entry, the losses to 1e-5 relative (only the order of the partitioned

@@ -348,11 +348,13 @@ def test_scatter_matches_masked_scatter():
 
 @pytest.mark.slow
 def test_logits_with_images_and_video_match_transformers(vl_pair):
+    """m3jax.load attaches the checkpoint's vision tower; model(input_ids, pixel_values=...) equals transformers."""
     import m3jax
 
     theirs, path, tensors = vl_pair
     text = m3jax.load(path, dtype="float32", progress=False)
-    vision = _ours(path, tensors, "reference")
+    assert isinstance(text.vision, VisionModel) and text.vision.dtype == jnp.float32
+    vision = text.vision
     images = ImageProcessor()(vh.random_images(7, [(61, 83), (40, 40)]))
     videos = VideoProcessor()(_videos()[:1])
     n_img = [int(g.prod()) // 4 for g in images["image_grid_thw"]]
@@ -367,11 +369,183 @@ def test_logits_with_images_and_video_match_transformers(vl_pair):
                       pixel_values_videos=torch.from_numpy(videos["pixel_values_videos"]),
                       video_grid_thw=torch.from_numpy(videos["video_grid_thw"]), use_cache=False).logits.numpy()
     with jax.default_matmul_precision("highest"):
+        got = np.asarray(text(ids, pixel_values=images["pixel_values"], image_grid_thw=images["image_grid_thw"],
+                              pixel_values_videos=videos["pixel_values_videos"],
+                              video_grid_thw=videos["video_grid_thw"]))
         h = merge.embed_with_vision(text, ids, images["pixel_values"], images["image_grid_thw"],
                                     videos["pixel_values_videos"], videos["video_grid_thw"], vision=vision)
-        got = np.asarray(merge.logits_from_embeddings(text, h))
+        np.testing.assert_array_equal(np.asarray(text(inputs_embeds=h)), got)
     err = np.abs(got - want).max()
     assert err <= LOGIT_TOL, f"max |logit diff| {err:.2e}"
     with pytest.raises(ValueError, match="req-9: input_ids hold video placeholder tokens"):
         merge.embed_with_vision(text, ids, images["pixel_values"], images["image_grid_thw"], vision=vision,
                                 request="req-9")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Engine with images, loading a tiny VL checkpoint
+
+def _vl_tokenizer(path):
+    """A byte-level tokenizer whose image / video markers are the config's ids 290..293 (fillers before)."""
+    from m3jax.tokenizer import BOS, EOT, ROLE, write_byte_level_tokenizer
+
+    fillers = [f"]<]unused{i}[>[" for i in range(IMAGE_TOKEN - 256 - 3)]
+    ids = write_byte_level_tokenizer(str(path / "tokenizer.json"), [BOS, EOT, ROLE, *fillers, processor.IMAGE_TOKEN,
+                                                                    processor.VIDEO_TOKEN,
+                                                                    processor.VISION_START_TOKEN,
+                                                                    processor.VISION_END_TOKEN])
+    assert (ids[processor.IMAGE_TOKEN], ids[processor.VIDEO_TOKEN]) == (IMAGE_TOKEN, VIDEO_TOKEN)
+
+
+@pytest.mark.slow
+def test_engine_greedy_with_image_matches_transformers(vl_pair):
+    import m3jax
+
+    theirs, path, _ = vl_pair
+    _vl_tokenizer(path)
+    model = m3jax.load(path, dtype="float32", progress=False)
+    image = vh.random_images(21, [(61, 83)])[0]
+    prompt = {"text": f"ab{processor.IMAGE_TOKEN}cd", "images": [image]}
+    steps = 4
+    with jax.default_matmul_precision("highest"):
+        (out,) = m3jax.generate(model, [prompt], m3jax.SamplingParams(max_new_tokens=steps), max_seq_len=128,
+                                prefill_chunk=8)     # the image's 6 placeholders span two chunks
+    ids = list(out.prompt_token_ids)
+    assert ids.count(IMAGE_TOKEN) == 6
+    px = ImageProcessor()([image])
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = theirs(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(px["pixel_values"]),
+                            image_grid_thw=torch.from_numpy(px["image_grid_thw"]), use_cache=False).logits
+            ids.append(int(logits[0, -1].argmax()))
+    assert out.token_ids == ids[len(out.prompt_token_ids):]
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory):
+    import m3jax
+
+    path = m3jax.testing.make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "vl"), seed=0, vision=True,
+                                              dtype="float32")
+    return path, m3jax.load(path, dtype="float32", progress=False)
+
+
+def test_tiny_vl_checkpoint_loads_and_converts(tiny_vl, tmp_path):
+    """make_tiny_checkpoint(vision=True): the release's layout (tensor names, config keys, preprocessor config);
+    loading gives the tower it wrote, converting keeps it."""
+    import m3jax
+    from convert import orbax_io
+    from convert.safetensors_io import checkpoint_tensors, read_tensor
+
+    path, model = tiny_vl
+    cfg = VisionConfig.from_pretrained(path)
+    assert (cfg.image_token_index, cfg.video_token_index, cfg.text_hidden_size) == (259, 260, 64)
+    stored = {n: read_tensor(t) for n, t in checkpoint_tensors(path).items() if weights.is_vision_tensor(n)}
+    assert sorted(stored) == sorted(weights.expected_tensor_names(cfg))
+    for name, w in weights.release_tensors(model.vision):
+        np.testing.assert_array_equal(w, stored[name], err_msg=name)
+    assert ImageProcessor.from_pretrained(path).max_pixels == 16 * 28 * 28
+    # on a mesh: the tower is replicated and the forward with an image is the single-device one
+    mesh = m3jax.sharding.make_mesh(data=2, model=2, devices=jax.devices()[:4])
+    sharded = m3jax.load(path, dtype="float32", mesh=mesh, progress=False)
+    w = sharded.vision.tower.encoder.layers.q_dnh[...]
+    assert w.sharding.is_fully_replicated and len(w.sharding.device_set) == 4
+    px = ImageProcessor.from_pretrained(path)(vh.random_images(40, [(50, 60)]))
+    ids = np.asarray([[1, 261] + [259] * (int(px["image_grid_thw"].prod()) // 4) + [262, 7, 8]])
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(sharded(ids, pixel_values=px["pixel_values"],
+                                                      image_grid_thw=px["image_grid_thw"])),
+                                   np.asarray(model(ids, **px)), atol=1e-5)
+    conv = orbax_io.convert(path, str(tmp_path / "conv"), "float32", progress=False)["dst"]
+    again = m3jax.load(conv, dtype="bfloat16", progress=False)
+    assert again.vision.dtype == jnp.bfloat16
+    for (name, a), (_, b) in zip(weights.release_tensors(model.vision), weights.release_tensors(again.vision)):
+        np.testing.assert_allclose(b, a, rtol=1e-2, atol=1e-2, err_msg=name)
+
+
+def _data_url(image) -> str:
+    import base64
+    import io
+
+    import PIL.Image
+
+    buf = io.BytesIO()
+    PIL.Image.fromarray(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_engine_prompts_and_bad_images(tiny_vl, tmp_path):
+    """Chat image_url parts equal a dict prompt; bad images name the request and leave the engine usable."""
+    import m3jax
+    from m3jax.vision.prompt import MultimodalPrompt
+
+    path, model = tiny_vl
+    engine = m3jax.Engine(model, max_batch_size=2, max_seq_len=128, prefill_chunk=16)
+    image = vh.random_images(30, [(45, 66)])[0]
+    a, _ = engine.prepare({"text": f"{processor.IMAGE_TOKEN}hi", "images": [image]}, chat=True)
+    b, _ = engine.prepare([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}},
+                                                        {"type": "text", "text": "hi"}]}], chat=True)
+    assert a.token_ids == b.token_ids and a.token_ids.count(259) == int(a.image_grid_thw.prod()) // 4
+    np.testing.assert_array_equal(a.pixel_values, b.pixel_values)
+
+    marker = processor.IMAGE_TOKEN
+    bad = {
+        "no such file": {"text": marker, "images": [str(tmp_path / "missing.png")]},
+        "zero-sized": {"text": marker, "images": [np.zeros((0, 9, 3), np.uint8)]},
+        "cannot read": {"text": marker, "images": [str(tmp_path / "junk.png")]},
+        "markers, but 2 images": {"text": marker, "images": [image, image]},
+        "cannot decode": [{"role": "user", "content": [{"type": "image_url",
+                                                        "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+        "but its images give 4 feature rows": MultimodalPrompt([1, 259, 259, 259, 259, 259, 2],
+                                                               *ImageProcessor.from_pretrained(path)(
+                                                                   [np.zeros((28, 28, 3), np.uint8)]).values()),
+    }
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    for message, prompt in bad.items():
+        with pytest.raises(ValueError, match=f"request bad-.*{message}"):
+            engine.add_request(prompt, request_id=f"bad-{message}", chat=isinstance(prompt, list))
+    assert not engine.has_work()
+    video = np.stack(vh.random_images(31, [(30, 40)] * 3))
+    prompt = {"text": f"x{processor.VIDEO_TOKEN}y{marker}", "images": [image], "videos": [video]}
+    mm, _ = engine.prepare(prompt)
+    cfg = model.vision.config
+    spans = mm.content_spans(cfg)
+    assert [mm.token_ids[s] for s, _, _ in spans] == [260, 259] and len({d for _, _, d in spans}) == 2
+    other, _ = engine.prepare({"text": prompt["text"], "images": [255 - image], "videos": [video]})
+    assert other.token_ids == mm.token_ids and other.content_spans(cfg)[1][2] != spans[1][2]
+    # the same image and video through the no-cache forward: the engine's tokens
+    ids = list(mm.token_ids)
+    with jax.default_matmul_precision("highest"):
+        for _ in range(2):
+            logits = model(np.asarray([ids]), pixel_values=mm.pixel_values, image_grid_thw=mm.image_grid_thw,
+                           pixel_values_videos=mm.pixel_values_videos, video_grid_thw=mm.video_grid_thw)
+            ids.append(int(np.argmax(logits[0, -1])))
+    with jax.default_matmul_precision("highest"):
+        rid = engine.add_request(prompt, m3jax.SamplingParams(max_new_tokens=2))
+        assert engine.run()[rid].token_ids == ids[len(mm.token_ids):]
+        assert rid not in engine._pixels and not engine.has_work()
+        # prefix cache: the same pixels hit (same tokens), other pixels of the same size (same ids) do not
+        again = engine.add_request(prompt, m3jax.SamplingParams(max_new_tokens=2))
+        other_rid = engine.add_request(dict(prompt, images=[255 - image]), m3jax.SamplingParams(max_new_tokens=2))
+        results = engine.run()
+    assert results[again].token_ids == ids[len(mm.token_ids):] and results[again].num_cached_tokens > 0
+    assert results[other_rid].num_cached_tokens == 0
+    assert mm.cache_salt(cfg) != other.cache_salt(cfg)
+
+
+@pytest.mark.slow
+def test_vision_benchmark_small(tmp_path, monkeypatch):
+    """benchmarks/vision.py --small (float32, CPU): runs, and m3jax's features equal transformers'."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_vision", os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "vision.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["vision.py", "--small", "--dtype", "float32", "--out", str(tmp_path)])
+    bench.main()
+    with open(tmp_path / "vision.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["impl"] for r in rows] == ["transformers (sdpa)", "m3jax xla", "m3jax reference"]
+    assert all(r["ms"] > 0 and r["err"] <= FEATURE_TOL for r in rows[1:]), rows

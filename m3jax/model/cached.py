@@ -70,7 +70,7 @@ def _run_stack(stack, pools: StackCache, hs, groups, ropes, num_pages: int, laye
 
 
 def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
-                   logits_at: Sequence[jax.Array] | None = None, *, layer_states=None):
+                   logits_at: Sequence[jax.Array] | None = None, *, layer_states=None, input_embeds=None):
     """Run one cached step. Returns (logits per group, updated cache).
 
     logits_at: per group i32[B], the query index t whose logits are wanted (f32[B, V] per group); None gives
@@ -78,6 +78,8 @@ def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
     The caller donates `cache` to the jitted step that calls this; the update is functional.
     layer_states: None (scan over the stacked weights) or, per stack, `LayerStack.layer_states()` (a Python loop
     over per-layer weights; the runner decides which, see m3jax.runner).
+    input_embeds: None, or per group None or (mask bool[B, T], values [B, T, D]): the input embedding of each
+    masked token is `values` instead of its token's row (image / video features at their placeholders).
     """
     if not groups:
         raise ValueError("forward_cached needs at least one group")
@@ -85,6 +87,8 @@ def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
         raise ValueError(f"cache has {len(cache.stacks)} stacks, the model {len(model.stacks)}")
     ropes = [model.rope(jnp.maximum(g.q_pos, 0)) for g in groups]
     hs = [model.embed(g.tokens) for g in groups]
+    if input_embeds is not None:
+        hs = [h if e is None else jnp.where(e[0][..., None], e[1].astype(h.dtype), h) for h, e in zip(hs, input_embeds)]
     new_stacks = []
     for i, (stack, sc) in enumerate(zip(model.stacks, cache.stacks)):
         hs, sc = _run_stack(stack, sc, hs, groups, ropes, cache.num_pages,

@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Sequence
 
+from m3jax import distributed
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="m3jax serve", description="Serve an M3 checkpoint over an OpenAI-compatible "
@@ -27,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-prefix-caching", action="store_true",
                     help="compute every prompt in full (default: reuse the cached blocks of earlier prompts)")
     ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip the checksums of a converted checkpoint's pieces (faster load, corruption unnoticed)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    distributed.add_distributed_args(ap)
     return ap
 
 
@@ -39,7 +44,7 @@ def build_app(args):
     from m3jax.engine import Engine
     from m3jax.serve.app import create_app
     from m3jax.sharding import parse_mesh
-    from m3jax.testing import bundled_tiny_checkpoint
+    from m3jax.api import bundled_tiny_checkpoint
     from m3jax.tokenizer import M3Tokenizer
 
     for name in ("port", "max_batch_size", "prefill_chunk"):
@@ -49,12 +54,17 @@ def build_app(args):
     mesh = parse_mesh(args.mesh) if args.mesh else None
     dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
     model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False,
-                 fp8_experts=args.fp8_experts)
+                 fp8_experts=args.fp8_experts, verify=not args.no_verify)
     tok = M3Tokenizer.from_pretrained(path)
-    max_seq_len = args.max_seq_len or min(4096, model.config.max_position_embeddings)
+    max_seq_len = args.max_seq_len if args.max_seq_len is not None else min(4096, model.config.max_position_embeddings)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
                     prefill_chunk=min(args.prefill_chunk, max_seq_len), mesh=mesh,
                     enable_prefix_caching=not args.no_prefix_caching)
+    if distributed.is_multi_process():      # process 0 serves; the others replay its engine operations
+        if not distributed.is_main_process():
+            distributed.follow(engine)
+            return None, None
+        engine = distributed.LeaderEngine(engine)
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
     return create_app(engine, model_name=name, max_queue=args.max_queue, tokenizer=tok, checkpoint_dir=path), name
 
@@ -65,10 +75,13 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from m3jax.cli import USER_ERRORS
     try:
+        distributed.maybe_initialize(args)      # multi-host: before any jax call (see m3jax.distributed)
         app, name = build_app(args)
     except USER_ERRORS as e:
         print(f"m3jax serve: error: {e}", file=sys.stderr)
         return 2
+    if app is None:                             # a follower whose leader closed
+        return 0
     import uvicorn
     print(f"m3jax serve: {name!r} on http://{args.host}:{args.port}/v1 (prefix caching "
           f"{'off' if args.no_prefix_caching else 'on'})", file=sys.stderr)

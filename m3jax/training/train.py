@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from m3jax.params import dotted
 from m3jax import sharding
 from m3jax.config import DENSE_MLP, FULL_ATTENTION, MOE_MLP, SPARSE_ATTENTION, M3Config, MSAConfig
 from m3jax.model import M3ForCausalLM
@@ -128,16 +129,6 @@ def num_params(cfg: M3Config) -> int:
     return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state)))
 
 
-def _dotted(path) -> str:
-    # The dotted parameter name of m3jax.sharding's rules (m3jax.testing.flat_params spells it the same way).
-    parts = []
-    for k in path:
-        key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))
-        if key != "value":
-            parts.append(str(key))
-    return ".".join(parts)
-
-
 def param_sharding(path: str, shape, mesh: Mesh) -> NamedSharding:
     """The inference rule of `path` (m3jax.sharding.param_spec), with the axes the mesh does not divide
     replicated (see the module docstring)."""
@@ -190,7 +181,7 @@ class Trainer:
                                                         rngs=nnx.Rngs(0)))
         self.graphdef, state = nnx.split(abstract)
         leaves, self.treedef = jax.tree_util.tree_flatten_with_path(state)
-        self.paths = [_dotted(p) for p, _ in leaves]
+        self.paths = [dotted(p) for p, _ in leaves]
         self.tx = _optimizer(tcfg, self.paths)
         self.schedule = learning_rate_schedule(tcfg)
         self._steps: dict = {}              # compiled functions by (kind, sparse)
@@ -211,7 +202,7 @@ class Trainer:
         model = M3ForCausalLM(self.cfg, dtype=f32, attn_impl="reference", mesh=self.mesh,
                               rngs=nnx.Rngs(self.tcfg.seed))
         leaves = jax.tree_util.tree_flatten_with_path(nnx.split(model)[1])[0]
-        params = {_dotted(p): v for p, v in leaves}
+        params = {dotted(p): v for p, v in leaves}
         return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     def init_state(self) -> dict:

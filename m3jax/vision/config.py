@@ -117,6 +117,17 @@ class VisionConfig:
         )
 
     @classmethod
+    def of_checkpoint(cls, path: str | os.PathLike) -> "VisionConfig | None":
+        """The vision config of a checkpoint directory, or None when its config.json has no vision_config."""
+        p = os.path.join(os.fspath(path), "config.json")
+        try:
+            with open(p) as fh:
+                d = json.load(fh)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read {p}: {e}") from e
+        return cls.from_hf(d) if isinstance(d.get("vision_config"), Mapping) else None
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike | Mapping[str, Any]) -> "VisionConfig":
         """From a checkpoint directory (its config.json), a config.json path, or a dict."""
         if isinstance(path, Mapping):

@@ -3,10 +3,7 @@
 transformers: `inputs_embeds.masked_scatter(input_ids == image_token_id, image_features)`, then the same for
 videos: the k-th placeholder (row-major over [batch, seq]) takes the k-th feature row, and the placeholder
 count must equal the feature count. Placeholder positions stay ordinary 1D positions.
-
-`logits_from_embeddings` is the text model's no-cache forward started from embeddings. It repeats
-`M3ForCausalLM.trace`'s three steps (rope, the layer stacks, the head) because the model does not take
-`inputs_embeds` yet; once it does, it should go.
+`M3ForCausalLM(input_ids, pixel_values=..., ...)` and `M3ForCausalLM(inputs_embeds=...)` use these.
 """
 
 from __future__ import annotations
@@ -67,16 +64,3 @@ def embed_with_vision(model, input_ids, pixel_values=None, image_grid_thw=None, 
         h = scatter_features(h, input_ids, vision(np.asarray(pv), np.asarray(grid)), token_id, what=what,
                              request=request)
     return h
-
-
-def logits_from_embeddings(model, h_bse, positions=None):
-    """float32 logits [B, S, V] of the text model's full causal forward (no cache) from input embeddings."""
-    b, s = h_bse.shape[:2]
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    positions = jnp.asarray(positions, jnp.int32)
-    cos, sin = model.rope(positions)
-    h = h_bse.astype(model.dtype)
-    for stack in model.stacks:
-        h, _ = stack.forward(h, positions, cos, sin, impl=model.attn_impl)
-    return model.logits(h)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Mapping, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -71,6 +72,32 @@ def _layouts(cfg: VisionConfig) -> dict[str, Callable[[np.ndarray], np.ndarray]]
     }
 
 
+def _inverse_layouts(cfg: VisionConfig) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Parameter layout -> the release's torch layout (the inverse of `_layouts`)."""
+    c, t, p = cfg.num_channels, cfg.temporal_patch_size, cfg.patch_size
+    return {
+        "copy": lambda w: w,
+        "t": lambda w: w.T,
+        "conv:XD": lambda w: w.T.reshape(w.shape[1], c, t, p, p),
+        "heads_in:DNH": lambda w: w.reshape(w.shape[0], -1).T,
+        "heads:NH": lambda w: w.reshape(-1),
+        "heads_out:NHD": lambda w: w.reshape(-1, w.shape[-1]).T,
+        "merge:MEJ": lambda w: w.reshape(-1, w.shape[-1]).T,
+    }
+
+
+def release_tensors(model: VisionModel):
+    """(release name, float32 numpy array) of every vision / projector tensor of `model` (for writers of
+    checkpoints; `load_vision_params` reads them back exactly)."""
+    cfg = model.config
+    flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    inverse = _inverse_layouts(cfg)
+    for name in expected_tensor_names(cfg):
+        rule, layer = match(name)
+        value = np.asarray(jnp.asarray(flat[rule.target][...], jnp.float32))
+        yield name, np.ascontiguousarray(inverse[rule.layout](value if layer is None else value[layer]))
+
+
 def is_vision_tensor(name: str) -> bool:
     return PREFIX.match(name) is not None
 
@@ -119,8 +146,12 @@ def convert_tensor(cfg: VisionConfig, name: str, tensor) -> Placement:
     return Placement(rule.target, layer, value)
 
 
-def load_vision_params(model: VisionModel, tensors: Mapping[str, np.ndarray]) -> VisionModel:
+def load_vision_params(model: VisionModel, tensors: Mapping[str, np.ndarray], sharding=None) -> VisionModel:
     """Fill `model`'s parameters from release-named tensors (numpy, any float dtype), in the model dtype.
+
+    `model` may be abstract (`nnx.eval_shape`); tensors are read one at a time (a lazy mapping streams) and
+    staged on the host in the model dtype. sharding: where the parameters go (e.g. replicated on a mesh);
+    None: the default device.
 
     Non-vision names in `tensors` are ignored. Raises ValueError listing every problem: an unmatched vision
     name, a shape that does not fit, a layer out of range, or a parameter (or layer slot) never filled.
@@ -148,10 +179,10 @@ def load_vision_params(model: VisionModel, tensors: Mapping[str, np.ndarray]) ->
             errors.append(f"{name}: shape {np.shape(tensor)} -> {value.shape}, expected {tuple(want)} for {target}")
             continue
         if layer is not None:
-            staged.setdefault(target, np.full(param.shape, np.nan, np.float32))[layer] = value
+            staged.setdefault(target, np.full(param.shape, np.nan, np.dtype(model.dtype)))[layer] = value
             filled.setdefault(target, set()).add(layer)
         else:
-            staged[target] = value
+            staged[target] = value.astype(np.dtype(model.dtype))
             filled[target] = {None}
     for target, param in flat.items():
         stacked = target.startswith("tower.encoder.layers.")
@@ -162,5 +193,7 @@ def load_vision_params(model: VisionModel, tensors: Mapping[str, np.ndarray]) ->
     if errors:
         raise ValueError("vision weights: " + "; ".join(errors))
     for target, value in staged.items():
-        flat[target].set_value(jnp.asarray(value, dtype=model.dtype))
+        flat[target].set_value(jnp.asarray(value, dtype=model.dtype) if sharding is None
+                               else jax.device_put(value, sharding))
+        del value
     return model

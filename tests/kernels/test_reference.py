@@ -1,4 +1,5 @@
-"""The float32 references against naive per-token loops written from M3_SPEC.md §3 (the oracle's oracle)."""
+"""The float32 references against naive per-token loops written from transformers' `MiniMaxM3VLIndexer`
+(the oracle's oracle)."""
 
 from __future__ import annotations
 

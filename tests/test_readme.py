@@ -35,7 +35,10 @@ def _blocks(lang: str) -> list[tuple[str, str]]:
 
 PYTHON = _blocks("python")
 SERVE_CLIENT = [code for _, code in PYTHON if "OpenAI(" in code]
-LOCAL = [(section, code) for section, code in PYTHON if "OpenAI(" not in code]
+# The multi-host block runs one process per host (SPMD), so it cannot run as one paste here; tests/test_distributed.py
+# runs the same calls as 2 processes x 4 CPU devices.
+MULTI_HOST = [code for section, code in PYTHON if section.startswith("Multi-host")]
+LOCAL = [(section, code) for section, code in PYTHON if "OpenAI(" not in code and not section.startswith("Multi-host")]
 
 
 def _run(args, tmp_path, timeout=600, **kw) -> subprocess.CompletedProcess:
@@ -52,6 +55,7 @@ def _python(code: str, tmp_path) -> subprocess.CompletedProcess:
 
 def test_readme_has_the_blocks_this_test_runs():
     assert [s for s, _ in LOCAL] == ["Quick start", "API", "Sharding and conversion"] and len(SERVE_CLIENT) == 1
+    assert len(MULTI_HOST) == 1 and "m3jax.distributed.initialize(" in MULTI_HOST[0]
     assert CLI_LINES and all(line.startswith(("m3jax generate", "m3jax make-tiny")) for line in CLI_LINES)
 
 

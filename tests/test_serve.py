@@ -27,7 +27,7 @@ import m3jax  # noqa: E402
 from m3jax.serve import create_app  # noqa: E402
 from m3jax.serve.chat import ChatTemplate, check_messages, render_builtin  # noqa: E402
 from m3jax.serve.parsing import NS, ChatOutputParser, render_tool_call  # noqa: E402
-from m3jax.serve.text import StreamText, Utf8HoldbackDecoder  # noqa: E402
+from m3jax.serve.text import StreamText, make_decoder  # noqa: E402
 from m3jax.tokenizer import M3Tokenizer  # noqa: E402
 
 MODEL = "tiny"
@@ -456,7 +456,7 @@ def test_stream_text_never_splits_a_character(tok):
     text = "héllo 日本語 🎉 ok"
     ids = tok.encode(text)
     assert len(ids) == len(text.encode())                       # byte-level: multi-byte characters span ids
-    dec = Utf8HoldbackDecoder(tok)
+    dec = make_decoder(tok)
     pieces = [dec.push([i]) for i in ids] + [dec.flush()]
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
     st = StreamText(tok, stops=("語 🎉",))

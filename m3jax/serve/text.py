@@ -11,46 +11,28 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+from m3jax.tokenizer import IncrementalDecoder
+
 log = logging.getLogger("m3jax.serve")
 
-_REPLACEMENT = "\ufffd"
-
-
-class Utf8HoldbackDecoder:
-    """Decodes a growing id list; `push` returns only text whose UTF-8 sequences are complete.
-
-    A window of ids is decoded twice (with and without the new ids): the new text is what the longer decode
-    adds, unless it ends in U+FFFD, which means an incomplete sequence, so it waits for the next id. Decoding
-    restarts at the last emitted boundary, so the cost per id does not grow with the output length.
-    (Swap point: m3jax.tokenizer's IncrementalDecoder, once it lands, has the same job; `make_decoder` picks.)
-    """
+class _StreamDecoder:
+    """m3jax.tokenizer.IncrementalDecoder (the one UTF-8-safe detokenizer, also behind `m3jax generate --stream`)
+    fed lists of ids: `push` returns only text whose UTF-8 sequences are complete."""
 
     def __init__(self, tokenizer):
-        self._tok = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0          # ids before this were emitted and end on a character boundary
-        self._read = 0            # ids before this are covered by emitted text
+        self._dec = IncrementalDecoder(tokenizer)
 
     def push(self, ids: Sequence[int]) -> str:
-        self._ids.extend(ids)
-        before = self._tok.decode(self._ids[self._prefix:self._read])
-        after = self._tok.decode(self._ids[self._prefix:])
-        if len(after) <= len(before) or after.endswith(_REPLACEMENT):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return after[len(before):]
+        return "".join(self._dec.push(int(i)) for i in ids)
 
     def flush(self) -> str:
         """Whatever is still held (an incomplete sequence at the very end decodes to U+FFFD)."""
-        before = self._tok.decode(self._ids[self._prefix:self._read])
-        after = self._tok.decode(self._ids[self._prefix:])
-        self._prefix = self._read = len(self._ids)
-        return after[len(before):]
+        return self._dec.flush()
 
 
-def make_decoder(tokenizer) -> Utf8HoldbackDecoder:
-    """The incremental decoder the stream path uses (one place to switch implementations)."""
-    return Utf8HoldbackDecoder(tokenizer)
+def make_decoder(tokenizer) -> _StreamDecoder:
+    """The incremental decoder the stream path uses."""
+    return _StreamDecoder(tokenizer)
 
 
 def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
@@ -100,4 +82,4 @@ class StreamText:
         return rest
 
 
-__all__ = ["StreamText", "Utf8HoldbackDecoder", "make_decoder", "stop_prefix_len"]
+__all__ = ["StreamText", "make_decoder", "stop_prefix_len"]

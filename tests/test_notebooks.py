@@ -17,6 +17,9 @@ CLAIMS = {
     "msa_selection.ipynb": [r"layer \d+: last token reads \[3, 3\] of 25 blocks per group"],
     "sharding.ipynb": [r"^8 devices: cpu$", r"KV heads after replication: 4$", r"same MSA block selections: True",
                        r"same greedy tokens as one device: True$", r"^data shard 1: requests \[\d+(, \d+)*\]"],
+    "train_msa.ipynb": [r"^LM loss [\d.]+ -> [\d.]+ \(mean of the first / last 20 steps\)$",
+                        r"^indexer KL, dense warm-up: [\d.]+ -> [\d.]+; ",
+                        r"^held-out: [\d.]+ nats/token sparse \([\d.]+ bits/byte\)"],
     "vision.ipynb": [r"-> grid_thw \[\[1, 10, 16\]\]", r"40 placeholders at positions 72\.\.111 \(expected 40\)",
                      r"layer \d+: queries after the image pick image blocks in [\d.]+% of their choices"],
 }

@@ -296,17 +296,22 @@ class Runner:
             return []
         logits, finite, layout = self._run(batch, self.program_for(batch), overrides)
         self.num_steps += 1
-        finite = to_host(finite)                   # multi-host: gathered from every process's devices
-        bad = {id(s.row) for i, s in enumerate(layout) if s is not None and not finite[i]}
-        out: dict[int, tuple[int, float | None] | NonFinite] = {id(r): NonFinite(r.request_id)
-                                                               for r in batch.rows if id(r) in bad}
-        want = [i for i, s in enumerate(layout) if s is not None and s.last and s.row.sample and id(s.row) not in bad]
+        # Sampling is dispatched before anything comes back to the host, so a step costs one device->host wait:
+        # rows whose logits turn out non-finite are sampled too and their tokens dropped.
+        want = [i for i, s in enumerate(layout) if s is not None and s.last and s.row.sample]
         if want:
             chosen = [layout[i].row for i in want]
             tokens, lps = self._sample(logits, layout, all(r.params.temperature == 0 for r in chosen),
                                        any(r.params.logprobs for r in chosen))
+        finite = to_host(finite)                   # multi-host: gathered from every process's devices
+        bad = {id(s.row) for i, s in enumerate(layout) if s is not None and not finite[i]}
+        out: dict[int, tuple[int, float | None] | NonFinite] = {id(r): NonFinite(r.request_id)
+                                                               for r in batch.rows if id(r) in bad}
+        if want:
+            tokens, lps = to_host(tokens), None if lps is None else to_host(lps)   # multi-host: every process's
             for i in want:
-                out[id(layout[i].row)] = (int(tokens[i]), None if lps is None else float(lps[i]))
+                if id(layout[i].row) not in bad:
+                    out[id(layout[i].row)] = (int(tokens[i]), None if lps is None else float(lps[i]))
         return [out.get(id(r)) for r in batch.rows]
 
     @staticmethod
@@ -316,8 +321,7 @@ class Runner:
         seeds = [r.seed if r is not None else 0 for r in rows]
         counters = [r.num_generated if r is not None else 0 for r in rows]
         sb = SamplingBatch.from_params(params, seeds, counters, len(rows))
-        tokens, lps = sample(logits, sb, all_greedy=all_greedy, want_logprobs=want_logprobs)
-        return to_host(tokens), None if lps is None else to_host(lps)      # multi-host: from every process
+        return sample(logits, sb, all_greedy=all_greedy, want_logprobs=want_logprobs)   # on device
 
     def warmup(self, on_program: Callable[[StepProgram], None] | None = None) -> None:
         """Compile (and run once, on padding only: keys go to the sink page) every step program, with the greedy

@@ -43,7 +43,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.generate import LAYERS, geometry  # noqa: E402
+from benchmarks.generate import LAYERS, geometry, torch_model  # noqa: E402
 
 PROCESS_START = time.perf_counter()
 
@@ -201,45 +201,6 @@ def child_args(args) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ torch
-def torch_model(args):
-    import torch
-    from transformers.models.minimax_m3_vl import configuration_minimax_m3_vl as hf_config
-    from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf_modeling
-
-    g = geometry(args)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    text = dict(
-        vocab_size=g["vocab"], hidden_size=g["hidden"], intermediate_size=g["expert_width"],
-        num_hidden_layers=len(LAYERS), num_attention_heads=g["heads"], num_key_value_heads=g["kv"],
-        head_dim=g["head_dim"], dense_intermediate_size=g["dense_width"], shared_intermediate_size=g["expert_width"],
-        num_local_experts=g["experts"], num_experts_per_tok=g["top_experts"], index_n_heads=g["kv"],
-        index_head_dim=g["index_dim"], index_block_size=g["block"], index_topk_blocks=g["topk"],
-        index_local_blocks=1, layer_types=[a for a, _ in LAYERS], mlp_layer_types=[m for _, m in LAYERS],
-        rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                         "partial_rotary_factor": g["rotary"] / g["head_dim"]},
-        rotary_dim=g["rotary"], max_position_embeddings=1 << 20, bos_token_id=None, eos_token_id=0,
-        pad_token_id=0,
-    )
-    cfg = hf_config.MiniMaxM3VLTextConfig(**text)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = hf_modeling.MiniMaxM3VLForCausalLM(cfg)
-    model = model.to_empty(device=dev).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.normal_(0.0, 0.2) if p.ndim == 1 else p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.05)
-        rot = model.model.rotary_emb          # to_empty() left the RoPE buffers uninitialised
-        inv = 1.0 / (5e6 ** (torch.arange(0, g["rotary"], 2, dtype=torch.float32, device=dev) / g["rotary"]))
-        for attr in ("inv_freq", "original_inv_freq"):
-            if isinstance(getattr(rot, attr, None), torch.Tensor):
-                getattr(rot, attr).copy_(inv)
-    return model, dev
-
-
 def run_torch(args):
     import torch
     import transformers

@@ -200,10 +200,9 @@ def run_jax(args):
 
 
 # ------------------------------------------------------------------------------------------------ torch
-def run_torch(args):
+def torch_model(args):
+    """The scaled M3 in transformers (bf16, sdpa), random weights in the same ranges as the jax side; (model, device)."""
     import torch
-    import transformers
-    from transformers.cache_utils import DynamicCache
     from transformers.models.minimax_m3_vl import configuration_minimax_m3_vl as hf_config
     from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf_modeling
 
@@ -219,6 +218,7 @@ def run_torch(args):
         rope_parameters={"rope_type": "default", "rope_theta": 5e6,
                          "partial_rotary_factor": g["rotary"] / g["head_dim"]},
         rotary_dim=g["rotary"], max_position_embeddings=1 << 20, bos_token_id=None, eos_token_id=0,
+        pad_token_id=0,
     )
     cfg = hf_config.MiniMaxM3VLTextConfig(**text)
     cfg._attn_implementation = "sdpa"
@@ -227,20 +227,26 @@ def run_torch(args):
         model = hf_modeling.MiniMaxM3VLForCausalLM(cfg)
     model = model.to_empty(device=dev).to(torch.bfloat16).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.normal_(0.0, 0.2)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+        for _, p in model.named_parameters():
+            p.normal_(0.0, 0.2) if p.ndim == 1 else p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.05)
-        # to_empty() left the non-persistent RoPE buffers uninitialised: recompute (partial NeoX, theta 5e6).
-        rot = model.model.rotary_emb
+        rot = model.model.rotary_emb          # to_empty() left the RoPE buffers uninitialised
         inv = 1.0 / (5e6 ** (torch.arange(0, g["rotary"], 2, dtype=torch.float32, device=dev) / g["rotary"]))
         for attr in ("inv_freq", "original_inv_freq"):
             if isinstance(getattr(rot, attr, None), torch.Tensor):
                 getattr(rot, attr).copy_(inv)
+    return model, dev
+
+
+def run_torch(args):
+    import torch
+    import transformers
+    from transformers.cache_utils import DynamicCache
+
+    g = geometry(args)
+    model, dev = torch_model(args)
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     emit(args, what="setup", device=name, torch=torch.__version__, transformers=transformers.__version__,
          attn="sdpa")
@@ -256,7 +262,7 @@ def run_torch(args):
             chunk = s if s <= args.torch_chunk_above else args.torch_chunk
 
             def prefill():
-                cache = DynamicCache(config=cfg)
+                cache = DynamicCache(config=model.config)
                 out = None
                 for a in range(0, s, chunk):
                     piece = ids[:, a:a + chunk]
@@ -280,7 +286,7 @@ def run_torch(args):
         kv, hd, idim = g["kv"], g["head_dim"], g["index_dim"]
         for b in args.batches:
             try:
-                cache = DynamicCache(config=cfg)
+                cache = DynamicCache(config=model.config)
                 for li, layer in enumerate(cache.layers):
                     k = torch.randn(b, kv, ctx, hd, device=dev, dtype=torch.bfloat16) * 0.5
                     v = torch.randn(b, kv, ctx, hd, device=dev, dtype=torch.bfloat16) * 0.5

@@ -218,3 +218,80 @@ def test_cli_trains_and_resumes(tmp_path, capsys):
     assert steps == [1, 2, 3] and sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["2", "3"]
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["train"]["steps"] == 3 and run["data"]["train_files"] == 3
+
+
+# The bundled-model pipeline (benchmarks/train_default.py): schedule, evaluation protocol, export -------------
+def test_learning_rate_is_warmup_cosine():
+    import optax
+
+    tcfg = T.TrainConfig(steps=50, lr=2e-3, warmup_steps=5, min_lr_ratio=0.1)
+    ref = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 5, 50, end_value=2e-4)
+    for s in (0, 1, 4, 5, 6, 27, 49, 50, 70):
+        np.testing.assert_allclose(float(T.learning_rate(tcfg, s, 50, 5)), float(ref(s)), rtol=1e-5, atol=1e-9)
+
+
+def test_selection_fraction_of_the_default_preset():
+    cfg = T.model_config("default", 8192)
+    sel = T.selection_fraction(cfg, 4096)
+    assert (sel["visible_blocks_at_context"], sel["topk_blocks"], sel["at_context"]) == (64, 16, 0.25)
+    assert 0.25 < sel["mean_over_positions"] < 1.0
+    assert 15e6 < T.num_params(cfg) < 17e6 and not T.dense_variant(cfg).has_sparse_layers
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small corpus prepared as the bundled model's is: tokenizer, token files, manifest."""
+    src = tmp_path_factory.mktemp("src")
+    for i in range(12):
+        (src / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}  # é\n" * (20 + i))
+    out = str(tmp_path_factory.mktemp("prep") / "data")
+    manifest = data.prepare_corpus(str(src), out, vocab_size=300, heldout_fraction=0.3,
+                                   files=[f"m{i:02d}.py" for i in range(12)], meta={"note": "test"})
+    return src, out, manifest
+
+
+def test_eval_counts_the_bytes_of_the_predicted_tokens(corpus):
+    from tokenizers import Tokenizer
+
+    from m3jax.training import evaluate
+
+    src, out, manifest = corpus
+    assert manifest["note"] == "test" and manifest["heldout_files"]
+    tok = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    table = evaluate.token_bytes(tok)
+    held = np.load(os.path.join(out, "heldout.npy"))
+    context = 16
+    w = evaluate.windows(held, context)
+    assert w.shape == ((len(held) - 1) // context, context + 1)
+    np.testing.assert_array_equal(w[1, 0], held[context])                  # windows overlap by one token
+    # The covered bytes are the held-out files' text (separators are 0 bytes), from the 2nd token on.
+    text = b"".join((src / f["path"]).read_bytes() for f in manifest["heldout_files"])
+    covered = evaluate.covered_bytes(held, context, table)
+    assert text.startswith(table[int(held[0])] + covered)
+    # A uniform model: log2(V) bits per predicted token.
+    v = tok.get_vocab_size()
+    r = evaluate.heldout_bits_per_byte(lambda t: np.full((t.shape[0], context), np.log(v), np.float32),
+                                       held, context, table, batch=3)
+    assert r["bytes"] == len(covered) and r["tokens"] == w.shape[0] * context
+    np.testing.assert_allclose(r["bits"], r["tokens"] * np.log2(v), rtol=1e-6)
+    assert evaluate.lzma_bits_per_byte(covered)["bits_per_byte"] < 8
+
+
+def test_export_loads_with_the_same_logits(corpus, tmp_path):
+    import m3jax
+    from m3jax.testing import random_params
+    from m3jax.training import export
+
+    _, out, _ = corpus
+    cfg = M3Config.tiny(vocab_size=300, eos_token_id=(0,))
+    params = random_params(cfg, seed=1)
+    dst = str(tmp_path / "model")
+    info = export.export_release(dst, cfg, params, os.path.join(out, "tokenizer.json"), dtype="float32",
+                                 max_shard_bytes=200_000)
+    assert info["num_shards"] > 1 and max(info["files"].values()) <= 200_000
+    assert "model.safetensors.index.json" in info["files"] and "tokenizer.json" in info["files"]
+    with pytest.raises(ValueError, match="already exists"):
+        export.export_release(dst, cfg, params, os.path.join(out, "tokenizer.json"))
+    model = m3jax.load(dst, dtype="float32", progress=False)
+    ids = jnp.asarray([[1, 5, 9, 200, 7, 3, 3, 64]], jnp.int32)
+    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(random_model(cfg, seed=1)(ids)), atol=1e-5)

@@ -1,6 +1,6 @@
 """`m3jax train`: train an M3-architecture model on a directory of text/code or a token file.
 
-    m3jax train --data DIR|FILE --out DIR [--config tiny|small|CONFIG.json] [--steps N] [--seq-len N]
+    m3jax train --data DIR|FILE --out DIR [--config tiny|small|default|CONFIG.json] [--steps N] [--seq-len N]
                 [--batch N] [--lr X] [--warmup-steps N] [--indexer-warmup-steps N] [--mesh DxM] [--resume]
 
 A directory (or one text file) is tokenized first: a byte-level BPE tokenizer of --vocab-size is trained on it
@@ -21,7 +21,7 @@ import sys
 from m3jax.config import ConfigError, M3Config
 
 USER_ERRORS = (ValueError, OSError, ConfigError)
-DEFAULT_VOCAB = {"tiny": 512, "small": 8192}
+DEFAULT_VOCAB = {"tiny": 512, "small": 8192, "default": 8192, "default-dense": 8192}
 _TRAIN_FLAGS = {"seq_len": "seq_len", "batch": "batch_size", "lr": "lr", "warmup_steps": "warmup_steps",
                 "indexer_warmup_steps": "indexer_warmup_steps", "checkpoint_every": "checkpoint_every",
                 "seed": "seed"}
@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3jax train", description="Train an M3-architecture model (LM + MSA indexer KL).")
     p.add_argument("--data", required=True, help="directory of text/code, one text file, or a .npy token file")
     p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
-    p.add_argument("--config", default="tiny", help="tiny | small | path to a config.json (default tiny)")
+    p.add_argument("--config", default="tiny", help="tiny | small | default | default-dense | path to a config.json (default tiny)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default 1000)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step, global (default 8)")

@@ -100,15 +100,19 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 
 def prepare_corpus(src: str, out_dir: str, *, vocab_size: int, heldout_fraction: float = 0.0,
-                   suffixes: Sequence[str] = DEFAULT_SUFFIXES) -> dict:
+                   suffixes: Sequence[str] = DEFAULT_SUFFIXES, files: Sequence[str] | None = None,
+                   meta: dict | None = None) -> dict:
     """Train the tokenizer on the training files of `src` and write the token files (see the module docstring).
     Returns the manifest (files.json). `out_dir` must not exist yet: it is built in a temporary directory beside
-    it and renamed when complete."""
+    it and renamed when complete. files: the relative paths to read (sorted here) instead of every file under
+    `src` with one of `suffixes`; meta: extra entries for the manifest (e.g. how the files were chosen)."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout fraction must be in [0, 1), got {heldout_fraction}")
     if os.path.exists(out_dir):
         raise ValueError(f"{out_dir} already exists")
-    rels = list_corpus(src, suffixes)
+    rels = list_corpus(src, suffixes) if files is None else sorted(files)
+    if not rels:
+        raise ValueError(f"--data {src}: no files to read")
     docs = _read_texts(src, rels)
     skipped = sorted(set(rels) - {r for r, _, _ in docs})
     train = [d for d in docs if not is_heldout(d[0], heldout_fraction)]
@@ -128,7 +132,7 @@ def prepare_corpus(src: str, out_dir: str, *, vocab_size: int, heldout_fraction:
 
     manifest = {"source": os.path.abspath(src), "vocab_size": tok.get_vocab_size(), "eot_id": tok.token_to_id(EOT),
                 "heldout_fraction": heldout_fraction, "suffixes": list(suffixes), "train_files": listing(train),
-                "heldout_files": listing(held), "skipped_not_utf8": skipped}
+                "heldout_files": listing(held), "skipped_not_utf8": skipped, **(meta or {})}
     with open(os.path.join(tmp, "files.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     os.replace(tmp, out_dir)

@@ -102,7 +102,13 @@ def model_config(name: str, vocab_size: int) -> M3Config:
 
     tiny:  0.24M parameters at vocab 512, blocks of 8, top-3: CPU tests and notebooks.
     small: 55.4M parameters at vocab 8192 (1 dense + 7 MSA/MoE layers, 8 experts top-2), blocks of 64, top-8:
-           MSA keeps a quarter of the blocks at 2K tokens and an eighth at 4K (the bundled-model target of issue 18).
+           MSA keeps a quarter of the blocks at 2K tokens and an eighth at 4K.
+    default: the bundled model (m3jax.default_model_path(), benchmarks/train_default.py): 15.9M parameters at
+           vocab 8192 (31.7 MB in bfloat16; tied embeddings), hidden 384, 1 dense + 5 MSA/MoE layers, 8 heads in
+           4 KV groups of head_dim 64, 8 experts top-2 of width 128 plus a shared expert of 256; MSA blocks of 64
+           tokens, top-16 (own block included): at a 4096-token context a query keeps 16 of 64 visible blocks, a
+           quarter (0.59 of the visible blocks averaged over the 4096 query positions, all of them up to 1024).
+    default-dense: `default` with dense attention in every layer (the indexer-free baseline of the same size).
     """
     if name == "tiny":
         return M3Config.tiny(vocab_size=vocab_size, eos_token_id=(0,))     # id 0: <|endoftext|> (training.data)
@@ -116,12 +122,44 @@ def model_config(name: str, vocab_size: int) -> M3Config:
             layer_types=(FULL_ATTENTION,) + (SPARSE_ATTENTION,) * (n - 1),
             mlp_layer_types=(DENSE_MLP,) + (MOE_MLP,) * (n - 1),
             msa=MSAConfig(num_index_heads=4, index_dim=64, block_size=64, topk_blocks=8, local_blocks=1))
+    if name in ("default", "default-dense"):
+        n = 6
+        cfg = M3Config(
+            vocab_size=vocab_size, hidden_size=384, num_hidden_layers=n, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=64, rotary_dim=32, rope_theta=10000.0, max_position_embeddings=8192,
+            dense_intermediate_size=1024, intermediate_size=128, shared_intermediate_size=256,
+            num_local_experts=8, num_experts_per_tok=2, bos_token_id=None, eos_token_id=(0,),
+            tie_word_embeddings=True,
+            layer_types=(FULL_ATTENTION,) + (SPARSE_ATTENTION,) * (n - 1),
+            mlp_layer_types=(DENSE_MLP,) + (MOE_MLP,) * (n - 1),
+            msa=MSAConfig(num_index_heads=4, index_dim=64, block_size=64, topk_blocks=16, local_blocks=1))
+        return dense_variant(cfg) if name == "default-dense" else cfg
     if not os.path.exists(name):
-        raise ValueError(f"--config must be 'tiny', 'small' or a path to a config.json, got {name!r}")
+        raise ValueError(f"--config must be one of {', '.join(PRESETS)} or a path to a config.json, got {name!r}")
     cfg = M3Config.from_pretrained(name)
     if cfg.vocab_size < vocab_size:
         raise ValueError(f"config {name} has vocab_size={cfg.vocab_size}, but the data uses {vocab_size} ids")
     return cfg
+
+
+PRESETS = ("tiny", "small", "default", "default-dense")
+
+
+def dense_variant(cfg: M3Config) -> M3Config:
+    """`cfg` with dense attention in every layer: the same parameters but no MSA indexer."""
+    return dataclasses.replace(cfg, layer_types=(FULL_ATTENTION,) * cfg.num_hidden_layers)
+
+
+def selection_fraction(cfg: M3Config, context: int) -> dict:
+    """How much of the visible context MSA keeps at `context` tokens: the share of visible blocks selected by
+    the last query (`at_context`) and averaged over the query positions 0..context-1 (`mean_over_positions`);
+    the own block is among the top-k (pallas_kernels.reference.indexer_topk)."""
+    t = np.arange(context)
+    visible = t // cfg.msa.block_size + 1
+    kept = np.minimum(visible, cfg.msa.topk_blocks) / visible
+    return {"context": context, "block_size": cfg.msa.block_size, "topk_blocks": cfg.msa.topk_blocks,
+            "visible_blocks_at_context": int(visible[-1]), "at_context": float(kept[-1]),
+            "mean_over_positions": float(kept.mean())}
 
 
 def num_params(cfg: M3Config) -> int:
@@ -142,20 +180,29 @@ def param_sharding(path: str, shape, mesh: Mesh) -> NamedSharding:
 
 
 def _optimizer(tcfg: TrainConfig, paths) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(tcfg)
+    """AdamW at learning rate 1: the step multiplies its update by `learning_rate(tcfg, step, total)` (optax's
+    adamw scales the Adam direction and the decoupled decay by the rate alike, so this is AdamW at that rate).
+    The total step count is an argument of the compiled step, not a constant in it, so a run can time its steps
+    and then fix its length (and cosine) without compiling again."""
     decay = {p: not p.endswith((".weight", _ROUTER_BIAS)) for p in paths}       # no decay on norms, router bias
     labels = {p: "bias" if p.endswith(_ROUTER_BIAS) else "train" for p in paths}
-    adamw = optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay, mask=decay)
+    adamw = optax.adamw(1.0, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay, mask=decay)
     train = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adamw) if tcfg.grad_clip > 0 else adamw
     return optax.multi_transform({"train": train, "bias": optax.set_to_zero()}, labels)
 
 
+def learning_rate(tcfg: TrainConfig, step, total, warmup):
+    """The learning rate of 0-based step `step` of a `total`-step run: linear warm-up from 0 to `tcfg.lr` over
+    `warmup` steps, then cosine decay to lr * min_lr_ratio at `total` (scalars or traced arrays)."""
+    step, total, warmup = (jnp.asarray(x, f32) for x in (step, total, warmup))
+    frac = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    decayed = tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
+    return jnp.where(step < warmup, tcfg.lr * step / jnp.maximum(warmup, 1.0), decayed)
+
+
 def learning_rate_schedule(tcfg: TrainConfig):
-    if tcfg.warmup_steps == 0:
-        return optax.cosine_decay_schedule(tcfg.lr, max(tcfg.steps, 1), alpha=tcfg.min_lr_ratio)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=tcfg.lr, warmup_steps=tcfg.warmup_steps,
-        decay_steps=max(tcfg.steps, tcfg.warmup_steps + 1), end_value=tcfg.lr * tcfg.min_lr_ratio)
+    """step -> learning rate of a run of `tcfg.steps` steps with `tcfg.warmup_steps` of warm-up."""
+    return lambda step: learning_rate(tcfg, step, tcfg.steps, tcfg.warmup_steps)
 
 
 def update_router_bias(bias_le, load_le, rate: float):
@@ -191,6 +238,10 @@ class Trainer:
     def model(self, params: Mapping[str, jax.Array]) -> M3ForCausalLM:
         """The M3ForCausalLM holding `params` (attn_impl "reference"; pass a mesh to Trainer for sharding)."""
         return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self.treedef, [params[p] for p in self.paths]))
+
+    def compute_params(self, params):
+        """The parameters as the step computes with them (compute_dtype; the router stays float32)."""
+        return self._cast(params)
 
     def _cast(self, params):
         dtype = jnp.dtype(self.tcfg.compute_dtype)
@@ -265,10 +316,11 @@ class Trainer:
     def _step_fn(self, sparse: bool):
         tcfg = self.tcfg
 
-        def step(state, tokens):
+        def step(state, tokens, schedule):          # schedule: i32[2] = (total steps, warm-up steps)
             grads, (lm, kl, loads) = self._grads(state["params"], tokens, sparse=sparse)
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
+            lr = learning_rate(tcfg, state["step"], schedule[0], schedule[1])
+            params = optax.apply_updates(state["params"], jax.tree.map(lambda u: lr * u, updates))
             imbalance = []
             for i, load in enumerate(loads):
                 if load is None:
@@ -277,7 +329,7 @@ class Trainer:
                 params[path] = update_router_bias(params[path], load, tcfg.router_bias_rate)
                 imbalance.append(load.max(-1) / load.mean(-1))
             metrics = {"loss": lm, "indexer_kl": kl, "grad_norm": optax.tree.norm(grads),
-                       "lr": self.schedule(state["step"]),
+                       "lr": lr,
                        "max_expert_load": jnp.concatenate(imbalance).mean() if imbalance else jnp.zeros((), f32)}
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
@@ -285,8 +337,8 @@ class Trainer:
             return jax.jit(step, donate_argnums=0)
         batch = NamedSharding(self.mesh, P(sharding.DATA, None))
         shardings = self._state_shardings()
-        return jax.jit(step, in_shardings=(shardings, batch), out_shardings=(shardings, NamedSharding(self.mesh, P())),
-                       donate_argnums=0)
+        return jax.jit(step, in_shardings=(shardings, batch, NamedSharding(self.mesh, P())),
+                       out_shardings=(shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
 
     def step(self, state: dict, tokens) -> tuple[dict, dict]:
         """One optimizer step on int32 tokens [batch, seq_len + 1]; returns (new state, metrics as arrays).
@@ -298,7 +350,15 @@ class Trainer:
         sparse = self.tcfg.sparse_at(int(state["step"]))
         if ("step", sparse) not in self._steps:
             self._steps[("step", sparse)] = self._step_fn(sparse)
-        return self._steps[("step", sparse)](state, jnp.asarray(tokens, jnp.int32))
+        schedule = jnp.asarray([self.tcfg.steps, self.tcfg.warmup_steps], jnp.int32)
+        return self._steps[("step", sparse)](state, jnp.asarray(tokens, jnp.int32), schedule)
+
+    def set_schedule(self, steps: int, warmup_steps: int, indexer_warmup_steps: int) -> None:
+        """Fix the run's length and warm-ups, e.g. after timing steps: the compiled steps are kept (the
+        learning-rate schedule is their argument, the indexer warm-up picks which one runs)."""
+        self.tcfg = dataclasses.replace(self.tcfg, steps=steps, warmup_steps=warmup_steps,
+                                        indexer_warmup_steps=indexer_warmup_steps)
+        self.schedule = learning_rate_schedule(self.tcfg)
 
 
 class Checkpoints:

@@ -1,0 +1,484 @@
+"""Train the bundled default model (m3jax.default_model_path()) and its dense-attention twin, evaluate, export.
+
+One command on a 2-GPU host does all of it within a wall-clock budget (`all`):
+
+    PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python benchmarks/train_default.py all --out $OUT --budget-s 540
+
+1. prepare: the `.py` files of the running Python's standard library (sysconfig "stdlib", sorted relative
+   paths; site-packages excluded; test/ included when the installation has it: it is ordinary Python source and
+   more than doubles the corpus), ~5% of the files held out by a hash of their path
+   (m3jax.training.data.is_heldout), the byte-level BPE tokenizer trained on the training files only, the token
+   memmaps, and the exact file lists (path, bytes, sha256) with the Python version.
+2. train: two processes at once, one per GPU (CUDA_VISIBLE_DEVICES): `msa` (the `default` preset, MSA + MoE:
+   the shipped model) and `dense` (`default-dense`: the same model with dense attention everywhere). Same data
+   order, optimizer, batch and steps. Each first times a few steps of each compiled step (compilation
+   included), writes its plan, and both then take the same step count: the largest that both fit before the
+   training deadline (each plan's seconds per step, counted from when the later plan was ready). The
+   learning-rate cosine uses that count (the step count is an argument of the compiled step, so timing costs
+   no second compilation). The MSA model attends densely for its first 15% of steps (indexer warm-up).
+3. eval: held-out bits per byte at a 4096-token context (m3jax.training.evaluate: documents concatenated with
+   <|endoftext|>, non-overlapping windows, bits over every predicted token / UTF-8 bytes they cover) of the MSA
+   model with sparse attention, the same model with all blocks selected, and the dense model; lzma
+   (preset 9 | PRESET_EXTREME) on exactly the bytes the windows cover, as one stream, and per file over the
+   whole held-out files. The MSA selection fraction at that context.
+4. export (msa): the release layout (config.json, bf16 safetensors shards < 14 MiB, index, tokenizer.json),
+   then `m3jax.load` + greedy `m3jax.generate` after `def fibonacci(n):` as a check, printed.
+
+$OUT receives default_model/ (6 files), train_results.json and log.txt: 8 files. Everything else (token files,
+Orbax checkpoints, the dense model) stays under --work. A failing training leaves the other's results; the
+results JSON is written whatever the sample generation does. A short table is printed last.
+
+CPU smoke run of the whole flow (both "GPUs" are the CPU):
+    python benchmarks/train_default.py all --out /tmp/o --work /tmp/w --budget-s 120 --config tiny
+        --seq-len 256 --batch 2 --max-files 40 --devices cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, before benchmarks/
+
+VARIANTS = ("msa", "dense")
+HELDOUT_FRACTION = 0.05
+INDEXER_WARMUP_FRACTION = 0.15
+LR_WARMUP_FRACTION = 0.05
+PROMPT = "def fibonacci(n):\n"
+
+
+_LOG: list[str] = []                                # this process's lines, for log.txt
+
+
+def log(tag: str, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')} {tag}] {msg}"
+    _LOG.append(line + "\n")
+    print(line, flush=True)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# 1. prepare ---------------------------------------------------------------------------------------------------
+def stdlib_files(root: str, max_files: int | None = None) -> tuple[list[str], dict]:
+    """Sorted relative paths of the stdlib's .py files (site-packages and __pycache__ excluded); with
+    max_files, an evenly spaced subset (smoke runs)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        out.extend(os.path.normpath(os.path.join(rel, f)) for f in filenames if f.endswith(".py"))
+    out.sort()
+    has_test = any(p.startswith("test" + os.sep) for p in out)
+    if max_files is not None and len(out) > max_files:
+        step = len(out) / max_files
+        out = [out[int(i * step)] for i in range(max_files)]
+    return out, {"stdlib": root, "python": platform.python_version(), "includes_test_dir": has_test,
+                 "excluded": ["site-packages", "dist-packages", "__pycache__"], "max_files": max_files}
+
+
+def prepare(work: str, vocab_size: int, max_files: int | None) -> dict:
+    from m3jax.training import data
+
+    root = sysconfig.get_paths()["stdlib"]
+    files, meta = stdlib_files(root, max_files)
+    t0 = time.perf_counter()
+    manifest = data.prepare_corpus(root, os.path.join(work, "data"), vocab_size=vocab_size,
+                                   heldout_fraction=HELDOUT_FRACTION, files=files, meta=meta)
+    import numpy as np
+    n_train = len(np.load(os.path.join(work, "data", "tokens.npy"), mmap_mode="r"))
+    n_held = len(np.load(os.path.join(work, "data", "heldout.npy"), mmap_mode="r"))
+    summary = {"seconds": time.perf_counter() - t0, "python": meta["python"], "stdlib": root,
+               "includes_test_dir": meta["includes_test_dir"], "train_files": len(manifest["train_files"]),
+               "heldout_files": len(manifest["heldout_files"]), "skipped_not_utf8": manifest["skipped_not_utf8"],
+               "train_bytes": sum(f["bytes"] for f in manifest["train_files"]),
+               "heldout_bytes": sum(f["bytes"] for f in manifest["heldout_files"]),
+               "train_tokens": n_train, "heldout_tokens": n_held, "vocab_size": manifest["vocab_size"]}
+    log("prep", json.dumps(summary))
+    return summary
+
+
+# 2-4. one training process ------------------------------------------------------------------------------------
+def _plan_steps(plans: dict, deadline: float, ready: float) -> int:
+    """The step count every variant fits before `deadline`, starting at `ready` (3% margin)."""
+    left = deadline - ready
+    return max(1, min(int(0.97 * left / p["seconds_per_step"]) for p in plans.values()))
+
+
+def _timed_steps(trainer, state, loader, n: int) -> tuple[dict, float, list[float]]:
+    import jax
+    times = []
+    for _ in range(n):
+        batch = loader.next_batch()
+        t0 = time.perf_counter()
+        state, metrics = trainer.step(state, batch)
+        jax.device_get(metrics)
+        times.append(time.perf_counter() - t0)
+    return state, times[0], times[1:]
+
+
+def train_variant(args) -> int:
+    """Train, evaluate (and for msa export + generate) one variant; writes WORK/<variant>/result.json."""
+    tag = args.variant
+    vdir = os.path.join(args.work, tag)
+    os.makedirs(vdir, exist_ok=True)
+    result: dict = {"variant": tag, "config": args.config if tag == "msa" else f"{args.config} (dense attention)"}
+    try:
+        _train_variant(args, vdir, result)
+        return 0
+    except BaseException as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+        log(tag, "FAILED:\n" + traceback.format_exc())
+        if not os.path.exists(os.path.join(vdir, "plan.json")):        # the other process stops waiting
+            _write_json(os.path.join(vdir, "plan.json"), {"failed": True})
+        return 1
+    finally:
+        _write_json(os.path.join(vdir, "result.json"), result)
+
+
+def _train_variant(args, vdir: str, result: dict) -> None:
+    import jax
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from m3jax.training import data, evaluate, export, train as T
+
+    tag = args.variant
+    t_start = time.time()
+    result["device"] = str(jax.devices()[0].device_kind)
+    result["jax"] = jax.__version__
+    ddir = os.path.join(args.work, "data")
+    tok = Tokenizer.from_file(os.path.join(ddir, "tokenizer.json"))
+    cfg = T.model_config(args.config, tok.get_vocab_size())
+    if tag == "dense":
+        cfg = T.dense_variant(cfg)
+    result["num_params"] = T.num_params(cfg)
+    result["model"] = cfg.to_hf()
+    msa = cfg.has_sparse_layers
+    tcfg = T.TrainConfig(steps=10 ** 6, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
+                         warmup_steps=0, indexer_warmup_steps=args.timing_steps if msa else 0,
+                         checkpoint_every=10 ** 6, seed=0)
+    trainer = T.Trainer(cfg, tcfg)
+    tokens = data.load_tokens(os.path.join(ddir, "tokens.npy"))
+    log(tag, f"{result['num_params'] / 1e6:.2f}M params, {len(tokens)} training tokens, device {result['device']}")
+
+    # Timing: the compiled steps (dense warm-up and sparse for msa) on a throw-away state.
+    state = trainer.init_state()
+    loader = data.TokenLoader(tokens, tcfg.batch_size, tcfg.seq_len, seed=1)
+    timing = {}
+    kinds = ("dense_warmup", "sparse") if msa else ("dense",)
+    for kind in kinds:
+        state, first, rest = _timed_steps(trainer, state, loader, args.timing_steps)
+        timing[kind] = {"first_step_s": first, "step_s": float(np.median(rest))}
+        log(tag, f"timing {kind}: first step (compile) {first:.1f} s, then {timing[kind]['step_s'] * 1e3:.1f} ms/step")
+    del state
+    if msa:
+        f = INDEXER_WARMUP_FRACTION
+        per_step = f * timing["dense_warmup"]["step_s"] + (1 - f) * timing["sparse"]["step_s"]
+    else:
+        per_step = timing["dense"]["step_s"]
+    result["timing"] = timing
+    plan = {"seconds_per_step": per_step, "ready": time.time()}
+    _write_json(os.path.join(vdir, "plan.json"), plan)
+
+    # Agree on one step count with the other variant (both compute it from the same two plan files).
+    plans, other_failed = {tag: plan}, []
+    for other in VARIANTS:
+        if other == tag:
+            continue
+        path = os.path.join(args.work, other, "plan.json")
+        while not os.path.exists(path) and time.time() < args.deadline - 30:
+            time.sleep(0.2)
+        p = json.load(open(path)) if os.path.exists(path) else {"failed": True}
+        if p.get("failed"):
+            other_failed.append(other)
+        else:
+            plans[other] = p
+    ready = max(p["ready"] for p in plans.values())
+    steps = _plan_steps(plans, args.deadline, ready)
+    warmup = max(1, round(LR_WARMUP_FRACTION * steps))
+    iwarm = round(INDEXER_WARMUP_FRACTION * steps) if msa else 0
+    trainer.set_schedule(steps, warmup, iwarm)
+    result["plan"] = {"steps": steps, "lr_warmup_steps": warmup, "indexer_warmup_steps": iwarm,
+                      "seconds_per_step_planned": {k: v["seconds_per_step"] for k, v in plans.items()},
+                      "matched_with": sorted(set(plans) - {tag}), "other_failed": other_failed,
+                      "deadline_in_s": args.deadline - time.time(), "startup_and_timing_s": time.time() - t_start}
+    log(tag, f"plan: {steps} steps (lr warm-up {warmup}, indexer warm-up {iwarm}), "
+             f"{(args.deadline - time.time()):.0f} s to the training deadline")
+
+    # The run.
+    loader = data.TokenLoader(tokens, tcfg.batch_size, tcfg.seq_len, seed=0)
+    every = max(1, steps // 25)
+
+    def on_step(step, m):
+        if step % every == 0 or step == steps:
+            log(tag, f"step {step}/{steps} loss {m['loss']:.3f} kl {m['indexer_kl']:.3f} lr {m['lr']:.2e} "
+                     f"{m['tokens_per_s']:.0f} tok/s")
+
+    t0 = time.time()
+    state, history = T.train(trainer, loader, checkpoint_dir=os.path.join(vdir, "checkpoints"), progress=False,
+                             on_step=on_step)
+    train_s = time.time() - t0
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    steady = [h["tokens_per_s"] for h in history[len(history) // 10:]] or [history[-1]["tokens_per_s"]]
+    keep = sorted(set(list(range(0, len(history), max(1, len(history) // 200))) + [len(history) - 1]))
+    result["train"] = {"steps": steps, "seconds": train_s, "tokens": steps * tokens_per_step,
+                       "tokens_per_s_wall": steps * tokens_per_step / train_s,
+                       "tokens_per_s_median_step": float(np.median(steady)),
+                       "epochs": steps * tokens_per_step / len(tokens), "batch": tcfg.batch_size,
+                       "seq_len": tcfg.seq_len, "lr": tcfg.lr, "final_loss": history[-1]["loss"],
+                       "final_indexer_kl": history[-1]["indexer_kl"],
+                       "history": [{k: history[i][k] for k in ("step", "loss", "indexer_kl", "lr", "max_expert_load")}
+                                   for i in keep],
+                       "finished_before_deadline_s": args.deadline - time.time()}
+    log(tag, f"trained {steps} steps in {train_s:.0f} s ({result['train']['tokens_per_s_wall']:.0f} tok/s), "
+             f"loss {history[-1]['loss']:.3f}")
+    _write_json(os.path.join(vdir, "result.json"), result)
+
+    # Evaluation.
+    held = data.load_tokens(os.path.join(ddir, "heldout.npy"))
+    table = evaluate.token_bytes(tok)
+    params = state["params"]
+    modes = {"sparse": True, "all_blocks": False} if msa else {"dense": False}
+    result["eval"] = {}
+    for mode, sparse in modes.items():
+        t1 = time.time()
+        r = evaluate.heldout_bits_per_byte(evaluate.model_nll_fn(trainer, params, sparse=sparse), held,
+                                           args.eval_context, table, batch=args.eval_batch)
+        r["seconds"] = time.time() - t1
+        result["eval"][mode] = r
+        log(tag, f"held-out {mode}: {r['bits_per_byte']:.4f} bits/byte over {r['bytes']} bytes "
+                 f"({r['windows']} windows of {r['context']}) in {r['seconds']:.0f} s")
+        _write_json(os.path.join(vdir, "result.json"), result)
+    if msa:
+        result["selection"] = T.selection_fraction(cfg, args.eval_context)
+
+    if not msa:
+        return
+    # Export and check the release directory.
+    out_model = os.path.join(vdir, "default_model")
+    if os.path.exists(out_model):
+        shutil.rmtree(out_model)
+    np_params = {p: np.asarray(jax.device_get(v)) for p, v in params.items()}
+    result["export"] = export.export_release(out_model, cfg, np_params, os.path.join(ddir, "tokenizer.json"))
+    log(tag, f"exported {out_model}: {result['export']['files']}")
+    _write_json(os.path.join(vdir, "result.json"), result)
+    try:
+        import m3jax
+        t1 = time.time()
+        model = m3jax.load(out_model, progress=False)
+        res = m3jax.generate(model, [PROMPT], m3jax.SamplingParams(max_new_tokens=args.sample_tokens),
+                             max_seq_len=1024, max_batch_size=1)[0]
+        result["sample"] = {"prompt": PROMPT, "text": res.text, "finish_reason": res.finish_reason,
+                            "token_ids": res.token_ids, "seconds": time.time() - t1}
+        log(tag, f"greedy sample after {PROMPT!r} ({time.time() - t1:.0f} s):\n{PROMPT}{res.text}\n[end of sample]")
+    except Exception as e:                      # the results stay; say what failed
+        result["sample"] = {"error": f"{type(e).__name__}: {e}"}
+        log(tag, "sample generation FAILED:\n" + traceback.format_exc())
+
+
+# all ----------------------------------------------------------------------------------------------------------
+def run_all(args) -> int:
+    t_start = time.time()
+    child_platforms = os.environ.get("JAX_PLATFORMS")
+    os.environ["JAX_PLATFORMS"] = "cpu"                 # this process only tokenizes: it leaves the GPUs alone
+    if os.path.exists(args.work):
+        shutil.rmtree(args.work)
+    os.makedirs(args.work)
+    os.makedirs(args.out, exist_ok=True)
+    results: dict = {"command": sys.argv, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                     "budget_s": args.budget_s, "config": args.config}
+    prep = prepare(args.work, args.vocab_size, args.max_files)
+    results["data"] = prep
+    deadline = t_start + args.budget_s - args.reserve_s
+    log("all", f"training deadline in {deadline - time.time():.0f} s (budget {args.budget_s} s, "
+               f"{args.reserve_s} s kept for eval/export)")
+    devices = args.devices.split(",")
+    procs = {}
+    for i, variant in enumerate(VARIANTS):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("JAX_PLATFORMS")
+        if child_platforms is not None:
+            env["JAX_PLATFORMS"] = child_platforms
+        if devices[i % len(devices)] == "cpu":
+            env["JAX_PLATFORMS"] = "cpu"
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+            env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+        cmd = [sys.executable, os.path.abspath(__file__), "train", "--variant", variant, "--work", args.work,
+               "--deadline", str(deadline), "--config", args.config, "--seq-len", str(args.seq_len),
+               "--batch", str(args.batch), "--lr", str(args.lr), "--eval-context", str(args.eval_context),
+               "--eval-batch", str(args.eval_batch), "--timing-steps", str(args.timing_steps),
+               "--sample-tokens", str(args.sample_tokens)]
+        logf = open(os.path.join(args.work, f"{variant}.log"), "w")
+        procs[variant] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True, bufsize=1), logf)
+    # Lzma while the GPUs train (the same bytes as the evaluation windows cover).
+    results["lzma"] = lzma_baselines(args.work, args.eval_context)
+    log("all", f"lzma: {json.dumps(results['lzma'])}")
+    _pump(procs, t_start + args.budget_s + args.grace_s)
+    for variant in VARIANTS:
+        path = os.path.join(args.work, variant, "result.json")
+        results[variant] = json.load(open(path)) if os.path.exists(path) else {"error": "no result written"}
+        results[variant]["returncode"] = procs[variant][0].returncode
+    results["wall_s"] = time.time() - t_start
+    _write_json(os.path.join(args.out, "train_results.json"), results)
+    src = os.path.join(args.work, "msa", "default_model")
+    if os.path.isdir(src):
+        dst = os.path.join(args.out, "default_model")
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+    with open(os.path.join(args.out, "log.txt"), "w") as f:
+        f.write("===== all =====\n" + "".join(_LOG))
+        for variant in VARIANTS:
+            f.write(f"===== {variant} =====\n")
+            f.write(open(os.path.join(args.work, f"{variant}.log")).read())
+    with open(os.path.join(args.out, "log.txt"), "a") as f:
+        f.write("===== summary =====\n" + summary(results))
+    return 0 if all(results[v].get("returncode") == 0 for v in VARIANTS) else 1
+
+
+def lzma_baselines(work: str, context: int) -> dict:
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from m3jax.training import data, evaluate
+
+    ddir = os.path.join(work, "data")
+    tok = Tokenizer.from_file(os.path.join(ddir, "tokenizer.json"))
+    held = data.load_tokens(os.path.join(ddir, "heldout.npy"))
+    covered = evaluate.covered_bytes(np.asarray(held), context, evaluate.token_bytes(tok))
+    out = {"windows_concatenated": evaluate.lzma_bits_per_byte(covered),
+           "covered_sha256": hashlib.sha256(covered).hexdigest()}
+    manifest = json.load(open(os.path.join(ddir, "files.json")))
+    raw, comp = 0, 0
+    for f in manifest["heldout_files"]:
+        b = open(os.path.join(manifest["source"], f["path"]), "rb").read()
+        raw += len(b)
+        comp += evaluate.lzma_bits_per_byte(b)["compressed_bytes"] if b else 0
+    out["per_file_whole_heldout"] = {"bytes": raw, "compressed_bytes": comp, "bits_per_byte": 8 * comp / max(raw, 1)}
+    return out
+
+
+def _pump(procs: dict, hard_deadline: float) -> None:
+    """Copy the children's output lines to stdout and their logs until they exit (killed at hard_deadline)."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    for variant, (p, _) in procs.items():
+        sel.register(p.stdout, selectors.EVENT_READ, variant)
+    open_streams = len(procs)
+    while open_streams:
+        if time.time() > hard_deadline:
+            for variant, (p, logf) in procs.items():
+                if p.poll() is None:
+                    log("all", f"{variant} still running at the hard deadline: killing it")
+                    p.kill()
+            break
+        for key, _ in sel.select(timeout=1.0):
+            line = key.fileobj.readline()
+            if not line:
+                sel.unregister(key.fileobj)
+                open_streams -= 1
+                continue
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            procs[key.data][1].write(line)
+    for p, logf in procs.values():
+        p.wait()
+        logf.close()
+
+
+def summary(r: dict) -> str:
+    def get(d, *keys):
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return None
+            d = d[k]
+        return d
+
+    def fmt(x, spec=".4f"):
+        return "-" if x is None else format(x, spec)
+
+    lines = []
+    msa, dense = r.get("msa", {}), r.get("dense", {})
+    lz = get(r, "lzma", "windows_concatenated", "bits_per_byte")
+    lines.append("\n=== train_default summary ===")
+    lines.append(f"data: python {get(r, 'data', 'python')}, {get(r, 'data', 'train_files')} train / "
+          f"{get(r, 'data', 'heldout_files')} held-out files, {get(r, 'data', 'train_tokens')} train tokens")
+    lines.append(f"{'model':<22}{'params':>9}{'steps':>7}{'tok/s':>10}{'loss':>8}{'held-out bpb':>14}{'vs lzma':>9}")
+    rows = [("msa (sparse)", msa, ("eval", "sparse")), ("msa (all blocks)", msa, ("eval", "all_blocks")),
+            ("dense", dense, ("eval", "dense"))]
+    for name, d, path in rows:
+        bpb = get(d, *path, "bits_per_byte")
+        rel = None if bpb is None or lz is None else bpb / lz - 1
+        lines.append(f"{name:<22}{fmt(get(d, 'num_params'), ',.0f') if d.get('num_params') else '-':>9}"
+              f"{fmt(get(d, 'train', 'steps'), 'd'):>7}{fmt(get(d, 'train', 'tokens_per_s_wall'), '.0f'):>10}"
+              f"{fmt(get(d, 'train', 'final_loss'), '.3f'):>8}{fmt(bpb):>14}{fmt(rel, '+.1%'):>9}")
+    lines.append(f"{'lzma -9e (same bytes)':<22}{'':>9}{'':>7}{'':>10}{'':>8}{fmt(lz):>14}")
+    lines.append(f"lzma -9e per file (whole held-out files): {fmt(get(r, 'lzma', 'per_file_whole_heldout', 'bits_per_byte'))}")
+    sel = msa.get("selection")
+    if sel:
+        lines.append(f"MSA selection at {sel['context']} tokens: {sel['topk_blocks']}/{sel['visible_blocks_at_context']} "
+              f"blocks = {sel['at_context']:.3f} at the last position, {sel['mean_over_positions']:.3f} averaged")
+    for name, d in (("msa", msa), ("dense", dense)):
+        if "error" in d:
+            lines.append(f"{name}: ERROR {d['error']}")
+    s = msa.get("sample")
+    if s:
+        lines.append("sample: " + ("ERROR " + s["error"] if "error" in s else repr(PROMPT + s["text"])[:400]))
+    lines.append(f"wall {r.get('wall_s', 0):.0f} s")
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=("all", "prepare", "train"))
+    p.add_argument("--out", default=None, help="where the model, results and log go (all)")
+    p.add_argument("--work", default="/tmp/m3jax_train_default", help="scratch: data, checkpoints (erased by all)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole command (all)")
+    p.add_argument("--reserve-s", type=float, default=120.0, help="of the budget, kept for eval and export")
+    p.add_argument("--grace-s", type=float, default=20.0, help="past the budget before children are killed")
+    p.add_argument("--config", default="default", help="preset of the msa model (the dense one is its dense_variant)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--eval-context", type=int, default=None, help="default: --seq-len")
+    p.add_argument("--eval-batch", type=int, default=4)
+    p.add_argument("--timing-steps", type=int, default=4)
+    p.add_argument("--sample-tokens", type=int, default=96)
+    p.add_argument("--max-files", type=int, default=None, help="use an evenly spaced subset of files (smoke)")
+    p.add_argument("--devices", default="0,1", help="CUDA device per variant, or cpu")
+    p.add_argument("--variant", choices=VARIANTS)
+    p.add_argument("--deadline", type=float, default=None, help="unix time training must end by (train)")
+    args = p.parse_args(argv)
+    args.eval_context = args.eval_context or args.seq_len
+    if args.command == "prepare":
+        prepare(args.work, args.vocab_size, args.max_files)
+        return 0
+    if args.command == "train":
+        return train_variant(args)
+    if args.out is None:
+        p.error("all needs --out")
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -201,7 +201,7 @@ def _train_variant(args, vdir: str, result: dict) -> None:
         if other == tag:
             continue
         path = os.path.join(args.work, other, "plan.json")
-        while not os.path.exists(path) and time.time() < args.deadline - 30:
+        while not os.path.exists(path) and time.time() < args.deadline:     # the driver marks a crash
             time.sleep(0.2)
         p = json.load(open(path)) if os.path.exists(path) else {"failed": True}
         if p.get("failed"):
@@ -304,6 +304,8 @@ def run_all(args) -> int:
                      "budget_s": args.budget_s, "config": args.config}
     prep = prepare(args.work, args.vocab_size, args.max_files)
     results["data"] = prep
+    with open(os.path.join(args.work, "data", "files.json")) as f:
+        results["files"] = json.load(f)              # the exact file lists (path, bytes, sha256) and settings
     deadline = t_start + args.budget_s - args.reserve_s
     log("all", f"training deadline in {deadline - time.time():.0f} s (budget {args.budget_s} s, "
                f"{args.reserve_s} s kept for eval/export)")
@@ -330,7 +332,7 @@ def run_all(args) -> int:
     # Lzma while the GPUs train (the same bytes as the evaluation windows cover).
     results["lzma"] = lzma_baselines(args.work, args.eval_context)
     log("all", f"lzma: {json.dumps(results['lzma'])}")
-    _pump(procs, t_start + args.budget_s + args.grace_s)
+    _pump(procs, args.work, t_start + args.budget_s + args.grace_s)
     for variant in VARIANTS:
         path = os.path.join(args.work, variant, "result.json")
         results[variant] = json.load(open(path)) if os.path.exists(path) else {"error": "no result written"}
@@ -375,7 +377,7 @@ def lzma_baselines(work: str, context: int) -> dict:
     return out
 
 
-def _pump(procs: dict, hard_deadline: float) -> None:
+def _pump(procs: dict, work: str, hard_deadline: float) -> None:
     """Copy the children's output lines to stdout and their logs until they exit (killed at hard_deadline)."""
     import selectors
     sel = selectors.DefaultSelector()
@@ -391,9 +393,12 @@ def _pump(procs: dict, hard_deadline: float) -> None:
             break
         for key, _ in sel.select(timeout=1.0):
             line = key.fileobj.readline()
-            if not line:
+            if not line:                      # exited: a crash before planning must not keep the other waiting
                 sel.unregister(key.fileobj)
                 open_streams -= 1
+                plan = os.path.join(work, key.data, "plan.json")
+                if not os.path.exists(plan):
+                    _write_json(plan, {"failed": True})
                 continue
             sys.stdout.write(line)
             sys.stdout.flush()

@@ -295,3 +295,9 @@ def test_export_loads_with_the_same_logits(corpus, tmp_path):
     model = m3jax.load(dst, dtype="float32", progress=False)
     ids = jnp.asarray([[1, 5, 9, 200, 7, 3, 3, 64]], jnp.int32)
     np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(random_model(cfg, seed=1)(ids)), atol=1e-5)
+
+
+def test_train_stops_after_its_time_limit(trainer, tmp_path):
+    loader = data.TokenLoader(TOKENS, TCFG.batch_size, TCFG.seq_len, seed=0)
+    state, history = T.train(trainer, loader, checkpoint_dir=str(tmp_path), progress=False, stop_at=0.0)
+    assert len(history) == 1 and int(state["step"]) == 1 and T.Checkpoints(str(tmp_path)).latest_step() == 1

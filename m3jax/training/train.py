@@ -392,11 +392,13 @@ class Checkpoints:
 
 def train(trainer: Trainer, loader, *, checkpoint_dir: str | None = None, resume: bool = False,
           progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
-          stop_after: int | None = None) -> tuple[dict, list[dict]]:
+          stop_after: int | None = None, stop_at: float | None = None) -> tuple[dict, list[dict]]:
     """Run `trainer.tcfg.steps` steps over `loader` (m3jax.training.data.TokenLoader); returns (final state,
     metrics of the steps run, as floats). With a checkpoint_dir: saves every `checkpoint_every` steps and at the
     end; resume=True restores the latest checkpoint (state and loader position) first. stop_after: stop after
-    that many steps of this call (to simulate an interruption in tests)."""
+    that many steps of this call (to simulate an interruption in tests). stop_at: a time.time() after which no
+    further step starts (a time-boxed run that overran its plan; the schedule keeps its planned length; the
+    last state is checkpointed)."""
     tcfg = trainer.tcfg
     ckpt = Checkpoints(checkpoint_dir, tcfg.keep_checkpoints) if checkpoint_dir is not None else None
     if resume:
@@ -429,8 +431,12 @@ def train(trainer: Trainer, loader, *, checkpoint_dir: str | None = None, resume
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['indexer_kl']:.3f}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if ckpt is not None and ((step + 1) % tcfg.checkpoint_every == 0 or step + 1 == end):
+            late = stop_at is not None and time.time() > stop_at and step + 1 < end
+            if ckpt is not None and ((step + 1) % tcfg.checkpoint_every == 0 or step + 1 == end or late):
                 ckpt.save(step + 1, state, loader.state_dict())
+            if late:
+                log.warning("stopping after step %d of %d: past the time limit", step + 1, tcfg.steps)
+                break
     finally:
         if bar is not None:
             bar.close()

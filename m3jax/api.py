@@ -129,9 +129,21 @@ def quantize_experts(model: M3ForCausalLM) -> M3ForCausalLM:
     return remake_model(model, params, fp8_experts=True)
 
 
+def default_model_path() -> str:
+    """The bundled trained model, shipped inside the package (m3jax/data/default_model, release layout: bf16
+    safetensors, config.json, tokenizer.json): a 15.9M-parameter M3 (MSA + MoE) trained on the Python standard
+    library by benchmarks/train_default.py (quality: benchmarks/RESULTS.md). `m3jax generate`, `m3jax serve`
+    and `make demo` use it when no --model is given."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "default_model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"the bundled default model is missing from {path} (an install without the "
+                                f"package data?): pass --model, or reinstall m3jax")
+    return path
+
+
 def bundled_tiny_checkpoint() -> str:
-    """The bundled demo model: a tiny random-weight test model (seed 0, bfloat16; not trained), written in the
-    release format under $M3JAX_CACHE or ~/.cache/m3jax on first use. `m3jax generate` uses it without --model."""
+    """A tiny random-weight test model (seed 0, bfloat16; not trained), written in the release format under
+    $M3JAX_CACHE or ~/.cache/m3jax on first use: the tests' model (the default model is default_model_path())."""
     from m3jax.testing import make_tiny_checkpoint
 
     path = bundled_tiny_path()

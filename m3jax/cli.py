@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3jax", description="MiniMax-M3 in JAX")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("generate", add_help=False,
-                   help="generate text (default: the bundled tiny model); `m3jax generate -h` for options")
+                   help="generate text (default: the bundled default model); `m3jax generate -h` for options")
     convert_arguments(sub.add_parser("convert", help="release safetensors -> Orbax checkpoint"))
     sub.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP server (needs `pip install m3jax[serve]`); "
                    "`m3jax serve -h` for options")
@@ -62,7 +62,8 @@ def _say(notes: list[str]) -> None:
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """`m3jax generate`: returns the exit code. Errors print one line to stderr and return 2."""
     ap = argparse.ArgumentParser(prog="m3jax generate", description="Generate text with an M3 checkpoint.")
-    ap.add_argument("--model", help="checkpoint directory (default: the bundled tiny model)")
+    ap.add_argument("--model", help="checkpoint directory (default: the bundled default model, "
+                                    "m3jax.default_model_path())")
     ap.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -73,7 +74,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-seq-len", type=int, default=None, help="default: 4096, or the model's limit if lower")
-    ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: float32 for the tiny model)")
+    ap.add_argument("--dtype", default=None,
+                    help="bfloat16 | float32 (default: float32 for the bundled model, else bfloat16)")
     ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
     ap.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     ap.add_argument("--fp8-experts", action="store_true", help="keep an MXFP8 release's routed experts in FP8")
@@ -87,23 +89,21 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         distributed.maybe_initialize(args)       # multi-host: before any jax call (see m3jax.distributed)
         import jax
 
-        from m3jax.api import bundled_tiny_checkpoint, bundled_tiny_path, load
+        from m3jax.api import default_model_path, load
         from m3jax.engine import Engine, generate
         from m3jax.sampling import SamplingParams
         from m3jax.sharding import parse_mesh
         from m3jax.tokenizer import IncrementalDecoder, M3Tokenizer
-        if args.model is None:                           # say what runs: its text is noise, not a trained model's
-            path = bundled_tiny_path()
-            new = not os.path.exists(os.path.join(path, "config.json"))
-            bundled_tiny_checkpoint()
-            notes = [f"no --model given: the text above came from the bundled tiny random-weight test model (not "
-                     f"trained: its text is noise), {'written to' if new else 'read from'} {path}"]
+        if args.model is None:                           # say what runs
+            path = default_model_path()
+            notes = [f"no --model given: the text above came from the bundled default model (a small M3 trained "
+                     f"on Python source code; pass --model for a real checkpoint), {path}"]
         else:
             path, notes = args.model, []
         mesh = parse_mesh(args.mesh) if args.mesh else None
         if mesh is not None and mesh.size < len(jax.devices()):
             notes.append(f"mesh {args.mesh} used the first {mesh.size} of the {len(jax.devices())} devices")
-        dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
+        dtype = args.dtype or ("float32" if args.model is None else "bfloat16")     # small: float32 is cheap
         model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False,
                      fp8_experts=args.fp8_experts, verify=not args.no_verify)
         tok = M3Tokenizer.from_pretrained(path)

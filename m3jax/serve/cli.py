@@ -13,13 +13,15 @@ from m3jax import distributed
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="m3jax serve", description="Serve an M3 checkpoint over an OpenAI-compatible "
                                  "HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health).")
-    ap.add_argument("--model", help="checkpoint directory (default: the bundled tiny model)")
+    ap.add_argument("--model", help="checkpoint directory (default: the bundled default model, "
+                                    "m3jax.default_model_path())")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: float32 for the tiny model)")
+    ap.add_argument("--dtype", default=None,
+                    help="bfloat16 | float32 (default: float32 for the bundled model, else bfloat16)")
     ap.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     ap.add_argument("--max-batch-size", type=int, default=8)
-    ap.add_argument("--max-seq-len", type=int, default=None, help="default: 4096, or the tiny model's limit")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="default: 4096, or the model's limit if lower")
     ap.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: the "
                     "checkpoint directory's name)")
     ap.add_argument("--fp8-experts", action="store_true", help="keep an MXFP8 release's routed experts in FP8")
@@ -44,13 +46,13 @@ def build_app(args):
     from m3jax.engine import Engine
     from m3jax.serve.app import create_app
     from m3jax.sharding import parse_mesh
-    from m3jax.api import bundled_tiny_checkpoint
+    from m3jax.api import default_model_path
     from m3jax.tokenizer import M3Tokenizer
 
     for name in ("port", "max_batch_size", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    path = args.model or bundled_tiny_checkpoint()
+    path = args.model or default_model_path()
     mesh = parse_mesh(args.mesh) if args.mesh else None
     dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
     model = load(path, dtype=dtype, mesh=mesh, attn_impl=args.attn_impl, progress=False,

@@ -301,3 +301,16 @@ def test_train_stops_after_its_time_limit(trainer, tmp_path):
     loader = data.TokenLoader(TOKENS, TCFG.batch_size, TCFG.seq_len, seed=0)
     state, history = T.train(trainer, loader, checkpoint_dir=str(tmp_path), progress=False, stop_at=0.0)
     assert len(history) == 1 and int(state["step"]) == 1 and T.Checkpoints(str(tmp_path)).latest_step() == 1
+
+
+def test_selection_recall_is_the_dense_mass_on_the_selected_blocks():
+    """45 tokens = 6 blocks of 8, top-3: queries in the first 3 blocks see at most 3 blocks (recall 1)."""
+    model = random_model(CFG, seed=0)
+    ids = jax.random.randint(jax.random.key(2), (1, 45), 0, CFG.vocab_size)
+    out = losses.forward(model, ids, sparse=True, recall=True)
+    plain = losses.forward(model, ids, sparse=True)
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(plain.logits))
+    recall = np.concatenate([np.asarray(r) for r in out.recall if r is not None])      # [L, B, T, K]
+    assert recall.shape[2:] == (45, CFG.num_key_value_heads) and plain.recall is None
+    np.testing.assert_allclose(recall[:, :, :24], 1.0, rtol=1e-5)
+    assert (recall >= 0).all() and (recall <= 1 + 1e-5).all() and recall[:, :, 24:].min() < 0.999

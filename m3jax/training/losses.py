@@ -47,6 +47,7 @@ class LayerStats:
 
     kl: jax.Array | None = None              # f32[]: mean indexer KL of an MSA layer
     expert_load: jax.Array | None = None     # i32[E]: routed (token, slot) pairs per expert of an MoE layer
+    recall: jax.Array | None = None          # f32[B, T, K]: dense attention mass on the selected blocks (diagnostic)
 
 
 @jax.tree_util.register_dataclass
@@ -55,6 +56,7 @@ class ForwardOutput:
     logits: jax.Array                        # f32[B, T, V]
     kl: jax.Array                            # f32[]: indexer KL averaged over the MSA layers (0 without any)
     expert_load: list[jax.Array | None]      # per layer stack: i32[L, E] on MoE stacks, else None
+    recall: list[jax.Array | None] | None = None   # per layer stack: f32[L, B, T, K] on MSA stacks (recall=True)
 
 
 def causal_positions(batch: int, seq: int):
@@ -117,11 +119,13 @@ def _selected_blocks(attn, index_inputs, positions_bt, num_blocks: int):
     return (ids[..., None] == jnp.arange(num_blocks)).any(-2)
 
 
-def layer_forward(layer, h_btd, positions_bt, cos, sin, *, sparse: bool):
+def layer_forward(layer, h_btd, positions_bt, cos, sin, *, sparse: bool, recall: bool = False):
     """One decoder layer of the training forward: (new h, LayerStats).
 
     sparse=False is the indexer warm-up: MSA layers attend densely (their indexer still learns from the dense
-    teacher); sparse=True attends to the selected blocks, as inference does.
+    teacher); sparse=True attends to the selected blocks, as inference does. recall=True also reports, per
+    (token, KV group), the share of the layer's dense attention probability mass (averaged over the group's
+    heads) that falls on the blocks the indexer selects: how much of dense attention the top-k keeps.
     """
     attn = layer.attn
     x = layer.input_norm(h_btd)
@@ -129,9 +133,14 @@ def layer_forward(layer, h_btd, positions_bt, cos, sin, *, sparse: bool):
     stats = LayerStats()
     if attn.sparse:
         raw, scaled, index_inputs = _index_scores(attn, x, positions_bt, cos, sin)
-        keep = _selected_blocks(attn, index_inputs, positions_bt, raw.shape[-1]) if sparse else None
+        selected = _selected_blocks(attn, index_inputs, positions_bt, raw.shape[-1]) if sparse or recall else None
+        keep = selected if sparse else None
         o, teacher = attention(p.q_btnh, p.k_btkh, p.v_btkh, positions_bt, keep, attn.block_size)
         stats.kl = indexer_kl(jax.lax.stop_gradient(teacher), scaled, positions_bt, attn.block_size)
+        if recall:
+            dense = teacher if keep is None else attention(p.q_btnh, p.k_btkh, p.v_btkh, positions_bt, None,
+                                                           attn.block_size)[1]
+            stats.recall = jnp.where(selected, dense, 0.0).sum(-1)
     else:
         o, _ = attention(p.q_btnh, p.k_btkh, p.v_btkh, positions_bt, None, attn.block_size)
     h = h_btd + attn.output(o)
@@ -142,21 +151,22 @@ def layer_forward(layer, h_btd, positions_bt, cos, sin, *, sparse: bool):
     return h + layer.ffn(x), stats
 
 
-def forward(model, input_ids, *, sparse: bool, remat: bool = False) -> ForwardOutput:
+def forward(model, input_ids, *, sparse: bool, remat: bool = False, recall: bool = False) -> ForwardOutput:
     """The training forward over int32 [B, T] tokens (positions 0..T-1 in every row).
 
     remat: recompute each layer's activations in the backward pass (`nnx.remat` around the layer body), so
-    that only the residual stream between layers is kept.
+    that only the residual stream between layers is kept. recall: also the selection recall of every MSA layer
+    (see layer_forward; a diagnostic, it costs a second dense attention per MSA layer when sparse).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, t = input_ids.shape
     positions = causal_positions(b, t)
     cos, sin = model.rope(positions)
     h = model.embed(input_ids)
-    kls, loads = [], []
+    kls, loads, recalls = [], [], []
 
     def body(layer, h, _):
-        return layer_forward(layer, h, positions, cos, sin, sparse=sparse)
+        return layer_forward(layer, h, positions, cos, sin, sparse=sparse, recall=recall)
 
     if remat:
         body = nnx.remat(body)
@@ -165,8 +175,9 @@ def forward(model, input_ids, *, sparse: bool, remat: bool = False) -> ForwardOu
         if stats.kl is not None:
             kls.append(stats.kl)                                                     # [L]
         loads.append(stats.expert_load)
+        recalls.append(stats.recall)
     kl = jnp.concatenate(kls).mean() if kls else jnp.zeros((), f32)
-    return ForwardOutput(model.logits(h), kl, loads)
+    return ForwardOutput(model.logits(h), kl, loads, recalls if recall else None)
 
 
 def lm_loss(logits_btv, targets_bt):

@@ -54,7 +54,9 @@ VARIANTS = ("msa", "dense")
 HELDOUT_FRACTION = 0.05
 INDEXER_WARMUP_FRACTION = 0.15
 LR_WARMUP_FRACTION = 0.05
-PROMPT = "def fibonacci(n):\n"
+# No trailing newline: the byte-level BPE pre-tokenizer makes a newline and the next line's indentation one token
+# ("\n   "), so a prompt ending in a bare "\n" is a token boundary the model never saw before indented code.
+PROMPT = "def fibonacci(n):"
 
 
 _LOG: list[str] = []                                # this process's lines, for log.txt
@@ -296,6 +298,46 @@ def _train_variant(args, vdir: str, result: dict) -> None:
         log(tag, "sample generation FAILED:\n" + traceback.format_exc())
 
 
+# breakdown (CPU, after the run) --------------------------------------------------------------------------------
+def breakdown(args) -> int:
+    """The exported model on the held-out files of a run that this machine has byte for byte (sha256 equal, in
+    --stdlib): same protocol (EOT-separated, non-overlapping --eval-context windows), lzma on the same bytes.
+    A diagnostic beside the run's own numbers, which it does not replace."""
+    import numpy as np
+
+    import m3jax
+    from m3jax.tokenizer import M3Tokenizer
+    from m3jax.training import data, evaluate
+    from tokenizers import Tokenizer
+
+    with open(args.results) as f:
+        run = json.load(f)
+    same, texts = [], []
+    for f in run["files"]["heldout_files"]:
+        p = os.path.join(args.stdlib, f["path"])
+        raw = open(p, "rb").read() if os.path.exists(p) else b""
+        if hashlib.sha256(raw).hexdigest() == f["sha256"]:
+            same.append(f["path"])
+            texts.append(raw.decode("utf-8"))
+    tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
+    eot = tok.token_to_id(data.EOT)
+    ids = np.asarray([i for t in texts for i in tok.encode(t).ids + [eot]], np.int32)
+    table = evaluate.token_bytes(tok)
+    model = m3jax.load(args.model, dtype="float32", progress=False)
+    out = {"model": args.model, "stdlib": args.stdlib, "files": same,
+           "files_bytes": sum(len(t.encode()) for t in texts),
+           "lzma": evaluate.lzma_bits_per_byte(evaluate.covered_bytes(ids, args.eval_context, table))}
+    for mode, sparse in (("sparse", True), ("all_blocks", False)):
+        out[mode] = evaluate.heldout_bits_per_byte(evaluate.loaded_model_nll_fn(model, sparse=sparse), ids,
+                                                   args.eval_context, table, batch=args.eval_batch)
+        log("breakdown", f"{mode}: {out[mode]['bits_per_byte']:.4f} bits/byte over {out[mode]['bytes']} bytes")
+    log("breakdown", f"{len(same)} of {len(run['files']['heldout_files'])} held-out files identical here; "
+                     f"lzma {out['lzma']['bits_per_byte']:.4f} bits/byte on the same bytes")
+    if args.out:
+        _write_json(args.out, out)
+    return 0
+
+
 # all ----------------------------------------------------------------------------------------------------------
 def run_all(args) -> int:
     t_start = time.time()
@@ -461,7 +503,7 @@ def summary(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("all", "prepare", "train"))
+    p.add_argument("command", choices=("all", "prepare", "train", "breakdown"))
     p.add_argument("--out", default=None, help="where the model, results and log go (all)")
     p.add_argument("--work", default="/tmp/m3jax_train_default", help="scratch: data, checkpoints (erased by all)")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole command (all)")
@@ -481,6 +523,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-files", type=int, default=None, help="use an evenly spaced subset of files (smoke)")
     p.add_argument("--devices", default="0,1", help="CUDA device per variant, or cpu")
     p.add_argument("--variant", choices=VARIANTS)
+    p.add_argument("--model", default=None, help="an exported model directory (breakdown)")
+    p.add_argument("--results", default=None, help="a run's train_results.json (breakdown)")
+    p.add_argument("--stdlib", default=None, help="a standard library holding the run's files (breakdown)")
     p.add_argument("--deadline", type=float, default=None, help="unix time training must end by (train)")
     args = p.parse_args(argv)
     args.eval_context = args.eval_context or args.seq_len
@@ -489,6 +534,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "train":
         return train_variant(args)
+    if args.command == "breakdown":
+        return breakdown(args)
     if args.out is None:
         p.error("all needs --out")
     return run_all(args)

@@ -220,17 +220,16 @@ def test_serve_is_a_subcommand(tmp_path, capsys, monkeypatch):
     assert "pip install 'm3jax[serve]'" in _one_line_error(capsys, "serve")
 
 
-def test_generate_names_the_bundled_random_weight_model(tmp_path, monkeypatch, capsys):
-    """Item 13 (`make demo` runs this): say which model ran, that it is a random-weight test model, and where."""
-    monkeypatch.setenv("M3JAX_CACHE", str(tmp_path))
-    args = ["generate", "--prompt", "The quick brown fox", "--max-new-tokens", "2"]
-    for how in ("written to", "read from"):
-        assert cli.main(args) == 0
-        err = capsys.readouterr().err
-        assert "bundled tiny random-weight test model" in err and f"{how} {tmp_path / 'tiny-seed0-v2'}" in err
-    assert cli.main(args + ["--top-k", "385"]) == 2                     # an error stays one line: no note then
-    assert "<= the vocab size 384" in _one_line_error(capsys, "generate")
-    assert "random-weight test model" in open(os.path.join(os.path.dirname(__file__), "..", "Makefile")).read()
+def test_generate_names_the_bundled_default_model(capsys):
+    """Item 13 (`make demo` runs this): without --model, say which model ran and where (the bundled trained
+    model, m3jax.default_model_path(); the tiny random-weight model is for tests only)."""
+    args = ["generate", "--prompt", "def f(x):", "--max-new-tokens", "2"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "bundled default model" in err and m3jax.default_model_path() in err
+    assert cli.main(args + ["--top-k", "8193"]) == 2                     # an error stays one line: no note then
+    assert "<= the vocab size 8192" in _one_line_error(capsys, "generate")
+    assert "bundled default model" in open(os.path.join(os.path.dirname(__file__), "..", "Makefile")).read()
 
 
 # The Engine and the API (items 5, 9, 10) --------------------------------------------------------------------------

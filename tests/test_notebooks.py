@@ -14,7 +14,9 @@ import pytest
 
 # Lines each notebook must print (its claims, as computed); the notebooks also assert them in their cells.
 CLAIMS = {
-    "msa_selection.ipynb": [r"layer \d+: last token reads \[3, 3\] of 25 blocks per group"],
+    "msa_selection.ipynb": [r"layer \d+: the last token reads \[16, 16, 16, 16\] of 64 blocks per group",
+                            r"^mean recall at 3584\.\.4095: [\d.]+ vs 0\.265 of the blocks kept$",
+                            r"^layer \d+: groups share [\d.]+ of their blocks"],
     "sharding.ipynb": [r"^8 devices: cpu$", r"KV heads after replication: 4$", r"same MSA block selections: True",
                        r"same greedy tokens as one device: True$", r"^data shard 1: requests \[\d+(, \d+)*\]"],
     "train_msa.ipynb": [r"^LM loss [\d.]+ -> [\d.]+ \(mean of the first / last 20 steps\)$",

@@ -85,6 +85,23 @@ def lzma_bits_per_byte(data: bytes) -> dict:
             "bits_per_byte": 8 * size / len(data)}
 
 
+def loaded_model_nll_fn(model, *, sparse: bool):
+    """As model_nll_fn, for a model loaded with `m3jax.load` (its own dtype; the reference forward)."""
+    from flax import nnx
+
+    from m3jax.training import losses
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def nll(state, tokens):
+        out = losses.forward(nnx.merge(graphdef, state), tokens[:, :-1], sparse=sparse)
+        logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+    return lambda tokens: nll(state, jnp.asarray(tokens, jnp.int32))
+
+
 def model_nll_fn(trainer, params, *, sparse: bool):
     """A jitted nll_fn for `heldout_bits_per_byte`: the training forward (m3jax.training.losses.forward, the
     inference semantics) of `trainer`'s model at its compute dtype; sparse=False attends to every visible
@@ -102,5 +119,6 @@ def model_nll_fn(trainer, params, *, sparse: bool):
     return lambda tokens: nll(cast, jnp.asarray(tokens, jnp.int32))
 
 
-__all__ = ["LZMA_PRESET", "covered_bytes", "heldout_bits_per_byte", "lzma_bits_per_byte", "model_nll_fn",
+__all__ = ["LZMA_PRESET", "covered_bytes", "heldout_bits_per_byte", "loaded_model_nll_fn", "lzma_bits_per_byte",
+           "model_nll_fn",
            "token_bytes", "windows"]

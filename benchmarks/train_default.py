@@ -300,38 +300,43 @@ def _train_variant(args, vdir: str, result: dict) -> None:
 
 # breakdown (CPU, after the run) --------------------------------------------------------------------------------
 def breakdown(args) -> int:
-    """The exported model on the held-out files of a run that this machine has byte for byte (sha256 equal, in
-    --stdlib): same protocol (EOT-separated, non-overlapping --eval-context windows), lzma on the same bytes.
+    """The exported model on held-out files of a run, read from --stdlib: by default only those equal byte for byte
+    (sha256) to the run's; --same-path takes this --stdlib's version of every held-out path (another release of the
+    same file: also never trained on, as the split is by path). --only / --exclude pick paths. Same protocol
+    (EOT-separated, non-overlapping --eval-context windows, at most --max-windows), lzma on the same bytes.
     A diagnostic beside the run's own numbers, which it does not replace."""
     import numpy as np
 
     import m3jax
-    from m3jax.tokenizer import M3Tokenizer
     from m3jax.training import data, evaluate
     from tokenizers import Tokenizer
 
     with open(args.results) as f:
         run = json.load(f)
-    same, texts = [], []
+    used, texts = [], []
     for f in run["files"]["heldout_files"]:
+        if (args.only and f["path"] not in args.only) or f["path"] in args.exclude:
+            continue
         p = os.path.join(args.stdlib, f["path"])
-        raw = open(p, "rb").read() if os.path.exists(p) else b""
-        if hashlib.sha256(raw).hexdigest() == f["sha256"]:
-            same.append(f["path"])
+        raw = open(p, "rb").read() if os.path.exists(p) else None
+        if raw is not None and (args.same_path or hashlib.sha256(raw).hexdigest() == f["sha256"]):
+            used.append(f["path"])
             texts.append(raw.decode("utf-8"))
     tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
     eot = tok.token_to_id(data.EOT)
     ids = np.asarray([i for t in texts for i in tok.encode(t).ids + [eot]], np.int32)
+    if args.max_windows:
+        ids = ids[:args.max_windows * args.eval_context + 1]
     table = evaluate.token_bytes(tok)
     model = m3jax.load(args.model, dtype="float32", progress=False)
-    out = {"model": args.model, "stdlib": args.stdlib, "files": same,
+    out = {"model": args.model, "stdlib": args.stdlib, "same_path": args.same_path, "files": used,
            "files_bytes": sum(len(t.encode()) for t in texts),
            "lzma": evaluate.lzma_bits_per_byte(evaluate.covered_bytes(ids, args.eval_context, table))}
-    for mode, sparse in (("sparse", True), ("all_blocks", False)):
-        out[mode] = evaluate.heldout_bits_per_byte(evaluate.loaded_model_nll_fn(model, sparse=sparse), ids,
-                                                   args.eval_context, table, batch=args.eval_batch)
+    for mode in args.modes.split(","):
+        out[mode] = evaluate.heldout_bits_per_byte(evaluate.loaded_model_nll_fn(model, sparse=mode == "sparse"),
+                                                   ids, args.eval_context, table, batch=args.eval_batch)
         log("breakdown", f"{mode}: {out[mode]['bits_per_byte']:.4f} bits/byte over {out[mode]['bytes']} bytes")
-    log("breakdown", f"{len(same)} of {len(run['files']['heldout_files'])} held-out files identical here; "
+    log("breakdown", f"{len(used)} of {len(run['files']['heldout_files'])} held-out files; "
                      f"lzma {out['lzma']['bits_per_byte']:.4f} bits/byte on the same bytes")
     if args.out:
         _write_json(args.out, out)
@@ -526,6 +531,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="an exported model directory (breakdown)")
     p.add_argument("--results", default=None, help="a run's train_results.json (breakdown)")
     p.add_argument("--stdlib", default=None, help="a standard library holding the run's files (breakdown)")
+    p.add_argument("--same-path", action="store_true", help="breakdown: this stdlib's version of each file")
+    p.add_argument("--only", nargs="*", default=[], help="breakdown: these held-out paths only")
+    p.add_argument("--exclude", nargs="*", default=[], help="breakdown: leave these held-out paths out")
+    p.add_argument("--modes", default="sparse,all_blocks", help="breakdown: sparse and/or all_blocks")
+    p.add_argument("--max-windows", type=int, default=None, help="breakdown: evaluate the first N windows")
     p.add_argument("--deadline", type=float, default=None, help="unix time training must end by (train)")
     args = p.parse_args(argv)
     args.eval_context = args.eval_context or args.seq_len

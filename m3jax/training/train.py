@@ -2,6 +2,9 @@
 
 - Optimizer: AdamW (weight decay on matrices only) with a linear warm-up and cosine decay of the learning rate,
   after clipping the global gradient norm.
+- Schedule: the step count and warm-up are arguments of the compiled step (`Trainer.set_schedule`), so a
+  time-boxed run (benchmarks/train_default.py) times its steps first and then fixes its length without compiling
+  again; `train(stop_at=...)` stops a run that overruns its time.
 - Precision: the master weights (and the Adam moments) are float32; each step casts them to `compute_dtype`
   (bfloat16) for the forward and backward, except the MoE router weight and bias, which the model keeps in
   float32 at any dtype. The gradient comes back to float32 through the cast.
@@ -146,7 +149,7 @@ PRESETS = ("tiny", "small", "default", "default-dense")
 
 
 def dense_variant(cfg: M3Config) -> M3Config:
-    """`cfg` with dense attention in every layer: the same parameters but no MSA indexer."""
+    """`cfg` with dense attention in every layer: the same parameters less the MSA indexer's."""
     return dataclasses.replace(cfg, layer_types=(FULL_ATTENTION,) * cfg.num_hidden_layers)
 
 

@@ -38,12 +38,12 @@ import collections
 import dataclasses
 import hashlib
 import itertools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from m3jax.cache import SINK_PAGE, OutOfPages, pages_per_sequence
-from m3jax.sampling import SamplingParams, _is_int
+from m3jax.sampling import SamplingParams, TopLogprob, _is_int
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 
@@ -52,7 +52,9 @@ FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 class GenerationResult:
     """The outcome of one request. token_ids holds the generated ids (a final eos / stop id included);
     text is their decoding (without that id, cut before a stop string) or None without a tokenizer;
-    error says what failed when finish_reason is "error"."""
+    error says what failed when finish_reason is "error". With SamplingParams.logprobs, logprobs[i] is the
+    log-probability of token_ids[i]; with top_logprobs = n, top_logprobs[i] lists the n most likely tokens at
+    that position, best first (both under the model's raw distribution, m3jax.sampling)."""
 
     token_ids: list[int]
     text: str | None
@@ -62,6 +64,16 @@ class GenerationResult:
     request_id: Any = None
     error: str | None = None
     num_cached_tokens: int = 0         # prompt tokens whose keys came from the prefix cache (not computed)
+    top_logprobs: list[list[TopLogprob]] | None = None
+
+
+class SampledToken(NamedTuple):
+    """What the runner sampled for one row: the token, its logprob (None unless the request asked) and its top
+    alternatives (None unless the request asked; already cut to its n)."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -87,6 +99,7 @@ class Request:
     tokens: list[int] = dataclasses.field(default_factory=list)    # prompt + generated
     num_computed: int = 0            # tokens whose keys are in the cache
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[TopLogprob]] = dataclasses.field(default_factory=list)
     max_total: int = 0               # stop with "length" once len(tokens) reaches this
     cache_salt: bytes = b""          # folded into its first block key: content the token ids do not show
     block_keys: list[bytes] = dataclasses.field(default_factory=list)   # chain keys of its first full blocks
@@ -492,9 +505,11 @@ class Scheduler:
                 return r
         raise KeyError(f"request {request_id!r} is not running")
 
-    def complete(self, batch: Batch, sampled: Sequence[tuple[int, float | None] | None]) -> list[StepOutput]:
-        """Record a computed step: every row's tokens are in the cache; rows with a sampled (token, logprob)
-        get it appended (stop rules, on_token). Returns the outputs of the rows that sampled, in row order."""
+    def complete(self, batch: Batch, sampled: Sequence[SampledToken | tuple[int, float | None] | None]
+                 ) -> list[StepOutput]:
+        """Record a computed step: every row's tokens are in the cache; rows with a SampledToken (or a
+        (token, logprob) pair) get it appended (stop rules, on_token). Returns the outputs of the rows that
+        sampled, in row order."""
         rows = batch.rows
         reqs = [self._request(row.request_id) for row in rows]
         for r, row in zip(reqs, rows):
@@ -525,10 +540,13 @@ class Scheduler:
                 return True
         return False
 
-    def _append(self, r: Request, token: int, logprob: float | None) -> StepOutput:
+    def _append(self, r: Request, token: int, logprob: float | None,
+                top: Sequence[TopLogprob] | None = None) -> StepOutput:
         r.tokens.append(token)
         if r.params.logprobs:
             r.logprobs.append(logprob)
+        if r.params.top_logprobs:
+            r.top_logprobs.append(list(top))
         if r.on_token is not None:
             try:
                 r.on_token(r.id, token)
@@ -565,7 +583,8 @@ class Scheduler:
             if cut is not None:
                 text = text[:cut]
         result = GenerationResult(list(out), text, reason, list(r.logprobs) if r.params.logprobs else None,
-                                  list(r.prompt), r.id, error, r.num_cached)
+                                  list(r.prompt), r.id, error, r.num_cached,
+                                  list(r.top_logprobs) if r.params.top_logprobs else None)
         self.allocators[r.shard].release(r.id)
         self.running.remove(r)
         self.results[r.id] = result

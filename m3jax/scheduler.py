@@ -78,12 +78,14 @@ class SampledToken(NamedTuple):
 
 @dataclasses.dataclass
 class StepOutput:
-    """What one step produced for one request."""
+    """What one step produced for one request (logprobs / top_logprobs: of new_token_ids, when it asked)."""
 
     request_id: Any
     new_token_ids: list[int]
     finished: bool
     result: GenerationResult | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -543,16 +545,22 @@ class Scheduler:
     def _append(self, r: Request, token: int, logprob: float | None,
                 top: Sequence[TopLogprob] | None = None) -> StepOutput:
         r.tokens.append(token)
-        if r.params.logprobs:
+        lps = [logprob] if r.params.logprobs else None
+        tops = [list(top)] if r.params.top_logprobs else None
+        if lps is not None:
             r.logprobs.append(logprob)
-        if r.params.top_logprobs:
-            r.top_logprobs.append(list(top))
+        if tops is not None:
+            r.top_logprobs.append(tops[0])
+
+        def output(finished: bool, result: GenerationResult | None = None) -> StepOutput:
+            return StepOutput(r.id, [token], finished, result, lps, tops)
+
         if r.on_token is not None:
             try:
                 r.on_token(r.id, token)
             except Exception as e:           # noqa: BLE001 - a caller's callback must not wedge the engine
                 result = self._finish(r, FINISH_ERROR, None, f"on_token raised {type(e).__name__}: {e}")
-                return StepOutput(r.id, [token], True, result)
+                return output(True, result)
         reason, cut = None, None
         if (token in self.eos_ids and not r.params.ignore_eos) or token in r.params.stop_token_ids:
             reason = FINISH_STOP
@@ -569,8 +577,8 @@ class Scheduler:
         if reason is None and len(r.tokens) >= r.max_total:
             reason = FINISH_LENGTH
         if reason is None:
-            return StepOutput(r.id, [token], False)
-        return StepOutput(r.id, [token], True, self._finish(r, reason, cut))
+            return output(False)
+        return output(True, self._finish(r, reason, cut))
 
     def _finish(self, r: Request, reason: str, cut: int | None, error: str | None = None) -> GenerationResult:
         out = r.tokens[len(r.prompt):]

@@ -368,10 +368,10 @@ def test_client_disconnect_cancels_the_request(server, client):
 
 
 # ---------------------------------------------------------------------------------------------- logprobs
-def test_top_logprobs_completions_and_chat(server, client, model):
+def test_top_logprobs_completions_and_chat(server, client, model, tok):
     """Greedy with top alternatives: the best one is the chosen token with its logprob; the values at the first
     position are a jnp log_softmax of the model's logits; completions also list the chosen token; a stream's
-    chunks carry the same logprobs as the whole response, each token once."""
+    chunks carry the same logprobs as the whole response, each token once; top_logprobs 0 gives none."""
     import jax
     import jax.numpy as jnp
 
@@ -379,12 +379,9 @@ def test_top_logprobs_completions_and_chat(server, client, model):
     r = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, logprobs=4)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
-    for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
-        assert 4 <= len(top) <= 5 and top[tok] == chosen
+    for text, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 5 and top[text] == chosen          # fewer: alternatives that decode alike
         assert max(top.values()) == chosen                  # greedy: the chosen token is the best one
-    want = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids]))[0, -1]))
-    np.testing.assert_allclose(sorted(lp.top_logprobs[0].values(), reverse=True), np.sort(want)[::-1][:4],
-                               rtol=1e-4, atol=1e-4)
     chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, logprobs=4,
                                             stream=True))
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
@@ -397,6 +394,11 @@ def test_top_logprobs_completions_and_chat(server, client, model):
                                        top_logprobs=3)
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
+    prompt = tok.encode(server.app.state.server.template.render(check_messages(msgs)))
+    want = np.asarray(jax.nn.log_softmax(model(jnp.asarray([prompt]))[0, -1]))
+    best = np.argsort(-want, kind="stable")[:3]
+    assert [a.token for a in content[0].top_logprobs] == [tok.decode([int(t)]) for t in best]
+    np.testing.assert_allclose([a.logprob for a in content[0].top_logprobs], want[best], rtol=1e-4, atol=1e-4)
     for e in content:
         assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob
         assert e.top_logprobs[0].token == e.token

@@ -299,8 +299,8 @@ class _Run:
     def _logprobs(self, c: _Choice):
         """The logprobs of c's tokens that no chunk carried yet, in OpenAI's shape (None when not asked): chat
         {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}, completions {"tokens",
-        "token_logprobs", "top_logprobs": [{token: logprob}] (the top n and the chosen token) or None,
-        "text_offset"}. A response or the chunks of a stream carry each token once, in order."""
+        "token_logprobs", "top_logprobs": [{token: logprob}] (the top n and the chosen token; tokens that decode
+        to one string share an entry) or None, "text_offset"}. A response or the chunks of a stream carry each token once, in order."""
         start, end = c.logprobs_sent, len(c.logprobs)
         if not self.common.logprobs or (self.common.stream and start == end):
             return None
@@ -319,8 +319,9 @@ class _Run:
             offsets.append(c.text_offset)
             c.text_offset += len(s)
         top_dicts = None
-        if n:       # OpenAI: the n best and always the chosen token, so up to n + 1 entries
-            top_dicts = [{**{decode(a.token_id): a.logprob for a in top}, s: lp} for s, lp, top in
+        if n:       # OpenAI: the n best and always the chosen token, so up to n + 1 entries. Tokens that decode
+            # to the same string (special tokens, pieces of one character) share an entry: the best one's.
+            top_dicts = [{**{decode(a.token_id): a.logprob for a in reversed(top)}, s: lp} for s, lp, top in
                          zip(strings, lps, tops)]
         return {"tokens": strings, "token_logprobs": lps, "top_logprobs": top_dicts, "text_offset": offsets}
 

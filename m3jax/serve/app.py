@@ -300,7 +300,8 @@ class _Run:
         """The logprobs of c's tokens that no chunk carried yet, in OpenAI's shape (None when not asked): chat
         {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}, completions {"tokens",
         "token_logprobs", "top_logprobs": [{token: logprob}] (the top n and the chosen token; tokens that decode
-        to one string share an entry) or None, "text_offset"}. A response or the chunks of a stream carry each token once, in order."""
+        to one string share an entry) or None, "text_offset"}. A response, or the chunks of a stream together,
+        carry each token once, in order."""
         start, end = c.logprobs_sent, len(c.logprobs)
         if not self.common.logprobs or (self.common.stream and start == end):
             return None

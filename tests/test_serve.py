@@ -686,6 +686,9 @@ def test_image_chat_equals_generate_and_caches_by_content(vision_server):
                                                  temperature=0, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref[0].text
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // BLOCK * BLOCK
+    two = client.chat.completions.create(model=MODEL, messages=_image_messages(urls[0]), max_tokens=6,
+                                         temperature=0, n=2)                  # one prompt, two requests
+    assert [c.message.content for c in two.choices] == [ref[0].text] * 2
     # another image of the same size: the same token ids, but no block is shared (keyed by the pixels)
     other = client.chat.completions.create(model=MODEL, messages=_image_messages(urls[1]), max_tokens=6,
                                            temperature=0)

@@ -746,3 +746,14 @@ def test_bad_images_get_400_naming_the_field(vision_server, server):
     assert code == 400 and err["error"]["param"] == "messages[0].content[1].image_url", err
     assert "no vision tower" in err["error"]["message"]
     assert vision_server.worker.failure is None and server.worker.failure is None
+    # a multi-process server's LeaderEngine replays token ids on the other processes: images are refused
+    from m3jax.distributed import LeaderEngine
+    from m3jax.serve.chat import ImagePart
+    from m3jax.serve.images import image_prompt
+    from m3jax.serve.protocol import APIError
+
+    leader = LeaderEngine.__new__(LeaderEngine)            # no __init__: nothing is published
+    leader.engine = vision_server.worker.engine
+    with pytest.raises(APIError, match="multi-process") as e:
+        image_prompt(leader, IMAGE_TOKEN, [ImagePart("messages[0].content[0].image_url", good)], "r")
+    assert e.value.status == 400 and e.value.param == "messages[0].content[0].image_url"

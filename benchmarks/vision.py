@@ -138,7 +138,9 @@ def main():
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    impls = ["cudnn", "xla", "reference"] if jax.default_backend() == "gpu" else ["xla", "reference"]
+    # cuDNN's fused attention takes no float32 (the tower's GPU default is then "xla", see default_attn_impl)
+    cudnn = jax.default_backend() == "gpu" and args.dtype != "float32"
+    impls = ["cudnn"] * cudnn + ["xla", "reference"]
     dtype = jnp.dtype(args.dtype)
     for impl in impls:
         stage(f"timing m3jax {impl}")

@@ -180,15 +180,17 @@ class Runner:
     padded decode batch sizes (all shards' rows). prefill_rows / row_len: the prefill group, rows per data shard
     and tokens per row (the scheduler's prefill budget, m3jax.scheduler.Scheduler.prefill_rows_per_shard).
     layer_loop: "scan" | "split" | None (the backend's choice, `default_layer_loop`).
+    fp8_index_k: store index-K as float8_e4m3fn with a float32 scale per token (m3jax.cache).
     """
 
     def __init__(self, model, *, num_pages: int, max_batch_size: int, max_seq_len: int, prefill_rows: int,
-                 row_len: int, mesh=None, row_buckets: Sequence[int] | None = None, layer_loop: str | None = None):
+                 row_len: int, mesh=None, row_buckets: Sequence[int] | None = None, layer_loop: str | None = None,
+                 fp8_index_k: bool = False):
         self.model = model
         self.mesh = mesh
         self.data_shards = 1 if mesh is None else mesh.shape[DATA]
         self.max_blocks = cache_lib.max_blocks(max_seq_len, model.config.msa.block_size)
-        self.cache = cache_lib.init_cache(model, num_pages, mesh=mesh)
+        self.cache = cache_lib.init_cache(model, num_pages, mesh=mesh, fp8_index_k=fp8_index_k)
         backend = jax.default_backend()
         self.layer_loop = default_layer_loop(backend) if layer_loop is None else layer_loop
         if self.layer_loop not in LAYER_LOOPS:

@@ -56,7 +56,8 @@ class PagedKV:
     k_pages: jax.Array                 # [K, P, R, H]
     v_pages: jax.Array                 # [K, P, R, H]
     page_table: jax.Array              # i32[B, M]
-    ik_pages: jax.Array | None = None  # [P, R, I], sparse layers only
+    ik_pages: jax.Array | None = None  # [P, R, I], sparse layers only (float8_e4m3fn in an FP8 index-K cache)
+    ik_scale: jax.Array | None = None  # f32[P, R] per-token scale of an FP8 index-K cache (m3jax/cache.py)
 
 
 class Attention(nnx.Module):
@@ -150,11 +151,13 @@ class Attention(nnx.Module):
             page, row = cache_lib.write_slots(pos, kv.page_table, self.block_size, offset)
             k = cache_lib.write_kv(kv.k_pages, p.k_btkh, page, row)
             v = cache_lib.write_kv(kv.v_pages, p.v_btkh, page, row)
-            ik = None if kv.ik_pages is None else cache_lib.write_ik(kv.ik_pages, p.ik_bti, page, row)
-            layer = PagedKV(k, v, kv.page_table + offset, ik)
+            ik, ik_scale = kv.ik_pages, kv.ik_scale
+            if ik is not None:
+                ik, ik_scale = cache_lib.write_ik(ik, p.ik_bti, page, row, ik_scale)
+            layer = PagedKV(k, v, kv.page_table + offset, ik, ik_scale)
             ids = self._select(p, layer, pos, self.impl) if self.sparse else None
             o = self._attend(p, layer, pos, ids, self.impl, contiguous_chunks=True)
-            return o, PagedKV(k, v, kv.page_table, ik)
+            return o, PagedKV(k, v, kv.page_table, ik, ik_scale)
 
         kv_specs = self._kv_specs(b, kv)
         offset = jnp.asarray(layer_offset, jnp.int32)
@@ -170,7 +173,7 @@ class Attention(nnx.Module):
 
     def _select(self, p: Projections, kv: PagedKV, q_pos, impl):
         return dispatch.indexer_topk(p.iq_btki, kv.ik_pages, kv.page_table, q_pos, topk=self.topk_blocks,
-                                     local_blocks=self.local_blocks, impl=impl)
+                                     local_blocks=self.local_blocks, ik_scale=kv.ik_scale, impl=impl)
 
     def _attend(self, p: Projections, kv: PagedKV, q_pos, block_ids, impl, contiguous_chunks: bool = False):
         """o [B, T, N, H] in the model dtype: MSA over `block_ids` on sparse layers, causal GQA on full ones
@@ -209,7 +212,8 @@ class Attention(nnx.Module):
 
     @staticmethod
     def _kv_specs(b, kv: PagedKV) -> PagedKV:
-        return PagedKV(_kv_pool(b), _kv_pool(b), P(b), None if kv.ik_pages is None else P(b))
+        return PagedKV(_kv_pool(b), _kv_pool(b), P(b), None if kv.ik_pages is None else P(b),
+                       None if kv.ik_scale is None else P(b))
 
     def _local(self, fn, args, in_specs, out_specs):
         """fn on each device's rows and heads (shard_map: the Pallas kernels cannot be partitioned by XLA)."""

@@ -50,9 +50,11 @@ class CachedKeys:
 
     def attend(self, attn: Attention, group: int, p: Projections):
         g = self.groups[group]
-        kv = PagedKV(self.pools.k_pages, self.pools.v_pages, g.page_table, self.pools.ik_pages)
+        pools = self.pools
+        kv = PagedKV(pools.k_pages, pools.v_pages, g.page_table, pools.ik_pages, pools.ik_scale)
         o, kv = attn.attend_cached(p, kv, g.q_pos, self.offset)
-        return o, CachedKeys(StackCache(kv.k_pages, kv.v_pages, kv.ik_pages), self.groups, self.offset), None
+        pools = StackCache(kv.k_pages, kv.v_pages, kv.ik_pages, kv.ik_scale)
+        return o, CachedKeys(pools, self.groups, self.offset), None
 
 
 def dense_attention_paths(model, queries_per_row: dict[str, int]) -> dict[str, str]:

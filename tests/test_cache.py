@@ -257,3 +257,30 @@ def test_fp8_index_k_engine_selection_agreement_and_generation():
     assert got == want and len(got) == 4
     with pytest.raises(ValueError, match="fp8_index_k"):
         m3jax.Engine(model, max_batch_size=1, max_seq_len=32, compile_cache=False, fp8_index_k="yes")
+
+
+@pytest.mark.slow
+@pytest.mark.multi_device
+def test_fp8_index_k_cache_on_a_mesh_matches_one_device():
+    """On a 2x4 mesh the FP8 index-K and scale pools are split over "data" with the page pools (each shard owns its
+    rows' pages and their scales) and the Engine's greedy tokens are the one-device FP8 Engine's."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import m3jax
+    from m3jax import sharding
+    from m3jax.params import shard_model
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (forced host) devices")
+    model = random_model(M3Config.tiny(num_attention_heads=8, num_key_value_heads=2, num_index_heads=2), seed=5)
+    prompts = [list(np.random.default_rng(i).integers(0, 256, n)) for i, n in enumerate([37, 70, 5, 21])]
+    sp = m3jax.SamplingParams(max_new_tokens=5, temperature=0.0)
+    kw = dict(max_batch_size=4, max_seq_len=128, compile_cache=False, fp8_index_k=True)
+    want = [r.token_ids for r in m3jax.generate(m3jax.Engine(model, **kw), prompts, sp, progress=False)]
+    mesh = sharding.make_mesh(data=2, model=4)
+    engine = m3jax.Engine(shard_model(model, mesh), mesh=mesh, **kw)
+    got = [r.token_ids for r in m3jax.generate(engine, prompts, sp, progress=False)]
+    assert got == want
+    msa = engine.cache.stacks[1]
+    assert msa.ik_pages.dtype == jnp.float8_e4m3fn
+    for pool, rank in ((msa.ik_pages, 3), (msa.ik_scale, 2)):
+        assert pool.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), rank)

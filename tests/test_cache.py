@@ -284,3 +284,22 @@ def test_fp8_index_k_cache_on_a_mesh_matches_one_device():
     assert msa.ik_pages.dtype == jnp.float8_e4m3fn
     for pool, rank in ((msa.ik_pages, 3), (msa.ik_scale, 2)):
         assert pool.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), rank)
+
+
+def test_fp8_index_k_prefix_cache_hit_changes_nothing():
+    """A prefix-cache hit shares a page's index-K codes and their scales together (same page id): with the FP8
+    cache, a request whose first blocks were cached generates what it generates with prefix caching off."""
+    import m3jax
+    model = random_model(M3Config.tiny(), seed=0)
+    kw = dict(max_batch_size=2, max_seq_len=64, num_pages=24, prefill_chunk=16, max_tokens_per_step=18,
+              row_buckets=(2,), prefill_row_len=8, compile_cache=False, fp8_index_k=True)
+    rs = np.random.RandomState(7)
+    shared = rs.randint(0, 256, 4 * R).tolist()                                  # 4 full blocks
+    first, second = shared + rs.randint(0, 256, 5).tolist(), shared + rs.randint(0, 256, 9).tolist()
+    sp = m3jax.SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine = m3jax.Engine(model, **kw)
+    m3jax.generate(engine, [first], sp, progress=False)
+    hit = m3jax.generate(engine, [second], sp, progress=False)[0]
+    assert hit.num_cached_tokens == 4 * R
+    cold = m3jax.generate(m3jax.Engine(model, enable_prefix_caching=False, **kw), [second], sp, progress=False)[0]
+    assert hit.token_ids == cold.token_ids

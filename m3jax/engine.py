@@ -222,7 +222,9 @@ class Engine:
             self.image_processor = ImageProcessor.from_pretrained(path) if path else ImageProcessor()
             self.video_processor = VideoProcessor.from_pretrained(path) if path else VideoProcessor()
 
-    def _multimodal(self, prompt, request, chat: bool) -> vision_prompt.MultimodalPrompt:
+    def multimodal_prompt(self, prompt, request="<new>", chat: bool = False) -> vision_prompt.MultimodalPrompt:
+        """A multimodal prompt (m3jax.vision.prompt) processed, expanded and tokenized as add_request does it
+        (the server prepares image prompts off the engine thread with it); ValueError names `request`."""
         return vision_prompt.prepare_prompt(
             prompt, tokenizer=self.tokenizer, vision_config=None if self.vision is None else self.vision.config,
             image_processor=getattr(self, "image_processor", None),
@@ -255,7 +257,7 @@ class Engine:
         """Validate one request without queueing it: (token ids, params). Raises ValueError naming it.
         A multimodal prompt (m3jax.vision.prompt) gives its MultimodalPrompt instead of the ids."""
         if vision_prompt.is_multimodal(prompt):
-            mm = self._multimodal(prompt, request_id if request_id is not None else "<new>", chat)
+            mm = self.multimodal_prompt(prompt, request_id if request_id is not None else "<new>", chat)
             return mm, self.scheduler.prepare(mm.token_ids, sampling, request_id)[1]
         return self.scheduler.prepare(prompt, sampling, request_id, chat)
 
@@ -268,7 +270,7 @@ class Engine:
         """
         if not vision_prompt.is_multimodal(prompt):
             return self.scheduler.add(prompt, sampling, request_id=request_id, on_token=on_token, chat=chat)
-        mm = self._multimodal(prompt, request_id if request_id is not None else "<new>", chat)
+        mm = self.multimodal_prompt(prompt, request_id if request_id is not None else "<new>", chat)
         salt = mm.cache_salt(self.vision.config) if mm.has_pixels else b""    # prefix cache: keyed by content
         rid = self.scheduler.add(mm.token_ids, sampling, request_id=request_id, on_token=on_token, cache_salt=salt)
         if mm.has_pixels:

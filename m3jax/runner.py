@@ -65,8 +65,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m3jax import cache as cache_lib
 from m3jax.distributed import to_host
 from m3jax.model.cached import StepGroup, dense_attention_paths, forward_cached
-from m3jax.sampling import SamplingBatch, SamplingParams, sample
-from m3jax.scheduler import Batch, Row
+from m3jax.sampling import Sampled, SamplingBatch, SamplingParams, TopLogprob, sample
+from m3jax.scheduler import Batch, Row, SampledToken
 from m3jax.sharding import DATA
 
 log = logging.getLogger(__name__)
@@ -295,12 +295,13 @@ class Runner:
         return logits, finite, layout
 
     def execute(self, batch: Batch, overrides: Mapping[Any, EmbedOverride] | None = None
-                ) -> list[tuple[int, float | None] | NonFinite | None]:
-        """Compute the batch's rows; returns, per row of batch.rows, (sampled token, its logprob or None) for rows
-        with `sample`, NonFinite for a row whose logits are not all finite (nothing is sampled for it), else
-        None. overrides: request id -> input embeddings replacing some of its prompt tokens' (image features at
-        their placeholders); a step whose rows meet one runs the mixed program's variant with input embeddings
-        (one more program, compiled when first needed: warmup does not compile it)."""
+                ) -> list[SampledToken | NonFinite | None]:
+        """Compute the batch's rows; returns, per row of batch.rows, a SampledToken (the token, and its logprob
+        and top alternatives when the request asks) for rows with `sample`, NonFinite for a row whose logits are
+        not all finite (nothing is sampled for it), else None. overrides: request id -> input embeddings
+        replacing some of its prompt tokens' (image features at their placeholders); a step whose rows meet one
+        runs the mixed program's variant with input embeddings (one more program, compiled when first needed:
+        warmup does not compile it)."""
         if not batch.rows:
             return []
         logits, finite, layout = self._run(batch, self.program_for(batch), overrides)
@@ -310,27 +311,34 @@ class Runner:
         want = [i for i, s in enumerate(layout) if s is not None and s.last and s.row.sample]
         if want:
             chosen = [layout[i].row for i in want]
-            tokens, lps = self._sample(logits, layout, all(r.params.temperature == 0 for r in chosen),
-                                       any(r.params.logprobs for r in chosen))
+            sampled = self._sample(logits, layout, all(r.params.temperature == 0 for r in chosen),
+                                   any(r.params.logprobs for r in chosen), any(r.params.top_logprobs for r in chosen))
         finite = to_host(finite)                   # multi-host: gathered from every process's devices
         bad = {id(s.row) for i, s in enumerate(layout) if s is not None and not finite[i]}
-        out: dict[int, tuple[int, float | None] | NonFinite] = {id(r): NonFinite(r.request_id)
-                                                               for r in batch.rows if id(r) in bad}
+        out: dict[int, SampledToken | NonFinite] = {id(r): NonFinite(r.request_id) for r in batch.rows
+                                                    if id(r) in bad}
         if want:
-            tokens, lps = to_host(tokens), None if lps is None else to_host(lps)   # multi-host: every process's
+            host = Sampled(*(None if a is None else to_host(a) for a in sampled))    # multi-host: every process's
             for i in want:
-                if id(layout[i].row) not in bad:
-                    out[id(layout[i].row)] = (int(tokens[i]), None if lps is None else float(lps[i]))
+                row = layout[i].row
+                if id(row) in bad:
+                    continue
+                n = row.params.top_logprobs
+                top = None if not n else tuple(TopLogprob(int(t), float(lp)) for t, lp in
+                                               zip(host.top_ids[i, :n], host.top_logprobs[i, :n]))
+                lp = None if host.logprobs is None or not row.params.logprobs else float(host.logprobs[i])
+                out[id(row)] = SampledToken(int(host.tokens[i]), lp, top)
         return [out.get(id(r)) for r in batch.rows]
 
     @staticmethod
-    def _sample(logits, layout: list[Slot | None], all_greedy: bool, want_logprobs: bool):
+    def _sample(logits, layout: list[Slot | None], all_greedy: bool, want_logprobs: bool,
+                want_top: bool = False) -> Sampled:
         rows = [s.row if s is not None and s.last else None for s in layout]
         params = [r.params if r is not None else SamplingParams() for r in rows]
         seeds = [r.seed if r is not None else 0 for r in rows]
         counters = [r.num_generated if r is not None else 0 for r in rows]
         sb = SamplingBatch.from_params(params, seeds, counters, len(rows))
-        return sample(logits, sb, all_greedy=all_greedy, want_logprobs=want_logprobs)   # on device
+        return sample(logits, sb, all_greedy=all_greedy, want_logprobs=want_logprobs, want_top=want_top)  # device
 
     def warmup(self, on_program: Callable[[StepProgram], None] | None = None) -> None:
         """Compile (and run once, on padding only: keys go to the sink page) every step program, with the greedy

@@ -3,7 +3,9 @@
 Completions and chat; streaming equals non-streaming (stop strings included); 32 concurrent streaming clients each
 get the text a single greedy request gets from the engine; every bad-request class gets its 4xx / 503 with the
 field named; a disconnecting client's request leaves the engine; reasoning and tool-call parsing (directly on
-crafted text, and the structure of the end-to-end responses of the tiny random model); the chat template.
+crafted text, and the structure of the end-to-end responses of the tiny random model); the chat template;
+logprobs and top_logprobs (the model's log_softmax); images as data URLs on a tiny vision checkpoint (the text of
+m3jax.generate with the same image, prefix cache keyed by the pixels, bad images named by field).
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def test_32_concurrent_streaming_clients(server, client):
     ({"model": MODEL, "prompt": "hi", "n": 100}, 400, "n"),
     ({"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
     ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ({"model": MODEL, "prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"model": MODEL, "prompt": [300, 10**6]}, 400, "prompt"),
 ])
@@ -229,13 +231,16 @@ def test_bad_completion_requests(server, body, status, param):
     ({"model": MODEL}, "messages"),
     ({"model": MODEL, "messages": []}, "messages"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content[0].image_url"),
+    ({"model": MODEL, "messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,AAAA"}}]}]}, "messages"),                  # images in user messages only
     ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 2100}]}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
       "chat_template_kwargs": {"thinking_mode": "sometimes"}}, "chat_template_kwargs"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2},
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
      "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 0}, "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 1.5},
@@ -360,6 +365,52 @@ def test_client_disconnect_cancels_the_request(server, client):
     assert shared["r"].choices[0].text == cold.choices[0].text
     after = client.completions.create(model=MODEL, prompt=p, max_tokens=40, temperature=0)
     assert after.usage.prompt_tokens_details.cached_tokens > 300 and after.choices[0].text == cold.choices[0].text
+
+
+# ---------------------------------------------------------------------------------------------- logprobs
+def test_top_logprobs_completions_and_chat(server, client, model, tok):
+    """Greedy with top alternatives: the best one is the chosen token with its logprob; the values at the first
+    position are a jnp log_softmax of the model's logits; completions also list the chosen token; a stream's
+    chunks carry the same logprobs as the whole response, each token once; top_logprobs 0 gives none."""
+    import jax
+    import jax.numpy as jnp
+
+    ids = [104, 101, 108, 108, 111, 32, 119]                                       # "hello w"
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, logprobs=4)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    for text, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 5 and top[text] == chosen          # fewer: alternatives that decode alike
+        assert max(top.values()) == chosen                  # greedy: the chosen token is the best one
+    chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, logprobs=4,
+                                            stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((x.tokens for x in streamed), []) == lp.tokens
+    assert sum((x.top_logprobs for x in streamed), []) == lp.top_logprobs
+    assert sum((x.text_offset for x in streamed), []) == lp.text_offset
+    # chat: top_logprobs alternatives, best first, the first of them the greedy token
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    prompt = tok.encode(server.app.state.server.template.render(check_messages(msgs)))
+    want = np.asarray(jax.nn.log_softmax(model(jnp.asarray([prompt]))[0, -1]))
+    best = np.argsort(-want, kind="stable")[:3]
+    assert [a.token for a in content[0].top_logprobs] == [tok.decode([int(t)]) for t in best]
+    np.testing.assert_allclose([a.logprob for a in content[0].top_logprobs], want[best], rtol=1e-4, atol=1e-4)
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob
+        assert e.top_logprobs[0].token == e.token
+        assert [a.logprob for a in e.top_logprobs] == sorted((a.logprob for a in e.top_logprobs), reverse=True)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, [(a.token, a.logprob) for a in e.top_logprobs]) for e in streamed] == \
+        [(e.token, e.logprob, [(a.token, a.logprob) for a in e.top_logprobs]) for e in content]
+    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True)
+    assert [e.logprob for e in plain.choices[0].logprobs.content] == [e.logprob for e in content]
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -524,8 +575,8 @@ class _CancellableEngine(_FailingEngine):
 
 
 @contextlib.contextmanager
-def _served(engine, tok):
-    app = create_app(engine, model_name=MODEL, tokenizer=tok)
+def _served(engine, tok, **app_kw):
+    app = create_app(engine, model_name=MODEL, tokenizer=tok, **app_kw)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -570,3 +621,139 @@ def test_engine_failure_answers_every_request(tok):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(srv_info.url + "/health")
         assert e.value.code == 503
+
+
+# ---------------------------------------------------------------------------------------------- images
+def _data_url(image, fmt="PNG") -> str:
+    import base64
+    import io
+
+    import PIL.Image
+
+    buf = io.BytesIO()
+    PIL.Image.fromarray(image).save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image(seed, h=45, w=66):
+    rs = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 127 + 100 * np.sin(yy[..., None] / (3 + rs.rand(3) * 7) + xx[..., None] / (4 + rs.rand(3) * 9))
+    return np.clip(base + rs.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _image_messages(url, text="What is in the picture?"):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def vision_server(tmp_path_factory):
+    """A tiny vision checkpoint served; greedy texts of m3jax.generate for two images of one size (prompt: the
+    server's chat layout with the image marker where the image_url part is), then an empty prefix cache."""
+    from m3jax.serve.chat import ChatTemplate
+    from m3jax.vision.processor import IMAGE_TOKEN
+
+    path = m3jax.testing.make_tiny_checkpoint(str(tmp_path_factory.mktemp("vl") / "tiny-vl"), seed=0, vision=True,
+                                              dtype="float32")
+    model = m3jax.load(path, dtype="float32", progress=False)
+    vtok = M3Tokenizer.from_pretrained(path)
+    eng = m3jax.Engine(model, tokenizer=vtok, max_batch_size=2, max_seq_len=512, prefill_chunk=128,
+                       row_buckets=(2,), num_pages=200)
+    images = [_image(1), _image(2)]
+    text = ChatTemplate.from_checkpoint(path).render(check_messages(
+        [{"role": "user", "content": IMAGE_TOKEN + "What is in the picture?"}]))
+    sp = m3jax.SamplingParams(max_new_tokens=6)
+    reference = m3jax.generate(eng, [{"text": text, "images": [im]} for im in images], sp, progress=False)
+    eng.reset_prefix_cache()
+    with _served(eng, vtok, checkpoint_dir=path) as srv:
+        srv.images, srv.reference = images, reference
+        yield srv
+
+
+def test_image_chat_equals_generate_and_caches_by_content(vision_server):
+    client = openai.OpenAI(base_url=vision_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    ref = vision_server.reference
+    urls = [_data_url(im) for im in vision_server.images]
+    cold = client.chat.completions.create(model=MODEL, messages=_image_messages(urls[0]), max_tokens=6,
+                                          temperature=0)
+    n = cold.usage.prompt_tokens
+    assert n == len(ref[0].prompt_token_ids) and cold.usage.completion_tokens == len(ref[0].token_ids)
+    assert cold.choices[0].message.content == ref[0].text
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    # the same image again: every full block comes from the cache, the output is the cold one (streamed too)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=_image_messages(urls[0]), max_tokens=6,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref[0].text
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // BLOCK * BLOCK
+    two = client.chat.completions.create(model=MODEL, messages=_image_messages(urls[0]), max_tokens=6,
+                                         temperature=0, n=2)                  # one prompt, two requests
+    assert [c.message.content for c in two.choices] == [ref[0].text] * 2
+    # another image of the same size: the same token ids, but no block is shared (keyed by the pixels)
+    other = client.chat.completions.create(model=MODEL, messages=_image_messages(urls[1]), max_tokens=6,
+                                           temperature=0)
+    assert other.usage.prompt_tokens == n and other.usage.prompt_tokens_details.cached_tokens == 0
+    assert other.choices[0].message.content == ref[1].text
+    # a JPEG data URL and an image_url given as a bare string are accepted too
+    r = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Compare "}, {"type": "image_url", "image_url": _data_url(vision_server.images[0],
+                                                                                           "JPEG")}]}])
+    assert r.usage.completion_tokens == 2
+    assert vision_server.worker.failure is None and vision_server.worker.outstanding == 0
+
+
+def test_bad_images_get_400_naming_the_field(vision_server, server):
+    import base64
+    import struct
+    import zlib
+
+    from m3jax.vision.processor import IMAGE_TOKEN
+
+    good = _data_url(_image(1))
+    png_1x300 = _data_url(np.zeros((1, 300, 3), np.uint8))               # aspect ratio 300 > 200
+    junk = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n not a png").decode()
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    zero_width = "data:image/png;base64," + base64.b64encode(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 5, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")).decode()
+    cases = [
+        (_image_messages(junk), "messages[0].content[0].image_url", "cannot decode"),
+        (_image_messages(zero_width), "messages[0].content[0].image_url", "cannot decode"),
+        (_image_messages("data:image/png;base64,@@@"), "messages[0].content[0].image_url", "cannot decode"),
+        (_image_messages("data:image/png,rawbytes"), "messages[0].content[0].image_url", "base64"),
+        (_image_messages(png_1x300), "messages[0].content[0].image_url", "aspect ratio"),
+        (_image_messages("https://example.com/cat.png"), "messages[0].content[0].image_url", "does not fetch"),
+        (_image_messages("http://127.0.0.1:1/x.png"), "messages[0].content[0].image_url", "does not fetch"),
+        (_image_messages("file:///etc/passwd"), "messages[0].content[0].image_url", "data URL"),
+        (_image_messages("/etc/passwd"), "messages[0].content[0].image_url", "data URL"),
+        ([{"role": "user", "content": "hi"}] + [{"role": "user", "content": [
+            {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": good, "detail": "max"}}]}],
+         "messages[1].content[1].image_url.detail", "detail"),
+        (_image_messages(good, text=f"and {IMAGE_TOKEN}"), "messages", "markers"),     # a marker typed as text
+    ]
+    for messages, param, words in cases:
+        code, err = _post(vision_server, "/v1/chat/completions", {"model": MODEL, "messages": messages,
+                                                                 "max_tokens": 2})
+        assert code == 400, (param, err)
+        assert err["error"]["param"] == param and words in err["error"]["message"], err
+    # a model without a vision tower
+    code, err = _post(server, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "x"},
+                                     {"type": "image_url", "image_url": {"url": good}}]}]})
+    assert code == 400 and err["error"]["param"] == "messages[0].content[1].image_url", err
+    assert "no vision tower" in err["error"]["message"]
+    assert vision_server.worker.failure is None and server.worker.failure is None
+    # a multi-process server's LeaderEngine replays token ids on the other processes: images are refused
+    from m3jax.distributed import LeaderEngine
+    from m3jax.serve.chat import ImagePart
+    from m3jax.serve.images import image_prompt
+    from m3jax.serve.protocol import APIError
+
+    leader = LeaderEngine.__new__(LeaderEngine)            # no __init__: nothing is published
+    leader.engine = vision_server.worker.engine
+    with pytest.raises(APIError, match="multi-process") as e:
+        image_prompt(leader, IMAGE_TOKEN, [ImagePart("messages[0].content[0].image_url", good)], "r")
+    assert e.value.status == 400 and e.value.param == "messages[0].content[0].image_url"

@@ -8,7 +8,9 @@ is present, otherwise the built-in M3 layout (M3_SPEC.md §4.7):
     ]~b]tool\\n<response>{result}</response>[e~[\\n
     ]~b]ai\\n + "<mm:think>" (thinking_mode "enabled") | "</mm:think>" ("disabled") | "" ("adaptive")
 
-Messages are OpenAI chat messages; `check_messages` validates them and names the bad field.
+Messages are OpenAI chat messages; `check_messages` validates them and names the bad field. A user message's
+`image_url` parts become the image marker `]<]image[>[` in its text, in place, and are handed back as `ImagePart`s
+(in prompt order); the server expands the rendered markers as the Engine does (m3jax.vision.prompt).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Sequence
 
 from m3jax.serve.parsing import NS, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START, render_tool_call
 from m3jax.tokenizer import BOS, EOT, ROLE
+from m3jax.vision.processor import IMAGE_TOKEN
 
 THINKING_MODES = ("enabled", "disabled", "adaptive")
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -33,8 +36,40 @@ _MODE_TEXT = {
 }
 
 
-def _text(content, where: str) -> str:
-    """A message's content as text: a string, or a list of {"type": "text", "text": ...} parts."""
+class FieldError(ValueError):
+    """A bad value in one request field; `field` names it (e.g. messages[1].content[0].image_url)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.detail = field, message
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePart:
+    """An image_url content part: where it is in the request and its URL (not yet decoded)."""
+
+    field: str                 # e.g. "messages[1].content[0].image_url"
+    url: str
+
+
+_DETAILS = (None, "auto", "low", "high")      # accepted; the checkpoint's processor sets the resolution
+
+
+def _image_part(part: dict, where: str) -> ImagePart:
+    field = f"{where}.image_url"
+    ref = part.get("image_url")
+    if isinstance(ref, str):                  # some clients send the URL itself
+        ref = {"url": ref}
+    if not isinstance(ref, dict) or not isinstance(ref.get("url"), str) or not ref["url"]:
+        raise FieldError(field, "must be an object {'url': 'data:image/...;base64,...'}")
+    if ref.get("detail") not in _DETAILS:
+        raise FieldError(f"{field}.detail", f"must be one of 'auto', 'low', 'high', got {ref['detail']!r:.40}")
+    return ImagePart(field, ref["url"])
+
+
+def _text(content, where: str, images: list[ImagePart] | None) -> str:
+    """A message's content as text: a string, or a list of text parts and (when `images` is a list, where they
+    go) image_url parts, each replaced by the image marker."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -42,16 +77,23 @@ def _text(content, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for j, p in enumerate(content):
-            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise ValueError(f"{where}[{j}] must be a {{'type': 'text', 'text': str}} part (only text is "
-                                 f"served), got {p!r:.80}")
+            kind = p.get("type") if isinstance(p, dict) else None
+            if kind == "image_url" and images is not None:
+                images.append(_image_part(p, f"{where}[{j}]"))
+                parts.append(IMAGE_TOKEN)
+                continue
+            if kind != "text" or not isinstance(p.get("text"), str):
+                allowed = "{'type': 'text', 'text': str}" + (" or an image_url part" if images is not None else "")
+                raise ValueError(f"{where}[{j}] must be a {allowed} part, got {p!r:.80}")
             parts.append(p["text"])
         return "".join(parts)
-    raise ValueError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
+    raise ValueError(f"{where} must be a string or a list of content parts, got {type(content).__name__}")
 
 
-def check_messages(messages) -> list[dict]:
-    """Validated copies of OpenAI chat messages (content flattened to text). ValueError names the field."""
+def check_messages(messages, images: list[ImagePart] | None = None) -> list[dict]:
+    """Validated copies of OpenAI chat messages (content flattened to text). ValueError names the field.
+    images: a list to receive the image_url parts of user messages (their markers stay in the text, in order);
+    None refuses image parts."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of chat messages")
     out = []
@@ -62,7 +104,8 @@ def check_messages(messages) -> list[dict]:
         role = m.get("role")
         if role not in ROLES:
             raise ValueError(f"{where}.role must be one of {list(ROLES)}, got {role!r}")
-        msg = {"role": role, "content": _text(m.get("content"), f"{where}.content")}
+        msg = {"role": role, "content": _text(m.get("content"), f"{where}.content",
+                                              images if role == "user" else None)}
         if role == "assistant":
             if isinstance(m.get("reasoning_content"), str):
                 msg["reasoning_content"] = m["reasoning_content"]
@@ -236,4 +279,5 @@ class ChatTemplate:
             raise ValueError(f"chat template: {e}") from None
 
 
-__all__ = ["ChatTemplate", "THINKING_MODES", "check_messages", "check_tools", "render_builtin"]
+__all__ = ["ChatTemplate", "FieldError", "ImagePart", "THINKING_MODES", "check_messages", "check_tools",
+           "render_builtin"]

@@ -178,7 +178,7 @@ class Engine:
     layer_loop = property(lambda self: self.runner.layer_loop)
     programs = property(lambda self: self.runner.programs)
     enable_prefix_caching = property(lambda self: self.scheduler.enable_prefix_caching)
-    fp8_index_k = property(lambda self: self.runner.cache.fp8_index_k)
+    fp8_index_k = property(lambda self: self.runner.cache.fp8_index_k)    # False for a model without MSA layers
 
     @property
     def eos_ids(self) -> frozenset:

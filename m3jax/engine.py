@@ -109,6 +109,10 @@ class Engine:
     enable_prefix_caching: a request reuses the cached K, V and index-K pages of every full block of its prompt
     that an earlier request computed on the same data shard (m3jax.scheduler); outputs are those without a hit, and
     GenerationResult.num_cached_tokens says how many prompt tokens were not computed.
+    fp8_index_k: store the MSA layers' index keys as float8_e4m3fn with a float32 scale per token (132 instead of
+    256 bytes per token and layer for M3: half of what the decode indexer reads; m3jax.cache). The block
+    selection is then made on the quantised keys, so it may differ from the bf16 cache's where two blocks' scores
+    nearly tie (benchmarks/fp8_index_k.py measures how often).
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int | None = None, mesh=None, *,
@@ -116,10 +120,12 @@ class Engine:
                  prefill_chunk: int = 512, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
                  row_buckets: Sequence[int] | None = None, prefill_row_len: int = DEFAULT_ROW_LEN,
                  layer_loop: str | None = None, compile_cache: str | bool | None = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, fp8_index_k: bool = False):
         cfg = model.config
         if max_seq_len is None:
             max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
+        if not isinstance(fp8_index_k, bool):
+            raise ValueError(f"Engine: fp8_index_k must be True or False, got {fp8_index_k!r}")
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                         ("prefill_chunk", prefill_chunk), ("prefill_row_len", prefill_row_len)):
             if not isinstance(v, int) or v < 1:
@@ -140,7 +146,8 @@ class Engine:
         if num_pages is None:
             want = -(-max_batch_size // data_shards) * cache_lib.max_blocks(max_seq_len, page_size) + 1
             num_pages = cache_lib.num_pages_for_memory(cfg, model.dtype, max_pages=want,
-                                                       memory_fraction=memory_fraction, mesh=self.mesh)
+                                                       memory_fraction=memory_fraction, mesh=self.mesh,
+                                                       fp8_index_k=fp8_index_k)
         self.compile_cache_dir = configure_compile_cache(compile_cache)
         self.scheduler = Scheduler(vocab_size=cfg.vocab_size, eos_ids=cfg.eos_token_id,
                                    max_batch_size=max_batch_size, max_seq_len=max_seq_len, page_size=page_size,
@@ -152,7 +159,7 @@ class Engine:
         self.runner = Runner(model, num_pages=num_pages, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                              prefill_rows=self.scheduler.prefill_rows_per_shard,
                              row_len=self.scheduler.prefill_row_len, mesh=self.mesh, row_buckets=row_buckets,
-                             layer_loop=layer_loop)
+                             layer_loop=layer_loop, fp8_index_k=fp8_index_k)
         self.num_pages = num_pages
         self.warmed_up = False
         self._vision_setup(model)
@@ -171,6 +178,7 @@ class Engine:
     layer_loop = property(lambda self: self.runner.layer_loop)
     programs = property(lambda self: self.runner.programs)
     enable_prefix_caching = property(lambda self: self.scheduler.enable_prefix_caching)
+    fp8_index_k = property(lambda self: self.runner.cache.fp8_index_k)    # False for a model without MSA layers
 
     @property
     def eos_ids(self) -> frozenset:

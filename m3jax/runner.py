@@ -33,9 +33,10 @@ page-table row and decode-style programs; [rows, prefill_chunk] rectangles pad e
 length. row_len = 64 (DEFAULT_ROW_LEN) wastes < 64 tokens per prompt (the last chunk's last row) and lets up to
 8 prompts share a step of the default 512-token prefill budget. The reference (CPU) kernels gather a row's whole
 page table once per row, so very short rows cost more there. row_len and the padded decode rows of the mixed
-program have not been swept on the GPU yet (issue 22 asks for that sweep). The dense layers' `contiguous_chunks`
-path is not used: its promise holds row by row (consecutive positions, then padding) but it has not been checked
-with a chunk spread over several rows.
+program have not been swept on the GPU yet (issue 22 asks for that sweep). The full-attention layers get the
+`contiguous_chunks` promise (each row: consecutive positions, then padding; a chunk spread over several rows is
+exact, since every row writes its keys before any row attends): which computation that gives per group is
+`Runner.dense_attention_paths` (logged at construction; see m3jax.model.cached.dense_attention_paths).
 
 Layer loop (`layer_loop`): "scan" runs each LayerStack's layers as a `lax.scan` over the stacked weights; "split"
 keeps one copy of each layer's weights (made once, 2x weight memory while the runner lives) and loops over them in
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -62,11 +64,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax import cache as cache_lib
 from m3jax.distributed import to_host
-from m3jax.model.cached import StepGroup, forward_cached
+from m3jax.model.cached import StepGroup, dense_attention_paths, forward_cached
 from m3jax.sampling import Sampled, SamplingBatch, SamplingParams, TopLogprob, sample
 from m3jax.scheduler import Batch, Row, SampledToken
 from m3jax.sharding import DATA
 
+log = logging.getLogger(__name__)
 LAYER_LOOPS = ("scan", "split")
 DEFAULT_ROW_LEN = 64                 # tokens per prefill row (see the module docstring)
 _TRACES = collections.Counter()      # step-program shape -> number of times it was traced (= compiled)
@@ -177,15 +180,17 @@ class Runner:
     padded decode batch sizes (all shards' rows). prefill_rows / row_len: the prefill group, rows per data shard
     and tokens per row (the scheduler's prefill budget, m3jax.scheduler.Scheduler.prefill_rows_per_shard).
     layer_loop: "scan" | "split" | None (the backend's choice, `default_layer_loop`).
+    fp8_index_k: store index-K as float8_e4m3fn with a float32 scale per token (m3jax.cache).
     """
 
     def __init__(self, model, *, num_pages: int, max_batch_size: int, max_seq_len: int, prefill_rows: int,
-                 row_len: int, mesh=None, row_buckets: Sequence[int] | None = None, layer_loop: str | None = None):
+                 row_len: int, mesh=None, row_buckets: Sequence[int] | None = None, layer_loop: str | None = None,
+                 fp8_index_k: bool = False):
         self.model = model
         self.mesh = mesh
         self.data_shards = 1 if mesh is None else mesh.shape[DATA]
         self.max_blocks = cache_lib.max_blocks(max_seq_len, model.config.msa.block_size)
-        self.cache = cache_lib.init_cache(model, num_pages, mesh=mesh)
+        self.cache = cache_lib.init_cache(model, num_pages, mesh=mesh, fp8_index_k=fp8_index_k)
         backend = jax.default_backend()
         self.layer_loop = default_layer_loop(backend) if layer_loop is None else layer_loop
         if self.layer_loop not in LAYER_LOOPS:
@@ -199,6 +204,10 @@ class Runner:
         self.row_buckets = sorted({-(-b // self.data_shards) for b in total})     # rows per data shard
         self.prefill_rows, self.row_len = prefill_rows, row_len
         self.num_steps = 0
+        self.dense_attention_paths = dense_attention_paths(model, {"decode": 1, "prefill": row_len})
+        if self.dense_attention_paths:
+            log.info("full-attention layers: %s", ", ".join(f"{k} rows -> {v}"
+                                                            for k, v in self.dense_attention_paths.items()))
 
     @property
     def programs(self) -> list[StepProgram]:

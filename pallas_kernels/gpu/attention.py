@@ -271,10 +271,23 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
     < p0) through the paged kernel, merged by log-sum-exp: see dense_attention_chunked. Otherwise (decode,
     float32, the flag unset) the paged kernel alone runs.
     """
-    if contiguous_chunks and q_btnh.shape[1] > 1 and q_btnh.dtype in (jnp.bfloat16, jnp.float16):
+    if dense_schedule(q_btnh.shape[1], q_btnh.dtype, contiguous_chunks) == DENSE_CHUNK_AND_HISTORY:
         return dense_attention_chunked(q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale,
                                        interpret=interpret)
     return _dense_paged(q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale, interpret=interpret)[0]
+
+
+DENSE_PAGED = "paged"                                  # the paged flash kernel alone (_dense_paged)
+DENSE_CHUNK_AND_HISTORY = "cudnn-chunk+paged-history"  # dense_attention_chunked
+
+
+def dense_schedule(num_queries: int, dtype, contiguous_chunks: bool) -> str:
+    """The computation dense_attention runs for T = num_queries queries per row of this dtype: the one place
+    that decides it (dense_attention calls it; dispatch.dense_attention_path reports it). The chunk path needs
+    the caller's contiguous_chunks promise, more than one query per row (a decode row has no chunk to give
+    cuDNN) and bf16/f16 (cuDNN's flash attention takes no float32): otherwise the paged kernel alone."""
+    chunk = contiguous_chunks and num_queries > 1 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return DENSE_CHUNK_AND_HISTORY if chunk else DENSE_PAGED
 
 
 def _dense_paged(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale, interpret, with_lse=False):

@@ -139,8 +139,8 @@ class Attention(nnx.Module):
         holds consecutive positions of one request, then -1 padding (m3jax.model.cached.StepGroup's contract,
         how m3jax.runner lays out prompt chunks and decode rows). Because every row's keys are written before any
         row attends, a row's history (positions before its first) is in the cache, including earlier rows of the
-        same prompt chunk. Which computation that gives is `dense_path` (on GPU, bf16, T > 1: cuDNN over the
-        row's own chunk + the paged kernel over its history, merged by log-sum-exp).
+        same prompt chunk. Which computation that gives is `dense_path` (on GPU, bf16, rows of >= 512 queries:
+        cuDNN over the row's own chunk + the paged kernel over its history, merged by log-sum-exp).
         """
         b = DATA if self.data_shards > 1 else None
         if b is not None and q_pos.shape[0] % self.data_shards:
@@ -191,7 +191,8 @@ class Attention(nnx.Module):
         `dtype` (the model's): pallas_kernels.dispatch.dense_attention_path of this layer's kernel choice, with
         the cached step's contiguous_chunks promise (cached=True) or without it (the no-cache forward, whose
         positions are the caller's and carry no promise). E.g. "gpu:cudnn-chunk+paged-history" for a bf16
-        prefill row on GPU, "gpu:paged" for a decode row, "reference" on CPU."""
+        prefill row of 512+ queries on GPU, "gpu:paged" for a decode row or the Engine's 64-token rows,
+        "reference" on CPU."""
         if self.sparse:
             raise ValueError("dense_path: this is an MSA (sparse) layer; its attention is sparse_attention")
         return dispatch.dense_attention_path(dtype, num_queries, contiguous_chunks=cached, impl=self.impl)

@@ -49,7 +49,13 @@ def dense_model():
     return random_model(cfg, seed=0, dtype=jnp.bfloat16)
 
 
-def test_dense_paths_are_stated(model):
+def test_engine_rows_take_the_paged_kernel_by_default(model):
+    """The Engine's 64-token prefill rows are below CHUNK_MIN_QUERIES (no faster through cuDNN on the H200)."""
+    assert dense_attention_paths(with_impl(model, IMPL), {"prefill": 64, "long rows": 512}) == {
+        "prefill": f"{IMPL}:paged", "long rows": CHUNK_PATH}
+
+
+def test_dense_paths_are_stated(model, short_chunk_rows):
     """The computation per row kind is inspectable without running it, and it is what the kernel decides."""
     assert dense_attention_paths(with_impl(model, IMPL), {"decode": 1, "prefill": 8}) == {
         "decode": f"{IMPL}:paged", "prefill": CHUNK_PATH}
@@ -110,7 +116,7 @@ def _run(model, impl, prompts):
     return np.concatenate(outs)
 
 
-def test_cached_steps_through_the_chunk_path_match_reference(dense_model, monkeypatch):
+def test_cached_steps_through_the_chunk_path_match_reference(dense_model, monkeypatch, short_chunk_rows):
     """Every valid query's logits through the wired GPU path equal the reference path's to bf16 rounding of the
     attention outputs (relative L2 per query <= 2e-2 in the interpreter, 4e-2 on a GPU where cuDNN's P.V
     product is bf16 too; random weights make near-tied top logits, so argmax is

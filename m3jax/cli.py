@@ -114,7 +114,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
-                        prefill_chunk=min(512, max_seq_len), mesh=mesh, fp8_index_k=args.fp8_index_k)
+                        mesh=mesh, fp8_index_k=args.fp8_index_k)
         if args.stream and len(args.prompt) == 1:
             dec = IncrementalDecoder(tok)          # a character split over tokens is printed once complete
             for t in engine.stream(args.prompt[0], params, chat=args.chat, request_id="cli"):

@@ -43,6 +43,17 @@ COMPILE_CACHE_ENV = "M3JAX_COMPILE_CACHE"
 _OFF = ("", "0", "off", "false", "no")
 
 
+def default_prefill_chunk(backend: str) -> int:
+    """The prompt tokens one request may compute per step (with max_tokens_per_step's default, the step's prompt
+    budget too). The mixed step program always computes its whole prompt budget, so a larger chunk means fewer
+    steps, each costing more. Measured on one H200 (benchmarks/RESULTS.md, "Batch generation": scaled M3, 128
+    experts, 64 prompts of 100-4000 tokens, 256 new tokens each): total tokens/s 4,986 / 5,322 / 5,892 / 6,403
+    at chunks of 512 / 1024 / 2048 / 4096. The GPU takes 2048, as the serving benchmark does: 4096 gained 9%
+    offline but doubles the prompt work that running requests' decode steps wait behind. Elsewhere 512: on CPU
+    the padded prompt budget is paid in full by every mixed step, and nothing was measured on a TPU."""
+    return 2048 if backend == "gpu" else 512
+
+
 def default_compile_cache_dir() -> str:
     """~/.cache/m3jax/jax_cache (under $XDG_CACHE_HOME when it is set)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -95,7 +106,8 @@ class Engine:
     each data shard's pool; None sizes the pool from free device memory (`memory_fraction` of it), at most enough
     for the shard's share of max_batch_size full-length requests. max_tokens_per_step: token budget of one step
     (max_batch_size decode rows + the rest for prompt chunks, rounded up to whole prefill rows; fixed, so that
-    the step has one shape). prefill_chunk: longest prompt chunk of one request in a step. tokenizer:
+    the step has one shape). prefill_chunk: longest prompt chunk of one request in a step (default: the
+    backend's, `default_prefill_chunk`). tokenizer:
     for string prompts, stop strings and text; defaults to the checkpoint's (model.checkpoint_dir). mesh: the
     device mesh, which must be the one the model was placed on (default: model.mesh); K/V pools split on their head
     axis over "model" and one pool per "data" shard (see cache.init_cache); the model's parameters are placed by
@@ -117,13 +129,15 @@ class Engine:
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int | None = None, mesh=None, *,
                  num_pages: int | None = None, max_tokens_per_step: int | None = None,
-                 prefill_chunk: int = 512, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
+                 prefill_chunk: int | None = None, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
                  row_buckets: Sequence[int] | None = None, prefill_row_len: int = DEFAULT_ROW_LEN,
                  layer_loop: str | None = None, compile_cache: str | bool | None = None,
                  enable_prefix_caching: bool = True, fp8_index_k: bool = False):
         cfg = model.config
         if max_seq_len is None:
             max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
+        if prefill_chunk is None:
+            prefill_chunk = default_prefill_chunk(jax.default_backend())
         if not isinstance(fp8_index_k, bool):
             raise ValueError(f"Engine: fp8_index_k must be True or False, got {fp8_index_k!r}")
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),

@@ -236,7 +236,7 @@ class Engine:
             self.image_processor = ImageProcessor.from_pretrained(path) if path else ImageProcessor()
             self.video_processor = VideoProcessor.from_pretrained(path) if path else VideoProcessor()
 
-    def multimodal_prompt(self, prompt, request="<new>", chat: bool = False) -> vision_prompt.MultimodalPrompt:
+    def multimodal_prompt(self, prompt, request="<new>", chat: bool | dict = False) -> vision_prompt.MultimodalPrompt:
         """A multimodal prompt (m3jax.vision.prompt) processed, expanded and tokenized as add_request does it
         (the server prepares image prompts off the engine thread with it); ValueError names `request`."""
         return vision_prompt.prepare_prompt(
@@ -263,11 +263,11 @@ class Engine:
                 del self._pixels[rid]
 
     # ------------------------------------------------------------------------------------------ requests
-    def encode_prompt(self, prompt, request, chat: bool = False) -> list[int]:
+    def encode_prompt(self, prompt, request, chat: bool | dict = False) -> list[int]:
         """Token ids of a prompt (str or ids), checked against the vocab and max_seq_len; ValueError names it."""
         return self.scheduler.encode_prompt(prompt, request, chat)
 
-    def prepare(self, prompt, sampling: SamplingParams | None = None, request_id=None, chat: bool = False):
+    def prepare(self, prompt, sampling: SamplingParams | None = None, request_id=None, chat: bool | dict = False):
         """Validate one request without queueing it: (token ids, params). Raises ValueError naming it.
         A multimodal prompt (m3jax.vision.prompt) gives its MultimodalPrompt instead of the ids."""
         if vision_prompt.is_multimodal(prompt):
@@ -276,7 +276,7 @@ class Engine:
         return self.scheduler.prepare(prompt, sampling, request_id, chat)
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, *, request_id=None,
-                    on_token: Callable[[Any, int], None] | None = None, chat: bool = False):
+                    on_token: Callable[[Any, int], None] | None = None, chat: bool | dict = False):
         """Queue a request; returns its id. Invalid input raises ValueError before anything is queued.
 
         on_token(request_id, token_id) is called for every generated token, as it is produced; if it raises,
@@ -386,16 +386,21 @@ class Engine:
 
 
 def generate(model_or_engine, prompts: Sequence, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-             *, tokenizer=None, chat: bool = False, progress: bool | None = None,
+             *, tokenizer=None, chat: bool | dict = False, progress: bool | None = None,
              on_token: Callable[[int, int], None] | None = None, **engine_kwargs) -> list[GenerationResult]:
     """Generate for every prompt; returns one GenerationResult per prompt, in order.
 
     model_or_engine: an M3ForCausalLM (an Engine is built with engine_kwargs, e.g. max_batch_size,
-    max_seq_len) or an Engine (its queue must be empty). prompts: list[str] (tokenizer= or the checkpoint's;
-    chat=True applies the chat template) or list[list[int]]; with a vision tower also
-    {"text": ..., "images": [...], "videos": [...]} (m3jax.vision.prompt), or chat messages with OpenAI-style
-    image_url parts (data URLs) when chat=True. sampling: one SamplingParams for all, or one per
-    prompt. on_token(prompt_index, token_id) streams tokens. progress: tqdm bar (default: 8+ prompts).
+    max_seq_len) or an Engine (its queue must be empty). prompts: list[str] (tokenizer= or the checkpoint's)
+    or list[list[int]]; with a vision tower also {"text": ..., "images": [...], "videos": [...]}
+    (m3jax.vision.prompt); with chat=True also lists of OpenAI chat messages (image_url parts as data URLs).
+    chat: True renders each prompt (a string as one user message) with the tokenizer's chat template, the
+    renderer of `m3jax serve` (m3jax.chat: the checkpoint's chat_template.jinja, else the built-in M3 layout),
+    so a conversation gives the token ids /v1/chat/completions gives it; a dict does the same with template
+    arguments, e.g. {"tools": [...], "thinking_mode": "enabled"} (the server's tools and chat_template_kwargs;
+    the text is returned raw: reasoning and tool calls are parsed by the server only). sampling: one
+    SamplingParams for all, or one per prompt. on_token(prompt_index, token_id) streams tokens. progress: tqdm
+    bar (default: 8+ prompts).
     Every prompt and parameter is checked before any work: ValueError names the request (its index).
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):

@@ -43,6 +43,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from m3jax.cache import SINK_PAGE, OutOfPages, pages_per_sequence
+from m3jax.chat import template_arguments
 from m3jax.sampling import SamplingParams, TopLogprob, _is_int
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
@@ -355,8 +356,10 @@ class Scheduler:
         self._serials = itertools.count()
 
     # ------------------------------------------------------------------------------------------ input
-    def encode_prompt(self, prompt, request, chat: bool = False) -> list[int]:
-        """Token ids of a prompt (str or ids), checked against the vocab and max_seq_len; ValueError names it."""
+    def encode_prompt(self, prompt, request, chat: bool | dict = False) -> list[int]:
+        """Token ids of a prompt (str or ids), checked against the vocab and max_seq_len; ValueError names it.
+        chat: True or a dict of template arguments (m3jax.chat.template_arguments) renders a str prompt as one
+        user message through the tokenizer's chat template."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError(f"request {request}: prompt is empty")
@@ -364,8 +367,12 @@ class Scheduler:
             if tok is None:
                 raise ValueError(f"request {request}: prompt is a string but no tokenizer is known (pass "
                                  f"tokenizer= or token ids)")
-            if chat:
-                prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+            try:
+                args = template_arguments(chat)
+                if args is not None:
+                    prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], **args)
+            except ValueError as e:
+                raise ValueError(f"request {request}: {e}") from None
             ids = tok.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
             bad = [t for t in prompt if not _is_int(t)]          # True is not token id 1
@@ -396,7 +403,7 @@ class Scheduler:
     def pages_needed(self, num_prompt: int, params: SamplingParams) -> int:
         return pages_per_sequence(min(num_prompt + params.max_new_tokens, self.max_seq_len), self.page_size)
 
-    def prepare(self, prompt, sampling: SamplingParams | None = None, request_id=None, chat: bool = False):
+    def prepare(self, prompt, sampling: SamplingParams | None = None, request_id=None, chat: bool | dict = False):
         """Validate one request without queueing it: (token ids, params). Raises ValueError naming it."""
         name = request_id if request_id is not None else "<new>"
         sampling = SamplingParams() if sampling is None else sampling
@@ -415,7 +422,7 @@ class Scheduler:
                 or any(r.id == request_id for r in self.waiting))
 
     def add(self, prompt, sampling: SamplingParams | None = None, *, request_id=None,
-            on_token: Callable[[Any, int], None] | None = None, chat: bool = False, cache_salt: bytes = b""):
+            on_token: Callable[[Any, int], None] | None = None, chat: bool | dict = False, cache_salt: bytes = b""):
         """Queue a request; returns its id. Invalid input raises ValueError before anything is queued.
         cache_salt: see `Request.cache_salt` (the Engine passes the hash of a prompt's images)."""
         if request_id is not None and self.in_use(request_id):

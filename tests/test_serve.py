@@ -27,8 +27,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import m3jax  # noqa: E402
 from m3jax.serve import create_app  # noqa: E402
-from m3jax.serve.chat import ChatTemplate, check_messages, render_builtin  # noqa: E402
-from m3jax.serve.parsing import NS, ChatOutputParser, render_tool_call  # noqa: E402
+from m3jax.chat import NS, ChatTemplate, check_messages, render_builtin, render_tool_call  # noqa: E402
+from m3jax.serve.parsing import ChatOutputParser  # noqa: E402
 from m3jax.serve.text import StreamText, make_decoder  # noqa: E402
 from m3jax.tokenizer import M3Tokenizer  # noqa: E402
 
@@ -230,16 +230,21 @@ def test_bad_completion_requests(server, body, status, param):
 @pytest.mark.parametrize("body, param", [
     ({"model": MODEL}, "messages"),
     ({"model": MODEL, "messages": []}, "messages"),
-    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content[0].image_url"),
     ({"model": MODEL, "messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {
-        "url": "data:image/png;base64,AAAA"}}]}]}, "messages"),                  # images in user messages only
+        "url": "data:image/png;base64,AAAA"}}]}]}, "messages[0].content[0]"),    # images in user messages only
     ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 2100}]}, "messages"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     "tools[0].function.name"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-      "chat_template_kwargs": {"thinking_mode": "sometimes"}}, "chat_template_kwargs"),
+      "chat_template_kwargs": {"thinking_mode": "sometimes"}}, "chat_template_kwargs.thinking_mode"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+      "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+      "chat_template_kwargs": {"greeting": "x"}}, "chat_template_kwargs.greeting"),     # not a built-in variable
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
      "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 0}, "top_logprobs"),
@@ -502,6 +507,133 @@ def test_chat_template_builtin_and_jinja(tmp_path, tok):
         t.render(msgs, thinking_mode="maybe")
 
 
+# ---------------------------------------------------------------------------------------------- one renderer
+_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+# (messages, tools, chat_template_kwargs): a user turn; a system message; several turns with an assistant tool
+# call, a tool result, tools and a thinking mode
+PROMPT_CASES = [
+    ([{"role": "user", "content": "Hello there"}], None, None),
+    ([{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": [
+        {"type": "text", "text": "Capital of "}, {"type": "text", "text": "France?"}]}], None, None),
+    ([{"role": "user", "content": "Weather in Paris?"},
+      {"role": "assistant", "content": "Let me look.", "tool_calls": [{"id": "c1", "type": "function", "function": {
+          "name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."},
+      {"role": "user", "content": "And tomorrow?"}], _TOOLS, {"thinking_mode": "enabled"}),
+]
+
+
+def _chat_arg(tools, kwargs):
+    """m3jax.generate's chat argument for the server's tools and chat_template_kwargs."""
+    return {**({"tools": tools} if tools else {}), **(kwargs or {})} or True
+
+
+@contextlib.contextmanager
+def _submitted(worker):
+    """The prompts (token ids or MultimodalPrompts) the server hands to the engine, in order."""
+    seen, submit = [], worker.submit
+
+    def spy(request_id, prompt, *args, **kw):
+        seen.append(prompt)
+        return submit(request_id, prompt, *args, **kw)
+
+    worker.submit = spy
+    try:
+        yield seen
+    finally:
+        del worker.submit
+
+
+def _server_prompt(srv, messages, tools=None, kwargs=None) -> list[int]:
+    from m3jax.serve.worker import prompt_ids
+
+    body = {"model": MODEL, "messages": messages, "max_tokens": 1, "temperature": 0}
+    body.update({"tools": tools} if tools else {}, **({"chat_template_kwargs": kwargs} if kwargs else {}))
+    with _submitted(srv.worker) as seen:
+        _post(srv, "/v1/chat/completions", body)
+    assert len(seen) == 1
+    return list(prompt_ids(seen[0]))
+
+
+def test_generate_and_server_give_the_same_prompt(server, tok):
+    """m3jax.generate(..., chat=...) prepares its prompts with Engine.prepare: the same token ids as
+    /v1/chat/completions for the same messages, tools and chat_template_kwargs (the built-in layout here)."""
+    engine = server.worker.engine            # prepare only reads the tokenizer: safe beside the worker thread
+    for messages, tools, kwargs in PROMPT_CASES:
+        python = engine.prepare(messages, chat=_chat_arg(tools, kwargs))[0].token_ids
+        assert _server_prompt(server, messages, tools, kwargs) == python
+        assert tok.decode(python).startswith("]~!b[]~b]system\n<thinking_instructions>")
+    # a string prompt with chat=True is one user message
+    assert engine.prepare("Hello there", chat=True)[0] == engine.prepare(PROMPT_CASES[0][0], chat=True)[0].token_ids
+    text = tok.decode(engine.prepare(*PROMPT_CASES[2][:1], chat=_chat_arg(*PROMPT_CASES[2][1:]))[0].token_ids)
+    assert "]~b]developer\nYou are a helpful assistant.\n\n# Tools" in text and text.endswith("]~b]ai\n<mm:think>")
+    assert f'{NS}<invoke name="get_weather">\n{NS}<city>Paris{NS}</city>\n{NS}<days>2{NS}</days>\n' in text
+
+
+def test_checkpoint_chat_template_on_both_paths(model, ckpt, tmp_path):
+    """A checkpoint's chat_template.jinja renders the prompts of m3jax.generate and of the server (which takes
+    the tokenizer's template by default), with tools and template variables."""
+    import shutil
+
+    shutil.copy(f"{ckpt}/tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}[{{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}"
+        "{{ eos_token }}{% endfor %}{% if tools %}{{ tools | tojson }}{% endif %}"
+        "{% if add_generation_prompt %}<ai>{{ thinking_mode }}{{ greeting }}{% endif %}")
+    jtok = M3Tokenizer.from_pretrained(str(tmp_path))
+    assert jtok.chat_template.source == "chat_template.jinja"
+    engine = m3jax.Engine(model, tokenizer=jtok, max_batch_size=1, max_seq_len=512, num_pages=80)
+    recorder = _RecordingEngine()
+    recorder.max_seq_len = 512
+    with _served(recorder, jtok) as srv:                       # no chat_template or checkpoint_dir given
+        for messages, tools, kwargs in PROMPT_CASES + [(PROMPT_CASES[0][0], None, {"greeting": "hi!"})]:
+            python = engine.prepare(messages, chat=_chat_arg(tools, kwargs))[0].token_ids
+            code, err = _post(srv, "/v1/chat/completions", {
+                "model": MODEL, "messages": messages, "max_tokens": 1,
+                **({"tools": tools} if tools else {}), **({"chat_template_kwargs": kwargs} if kwargs else {})})
+            assert code == 400 and err["error"]["message"] == "recorded"
+            assert recorder.prompts.pop() == python
+            assert jtok.decode(python).startswith("]~!b[<")
+        assert jtok.decode(python) == "]~!b[<user>Hello there[e~[<ai>hi!"
+        text = jtok.decode(engine.prepare(PROMPT_CASES[2][0], chat=_chat_arg(*PROMPT_CASES[2][1:]))[0].token_ids)
+        assert '<assistant>Let me look.[get_weather {"city": "Paris", "days": 2}][e~[' in text
+        assert text.endswith(json.dumps(_TOOLS) + "<ai>enabled")
+
+
+@pytest.mark.parametrize("messages, field", [
+    ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+    ([{"role": "user", "content": "x"}, {"role": "user", "content": 3}], "messages[1].content"),
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "audio"}]}], "messages[0].content[1]"),
+    ([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+     "messages[0].content[0]"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{not json"}}]}], "messages[1].tool_calls[0].function.arguments"),
+    ("not a list", "messages"),
+])
+def test_bad_messages_name_the_field_on_both_paths(server, messages, field):
+    code, err = _post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 1})
+    assert code == 400 and err["error"]["param"] == field, err
+    if isinstance(messages, list):
+        with pytest.raises(ValueError, match=r"request 7: " + field.replace("[", r"\[").replace("]", r"\]") + ": "):
+            server.worker.engine.prepare(messages, request_id=7, chat=True)
+
+
+def test_bad_chat_arguments_name_the_field_in_python(server):
+    engine = server.worker.engine
+    for chat, words in [({"tools": [{"type": "function"}]}, "tools[0].function.name: "),
+                        ({"thinking_mode": "maybe"}, "thinking_mode: must be one of"),
+                        ({"greeting": "x"}, "greeting: the built-in M3 layout takes only thinking_mode"),
+                        ({"messages": []}, "chat: 'messages' is not a template argument"),
+                        ("yes", "chat must be True, False or a dict")]:
+        for prompt in ("hi", [{"role": "user", "content": "hi"}]):
+            with pytest.raises(ValueError) as e:
+                engine.prepare(prompt, request_id=3, chat=chat)
+            assert str(e.value).startswith("request 3: ") and words in str(e.value), e.value
+
+
 # ---------------------------------------------------------------------------------------------- text
 def test_stream_text_never_splits_a_character(tok):
     text = "héllo 日本語 🎉 ok"
@@ -572,6 +704,18 @@ class _CancellableEngine(_FailingEngine):
     def cancel(self, request_id):
         self.queued.remove(request_id)
         self.cancelled.append(request_id)
+
+
+class _RecordingEngine(_FailingEngine):
+    """Records the prompt of each request, then refuses it (the server answers 400): nothing runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompts = []
+
+    def add_request(self, prompt, sampling, *, request_id=None):
+        self.prompts.append(prompt)
+        raise ValueError("recorded")
 
 
 @contextlib.contextmanager
@@ -649,11 +793,8 @@ def _image_messages(url, text="What is in the picture?"):
 
 @pytest.fixture(scope="module")
 def vision_server(tmp_path_factory):
-    """A tiny vision checkpoint served; greedy texts of m3jax.generate for two images of one size (prompt: the
-    server's chat layout with the image marker where the image_url part is), then an empty prefix cache."""
-    from m3jax.serve.chat import ChatTemplate
-    from m3jax.vision.processor import IMAGE_TOKEN
-
+    """A tiny vision checkpoint served; greedy texts of m3jax.generate(..., chat=True) for the chat messages of two
+    images of one size, then an empty prefix cache."""
     path = m3jax.testing.make_tiny_checkpoint(str(tmp_path_factory.mktemp("vl") / "tiny-vl"), seed=0, vision=True,
                                               dtype="float32")
     model = m3jax.load(path, dtype="float32", progress=False)
@@ -661,10 +802,9 @@ def vision_server(tmp_path_factory):
     eng = m3jax.Engine(model, tokenizer=vtok, max_batch_size=2, max_seq_len=512, prefill_chunk=128,
                        row_buckets=(2,), num_pages=200)
     images = [_image(1), _image(2)]
-    text = ChatTemplate.from_checkpoint(path).render(check_messages(
-        [{"role": "user", "content": IMAGE_TOKEN + "What is in the picture?"}]))
     sp = m3jax.SamplingParams(max_new_tokens=6)
-    reference = m3jax.generate(eng, [{"text": text, "images": [im]} for im in images], sp, progress=False)
+    reference = m3jax.generate(eng, [_image_messages(_data_url(im)) for im in images], sp, chat=True,
+                               progress=False)
     eng.reset_prefix_cache()
     with _served(eng, vtok, checkpoint_dir=path) as srv:
         srv.images, srv.reference = images, reference
@@ -675,10 +815,11 @@ def test_image_chat_equals_generate_and_caches_by_content(vision_server):
     client = openai.OpenAI(base_url=vision_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
     ref = vision_server.reference
     urls = [_data_url(im) for im in vision_server.images]
-    cold = client.chat.completions.create(model=MODEL, messages=_image_messages(urls[0]), max_tokens=6,
-                                          temperature=0)
+    with _submitted(vision_server.worker) as seen:
+        cold = client.chat.completions.create(model=MODEL, messages=_image_messages(urls[0]), max_tokens=6,
+                                              temperature=0)
     n = cold.usage.prompt_tokens
-    assert n == len(ref[0].prompt_token_ids) and cold.usage.completion_tokens == len(ref[0].token_ids)
+    assert seen[0].token_ids == ref[0].prompt_token_ids and cold.usage.completion_tokens == len(ref[0].token_ids)
     assert cold.choices[0].message.content == ref[0].text
     assert cold.usage.prompt_tokens_details.cached_tokens == 0
     # the same image again: every full block comes from the cache, the output is the cold one (streamed too)
@@ -699,6 +840,16 @@ def test_image_chat_equals_generate_and_caches_by_content(vision_server):
         {"type": "text", "text": "Compare "}, {"type": "image_url", "image_url": _data_url(vision_server.images[0],
                                                                                            "JPEG")}]}])
     assert r.usage.completion_tokens == 2
+    # a system message, two turns and two images: generate's prompt (Engine.prepare) is the server's
+    messages = [{"role": "system", "content": "Be brief."}] + _image_messages(urls[0], "First?") + [
+        {"role": "assistant", "content": "A pattern."}] + _image_messages(urls[1], "And this one?")
+    python = vision_server.worker.engine.prepare(messages, chat=True)[0]
+    with _submitted(vision_server.worker) as seen:
+        _post(vision_server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 1})
+    image_id = vision_server.worker.engine.vision.config.image_token_index
+    assert seen[0].token_ids == python.token_ids
+    assert python.token_ids.count(image_id) == 2 * ref[0].prompt_token_ids.count(image_id) > 0
+    np.testing.assert_array_equal(seen[0].pixel_values, python.pixel_values)
     assert vision_server.worker.failure is None and vision_server.worker.outstanding == 0
 
 
@@ -748,7 +899,7 @@ def test_bad_images_get_400_naming_the_field(vision_server, server):
     assert vision_server.worker.failure is None and server.worker.failure is None
     # a multi-process server's LeaderEngine replays token ids on the other processes: images are refused
     from m3jax.distributed import LeaderEngine
-    from m3jax.serve.chat import ImagePart
+    from m3jax.chat import ImagePart
     from m3jax.serve.images import image_prompt
     from m3jax.serve.protocol import APIError
 

@@ -30,9 +30,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from m3jax.serve.chat import ChatTemplate, FieldError, ImagePart, check_messages, check_tools
+from m3jax.chat import THINK_START, ChatTemplate, FieldError, ImagePart, check_messages, check_tools
 from m3jax.serve.images import image_prompt
-from m3jax.serve.parsing import THINK_START, ChatOutputParser, ParsedDelta
+from m3jax.serve.parsing import ChatOutputParser, ParsedDelta
 from m3jax.serve.protocol import APIError, Common, bad, parse_common, sampling_for, usage
 from m3jax.serve.text import StreamText
 from m3jax.serve.worker import EngineFailed, EngineWorker, Event, QueueFull, cached_tokens, prompt_ids
@@ -150,16 +150,11 @@ class Server:
         self._check_model(body)
         common = self._parse_common(body, chat=True)
         images: list[ImagePart] = []
-        try:
+        try:           # validated and rendered as M3Tokenizer.apply_chat_template does it (m3jax.chat)
             messages = check_messages(body.get("messages"), images)
+            tools = check_tools(body.get("tools"))
         except FieldError as e:
             raise bad(e.field, e.detail) from None
-        except ValueError as e:
-            raise bad("messages", str(e)) from None
-        try:
-            tools = check_tools(body.get("tools"))
-        except ValueError as e:
-            raise bad("tools", str(e)) from None
         choice = body.get("tool_choice", "auto")
         if choice not in ("auto", "none"):
             raise bad("tool_choice", f"only 'auto' and 'none' are supported (no constrained decoding), got "
@@ -171,8 +166,8 @@ class Server:
             raise bad("chat_template_kwargs", "must be an object")
         try:
             text = self.template.render(messages, tools, True, **kwargs)
-        except ValueError as e:
-            raise bad("chat_template_kwargs" if "chat_template_kwargs" in str(e) else "messages", str(e)) from None
+        except FieldError as e:         # a template variable by its name, or the messages a jinja template refused
+            raise bad(e.field if e.field == "messages" else f"chat_template_kwargs.{e.field}", e.detail) from None
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
         if images:      # decoding and patching are CPU work: off the event loop
             prompt = await asyncio.to_thread(image_prompt, self.worker.engine, text, images, rid)
@@ -467,14 +462,17 @@ def create_app(engine, *, model_name: str = "m3jax", max_queue: int | None = Non
                completion_default_max_tokens: int = 16, chat_default_max_tokens: int | None = None) -> Starlette:
     """The ASGI app serving `engine` (an m3jax.Engine with a tokenizer). max_queue: requests that may wait for
     a batch slot beyond the max_batch_size running ones (default 4 x max_batch_size); more get 503. tokenizer:
-    default the engine's. chat_template: default from checkpoint_dir (its chat_template.jinja, else the built-in
-    M3 layout)."""
+    default the engine's. chat_template: default the tokenizer's (M3Tokenizer.chat_template: its checkpoint's
+    chat_template.jinja, else the built-in M3 layout), so that a conversation gives the prompt that
+    m3jax.generate(..., chat=True) gives it; for a tokenizer without one, checkpoint_dir's (m3jax.chat)."""
     tok = tokenizer or engine.tokenizer
     if tok is None:
         raise ValueError("create_app: the engine has no tokenizer (pass tokenizer= or a checkpoint with "
                          "tokenizer.json)")
     if chat_template is None:
-        chat_template = ChatTemplate.from_checkpoint(checkpoint_dir)
+        chat_template = getattr(tok, "chat_template", None)
+        if not isinstance(chat_template, ChatTemplate):       # a tokenizer of another kind
+            chat_template = ChatTemplate.from_checkpoint(checkpoint_dir)
     max_queue = 4 * engine.max_batch_size if max_queue is None else max_queue
     if max_queue < 0:
         raise ValueError(f"create_app: max_queue must be >= 0, got {max_queue}")

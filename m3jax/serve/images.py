@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from m3jax.serve.chat import ImagePart
+from m3jax.chat import ImagePart
 from m3jax.serve.protocol import bad
 from m3jax.vision.processor import ImageInputError
 from m3jax.vision.prompt import MultimodalPrompt, decode_data_url

@@ -593,7 +593,7 @@ def test_checkpoint_chat_template_on_both_paths(model, ckpt, tmp_path):
             code, err = _post(srv, "/v1/chat/completions", {
                 "model": MODEL, "messages": messages, "max_tokens": 1,
                 **({"tools": tools} if tools else {}), **({"chat_template_kwargs": kwargs} if kwargs else {})})
-            assert code == 400 and err["error"]["message"] == "recorded"
+            assert code == 400 and err["error"]["message"].endswith("recorded")
             assert recorder.prompts.pop() == python
             assert jtok.decode(python).startswith("]~!b[<")
         assert jtok.decode(python) == "]~!b[<user>Hello there[e~[<ai>hi!"

@@ -489,7 +489,7 @@ def test_engine_prompts_and_bad_images(tiny_vl, tmp_path):
     from m3jax.vision.prompt import MultimodalPrompt
 
     path, model = tiny_vl
-    engine = m3jax.Engine(model, max_batch_size=2, max_seq_len=128, prefill_chunk=16)
+    engine = m3jax.Engine(model, max_batch_size=2, max_seq_len=512, prefill_chunk=16)    # chat: ~300 tokens
     image = vh.random_images(30, [(45, 66)])[0]
     a, _ = engine.prepare({"text": f"{processor.IMAGE_TOKEN}hi", "images": [image]}, chat=True)
     b, _ = engine.prepare([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}},

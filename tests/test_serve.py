@@ -3,7 +3,9 @@
 Completions and chat; streaming equals non-streaming (stop strings included); 32 concurrent streaming clients each
 get the text a single greedy request gets from the engine; every bad-request class gets its 4xx / 503 with the
 field named; a disconnecting client's request leaves the engine; reasoning and tool-call parsing (directly on
-crafted text, and the structure of the end-to-end responses of the tiny random model); the chat template;
+crafted text, and the structure of the end-to-end responses of the tiny random model); the chat template, and
+that m3jax.generate(..., chat=...) and the server make the same prompt token ids (built-in layout, a checkpoint's
+chat_template.jinja, images) and name the same bad field;
 logprobs and top_logprobs (the model's log_softmax); images as data URLs on a tiny vision checkpoint (the text of
 m3jax.generate with the same image, prefix cache keyed by the pixels, bad images named by field).
 """

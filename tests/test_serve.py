@@ -507,6 +507,15 @@ def test_chat_template_builtin_and_jinja(tmp_path, tok):
     assert out == "]~!b[<user>Hi é[e~[" + json.dumps(tools, ensure_ascii=False) + "<ai>enabled"
     with pytest.raises(ValueError, match="thinking_mode"):
         t.render(msgs, thinking_mode="maybe")
+    # a template that refuses the conversation names the messages; one that does not parse names its file
+    from m3jax.chat import FieldError
+
+    with pytest.raises(FieldError, match="refused them: no tools here") as e:
+        ChatTemplate("{% if tools %}{{ raise_exception('no tools here') }}{% endif %}").render(msgs, tools)
+    assert e.value.field == "messages"
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(ValueError, match="chat_template.jinja: line 1: "):
+        ChatTemplate.from_checkpoint(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------- one renderer

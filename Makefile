@@ -28,8 +28,9 @@ test: install-test
 test-fast: install-test
 	$(PY) -m pytest -q -m "not slow" --durations=15
 
-# On a GPU host: the whole suite, 4 pytest workers sharing the GPU (no preallocation: each takes what it uses).
-# Tests that need 8 devices skip there (they run on CPU's forced host devices in `make test`); GPU-only kernel
-# tests run. float32 is float32 there too: float32 models and references use precision=HIGHEST, never TF32.
+# On a GPU host: the whole suite, 8 pytest workers (no preallocation: each takes what it uses), spread round robin
+# over the host's GPUs (tests/gpu_workers.py). Tests that need several devices skip there, saying why (they run
+# on CPU's forced host devices in `make test`); GPU-only kernel tests run. float32 is float32 there too: float32
+# models and references use precision=HIGHEST, never TF32.
 test-gpu: install-test
-	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -n 4 --durations=15
+	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -n 8 -p tests.gpu_workers --durations=15

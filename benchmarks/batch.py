@@ -17,16 +17,20 @@ Measured, one process per framework (`--part jax` / `--part torch`), JSON lines:
       (jax.monitoring "/jax/core/compile/backend_compile_duration"), persistent-cache hits separately;
     then a second call (same N, fresh prompts): wall time and prompt / generated / total tokens per second of wall time
       (each count over the whole call: the throughputs of one offline batch, not separate phases).
-  m3jax, second process (spawned after the first N's calls, so the persistent compilation cache holds the
-    programs): the first call of the smallest N in a fresh process: ttft_s (Engine construction to the first
-    token of any request), first_call_s, its compiles and cache hits, and process_s (the script's start to the
-    first token, including imports and building the random model).
+  m3jax, second process (`--part jax-second`, run after `--part jax` has exited, so the persistent compilation
+    cache holds the programs and the first process no longer holds device memory): the first call of the smallest
+    N in a fresh process: ttft_s (Engine construction to the first token of any request), first_call_s, its
+    compiles and cache hits, and process_s (the script's start to the first token, including imports and
+    building the random model).
   transformers: model.generate on sub-batches of --torch-batch prompts, left-padded, greedy, the same lengths
     and new tokens (one warm-up sub-batch first). Sub-batches because the SDPA path materialises a
     [batch, heads, T, T] mask (2 GB per 4K-token prompt); a sub-batch that runs out of memory is halved and retried,
-    and the size that ran is recorded.
+    and the size that ran is recorded. --torch-prompts K times only the first K prompts of each N (whole
+    sub-batches; transformers is slow enough that the whole N does not fit a bounded run): the throughputs are
+    those of the prompts that ran, and the row records K.
 
     python benchmarks/batch.py --part jax --out results.jsonl
+    python benchmarks/batch.py --part jax-second --out results.jsonl
     python benchmarks/batch.py --part torch --out results.jsonl
     python benchmarks/batch.py --part jax --small          # CPU check of the script
 """
@@ -37,7 +41,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -153,10 +156,10 @@ def run_jax(args):
     model = jax_model(args)
     dev = jax.devices()[0]
     sampling = m3jax.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    if args.ttft_child:                # the second process: only the first call of the smallest N
-        prompts = workload(args, min(args.prompts))
-        _, row = first_call(args, model, prompts, sampling)
-        print("TTFT " + json.dumps(row), flush=True)
+    if args.part == "jax-second":      # the second process: only the first call of the smallest N
+        t0 = time.perf_counter()
+        _, row = first_call(args, model, workload(args, min(args.prompts)), sampling)
+        emit(args, what="second_process", prompts=min(args.prompts), wall_s=time.perf_counter() - t0, **row)
         return
     emit(args, what="setup", device=str(getattr(dev, "device_kind", dev)), jax=jax.__version__,
          impl=args.impl or "default", **engine_kw(args))
@@ -179,25 +182,6 @@ def run_jax(args):
             del eng
         except Exception as e:          # noqa: BLE001 - record and go on to the next measurement
             emit(args, what="batch", prompts=n, error=f"{type(e).__name__}: {str(e)[:300]}")
-    # A second process: the persistent compilation cache now holds the step programs.
-    cmd = [sys.executable, os.path.abspath(__file__), "--part", "jax", "--ttft-child"] + child_args(args)
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    rows = [json.loads(line[5:]) for line in out.stdout.splitlines() if line.startswith("TTFT ")]
-    if out.returncode or not rows:
-        emit(args, what="second_process", error=f"exit {out.returncode}: {out.stderr[-300:]}")
-    else:
-        emit(args, what="second_process", prompts=min(args.prompts), wall_s=time.perf_counter() - t0, **rows[0])
-
-
-def child_args(args) -> list[str]:
-    out = ["--prompts", str(min(args.prompts)), "--new-tokens", str(args.new_tokens), "--experts",
-           str(args.experts), "--max-batch-size", str(args.max_batch_size)]
-    out += ["--small"] * args.small + (["--impl", args.impl] if args.impl else [])
-    for flag, v in (("--prefill-chunk", args.prefill_chunk), ("--max-tokens-per-step", args.max_tokens_per_step)):
-        if v:
-            out += [flag, str(v)]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ torch
@@ -231,10 +215,12 @@ def run_torch(args):
         sync()
         for n in args.prompts:
             prompts = workload(args, n, seed=1)               # the prompts of m3jax's timed (second) call
-            n_prompt, n_gen = sum(map(len, prompts)), n * args.new_tokens
+            if args.torch_prompts:
+                prompts = prompts[:args.torch_prompts]
+            n_prompt, n_gen = sum(map(len, prompts)), len(prompts) * args.new_tokens
             size, i, t0 = args.torch_batch, 0, time.perf_counter()
             try:
-                while i < n:
+                while i < len(prompts):
                     try:
                         generate(prompts[i:i + size])
                         sync()
@@ -245,8 +231,8 @@ def run_torch(args):
                         size //= 2
                         torch.cuda.empty_cache() if dev == "cuda" else None
                 wall = time.perf_counter() - t0
-                emit(args, what="batch", prompts=n, prompt_tokens=n_prompt, new_tokens=args.new_tokens,
-                     torch_batch=size, wall_s=wall, prompt_tokens_per_s=n_prompt / wall,
+                emit(args, what="batch", prompts=n, timed_prompts=len(prompts), prompt_tokens=n_prompt,
+                     new_tokens=args.new_tokens, torch_batch=size, wall_s=wall, prompt_tokens_per_s=n_prompt / wall,
                      generated_tokens_per_s=n_gen / wall, total_tokens_per_s=(n_prompt + n_gen) / wall)
             except torch.OutOfMemoryError as e:
                 emit(args, what="batch", prompts=n, error=f"OOM at sub-batch 1: {str(e)[:120]}")
@@ -255,7 +241,7 @@ def run_torch(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("jax", "torch"), required=True)
+    ap.add_argument("--part", choices=("jax", "jax-second", "torch"), required=True)
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--small", action="store_true", help="tiny geometry and workload (CPU check of the script)")
     ap.add_argument("--experts", type=int, default=128)
@@ -266,13 +252,14 @@ def main(argv=None):
     ap.add_argument("--prefill-chunk", type=int, default=None, help="m3jax Engine option (default: its own)")
     ap.add_argument("--max-tokens-per-step", type=int, default=None, help="m3jax Engine option")
     ap.add_argument("--torch-batch", type=int, default=16, help="transformers: prompts per generate call")
-    ap.add_argument("--ttft-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--torch-prompts", type=int, default=None,
+                    help="transformers: time only the first K prompts of each N (default: all)")
     args = ap.parse_args(argv)
     if args.prompts is None:
         args.prompts = [8, 16] if args.small else [64, 256]
     if args.new_tokens is None:
         args.new_tokens = 8 if args.small else 256
-    (run_jax if args.part == "jax" else run_torch)(args)
+    (run_torch if args.part == "torch" else run_jax)(args)
 
 
 if __name__ == "__main__":

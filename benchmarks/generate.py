@@ -171,7 +171,7 @@ def run_jax(args):
         def decode_step():
             batch = Batch(decode=tuple(Row(r, (t,), state["pos"], p, 0, True, greedy, 0, state["n"])
                                        for r, t, p in zip(ids, state["tokens"], pages)))
-            state["tokens"] = [tok for tok, _ in eng.runner.execute(batch)]
+            state["tokens"] = [s.token_id for s in eng.runner.execute(batch)]
             state["pos"] += 1
             state["n"] += 1
 

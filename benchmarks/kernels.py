@@ -3,6 +3,8 @@
     python benchmarks/kernels.py [--quick] [--out DIR]
     python benchmarks/kernels.py --issue13 [--out DIR]   # issue 13's cases (see issue13()): in-jit decode
         timing, FP8 index-K, the dense layers' chunk path, 512K / 1M prefill in Engine-sized chunks
+    python benchmarks/kernels.py --engine-rows-dense [--out DIR]   # the full-attention layer on Engine prefill
+        rows (a 512-token chunk in rows of 64 / 512, after 0 / 32K / 128K of history): paged kernel vs chunk path
 
 Full M3 attention geometry: 64 q heads, 4 KV heads, head dim 128, index 4 x 128, block (page) 128, top-16.
 Prefill: batch 1 at 8K / 32K / 128K (the whole prompt as one chunk). Decode: batch 1 / 8 / 32 / 64 x context
@@ -414,6 +416,51 @@ def fp8_agreement(ctx=32768, n_queries=64, seed=0):
     return res
 
 
+def engine_rows_dense(out_dir, chunk=512, row_lens=(64, 512), histories=(0, 32768, 130560)):
+    """The full-attention layer on an Engine prefill group: one request's `chunk`-token prompt chunk laid out as
+    chunk / row_len rows of row_len consecutive positions (m3jax.runner's layout, prefill_row_len = row_len)
+    after `h` tokens of history in the cache. Times the paged kernel alone (gpu.dense_attention) and the chunk
+    path the model now runs for such rows (contiguous_chunks=True: cuDNN over each row's own tokens + the paged
+    kernel over the history before the row, LSE merge), against cuDNN over the chunk's queries and the h + chunk
+    contiguous keys, unmasked (as chunked_prefill_13: at h = 0 that overstates cuDNN's work by the causal half)."""
+    rows_out = []
+    for h in histories:
+        s = h + chunk
+        key = jax.random.key(s)
+        k_pages, v_pages, _, table = make_pool(key, 1, s)
+        kq, kk, kv = jax.random.split(jax.random.fold_in(key, 1), 3)
+        q = jax.random.normal(kq, (1, chunk, N, H), jnp.bfloat16)
+        kc = jax.random.normal(kk, (1, s, K, H), jnp.bfloat16)
+        vc = jax.random.normal(kv, (1, s, K, H), jnp.bfloat16)
+        t_cudnn = bench(jax.jit(lambda a, b, c: cudnn_dense(a, b, c, False)), q, kc, vc, iters=5, reps=3)
+        del kc, vc
+        for row_len in row_lens:
+            n = chunk // row_len
+            qr = q.reshape(n, row_len, N, H)
+            pos = (h + jnp.arange(chunk, dtype=jnp.int32)).reshape(n, row_len)
+            tab = jnp.broadcast_to(table, (n, table.shape[1]))
+            r = {"h": h, "chunk": chunk, "row_len": row_len, "t_cudnn": t_cudnn,
+                 "t_paged": bench(OURS_DENSE, qr, k_pages, v_pages, tab, pos, iters=5, reps=3),
+                 "t_chunk_path": bench(OURS_DENSE_CHUNK, qr, k_pages, v_pages, tab, pos, iters=5, reps=3)}
+            got = OURS_DENSE_CHUNK(qr, k_pages, v_pages, tab, pos).astype(jnp.float32)
+            ref = OURS_DENSE(qr, k_pages, v_pages, tab, pos).astype(jnp.float32)
+            r["rel_l2_chunk_vs_paged"] = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+            print("engine rows", r, flush=True)
+            rows_out.append(r)
+            with open(os.path.join(out_dir, "engine_rows_dense.json"), "w") as f:   # after each row
+                json.dump({"meta": {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat()},
+                           "rows": rows_out}, f, indent=1)
+        del k_pages, v_pages
+    print(f"{'history':>8} {'row_len':>7} {'paged ms':>9} {'chunk path ms':>13} {'cuDNN ms':>9} "
+          f"{'paged/chunk':>11} {'chunk/cuDNN':>11} {'rel l2':>8}")
+    for r in rows_out:
+        print(f"{r['h']:>8} {r['row_len']:>7} {1e3 * r['t_paged']:9.3f} {1e3 * r['t_chunk_path']:13.3f} "
+              f"{1e3 * r['t_cudnn']:9.3f} {r['t_paged'] / r['t_chunk_path']:11.2f} "
+              f"{r['t_chunk_path'] / r['t_cudnn']:11.2f} {r['rel_l2_chunk_vs_paged']:8.1e}")
+    return rows_out
+
+
 def issue13(out_dir):
     """The cases issue 13 asks for, in one call: prefill 8K/32K/128K (sparse, cuDNN, the dense layer's
     chunk path), decode batch 1/8 (8K/32K/128K/1M) and 32 (128K) per call and in-jit with bf16 and FP8 index-K,
@@ -484,7 +531,12 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time Triton launch variants of the prefill kernels")
     ap.add_argument("--profile-kv", action="store_true", help="split the KV-block-major time at 128K")
     ap.add_argument("--issue13", action="store_true", help="the cases of issue 13 (see issue13())")
+    ap.add_argument("--engine-rows-dense", action="store_true",
+                    help="the full-attention layer on Engine prefill rows: paged kernel vs the chunk path")
     args = ap.parse_args()
+    if args.engine_rows_dense:
+        engine_rows_dense(args.out)
+        return
     if args.issue13:
         issue13(args.out)
         return

@@ -38,6 +38,14 @@ RELEASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "MiniMax-M3.config.json")
 
 
+T0 = time.perf_counter()
+
+
+def stage(msg: str) -> None:
+    """A progress line with the seconds since start, so that a run cut by a time limit still says where it was."""
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
+
+
 def timed(fn, sync, reps=5, iters=3) -> float:
     """Median seconds per call (after one warm-up call)."""
     sync(fn())
@@ -95,12 +103,14 @@ def main():
     cfg = hf_config(args.small)
     cfg.vision_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
+    stage(f"building transformers' tower and projector ({device}, {args.dtype})")
     tower = hf_mod.MiniMaxM3VLVisionModel(cfg.vision_config).eval()
     projector = hf_mod.MiniMaxM3VLMultiModalProjector(cfg).eval()
     tensors = {release_name("tower", k): v.float().numpy() for k, v in tower.state_dict().items()}
     tensors.update({release_name("proj", k): v.float().numpy() for k, v in projector.state_dict().items()})
     vcfg = VisionConfig.from_hf(cfg.to_dict())
 
+    stage("weights copied; processing the image")
     image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
     proc = ImageProcessor(max_pixels=max_pixels)
     t0 = time.perf_counter()
@@ -121,15 +131,19 @@ def main():
             torch.cuda.synchronize()
         return x
 
+    stage(f"{patches} patches; timing transformers")
     want = hf_encode().float().cpu().numpy()
     rows = [dict(impl="transformers (sdpa)", ms=1e3 * timed(hf_encode, torch_sync), err=0.0)]
     del tower, projector
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    impls = ["cudnn", "xla", "reference"] if jax.default_backend() == "gpu" else ["xla", "reference"]
+    # cuDNN's fused attention takes no float32 (the tower's GPU default is then "xla", see default_attn_impl)
+    cudnn = jax.default_backend() == "gpu" and args.dtype != "float32"
+    impls = ["cudnn"] * cudnn + ["xla", "reference"]
     dtype = jnp.dtype(args.dtype)
     for impl in impls:
+        stage(f"timing m3jax {impl}")
         try:
             ours = load_vision_params(VisionModel(vcfg, dtype=dtype, attn_impl=impl), tensors)
             got = np.asarray(ours(pv, grid).astype(jnp.float32))

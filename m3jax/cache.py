@@ -4,6 +4,10 @@ Layout (K KV heads, P pages per layer, R = rows per page = the MSA block size, s
 
   per layer    K/V pages  [K, P, R, H]   head-major: one (head, page) tile is contiguous
                index-K    [P, R, I]      sparse (MSA) layers only: the shared index-k head, post norm + RoPE
+               (FP8 index-K, `fp8_index_k=True`: index-K float8_e4m3fn [P, R, I] + ik_scale float32 [P, R], one
+               scale per token = amax / 448, pallas_kernels.layout.quantize_index_k; the indexers read the key
+               as codes * scale. 132 instead of 256 bytes per token and MSA layer at I = 128: half of what the
+               decode indexer reads, which dominates decode traffic at long context.)
   per stack    the L layers of one LayerStack are stored in one pool with the layer folded into the page axis:
                k/v `[K, L*P, R, H]`, ik `[L*P, R, I]`; layer l's page p sits at l*P + p (`layer_offset`).
                A layer's view is `k[:, l*P:(l+1)*P]`, exactly the per-layer layout above.
@@ -33,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m3jax.config import M3Config, SPARSE_ATTENTION
 from m3jax.distributed import min_over_processes
 from m3jax.sharding import DATA, MODEL
+from pallas_kernels.layout import quantize_index_k
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,8 @@ class StackCache:
 
     k_pages: jax.Array                 # [K, L*P, R, H]
     v_pages: jax.Array                 # [K, L*P, R, H]
-    ik_pages: jax.Array | None = None  # [L*P, R, I], MSA stacks only
+    ik_pages: jax.Array | None = None  # [L*P, R, I], MSA stacks only (float8_e4m3fn with an FP8 index-K cache)
+    ik_scale: jax.Array | None = None  # f32[L*P, R]: per-token scale of an FP8 index-K cache, else None
 
 
 @jax.tree_util.register_dataclass
@@ -63,6 +69,11 @@ class KVCache:
     num_pages: int = dataclasses.field(metadata=dict(static=True))
     page_size: int = dataclasses.field(metadata=dict(static=True))
     num_shards: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+    @property
+    def fp8_index_k(self) -> bool:
+        """Whether index-K is stored as float8_e4m3fn codes with a float32 scale per token."""
+        return any(s.ik_scale is not None for s in self.stacks)
 
     def layer_k(self, layer: int) -> jax.Array:
         """[K, S*P, R, H]: the K pages of global layer `layer`, data shard s's pages at s*P... (a copy; for tests
@@ -91,12 +102,14 @@ def layer_offset(layer, num_pages: int):
     return layer * num_pages
 
 
-def bytes_per_page(cfg: M3Config, dtype, *, data: int = 1, model: int = 1) -> int:
+def bytes_per_page(cfg: M3Config, dtype, *, data: int = 1, model: int = 1, fp8_index_k: bool = False) -> int:
     """One device's bytes for one more page per layer in every data shard's pool (K + V everywhere, index-K on
-    MSA layers), in the layout of `cache_layout` on a ("data", "model") mesh of these sizes."""
-    pools = jax.tree.leaves(cache_layout(cfg, 1, data=data, model=model), is_leaf=lambda x: isinstance(x, PoolLayout))
+    MSA layers: in `dtype`, or 1-byte codes + a 4-byte scale per token with fp8_index_k), in the layout of
+    `cache_layout` on a ("data", "model") mesh of these sizes."""
+    layout = cache_layout(cfg, 1, data=data, model=model, fp8_index_k=fp8_index_k)
+    pools = jax.tree.leaves(layout, is_leaf=lambda x: isinstance(x, PoolLayout))
     sizes = {DATA: data, MODEL: model}
-    return sum(math.prod(p.device_shape(sizes)) for p in pools) * jnp.dtype(dtype).itemsize
+    return sum(math.prod(p.device_shape(sizes)) * jnp.dtype(p.dtype or dtype).itemsize for p in pools)
 
 
 def pages_per_sequence(num_tokens: int, page_size: int) -> int:
@@ -105,7 +118,7 @@ def pages_per_sequence(num_tokens: int, page_size: int) -> int:
 
 
 def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fraction: float = 0.5,
-                         device: jax.Device | None = None, mesh=None) -> int:
+                         device: jax.Device | None = None, mesh=None, fp8_index_k: bool = False) -> int:
     """Pages per layer and data shard that fit in `memory_fraction` of the free memory of the device with the
     least free memory (`device`, the mesh's devices, or the first device), at most `max_pages`, at least 2.
 
@@ -133,7 +146,7 @@ def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fractio
     if free < 0:
         return max_pages
     sizes = dict(mesh.shape) if mesh is not None else {DATA: 1, MODEL: 1}
-    per_page = bytes_per_page(cfg, dtype, data=sizes[DATA], model=sizes[MODEL])
+    per_page = bytes_per_page(cfg, dtype, data=sizes[DATA], model=sizes[MODEL], fp8_index_k=fp8_index_k)
     fit = int(free * memory_fraction) // per_page
     if fit < 2:
         raise OutOfPages(f"free device memory ({free / 2**30:.2f} GiB x {memory_fraction}) holds {fit} pages of "
@@ -143,10 +156,12 @@ def num_pages_for_memory(cfg: M3Config, dtype, *, max_pages: int, memory_fractio
 
 @dataclasses.dataclass(frozen=True)
 class PoolLayout:
-    """Global shape of one cache pool and its PartitionSpec over ("data", "model")."""
+    """Global shape of one cache pool, its PartitionSpec over ("data", "model") and its dtype (None: the cache's
+    dtype, the model's by default)."""
 
     shape: tuple[int, ...]
     spec: P
+    dtype: str | None = None
 
     def device_shape(self, mesh_shape: dict[str, int]) -> tuple[int, ...]:
         """The shape of one device's shard of the pool on a mesh of these axis sizes."""
@@ -154,10 +169,12 @@ class PoolLayout:
         return tuple(n // (mesh_shape[a] if a is not None else 1) for n, a in zip(self.shape, spec))
 
 
-def cache_layout(cfg: M3Config, num_pages: int, *, data: int = 1, model: int = 1) -> list[StackCache]:
+def cache_layout(cfg: M3Config, num_pages: int, *, data: int = 1, model: int = 1,
+                 fp8_index_k: bool = False) -> list[StackCache]:
     """The pools of every LayerStack as PoolLayouts (StackCaches of them), for `num_pages` pages per layer in
     each of `data` shards' pools. cfg is the config the cache serves (KV heads already replicated for the mesh);
-    K/V heads are split over "model" when it divides them, else whole on every "model" device. init_cache
+    K/V heads are split over "model" when it divides them, else whole on every "model" device. fp8_index_k:
+    index-K as float8_e4m3fn codes plus a float32 scale pool [pages, R] (see the module docstring). init_cache
     allocates exactly this; benchmarks/memory_plan.py sizes caches with it."""
     k, r, h, i = cfg.num_key_value_heads, cfg.msa.block_size, cfg.head_dim, cfg.msa.index_dim
     heads = MODEL if k % model == 0 else None
@@ -165,14 +182,18 @@ def cache_layout(cfg: M3Config, num_pages: int, *, data: int = 1, model: int = 1
     for first, num_layers, attention_type, _ in cfg.layer_groups:
         n = data * num_layers * num_pages
         kv = PoolLayout((k, n, r, h), P(heads, DATA))
-        ik = PoolLayout((n, r, i), P(DATA)) if attention_type == SPARSE_ATTENTION else None
-        stacks.append(StackCache(kv, kv, ik))
+        ik = scale = None
+        if attention_type == SPARSE_ATTENTION:
+            ik = PoolLayout((n, r, i), P(DATA), "float8_e4m3fn" if fp8_index_k else None)
+            scale = PoolLayout((n, r), P(DATA), "float32") if fp8_index_k else None
+        stacks.append(StackCache(kv, kv, ik, scale))
     return stacks
 
 
-def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
+def init_cache(model, num_pages: int, dtype=None, mesh=None, *, fp8_index_k: bool = False) -> KVCache:
     """A zeroed KVCache for `model` (an M3ForCausalLM) with `num_pages` pages per layer (page 0 = sink) in every
-    data shard's pool.
+    data shard's pool. fp8_index_k: index-K pools as float8_e4m3fn codes + float32 per-token scales (a zero
+    scale decodes unwritten rows to 0, as the bf16 pool's zeros).
 
     mesh ("data", "model"): one pool per "data" shard, split over "data" on the page axis; K/V pools are split
     over "model" on their KV-head axis (the heads are replicated at load time to match, see m3jax.sharding)
@@ -186,7 +207,7 @@ def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
                          "m3jax.load(path, mesh=mesh) or place it with m3jax.params.shard_model(model, mesh)")
     dtype = jnp.dtype(dtype or model.dtype)
     sizes = {DATA: 1, MODEL: 1} if mesh is None else dict(mesh.shape)
-    layout = cache_layout(model.config, num_pages, data=sizes[DATA], model=sizes[MODEL])
+    layout = cache_layout(model.config, num_pages, data=sizes[DATA], model=sizes[MODEL], fp8_index_k=fp8_index_k)
 
     def zeros(pool: PoolLayout | None):
         if pool is None:
@@ -196,11 +217,12 @@ def init_cache(model, num_pages: int, dtype=None, mesh=None) -> KVCache:
             log.warning("cache: a device's K/V pool has %d elements (>= 2**31; layers are folded into the page "
                         "axis): kernels that index pages with 32-bit offsets would overflow; use fewer pages or "
                         "check the kernel", math.prod(local))
+        pool_dtype = jnp.dtype(pool.dtype or dtype)
         if mesh is None:
-            return jnp.zeros(pool.shape, dtype)
-        return jax.jit(lambda: jnp.zeros(pool.shape, dtype), out_shardings=NamedSharding(mesh, pool.spec))()
+            return jnp.zeros(pool.shape, pool_dtype)
+        return jax.jit(lambda: jnp.zeros(pool.shape, pool_dtype), out_shardings=NamedSharding(mesh, pool.spec))()
 
-    stacks = [StackCache(zeros(s.k_pages), zeros(s.v_pages), zeros(s.ik_pages)) for s in layout]
+    stacks = [StackCache(zeros(s.k_pages), zeros(s.v_pages), zeros(s.ik_pages), zeros(s.ik_scale)) for s in layout]
     return KVCache(stacks, num_pages, model.config.msa.block_size, sizes[DATA])
 
 
@@ -219,8 +241,17 @@ def write_kv(pool_kprh, new_btkh, page_bt, row_bt):
     return pool_kprh.at[:, page_bt, row_bt].set(vals)
 
 
-def write_ik(pool_pri, new_bti, page_bt, row_bt):
-    return pool_pri.at[page_bt, row_bt].set(new_bti.astype(pool_pri.dtype))
+def write_ik(pool_pri, new_bti, page_bt, row_bt, scale_pr=None):
+    """Write index keys new[b, t] to pool[page[b,t], row[b,t]]; returns (pool, scale pool). With an FP8 index-K
+    cache (scale_pr f32[P, R] given, pool float8_e4m3fn) the keys are quantised with one scale per token
+    (pallas_kernels.layout.quantize_index_k) and codes and scale are written together; else scale_pr is None
+    and stays None."""
+    if scale_pr is None:
+        return pool_pri.at[page_bt, row_bt].set(new_bti.astype(pool_pri.dtype)), None
+    if pool_pri.dtype != jnp.float8_e4m3fn:
+        raise ValueError(f"write_ik: a scale pool goes with a float8_e4m3fn index-K pool, got {pool_pri.dtype}")
+    codes, scale = quantize_index_k(new_bti)
+    return pool_pri.at[page_bt, row_bt].set(codes), scale_pr.at[page_bt, row_bt].set(scale)
 
 
 def max_blocks(max_seq_len: int, page_size: int) -> int:

@@ -79,6 +79,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
     ap.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     ap.add_argument("--fp8-experts", action="store_true", help="keep an MXFP8 release's routed experts in FP8")
+    ap.add_argument("--fp8-index-k", action="store_true", help="cache MSA index keys in FP8 (Engine(fp8_index_k))")
     ap.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     ap.add_argument("--ids", action="store_true", help="also print the generated token ids")
     ap.add_argument("--no-verify", action="store_true",
@@ -113,7 +114,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
-                        prefill_chunk=min(512, max_seq_len), mesh=mesh)
+                        mesh=mesh, fp8_index_k=args.fp8_index_k)
         if args.stream and len(args.prompt) == 1:
             dec = IncrementalDecoder(tok)          # a character split over tokens is printed once complete
             for t in engine.stream(args.prompt[0], params, chat=args.chat, request_id="cli"):

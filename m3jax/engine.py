@@ -43,6 +43,17 @@ COMPILE_CACHE_ENV = "M3JAX_COMPILE_CACHE"
 _OFF = ("", "0", "off", "false", "no")
 
 
+def default_prefill_chunk(backend: str) -> int:
+    """The prompt tokens one request may compute per step (with max_tokens_per_step's default, the step's prompt
+    budget too). The mixed step program always computes its whole prompt budget, so a larger chunk means fewer
+    steps, each costing more. Measured on one H200 (benchmarks/RESULTS.md, "Batch generation": scaled M3, 128
+    experts, 64 prompts of 100-4000 tokens, 256 new tokens each): total tokens/s 4,986 / 5,322 / 5,892 / 6,403
+    at chunks of 512 / 1024 / 2048 / 4096. The GPU takes 2048, as the serving benchmark does: 4096 gained 9%
+    offline but doubles the prompt work that running requests' decode steps wait behind. Elsewhere 512: on CPU
+    the padded prompt budget is paid in full by every mixed step, and nothing was measured on a TPU."""
+    return 2048 if backend == "gpu" else 512
+
+
 def default_compile_cache_dir() -> str:
     """~/.cache/m3jax/jax_cache (under $XDG_CACHE_HOME when it is set)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -95,7 +106,8 @@ class Engine:
     each data shard's pool; None sizes the pool from free device memory (`memory_fraction` of it), at most enough
     for the shard's share of max_batch_size full-length requests. max_tokens_per_step: token budget of one step
     (max_batch_size decode rows + the rest for prompt chunks, rounded up to whole prefill rows; fixed, so that
-    the step has one shape). prefill_chunk: longest prompt chunk of one request in a step. tokenizer:
+    the step has one shape). prefill_chunk: longest prompt chunk of one request in a step (default: the
+    backend's, `default_prefill_chunk`). tokenizer:
     for string prompts, stop strings and text; defaults to the checkpoint's (model.checkpoint_dir). mesh: the
     device mesh, which must be the one the model was placed on (default: model.mesh); K/V pools split on their head
     axis over "model" and one pool per "data" shard (see cache.init_cache); the model's parameters are placed by
@@ -109,17 +121,25 @@ class Engine:
     enable_prefix_caching: a request reuses the cached K, V and index-K pages of every full block of its prompt
     that an earlier request computed on the same data shard (m3jax.scheduler); outputs are those without a hit, and
     GenerationResult.num_cached_tokens says how many prompt tokens were not computed.
+    fp8_index_k: store the MSA layers' index keys as float8_e4m3fn with a float32 scale per token (132 instead of
+    256 bytes per token and layer for M3: half of what the decode indexer reads; m3jax.cache). The block
+    selection is then made on the quantised keys, so it may differ from the bf16 cache's where two blocks' scores
+    nearly tie (benchmarks/fp8_index_k.py measures how often).
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int | None = None, mesh=None, *,
                  num_pages: int | None = None, max_tokens_per_step: int | None = None,
-                 prefill_chunk: int = 512, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
+                 prefill_chunk: int | None = None, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
                  row_buckets: Sequence[int] | None = None, prefill_row_len: int = DEFAULT_ROW_LEN,
                  layer_loop: str | None = None, compile_cache: str | bool | None = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, fp8_index_k: bool = False):
         cfg = model.config
         if max_seq_len is None:
             max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
+        if prefill_chunk is None:
+            prefill_chunk = default_prefill_chunk(jax.default_backend())
+        if not isinstance(fp8_index_k, bool):
+            raise ValueError(f"Engine: fp8_index_k must be True or False, got {fp8_index_k!r}")
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                         ("prefill_chunk", prefill_chunk), ("prefill_row_len", prefill_row_len)):
             if not isinstance(v, int) or v < 1:
@@ -140,7 +160,8 @@ class Engine:
         if num_pages is None:
             want = -(-max_batch_size // data_shards) * cache_lib.max_blocks(max_seq_len, page_size) + 1
             num_pages = cache_lib.num_pages_for_memory(cfg, model.dtype, max_pages=want,
-                                                       memory_fraction=memory_fraction, mesh=self.mesh)
+                                                       memory_fraction=memory_fraction, mesh=self.mesh,
+                                                       fp8_index_k=fp8_index_k)
         self.compile_cache_dir = configure_compile_cache(compile_cache)
         self.scheduler = Scheduler(vocab_size=cfg.vocab_size, eos_ids=cfg.eos_token_id,
                                    max_batch_size=max_batch_size, max_seq_len=max_seq_len, page_size=page_size,
@@ -152,7 +173,7 @@ class Engine:
         self.runner = Runner(model, num_pages=num_pages, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                              prefill_rows=self.scheduler.prefill_rows_per_shard,
                              row_len=self.scheduler.prefill_row_len, mesh=self.mesh, row_buckets=row_buckets,
-                             layer_loop=layer_loop)
+                             layer_loop=layer_loop, fp8_index_k=fp8_index_k)
         self.num_pages = num_pages
         self.warmed_up = False
         self._vision_setup(model)
@@ -171,6 +192,7 @@ class Engine:
     layer_loop = property(lambda self: self.runner.layer_loop)
     programs = property(lambda self: self.runner.programs)
     enable_prefix_caching = property(lambda self: self.scheduler.enable_prefix_caching)
+    fp8_index_k = property(lambda self: self.runner.cache.fp8_index_k)    # False for a model without MSA layers
 
     @property
     def eos_ids(self) -> frozenset:
@@ -214,7 +236,9 @@ class Engine:
             self.image_processor = ImageProcessor.from_pretrained(path) if path else ImageProcessor()
             self.video_processor = VideoProcessor.from_pretrained(path) if path else VideoProcessor()
 
-    def _multimodal(self, prompt, request, chat: bool) -> vision_prompt.MultimodalPrompt:
+    def multimodal_prompt(self, prompt, request="<new>", chat: bool | dict = False) -> vision_prompt.MultimodalPrompt:
+        """A multimodal prompt (m3jax.vision.prompt) processed, expanded and tokenized as add_request does it
+        (the server prepares image prompts off the engine thread with it); ValueError names `request`."""
         return vision_prompt.prepare_prompt(
             prompt, tokenizer=self.tokenizer, vision_config=None if self.vision is None else self.vision.config,
             image_processor=getattr(self, "image_processor", None),
@@ -239,20 +263,20 @@ class Engine:
                 del self._pixels[rid]
 
     # ------------------------------------------------------------------------------------------ requests
-    def encode_prompt(self, prompt, request, chat: bool = False) -> list[int]:
+    def encode_prompt(self, prompt, request, chat: bool | dict = False) -> list[int]:
         """Token ids of a prompt (str or ids), checked against the vocab and max_seq_len; ValueError names it."""
         return self.scheduler.encode_prompt(prompt, request, chat)
 
-    def prepare(self, prompt, sampling: SamplingParams | None = None, request_id=None, chat: bool = False):
+    def prepare(self, prompt, sampling: SamplingParams | None = None, request_id=None, chat: bool | dict = False):
         """Validate one request without queueing it: (token ids, params). Raises ValueError naming it.
         A multimodal prompt (m3jax.vision.prompt) gives its MultimodalPrompt instead of the ids."""
         if vision_prompt.is_multimodal(prompt):
-            mm = self._multimodal(prompt, request_id if request_id is not None else "<new>", chat)
+            mm = self.multimodal_prompt(prompt, request_id if request_id is not None else "<new>", chat)
             return mm, self.scheduler.prepare(mm.token_ids, sampling, request_id)[1]
         return self.scheduler.prepare(prompt, sampling, request_id, chat)
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, *, request_id=None,
-                    on_token: Callable[[Any, int], None] | None = None, chat: bool = False):
+                    on_token: Callable[[Any, int], None] | None = None, chat: bool | dict = False):
         """Queue a request; returns its id. Invalid input raises ValueError before anything is queued.
 
         on_token(request_id, token_id) is called for every generated token, as it is produced; if it raises,
@@ -260,7 +284,7 @@ class Engine:
         """
         if not vision_prompt.is_multimodal(prompt):
             return self.scheduler.add(prompt, sampling, request_id=request_id, on_token=on_token, chat=chat)
-        mm = self._multimodal(prompt, request_id if request_id is not None else "<new>", chat)
+        mm = self.multimodal_prompt(prompt, request_id if request_id is not None else "<new>", chat)
         salt = mm.cache_salt(self.vision.config) if mm.has_pixels else b""    # prefix cache: keyed by content
         rid = self.scheduler.add(mm.token_ids, sampling, request_id=request_id, on_token=on_token, cache_salt=salt)
         if mm.has_pixels:
@@ -362,16 +386,21 @@ class Engine:
 
 
 def generate(model_or_engine, prompts: Sequence, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-             *, tokenizer=None, chat: bool = False, progress: bool | None = None,
+             *, tokenizer=None, chat: bool | dict = False, progress: bool | None = None,
              on_token: Callable[[int, int], None] | None = None, **engine_kwargs) -> list[GenerationResult]:
     """Generate for every prompt; returns one GenerationResult per prompt, in order.
 
     model_or_engine: an M3ForCausalLM (an Engine is built with engine_kwargs, e.g. max_batch_size,
-    max_seq_len) or an Engine (its queue must be empty). prompts: list[str] (tokenizer= or the checkpoint's;
-    chat=True applies the chat template) or list[list[int]]; with a vision tower also
-    {"text": ..., "images": [...], "videos": [...]} (m3jax.vision.prompt), or chat messages with OpenAI-style
-    image_url parts (data URLs) when chat=True. sampling: one SamplingParams for all, or one per
-    prompt. on_token(prompt_index, token_id) streams tokens. progress: tqdm bar (default: 8+ prompts).
+    max_seq_len) or an Engine (its queue must be empty). prompts: list[str] (tokenizer= or the checkpoint's)
+    or list[list[int]]; with a vision tower also {"text": ..., "images": [...], "videos": [...]}
+    (m3jax.vision.prompt); with chat=True also lists of OpenAI chat messages (image_url parts as data URLs).
+    chat: True renders each prompt (a string as one user message) with the tokenizer's chat template, the
+    renderer of `m3jax serve` (m3jax.chat: the checkpoint's chat_template.jinja, else the built-in M3 layout),
+    so a conversation gives the token ids /v1/chat/completions gives it; a dict does the same with template
+    arguments, e.g. {"tools": [...], "thinking_mode": "enabled"} (the server's tools and chat_template_kwargs;
+    the text is returned raw: reasoning and tool calls are parsed by the server only). sampling: one
+    SamplingParams for all, or one per prompt. on_token(prompt_index, token_id) streams tokens. progress: tqdm
+    bar (default: 8+ prompts).
     Every prompt and parameter is checked before any work: ValueError names the request (its index).
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):

@@ -33,9 +33,12 @@ page-table row and decode-style programs; [rows, prefill_chunk] rectangles pad e
 length. row_len = 64 (DEFAULT_ROW_LEN) wastes < 64 tokens per prompt (the last chunk's last row) and lets up to
 8 prompts share a step of the default 512-token prefill budget. The reference (CPU) kernels gather a row's whole
 page table once per row, so very short rows cost more there. row_len and the padded decode rows of the mixed
-program have not been swept on the GPU yet (issue 22 asks for that sweep). The dense layers' `contiguous_chunks`
-path is not used: its promise holds row by row (consecutive positions, then padding) but it has not been checked
-with a chunk spread over several rows.
+program have not been swept on the GPU yet (issue 22 asks for that sweep). The full-attention layers get the
+`contiguous_chunks` promise (each row: consecutive positions, then padding; a chunk spread over several rows is
+exact, since every row writes its keys before any row attends): which computation that gives per group is
+`Runner.dense_attention_paths` (logged at construction; see m3jax.model.cached.dense_attention_paths). With the
+default 64-token rows that is the paged kernel: rows under pallas_kernels.gpu.attention.CHUNK_MIN_QUERIES (512)
+were measured no faster through cuDNN on the H200.
 
 Layer loop (`layer_loop`): "scan" runs each LayerStack's layers as a `lax.scan` over the stacked weights; "split"
 keeps one copy of each layer's weights (made once, 2x weight memory while the runner lives) and loops over them in
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -62,11 +66,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax import cache as cache_lib
 from m3jax.distributed import to_host
-from m3jax.model.cached import StepGroup, forward_cached
-from m3jax.sampling import SamplingBatch, SamplingParams, sample
-from m3jax.scheduler import Batch, Row
+from m3jax.model.cached import StepGroup, dense_attention_paths, forward_cached
+from m3jax.sampling import Sampled, SamplingBatch, SamplingParams, TopLogprob, sample
+from m3jax.scheduler import Batch, Row, SampledToken
 from m3jax.sharding import DATA
 
+log = logging.getLogger(__name__)
 LAYER_LOOPS = ("scan", "split")
 DEFAULT_ROW_LEN = 64                 # tokens per prefill row (see the module docstring)
 _TRACES = collections.Counter()      # step-program shape -> number of times it was traced (= compiled)
@@ -177,15 +182,17 @@ class Runner:
     padded decode batch sizes (all shards' rows). prefill_rows / row_len: the prefill group, rows per data shard
     and tokens per row (the scheduler's prefill budget, m3jax.scheduler.Scheduler.prefill_rows_per_shard).
     layer_loop: "scan" | "split" | None (the backend's choice, `default_layer_loop`).
+    fp8_index_k: store index-K as float8_e4m3fn with a float32 scale per token (m3jax.cache).
     """
 
     def __init__(self, model, *, num_pages: int, max_batch_size: int, max_seq_len: int, prefill_rows: int,
-                 row_len: int, mesh=None, row_buckets: Sequence[int] | None = None, layer_loop: str | None = None):
+                 row_len: int, mesh=None, row_buckets: Sequence[int] | None = None, layer_loop: str | None = None,
+                 fp8_index_k: bool = False):
         self.model = model
         self.mesh = mesh
         self.data_shards = 1 if mesh is None else mesh.shape[DATA]
         self.max_blocks = cache_lib.max_blocks(max_seq_len, model.config.msa.block_size)
-        self.cache = cache_lib.init_cache(model, num_pages, mesh=mesh)
+        self.cache = cache_lib.init_cache(model, num_pages, mesh=mesh, fp8_index_k=fp8_index_k)
         backend = jax.default_backend()
         self.layer_loop = default_layer_loop(backend) if layer_loop is None else layer_loop
         if self.layer_loop not in LAYER_LOOPS:
@@ -199,6 +206,10 @@ class Runner:
         self.row_buckets = sorted({-(-b // self.data_shards) for b in total})     # rows per data shard
         self.prefill_rows, self.row_len = prefill_rows, row_len
         self.num_steps = 0
+        self.dense_attention_paths = dense_attention_paths(model, {"decode": 1, "prefill": row_len})
+        if self.dense_attention_paths:
+            log.info("full-attention layers: %s", ", ".join(f"{k} rows -> {v}"
+                                                            for k, v in self.dense_attention_paths.items()))
 
     @property
     def programs(self) -> list[StepProgram]:
@@ -286,12 +297,13 @@ class Runner:
         return logits, finite, layout
 
     def execute(self, batch: Batch, overrides: Mapping[Any, EmbedOverride] | None = None
-                ) -> list[tuple[int, float | None] | NonFinite | None]:
-        """Compute the batch's rows; returns, per row of batch.rows, (sampled token, its logprob or None) for rows
-        with `sample`, NonFinite for a row whose logits are not all finite (nothing is sampled for it), else
-        None. overrides: request id -> input embeddings replacing some of its prompt tokens' (image features at
-        their placeholders); a step whose rows meet one runs the mixed program's variant with input embeddings
-        (one more program, compiled when first needed: warmup does not compile it)."""
+                ) -> list[SampledToken | NonFinite | None]:
+        """Compute the batch's rows; returns, per row of batch.rows, a SampledToken (the token, and its logprob
+        and top alternatives when the request asks) for rows with `sample`, NonFinite for a row whose logits are
+        not all finite (nothing is sampled for it), else None. overrides: request id -> input embeddings
+        replacing some of its prompt tokens' (image features at their placeholders); a step whose rows meet one
+        runs the mixed program's variant with input embeddings (one more program, compiled when first needed:
+        warmup does not compile it)."""
         if not batch.rows:
             return []
         logits, finite, layout = self._run(batch, self.program_for(batch), overrides)
@@ -301,27 +313,34 @@ class Runner:
         want = [i for i, s in enumerate(layout) if s is not None and s.last and s.row.sample]
         if want:
             chosen = [layout[i].row for i in want]
-            tokens, lps = self._sample(logits, layout, all(r.params.temperature == 0 for r in chosen),
-                                       any(r.params.logprobs for r in chosen))
+            sampled = self._sample(logits, layout, all(r.params.temperature == 0 for r in chosen),
+                                   any(r.params.logprobs for r in chosen), any(r.params.top_logprobs for r in chosen))
         finite = to_host(finite)                   # multi-host: gathered from every process's devices
         bad = {id(s.row) for i, s in enumerate(layout) if s is not None and not finite[i]}
-        out: dict[int, tuple[int, float | None] | NonFinite] = {id(r): NonFinite(r.request_id)
-                                                               for r in batch.rows if id(r) in bad}
+        out: dict[int, SampledToken | NonFinite] = {id(r): NonFinite(r.request_id) for r in batch.rows
+                                                    if id(r) in bad}
         if want:
-            tokens, lps = to_host(tokens), None if lps is None else to_host(lps)   # multi-host: every process's
+            host = Sampled(*(None if a is None else to_host(a) for a in sampled))    # multi-host: every process's
             for i in want:
-                if id(layout[i].row) not in bad:
-                    out[id(layout[i].row)] = (int(tokens[i]), None if lps is None else float(lps[i]))
+                row = layout[i].row
+                if id(row) in bad:
+                    continue
+                n = row.params.top_logprobs
+                top = None if not n else tuple(TopLogprob(int(t), float(lp)) for t, lp in
+                                               zip(host.top_ids[i, :n], host.top_logprobs[i, :n]))
+                lp = None if host.logprobs is None or not row.params.logprobs else float(host.logprobs[i])
+                out[id(row)] = SampledToken(int(host.tokens[i]), lp, top)
         return [out.get(id(r)) for r in batch.rows]
 
     @staticmethod
-    def _sample(logits, layout: list[Slot | None], all_greedy: bool, want_logprobs: bool):
+    def _sample(logits, layout: list[Slot | None], all_greedy: bool, want_logprobs: bool,
+                want_top: bool = False) -> Sampled:
         rows = [s.row if s is not None and s.last else None for s in layout]
         params = [r.params if r is not None else SamplingParams() for r in rows]
         seeds = [r.seed if r is not None else 0 for r in rows]
         counters = [r.num_generated if r is not None else 0 for r in rows]
         sb = SamplingBatch.from_params(params, seeds, counters, len(rows))
-        return sample(logits, sb, all_greedy=all_greedy, want_logprobs=want_logprobs)   # on device
+        return sample(logits, sb, all_greedy=all_greedy, want_logprobs=want_logprobs, want_top=want_top)  # device
 
     def warmup(self, on_program: Callable[[StepProgram], None] | None = None) -> None:
         """Compile (and run once, on padding only: keys go to the sink page) every step program, with the greedy

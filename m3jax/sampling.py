@@ -1,9 +1,15 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, optional logprobs.
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, optional logprobs and top logprobs.
 
 Every row of a batch is sampled independently from its own key `fold_in(key(seed), n)`, n = the number of
 tokens the request has generated so far, with Gumbel-max over the filtered, temperature-scaled logits. The
 result therefore depends only on the request's logits, its parameters, its seed and n: the same seed gives the
 same tokens whatever else is in the batch. Greedy rows (temperature 0) take the argmax.
+
+Log-probabilities (`logprobs`, `top_logprobs`) are those of the model's raw distribution, log_softmax of the
+logits before temperature, top-k and top-p, as OpenAI and vLLM report them by default: they say what the model
+thinks, whatever the request sampled with. The top alternatives are computed on the device only in steps where a
+request asks for them, always MAX_TOP_LOGPROBS of them (one more sampler program, whatever n each request wants),
+and cut to each request's n on the host.
 """
 
 from __future__ import annotations
@@ -17,6 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 f32 = jnp.float32
+MAX_TOP_LOGPROBS = 20        # OpenAI's limit for top_logprobs; the device always computes this many
+
+
+class TopLogprob(NamedTuple):
+    """One of the most likely tokens at a position, with its log-probability under the raw distribution."""
+
+    token_id: int
+    logprob: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +42,10 @@ class SamplingParams:
     reproducible). stop_token_ids and the model's eos ids end a request with finish_reason "stop" (the id is
     kept in token_ids, not in text); stop strings end it when the decoded text contains one (the text is cut
     before it). logprobs: return the log-probability (under the model's unscaled, unfiltered distribution)
-    of each chosen token. Values are checked by the engine, which names the request in its error.
+    of each chosen token. top_logprobs: with logprobs, also the n most likely tokens at every generated
+    position and their log-probabilities under that same distribution (0 <= n <= MAX_TOP_LOGPROBS; the chosen
+    token is among them only if it ranks in the top n). Values are checked by the engine, which names the
+    request in its error.
     """
 
     max_new_tokens: int = 64
@@ -40,6 +57,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
 
     def check(self, request, vocab_size: int | None = None) -> None:
         """Raise ValueError naming `request` and the field for any invalid value.
@@ -75,6 +93,10 @@ class SamplingParams:
         for field in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, field), (bool, np.bool_)):
                 bad(field, "True or False", getattr(self, field))
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            bad("top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]", self.top_logprobs)
+        if self.top_logprobs and not self.logprobs:
+            bad("top_logprobs", "0 unless logprobs=True", self.top_logprobs)
 
 
 INT32_MAX = 2**31 - 1     # top_k travels to the device as int32
@@ -133,9 +155,21 @@ def _row_key(seed, counter):
     return jax.random.fold_in(jax.random.key(seed), counter)
 
 
-@functools.partial(jax.jit, static_argnames=("all_greedy", "want_logprobs"))
-def sample(logits_bv, batch: SamplingBatch, *, all_greedy: bool, want_logprobs: bool):
-    """(tokens i32[B], logprobs f32[B] or None) for one step. `all_greedy` skips the sort/noise entirely."""
+class Sampled(NamedTuple):
+    """One step's samples, device arrays: the chosen tokens and, when asked for, their log-probabilities and the
+    MAX_TOP_LOGPROBS most likely tokens of every row (best first; fewer if the vocab is smaller)."""
+
+    tokens: jax.Array                     # i32[B]
+    logprobs: jax.Array | None = None     # f32[B]
+    top_ids: jax.Array | None = None      # i32[B, n]
+    top_logprobs: jax.Array | None = None  # f32[B, n]
+
+
+@functools.partial(jax.jit, static_argnames=("all_greedy", "want_logprobs", "want_top"))
+def sample(logits_bv, batch: SamplingBatch, *, all_greedy: bool, want_logprobs: bool,
+           want_top: bool = False) -> Sampled:
+    """The tokens of one step, and their logprobs (want_logprobs) and the top alternatives (want_top) under the
+    raw log_softmax of the logits. `all_greedy` skips the sort/noise entirely."""
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     if all_greedy:
         tokens = greedy
@@ -145,7 +179,11 @@ def sample(logits_bv, batch: SamplingBatch, *, all_greedy: bool, want_logprobs: 
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits_bv.shape[-1],), f32))(keys)
         drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
         tokens = jnp.where(batch.temperature > 0, drawn, greedy)
-    if not want_logprobs:
-        return tokens, None
+    if not (want_logprobs or want_top):
+        return Sampled(tokens)
     lp = jax.nn.log_softmax(logits_bv.astype(f32), axis=-1)
-    return tokens, jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    if not want_top:
+        return Sampled(tokens, chosen)
+    top_lp, top_ids = jax.lax.top_k(lp, min(MAX_TOP_LOGPROBS, lp.shape[-1]))     # ties: the lower id first
+    return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)

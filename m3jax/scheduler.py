@@ -38,12 +38,13 @@ import collections
 import dataclasses
 import hashlib
 import itertools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from m3jax.cache import SINK_PAGE, OutOfPages, pages_per_sequence
-from m3jax.sampling import SamplingParams, _is_int
+from m3jax.chat import template_arguments
+from m3jax.sampling import SamplingParams, TopLogprob, _is_int
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 
@@ -52,7 +53,9 @@ FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 class GenerationResult:
     """The outcome of one request. token_ids holds the generated ids (a final eos / stop id included);
     text is their decoding (without that id, cut before a stop string) or None without a tokenizer;
-    error says what failed when finish_reason is "error"."""
+    error says what failed when finish_reason is "error". With SamplingParams.logprobs, logprobs[i] is the
+    log-probability of token_ids[i]; with top_logprobs = n, top_logprobs[i] lists the n most likely tokens at
+    that position, best first (both under the model's raw distribution, m3jax.sampling)."""
 
     token_ids: list[int]
     text: str | None
@@ -62,16 +65,28 @@ class GenerationResult:
     request_id: Any = None
     error: str | None = None
     num_cached_tokens: int = 0         # prompt tokens whose keys came from the prefix cache (not computed)
+    top_logprobs: list[list[TopLogprob]] | None = None
+
+
+class SampledToken(NamedTuple):
+    """What the runner sampled for one row: the token, its logprob (None unless the request asked) and its top
+    alternatives (None unless the request asked; already cut to its n)."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] | None = None
 
 
 @dataclasses.dataclass
 class StepOutput:
-    """What one step produced for one request."""
+    """What one step produced for one request (logprobs / top_logprobs: of new_token_ids, when it asked)."""
 
     request_id: Any
     new_token_ids: list[int]
     finished: bool
     result: GenerationResult | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -87,6 +102,7 @@ class Request:
     tokens: list[int] = dataclasses.field(default_factory=list)    # prompt + generated
     num_computed: int = 0            # tokens whose keys are in the cache
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[TopLogprob]] = dataclasses.field(default_factory=list)
     max_total: int = 0               # stop with "length" once len(tokens) reaches this
     cache_salt: bytes = b""          # folded into its first block key: content the token ids do not show
     block_keys: list[bytes] = dataclasses.field(default_factory=list)   # chain keys of its first full blocks
@@ -340,8 +356,10 @@ class Scheduler:
         self._serials = itertools.count()
 
     # ------------------------------------------------------------------------------------------ input
-    def encode_prompt(self, prompt, request, chat: bool = False) -> list[int]:
-        """Token ids of a prompt (str or ids), checked against the vocab and max_seq_len; ValueError names it."""
+    def encode_prompt(self, prompt, request, chat: bool | dict = False) -> list[int]:
+        """Token ids of a prompt (str or ids), checked against the vocab and max_seq_len; ValueError names it.
+        chat: True or a dict of template arguments (m3jax.chat.template_arguments) renders a str prompt as one
+        user message through the tokenizer's chat template."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError(f"request {request}: prompt is empty")
@@ -349,8 +367,12 @@ class Scheduler:
             if tok is None:
                 raise ValueError(f"request {request}: prompt is a string but no tokenizer is known (pass "
                                  f"tokenizer= or token ids)")
-            if chat:
-                prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+            try:
+                args = template_arguments(chat)
+                if args is not None:
+                    prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], **args)
+            except ValueError as e:
+                raise ValueError(f"request {request}: {e}") from None
             ids = tok.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
             bad = [t for t in prompt if not _is_int(t)]          # True is not token id 1
@@ -381,7 +403,7 @@ class Scheduler:
     def pages_needed(self, num_prompt: int, params: SamplingParams) -> int:
         return pages_per_sequence(min(num_prompt + params.max_new_tokens, self.max_seq_len), self.page_size)
 
-    def prepare(self, prompt, sampling: SamplingParams | None = None, request_id=None, chat: bool = False):
+    def prepare(self, prompt, sampling: SamplingParams | None = None, request_id=None, chat: bool | dict = False):
         """Validate one request without queueing it: (token ids, params). Raises ValueError naming it."""
         name = request_id if request_id is not None else "<new>"
         sampling = SamplingParams() if sampling is None else sampling
@@ -400,7 +422,7 @@ class Scheduler:
                 or any(r.id == request_id for r in self.waiting))
 
     def add(self, prompt, sampling: SamplingParams | None = None, *, request_id=None,
-            on_token: Callable[[Any, int], None] | None = None, chat: bool = False, cache_salt: bytes = b""):
+            on_token: Callable[[Any, int], None] | None = None, chat: bool | dict = False, cache_salt: bytes = b""):
         """Queue a request; returns its id. Invalid input raises ValueError before anything is queued.
         cache_salt: see `Request.cache_salt` (the Engine passes the hash of a prompt's images)."""
         if request_id is not None and self.in_use(request_id):
@@ -492,9 +514,11 @@ class Scheduler:
                 return r
         raise KeyError(f"request {request_id!r} is not running")
 
-    def complete(self, batch: Batch, sampled: Sequence[tuple[int, float | None] | None]) -> list[StepOutput]:
-        """Record a computed step: every row's tokens are in the cache; rows with a sampled (token, logprob)
-        get it appended (stop rules, on_token). Returns the outputs of the rows that sampled, in row order."""
+    def complete(self, batch: Batch, sampled: Sequence[SampledToken | tuple[int, float | None] | None]
+                 ) -> list[StepOutput]:
+        """Record a computed step: every row's tokens are in the cache; rows with a SampledToken (or a
+        (token, logprob) pair) get it appended (stop rules, on_token). Returns the outputs of the rows that
+        sampled, in row order."""
         rows = batch.rows
         reqs = [self._request(row.request_id) for row in rows]
         for r, row in zip(reqs, rows):
@@ -525,16 +549,25 @@ class Scheduler:
                 return True
         return False
 
-    def _append(self, r: Request, token: int, logprob: float | None) -> StepOutput:
+    def _append(self, r: Request, token: int, logprob: float | None,
+                top: Sequence[TopLogprob] | None = None) -> StepOutput:
         r.tokens.append(token)
-        if r.params.logprobs:
+        lps = [logprob] if r.params.logprobs else None
+        tops = [list(top)] if r.params.top_logprobs else None
+        if lps is not None:
             r.logprobs.append(logprob)
+        if tops is not None:
+            r.top_logprobs.append(tops[0])
+
+        def output(finished: bool, result: GenerationResult | None = None) -> StepOutput:
+            return StepOutput(r.id, [token], finished, result, lps, tops)
+
         if r.on_token is not None:
             try:
                 r.on_token(r.id, token)
             except Exception as e:           # noqa: BLE001 - a caller's callback must not wedge the engine
                 result = self._finish(r, FINISH_ERROR, None, f"on_token raised {type(e).__name__}: {e}")
-                return StepOutput(r.id, [token], True, result)
+                return output(True, result)
         reason, cut = None, None
         if (token in self.eos_ids and not r.params.ignore_eos) or token in r.params.stop_token_ids:
             reason = FINISH_STOP
@@ -551,8 +584,8 @@ class Scheduler:
         if reason is None and len(r.tokens) >= r.max_total:
             reason = FINISH_LENGTH
         if reason is None:
-            return StepOutput(r.id, [token], False)
-        return StepOutput(r.id, [token], True, self._finish(r, reason, cut))
+            return output(False)
+        return output(True, self._finish(r, reason, cut))
 
     def _finish(self, r: Request, reason: str, cut: int | None, error: str | None = None) -> GenerationResult:
         out = r.tokens[len(r.prompt):]
@@ -565,7 +598,8 @@ class Scheduler:
             if cut is not None:
                 text = text[:cut]
         result = GenerationResult(list(out), text, reason, list(r.logprobs) if r.params.logprobs else None,
-                                  list(r.prompt), r.id, error, r.num_cached)
+                                  list(r.prompt), r.id, error, r.num_cached,
+                                  list(r.top_logprobs) if r.params.top_logprobs else None)
         self.allocators[r.shard].release(r.id)
         self.running.remove(r)
         self.results[r.id] = result

@@ -53,10 +53,10 @@ def random_params(cfg: M3Config, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def random_model(cfg: M3Config, seed: int = 0, dtype=jnp.float32) -> M3ForCausalLM:
+def random_model(cfg: M3Config, seed: int = 0, dtype=jnp.float32, attn_impl: str | None = None) -> M3ForCausalLM:
     """A model with the weights of `random_params(cfg, seed)` (the router stays float32, the rest in `dtype`);
-    `make_tiny_checkpoint(path, seed)` writes the same weights."""
-    graphdef, treedef, paths, targets = abstract_params(cfg, dtype)
+    `make_tiny_checkpoint(path, seed)` writes the same weights. attn_impl: the kernels (default: the backend's)."""
+    graphdef, treedef, paths, targets = abstract_params(cfg, dtype, attn_impl)
     params = random_params(cfg, seed)
     leaves = [jnp.asarray(params[p], dtype=targets[p][1]) for p in paths]
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))

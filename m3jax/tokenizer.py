@@ -1,4 +1,4 @@
-"""Tokenizers: the checkpoint's `tokenizer.json` through the `tokenizers` library, plus the M3 chat layout."""
+"""Tokenizers: the checkpoint's `tokenizer.json` through the `tokenizers` library, and its chat template."""
 
 from __future__ import annotations
 
@@ -7,22 +7,25 @@ from typing import Protocol, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-# M3 special tokens used by the chat layout (as in the MiniMaxAI/MiniMax-M3 release's tokenizer and chat template).
-BOS, ROLE, EOT = "]~!b[", "]~b]", "[e~["
+from m3jax.chat import BOS, EOT, ROLE, ChatTemplate, ImagePart, check_messages, check_tools
 
 
 class M3Tokenizer:
-    """Text <-> token ids, and the M3 chat layout `]~!b[]~b]role\\ncontent[e~[\\n...]~b]ai\\n`."""
+    """Text <-> token ids, and chat prompts through the checkpoint's chat template (m3jax.chat.ChatTemplate: its
+    chat_template.jinja when present, else the built-in M3 layout), the same renderer as `m3jax serve`."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, chat_template: ChatTemplate | None = None):
         self._tok = tokenizer
+        self.chat_template = chat_template if chat_template is not None else ChatTemplate()
 
     @classmethod
     def from_pretrained(cls, path: str) -> "M3Tokenizer":
+        """path: a checkpoint directory (its tokenizer.json and, when present, chat_template.jinja) or a
+        tokenizer.json file (the template beside it)."""
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise FileNotFoundError(f"tokenizer.json not found at {file}: pass token ids instead of strings")
-        return cls(Tokenizer.from_file(file))
+        return cls(Tokenizer.from_file(file), ChatTemplate.from_checkpoint(os.path.dirname(file)))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -33,17 +36,21 @@ class M3Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """Render [{"role": ..., "content": ...}] in the M3 layout; roles user/system/ai/tool ("assistant" -> ai)."""
-        parts = [BOS]
-        for i, m in enumerate(messages):
-            if "role" not in m or "content" not in m:
-                raise ValueError(f"chat message {i} must have 'role' and 'content', got keys {sorted(m)}")
-            role = {"assistant": "ai"}.get(m["role"], m["role"])
-            parts.append(f"{ROLE}{role}\n{m['content']}{EOT}\n")
-        if add_generation_prompt:
-            parts.append(f"{ROLE}ai\n")
-        return "".join(parts)
+    def apply_chat_template(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                            add_generation_prompt: bool = True, thinking_mode: str | None = None, *,
+                            images: list[ImagePart] | None = None, **kwargs) -> str:
+        """The prompt text of OpenAI chat messages, rendered by `chat_template` (see m3jax.chat).
+
+        tools: OpenAI tool definitions. thinking_mode: "enabled" | "disabled" | "adaptive" (None: the template's
+        default, adaptive for the built-in layout); kwargs: further template variables (a jinja template's).
+        images: a list that receives the image_url parts of user messages (each becomes the image marker in the
+        text, in order); None refuses image parts. Bad input raises m3jax.chat.FieldError (a ValueError) naming
+        the field, e.g. `messages[1].role`.
+        """
+        if thinking_mode is not None:
+            kwargs["thinking_mode"] = thinking_mode
+        return self.chat_template.render(check_messages(messages, images), check_tools(tools),
+                                         add_generation_prompt, **kwargs)
 
 
 class _Decodes(Protocol):

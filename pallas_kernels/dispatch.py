@@ -99,6 +99,24 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
                  contiguous_chunks=contiguous_chunks)
 
 
+def dense_attention_path(dtype, num_queries: int, *, contiguous_chunks: bool = False, impl=None) -> str:
+    """Which computation dense_attention(..., contiguous_chunks=..., impl=impl) runs for queries of `dtype`, T =
+    num_queries per row, stated without running it: "reference", "gpu:paged", "gpu:cudnn-chunk+paged-history"
+    (gpu.attention.dense_schedule decides), "tpu:paged" (the promise changes nothing there), with "-interpret"
+    in the name for the interpreter variants. The first implementation of the order is named: dense_attention
+    has no fallback on GPU and TPU (an input it refuses raises)."""
+    order = default_impls() if impl is None else ((impl,) if isinstance(impl, str) else tuple(impl))
+    name = order[0]
+    if name not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {name!r}")
+    if name == "reference":
+        return name
+    if name.startswith("gpu"):
+        from pallas_kernels.gpu.attention import dense_schedule
+        return f"{name}:{dense_schedule(num_queries, dtype, contiguous_chunks)}"
+    return f"{name}:paged"
+
+
 def grouped_matmul(lhs_md, rhs_gdn, group_sizes, *, impl=None):
     """MoE grouped matmul, float32 [M, N]; see reference.grouped_matmul. The requested (or default)
     implementation, then XLA's ragged_dot where it refuses the input (logged with the reason)."""

@@ -16,7 +16,7 @@ define_torchvision_op_schemas()
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `multi_device` build meshes of 8 devices. On the CPU backend those are the forced host devices
+    """Tests marked `multi_device` build meshes of up to 8 devices. On the CPU backend those are the forced host devices
     above; a GPU host's default backend has its own (usually fewer) devices, so there they are skipped, saying so."""
     import jax
     import pytest

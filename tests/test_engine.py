@@ -1,5 +1,6 @@
 """Engine: greedy equals repeated no-cache forwards, batch invariance, queueing on out-of-pages, stop rules,
-streaming, page accounting, no recompilation in steady decode, and bad input rejected before any work.
+streaming, page accounting, no recompilation in steady decode, and bad input rejected before any work
+(top_logprobs: tests/test_sampling.py, and on a mesh here).
 
 Tiny config: blocks of 8 and top-3 selection, so prompts of 20-45 tokens cross several block boundaries
 and select a strict subset of their blocks. Every engine here shares one geometry (and thus one set of
@@ -198,8 +199,11 @@ def test_engine_on_a_mesh(model, no_cache_greedy):
     assert pool.sharding.mesh.shape == mesh.shape and eng.data_shards == 2
     assert pool.addressable_shards[0].data.shape == (1, pool.shape[1] // 2) + pool.shape[2:]
     ps = prompts([19, 33, 7], seed=6)
-    out = m3jax.generate(eng, ps, GREEDY)
+    top = m3jax.SamplingParams(**{**GREEDY.__dict__, "logprobs": True, "top_logprobs": 3})
+    out = m3jax.generate(eng, ps, [GREEDY, GREEDY, top])
     assert [r.token_ids for r in out] == [no_cache_greedy(p, 10) for p in ps]
+    assert [t[0].token_id for t in out[2].top_logprobs] == out[2].token_ids     # top-k of the vocab-split logits
+    np.testing.assert_array_equal([t[0].logprob for t in out[2].top_logprobs], out[2].logprobs)
     assert {len(a.owners()) for a in eng.allocators} == {0} and all(a.num_free == a.capacity for a in eng.allocators)
 
 

@@ -141,5 +141,6 @@ def test_tokenizer_round_trip(tmp_path):
     tok = M3Tokenizer.from_pretrained(path)
     text = "MSA picks 16 blocks — per group."
     assert tok.decode(tok.encode(text)) == text
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}])
-    assert chat == "]~!b[]~b]user\nhi[e~[\n]~b]ai\n" and tok.encode(chat)[0] == tok.token_id("]~!b[")
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}])         # the built-in M3 layout
+    assert chat.startswith("]~!b[]~b]system\n") and chat.endswith("]~b]user\nhi[e~[\n]~b]ai\n")
+    assert tok.encode(chat)[0] == tok.token_id("]~!b[")

@@ -3,7 +3,11 @@
 Completions and chat; streaming equals non-streaming (stop strings included); 32 concurrent streaming clients each
 get the text a single greedy request gets from the engine; every bad-request class gets its 4xx / 503 with the
 field named; a disconnecting client's request leaves the engine; reasoning and tool-call parsing (directly on
-crafted text, and the structure of the end-to-end responses of the tiny random model); the chat template.
+crafted text, and the structure of the end-to-end responses of the tiny random model); the chat template, and
+that m3jax.generate(..., chat=...) and the server make the same prompt token ids (built-in layout, a checkpoint's
+chat_template.jinja, images) and name the same bad field;
+logprobs and top_logprobs (the model's log_softmax); images as data URLs on a tiny vision checkpoint (the text of
+m3jax.generate with the same image, prefix cache keyed by the pixels, bad images named by field).
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import m3jax  # noqa: E402
 from m3jax.serve import create_app  # noqa: E402
-from m3jax.serve.chat import ChatTemplate, check_messages, render_builtin  # noqa: E402
-from m3jax.serve.parsing import NS, ChatOutputParser, render_tool_call  # noqa: E402
+from m3jax.chat import NS, ChatTemplate, check_messages, render_builtin, render_tool_call  # noqa: E402
+from m3jax.serve.parsing import ChatOutputParser  # noqa: E402
 from m3jax.serve.text import StreamText, make_decoder  # noqa: E402
 from m3jax.tokenizer import M3Tokenizer  # noqa: E402
 
@@ -215,7 +219,7 @@ def test_32_concurrent_streaming_clients(server, client):
     ({"model": MODEL, "prompt": "hi", "n": 100}, 400, "n"),
     ({"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
     ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ({"model": MODEL, "prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"model": MODEL, "prompt": [300, 10**6]}, 400, "prompt"),
 ])
@@ -228,14 +232,22 @@ def test_bad_completion_requests(server, body, status, param):
 @pytest.mark.parametrize("body, param", [
     ({"model": MODEL}, "messages"),
     ({"model": MODEL, "messages": []}, "messages"),
-    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content[0].image_url"),
+    ({"model": MODEL, "messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,AAAA"}}]}]}, "messages[0].content[0]"),    # images in user messages only
     ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 2100}]}, "messages"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     "tools[0].function.name"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-      "chat_template_kwargs": {"thinking_mode": "sometimes"}}, "chat_template_kwargs"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2},
+      "chat_template_kwargs": {"thinking_mode": "sometimes"}}, "chat_template_kwargs.thinking_mode"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+      "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+      "chat_template_kwargs": {"greeting": "x"}}, "chat_template_kwargs.greeting"),     # not a built-in variable
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
      "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 0}, "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 1.5},
@@ -362,6 +374,52 @@ def test_client_disconnect_cancels_the_request(server, client):
     assert after.usage.prompt_tokens_details.cached_tokens > 300 and after.choices[0].text == cold.choices[0].text
 
 
+# ---------------------------------------------------------------------------------------------- logprobs
+def test_top_logprobs_completions_and_chat(server, client, model, tok):
+    """Greedy with top alternatives: the best one is the chosen token with its logprob; the values at the first
+    position are a jnp log_softmax of the model's logits; completions also list the chosen token; a stream's
+    chunks carry the same logprobs as the whole response, each token once; top_logprobs 0 gives none."""
+    import jax
+    import jax.numpy as jnp
+
+    ids = [104, 101, 108, 108, 111, 32, 119]                                       # "hello w"
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, logprobs=4)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    for text, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 5 and top[text] == chosen          # fewer: alternatives that decode alike
+        assert max(top.values()) == chosen                  # greedy: the chosen token is the best one
+    chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, logprobs=4,
+                                            stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((x.tokens for x in streamed), []) == lp.tokens
+    assert sum((x.top_logprobs for x in streamed), []) == lp.top_logprobs
+    assert sum((x.text_offset for x in streamed), []) == lp.text_offset
+    # chat: top_logprobs alternatives, best first, the first of them the greedy token
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    prompt = tok.encode(server.app.state.server.template.render(check_messages(msgs)))
+    want = np.asarray(jax.nn.log_softmax(model(jnp.asarray([prompt]))[0, -1]))
+    best = np.argsort(-want, kind="stable")[:3]
+    assert [a.token for a in content[0].top_logprobs] == [tok.decode([int(t)]) for t in best]
+    np.testing.assert_allclose([a.logprob for a in content[0].top_logprobs], want[best], rtol=1e-4, atol=1e-4)
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob
+        assert e.top_logprobs[0].token == e.token
+        assert [a.logprob for a in e.top_logprobs] == sorted((a.logprob for a in e.top_logprobs), reverse=True)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, [(a.token, a.logprob) for a in e.top_logprobs]) for e in streamed] == \
+        [(e.token, e.logprob, [(a.token, a.logprob) for a in e.top_logprobs]) for e in content]
+    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True)
+    assert [e.logprob for e in plain.choices[0].logprobs.content] == [e.logprob for e in content]
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+
+
 # ---------------------------------------------------------------------------------------------- chat
 def test_chat_reasoning_and_tools_end_to_end(client, tok):
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -449,6 +507,142 @@ def test_chat_template_builtin_and_jinja(tmp_path, tok):
     assert out == "]~!b[<user>Hi é[e~[" + json.dumps(tools, ensure_ascii=False) + "<ai>enabled"
     with pytest.raises(ValueError, match="thinking_mode"):
         t.render(msgs, thinking_mode="maybe")
+    # a template that refuses the conversation names the messages; one that does not parse names its file
+    from m3jax.chat import FieldError
+
+    with pytest.raises(FieldError, match="refused them: no tools here") as e:
+        ChatTemplate("{% if tools %}{{ raise_exception('no tools here') }}{% endif %}").render(msgs, tools)
+    assert e.value.field == "messages"
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(ValueError, match="chat_template.jinja: line 1: "):
+        ChatTemplate.from_checkpoint(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- one renderer
+_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+# (messages, tools, chat_template_kwargs): a user turn; a system message; several turns with an assistant tool
+# call, a tool result, tools and a thinking mode
+PROMPT_CASES = [
+    ([{"role": "user", "content": "Hello there"}], None, None),
+    ([{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": [
+        {"type": "text", "text": "Capital of "}, {"type": "text", "text": "France?"}]}], None, None),
+    ([{"role": "user", "content": "Weather in Paris?"},
+      {"role": "assistant", "content": "Let me look.", "tool_calls": [{"id": "c1", "type": "function", "function": {
+          "name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."},
+      {"role": "user", "content": "And tomorrow?"}], _TOOLS, {"thinking_mode": "enabled"}),
+]
+
+
+def _chat_arg(tools, kwargs):
+    """m3jax.generate's chat argument for the server's tools and chat_template_kwargs."""
+    return {**({"tools": tools} if tools else {}), **(kwargs or {})} or True
+
+
+@contextlib.contextmanager
+def _submitted(worker):
+    """The prompts (token ids or MultimodalPrompts) the server hands to the engine, in order."""
+    seen, submit = [], worker.submit
+
+    def spy(request_id, prompt, *args, **kw):
+        seen.append(prompt)
+        return submit(request_id, prompt, *args, **kw)
+
+    worker.submit = spy
+    try:
+        yield seen
+    finally:
+        del worker.submit
+
+
+def _server_prompt(srv, messages, tools=None, kwargs=None) -> list[int]:
+    from m3jax.serve.worker import prompt_ids
+
+    body = {"model": MODEL, "messages": messages, "max_tokens": 1, "temperature": 0}
+    body.update({"tools": tools} if tools else {}, **({"chat_template_kwargs": kwargs} if kwargs else {}))
+    with _submitted(srv.worker) as seen:
+        _post(srv, "/v1/chat/completions", body)
+    assert len(seen) == 1
+    return list(prompt_ids(seen[0]))
+
+
+def test_generate_and_server_give_the_same_prompt(server, tok):
+    """m3jax.generate(..., chat=...) prepares its prompts with Engine.prepare: the same token ids as
+    /v1/chat/completions for the same messages, tools and chat_template_kwargs (the built-in layout here)."""
+    engine = server.worker.engine            # prepare only reads the tokenizer: safe beside the worker thread
+    for messages, tools, kwargs in PROMPT_CASES:
+        python = engine.prepare(messages, chat=_chat_arg(tools, kwargs))[0].token_ids
+        assert _server_prompt(server, messages, tools, kwargs) == python
+        assert tok.decode(python).startswith("]~!b[]~b]system\n<thinking_instructions>")
+    # a string prompt with chat=True is one user message
+    assert engine.prepare("Hello there", chat=True)[0] == engine.prepare(PROMPT_CASES[0][0], chat=True)[0].token_ids
+    text = tok.decode(engine.prepare(*PROMPT_CASES[2][:1], chat=_chat_arg(*PROMPT_CASES[2][1:]))[0].token_ids)
+    assert "]~b]developer\nYou are a helpful assistant.\n\n# Tools" in text and text.endswith("]~b]ai\n<mm:think>")
+    assert f'{NS}<invoke name="get_weather">\n{NS}<city>Paris{NS}</city>\n{NS}<days>2{NS}</days>\n' in text
+
+
+def test_checkpoint_chat_template_on_both_paths(model, ckpt, tmp_path):
+    """A checkpoint's chat_template.jinja renders the prompts of m3jax.generate and of the server (which takes
+    the tokenizer's template by default), with tools and template variables."""
+    import shutil
+
+    shutil.copy(f"{ckpt}/tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}[{{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}"
+        "{{ eos_token }}{% endfor %}{% if tools %}{{ tools | tojson }}{% endif %}"
+        "{% if add_generation_prompt %}<ai>{{ thinking_mode }}{{ greeting }}{% endif %}")
+    jtok = M3Tokenizer.from_pretrained(str(tmp_path))
+    assert jtok.chat_template.source == "chat_template.jinja"
+    engine = m3jax.Engine(model, tokenizer=jtok, max_batch_size=1, max_seq_len=512, num_pages=80)
+    recorder = _RecordingEngine()
+    recorder.max_seq_len = 512
+    with _served(recorder, jtok) as srv:                       # no chat_template or checkpoint_dir given
+        for messages, tools, kwargs in PROMPT_CASES + [(PROMPT_CASES[0][0], None, {"greeting": "hi!"})]:
+            python = engine.prepare(messages, chat=_chat_arg(tools, kwargs))[0].token_ids
+            code, err = _post(srv, "/v1/chat/completions", {
+                "model": MODEL, "messages": messages, "max_tokens": 1,
+                **({"tools": tools} if tools else {}), **({"chat_template_kwargs": kwargs} if kwargs else {})})
+            assert code == 400 and err["error"]["message"].endswith("recorded")
+            assert recorder.prompts.pop() == python
+            assert jtok.decode(python).startswith("]~!b[<")
+        assert jtok.decode(python) == "]~!b[<user>Hello there[e~[<ai>hi!"
+        text = jtok.decode(engine.prepare(PROMPT_CASES[2][0], chat=_chat_arg(*PROMPT_CASES[2][1:]))[0].token_ids)
+        assert '<assistant>Let me look.[get_weather {"city": "Paris", "days": 2}][e~[' in text
+        assert text.endswith(json.dumps(_TOOLS) + "<ai>enabled")
+
+
+@pytest.mark.parametrize("messages, field", [
+    ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+    ([{"role": "user", "content": "x"}, {"role": "user", "content": 3}], "messages[1].content"),
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "audio"}]}], "messages[0].content[1]"),
+    ([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+     "messages[0].content[0]"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{not json"}}]}], "messages[1].tool_calls[0].function.arguments"),
+    ("not a list", "messages"),
+])
+def test_bad_messages_name_the_field_on_both_paths(server, messages, field):
+    code, err = _post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 1})
+    assert code == 400 and err["error"]["param"] == field, err
+    if isinstance(messages, list):
+        with pytest.raises(ValueError, match=r"request 7: " + field.replace("[", r"\[").replace("]", r"\]") + ": "):
+            server.worker.engine.prepare(messages, request_id=7, chat=True)
+
+
+def test_bad_chat_arguments_name_the_field_in_python(server):
+    engine = server.worker.engine
+    for chat, words in [({"tools": [{"type": "function"}]}, "tools[0].function.name: "),
+                        ({"thinking_mode": "maybe"}, "thinking_mode: must be one of"),
+                        ({"greeting": "x"}, "greeting: the built-in M3 layout takes only thinking_mode"),
+                        ({"messages": []}, "chat: 'messages' is not a template argument"),
+                        ("yes", "chat must be True, False or a dict")]:
+        for prompt in ("hi", [{"role": "user", "content": "hi"}]):
+            with pytest.raises(ValueError) as e:
+                engine.prepare(prompt, request_id=3, chat=chat)
+            assert str(e.value).startswith("request 3: ") and words in str(e.value), e.value
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -523,9 +717,21 @@ class _CancellableEngine(_FailingEngine):
         self.cancelled.append(request_id)
 
 
+class _RecordingEngine(_FailingEngine):
+    """Records the prompt of each request, then refuses it (the server answers 400): nothing runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompts = []
+
+    def add_request(self, prompt, sampling, *, request_id=None):
+        self.prompts.append(prompt)
+        raise ValueError("recorded")
+
+
 @contextlib.contextmanager
-def _served(engine, tok):
-    app = create_app(engine, model_name=MODEL, tokenizer=tok)
+def _served(engine, tok, **app_kw):
+    app = create_app(engine, model_name=MODEL, tokenizer=tok, **app_kw)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -570,3 +776,146 @@ def test_engine_failure_answers_every_request(tok):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(srv_info.url + "/health")
         assert e.value.code == 503
+
+
+# ---------------------------------------------------------------------------------------------- images
+def _data_url(image, fmt="PNG") -> str:
+    import base64
+    import io
+
+    import PIL.Image
+
+    buf = io.BytesIO()
+    PIL.Image.fromarray(image).save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image(seed, h=45, w=66):
+    rs = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 127 + 100 * np.sin(yy[..., None] / (3 + rs.rand(3) * 7) + xx[..., None] / (4 + rs.rand(3) * 9))
+    return np.clip(base + rs.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _image_messages(url, text="What is in the picture?"):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def vision_server(tmp_path_factory):
+    """A tiny vision checkpoint served; greedy texts of m3jax.generate(..., chat=True) for the chat messages of two
+    images of one size, then an empty prefix cache."""
+    path = m3jax.testing.make_tiny_checkpoint(str(tmp_path_factory.mktemp("vl") / "tiny-vl"), seed=0, vision=True,
+                                              dtype="float32")
+    model = m3jax.load(path, dtype="float32", progress=False)
+    vtok = M3Tokenizer.from_pretrained(path)
+    eng = m3jax.Engine(model, tokenizer=vtok, max_batch_size=2, max_seq_len=512, prefill_chunk=128,
+                       row_buckets=(2,), num_pages=200)
+    images = [_image(1), _image(2)]
+    sp = m3jax.SamplingParams(max_new_tokens=6)
+    reference = m3jax.generate(eng, [_image_messages(_data_url(im)) for im in images], sp, chat=True,
+                               progress=False)
+    eng.reset_prefix_cache()
+    with _served(eng, vtok, checkpoint_dir=path) as srv:
+        srv.images, srv.reference = images, reference
+        yield srv
+
+
+def test_image_chat_equals_generate_and_caches_by_content(vision_server):
+    client = openai.OpenAI(base_url=vision_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    ref = vision_server.reference
+    urls = [_data_url(im) for im in vision_server.images]
+    with _submitted(vision_server.worker) as seen:
+        cold = client.chat.completions.create(model=MODEL, messages=_image_messages(urls[0]), max_tokens=6,
+                                              temperature=0)
+    n = cold.usage.prompt_tokens
+    assert seen[0].token_ids == ref[0].prompt_token_ids and cold.usage.completion_tokens == len(ref[0].token_ids)
+    assert cold.choices[0].message.content == ref[0].text
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    # the same image again: every full block comes from the cache, the output is the cold one (streamed too)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=_image_messages(urls[0]), max_tokens=6,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref[0].text
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // BLOCK * BLOCK
+    two = client.chat.completions.create(model=MODEL, messages=_image_messages(urls[0]), max_tokens=6,
+                                         temperature=0, n=2)                  # one prompt, two requests
+    assert [c.message.content for c in two.choices] == [ref[0].text] * 2
+    # another image of the same size: the same token ids, but no block is shared (keyed by the pixels)
+    other = client.chat.completions.create(model=MODEL, messages=_image_messages(urls[1]), max_tokens=6,
+                                           temperature=0)
+    assert other.usage.prompt_tokens == n and other.usage.prompt_tokens_details.cached_tokens == 0
+    assert other.choices[0].message.content == ref[1].text
+    # a JPEG data URL and an image_url given as a bare string are accepted too
+    r = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Compare "}, {"type": "image_url", "image_url": _data_url(vision_server.images[0],
+                                                                                           "JPEG")}]}])
+    assert r.usage.completion_tokens == 2
+    # a system message, two turns and two images: generate's prompt (Engine.prepare) is the server's
+    messages = [{"role": "system", "content": "Be brief."}] + _image_messages(urls[0], "First?") + [
+        {"role": "assistant", "content": "A pattern."}] + _image_messages(urls[1], "And this one?")
+    python = vision_server.worker.engine.prepare(messages, chat=True)[0]
+    with _submitted(vision_server.worker) as seen:
+        _post(vision_server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 1})
+    image_id = vision_server.worker.engine.vision.config.image_token_index
+    assert seen[0].token_ids == python.token_ids
+    assert python.token_ids.count(image_id) == 2 * ref[0].prompt_token_ids.count(image_id) > 0
+    np.testing.assert_array_equal(seen[0].pixel_values, python.pixel_values)
+    assert vision_server.worker.failure is None and vision_server.worker.outstanding == 0
+
+
+def test_bad_images_get_400_naming_the_field(vision_server, server):
+    import base64
+    import struct
+    import zlib
+
+    from m3jax.vision.processor import IMAGE_TOKEN
+
+    good = _data_url(_image(1))
+    png_1x300 = _data_url(np.zeros((1, 300, 3), np.uint8))               # aspect ratio 300 > 200
+    junk = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n not a png").decode()
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    zero_width = "data:image/png;base64," + base64.b64encode(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 5, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")).decode()
+    cases = [
+        (_image_messages(junk), "messages[0].content[0].image_url", "cannot decode"),
+        (_image_messages(zero_width), "messages[0].content[0].image_url", "cannot decode"),
+        (_image_messages("data:image/png;base64,@@@"), "messages[0].content[0].image_url", "cannot decode"),
+        (_image_messages("data:image/png,rawbytes"), "messages[0].content[0].image_url", "base64"),
+        (_image_messages(png_1x300), "messages[0].content[0].image_url", "aspect ratio"),
+        (_image_messages("https://example.com/cat.png"), "messages[0].content[0].image_url", "does not fetch"),
+        (_image_messages("http://127.0.0.1:1/x.png"), "messages[0].content[0].image_url", "does not fetch"),
+        (_image_messages("file:///etc/passwd"), "messages[0].content[0].image_url", "data URL"),
+        (_image_messages("/etc/passwd"), "messages[0].content[0].image_url", "data URL"),
+        ([{"role": "user", "content": "hi"}] + [{"role": "user", "content": [
+            {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": good, "detail": "max"}}]}],
+         "messages[1].content[1].image_url.detail", "detail"),
+        (_image_messages(good, text=f"and {IMAGE_TOKEN}"), "messages", "markers"),     # a marker typed as text
+    ]
+    for messages, param, words in cases:
+        code, err = _post(vision_server, "/v1/chat/completions", {"model": MODEL, "messages": messages,
+                                                                 "max_tokens": 2})
+        assert code == 400, (param, err)
+        assert err["error"]["param"] == param and words in err["error"]["message"], err
+    # a model without a vision tower
+    code, err = _post(server, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "x"},
+                                     {"type": "image_url", "image_url": {"url": good}}]}]})
+    assert code == 400 and err["error"]["param"] == "messages[0].content[1].image_url", err
+    assert "no vision tower" in err["error"]["message"]
+    assert vision_server.worker.failure is None and server.worker.failure is None
+    # a multi-process server's LeaderEngine replays token ids on the other processes: images are refused
+    from m3jax.distributed import LeaderEngine
+    from m3jax.chat import ImagePart
+    from m3jax.serve.images import image_prompt
+    from m3jax.serve.protocol import APIError
+
+    leader = LeaderEngine.__new__(LeaderEngine)            # no __init__: nothing is published
+    leader.engine = vision_server.worker.engine
+    with pytest.raises(APIError, match="multi-process") as e:
+        image_prompt(leader, IMAGE_TOKEN, [ImagePart("messages[0].content[0].image_url", good)], "r")
+    assert e.value.status == 400 and e.value.param == "messages[0].content[0].image_url"

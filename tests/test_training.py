@@ -39,7 +39,7 @@ def uninterrupted(trainer):
 
 def test_training_forward_equals_model():
     """The training forward (jnp attention with probabilities) is the inference forward: same logits."""
-    graphdef, state = nnx.split(random_model(CFG, seed=0))   # CPU: the reference attention and MoE
+    graphdef, state = nnx.split(random_model(CFG, seed=0, attn_impl="reference"))    # what the Trainer runs
     ids = jax.random.randint(jax.random.key(1), (2, 45), 0, CFG.vocab_size)
 
     @jax.jit                                   # one compile for the three forwards
@@ -66,7 +66,7 @@ def test_indexer_kl_is_zero_when_student_matches_teacher():
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_kl_gradient_reaches_only_the_indexer(sparse):
-    model = random_model(CFG, seed=0)            # CPU: the reference (differentiable) attention and MoE
+    model = random_model(CFG, seed=0, attn_impl="reference")      # differentiable (the Pallas kernels have no VJP)
     graphdef, state = nnx.split(model)
     ids = jax.random.randint(jax.random.key(2), (2, 40), 0, CFG.vocab_size)
 
@@ -102,8 +102,15 @@ def test_resumed_run_is_exact(trainer, uninterrupted, tmp_path):
     fresh_loader = data.TokenLoader(TOKENS, TCFG.batch_size, TCFG.seq_len, seed=0)   # position restored from ckpt
     _, rest = T.train(trainer, fresh_loader, checkpoint_dir=ckpt, resume=True, progress=False)
     assert [h["step"] for h in rest] == [4, 5, 6]
-    assert [h["loss"] for h in rest] == [h["loss"] for h in uninterrupted[3:]]            # bit-exact
-    assert [h["indexer_kl"] for h in rest] == [h["indexer_kl"] for h in uninterrupted[3:]]
+    for key in ("loss", "indexer_kl"):
+        got, want = [h[key] for h in rest], [h[key] for h in uninterrupted[3:]]
+        if jax.default_backend() == "cpu":
+            assert got == want, key                                                       # bit-exact
+        else:
+            # A GPU's backward sums scatter-adds (the embedding and gather gradients) with atomics, in an order
+            # that differs from run to run, so two identical runs already differ in the last bits (measured on
+            # an H200: 2e-4 relative after 3 steps); only the CPU can show the resume bit-exact.
+            np.testing.assert_allclose(got, want, rtol=2e-3, err_msg=key)
 
 
 def test_router_bias_moves_towards_balance():

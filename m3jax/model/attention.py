@@ -56,7 +56,8 @@ class PagedKV:
     k_pages: jax.Array                 # [K, P, R, H]
     v_pages: jax.Array                 # [K, P, R, H]
     page_table: jax.Array              # i32[B, M]
-    ik_pages: jax.Array | None = None  # [P, R, I], sparse layers only
+    ik_pages: jax.Array | None = None  # [P, R, I], sparse layers only (float8_e4m3fn in an FP8 index-K cache)
+    ik_scale: jax.Array | None = None  # f32[P, R] per-token scale of an FP8 index-K cache (m3jax/cache.py)
 
 
 class Attention(nnx.Module):
@@ -133,6 +134,13 @@ class Attention(nnx.Module):
         (m3jax.cache.layer_offset) in each shard's pool. A query at position p writes to page
         `page_table[b, p // R]`, row p % R; padding (q_pos -1) writes to the sink. On a mesh the batch rows and pools are split over "data" (rows [d*B/D, (d+1)*B/D) own
         shard d's pages), heads over "model": each device writes and reads only its own pages.
+
+        Full-attention layers pass dense_attention the promise contiguous_chunks=True: every row of a cached step
+        holds consecutive positions of one request, then -1 padding (m3jax.model.cached.StepGroup's contract,
+        how m3jax.runner lays out prompt chunks and decode rows). Because every row's keys are written before any
+        row attends, a row's history (positions before its first) is in the cache, including earlier rows of the
+        same prompt chunk. Which computation that gives is `dense_path` (on GPU, bf16, rows of >= 512 queries:
+        cuDNN over the row's own chunk + the paged kernel over its history, merged by log-sum-exp).
         """
         b = DATA if self.data_shards > 1 else None
         if b is not None and q_pos.shape[0] % self.data_shards:
@@ -143,10 +151,13 @@ class Attention(nnx.Module):
             page, row = cache_lib.write_slots(pos, kv.page_table, self.block_size, offset)
             k = cache_lib.write_kv(kv.k_pages, p.k_btkh, page, row)
             v = cache_lib.write_kv(kv.v_pages, p.v_btkh, page, row)
-            ik = None if kv.ik_pages is None else cache_lib.write_ik(kv.ik_pages, p.ik_bti, page, row)
-            layer = PagedKV(k, v, kv.page_table + offset, ik)
+            ik, ik_scale = kv.ik_pages, kv.ik_scale
+            if ik is not None:
+                ik, ik_scale = cache_lib.write_ik(ik, p.ik_bti, page, row, ik_scale)
+            layer = PagedKV(k, v, kv.page_table + offset, ik, ik_scale)
             ids = self._select(p, layer, pos, self.impl) if self.sparse else None
-            return self._attend(p, layer, pos, ids, self.impl), PagedKV(k, v, kv.page_table, ik)
+            o = self._attend(p, layer, pos, ids, self.impl, contiguous_chunks=True)
+            return o, PagedKV(k, v, kv.page_table, ik, ik_scale)
 
         kv_specs = self._kv_specs(b, kv)
         offset = jnp.asarray(layer_offset, jnp.int32)
@@ -162,16 +173,29 @@ class Attention(nnx.Module):
 
     def _select(self, p: Projections, kv: PagedKV, q_pos, impl):
         return dispatch.indexer_topk(p.iq_btki, kv.ik_pages, kv.page_table, q_pos, topk=self.topk_blocks,
-                                     local_blocks=self.local_blocks, impl=impl)
+                                     local_blocks=self.local_blocks, ik_scale=kv.ik_scale, impl=impl)
 
-    def _attend(self, p: Projections, kv: PagedKV, q_pos, block_ids, impl):
-        """o [B, T, N, H] in the model dtype: MSA over `block_ids` on sparse layers, causal GQA on full ones."""
+    def _attend(self, p: Projections, kv: PagedKV, q_pos, block_ids, impl, contiguous_chunks: bool = False):
+        """o [B, T, N, H] in the model dtype: MSA over `block_ids` on sparse layers, causal GQA on full ones
+        (contiguous_chunks: the caller's promise about q_pos, see attend_cached)."""
         if self.sparse:
             o = dispatch.sparse_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, block_ids,
                                           impl=impl)
         else:
-            o = dispatch.dense_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, impl=impl)
+            o = dispatch.dense_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, impl=impl,
+                                         contiguous_chunks=contiguous_chunks)
         return o.astype(p.q_btnh.dtype)
+
+    def dense_path(self, num_queries: int, dtype, *, cached: bool = True) -> str:
+        """The computation this full-attention layer's dense attention runs for rows of `num_queries` queries of
+        `dtype` (the model's): pallas_kernels.dispatch.dense_attention_path of this layer's kernel choice, with
+        the cached step's contiguous_chunks promise (cached=True) or without it (the no-cache forward, whose
+        positions are the caller's and carry no promise). E.g. "gpu:cudnn-chunk+paged-history" for a bf16
+        prefill row of 512+ queries on GPU, "gpu:paged" for a decode row or the Engine's 64-token rows,
+        "reference" on CPU."""
+        if self.sparse:
+            raise ValueError("dense_path: this is an MSA (sparse) layer; its attention is sparse_attention")
+        return dispatch.dense_attention_path(dtype, num_queries, contiguous_chunks=cached, impl=self.impl)
 
     def _data_axis(self, batch: int):
         """DATA when the batch splits over the data shards, else None (rows whole on every data shard)."""
@@ -189,7 +213,8 @@ class Attention(nnx.Module):
 
     @staticmethod
     def _kv_specs(b, kv: PagedKV) -> PagedKV:
-        return PagedKV(_kv_pool(b), _kv_pool(b), P(b), None if kv.ik_pages is None else P(b))
+        return PagedKV(_kv_pool(b), _kv_pool(b), P(b), None if kv.ik_pages is None else P(b),
+                       None if kv.ik_scale is None else P(b))
 
     def _local(self, fn, args, in_specs, out_specs):
         """fn on each device's rows and heads (shard_map: the Pallas kernels cannot be partitioned by XLA)."""

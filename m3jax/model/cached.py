@@ -27,7 +27,13 @@ from m3jax.model.attention import Attention, PagedKV, Projections
 
 
 class StepGroup(NamedTuple):
-    """One rectangle of queries of a step (right-padded; requests never share a row)."""
+    """One rectangle of queries of a step (right-padded; requests never share a row).
+
+    Contract: each row holds consecutive positions p0, p0 + 1, ... of one request, then -1 padding (a row of
+    padding only is allowed). The full-attention layers rely on it (Attention.attend_cached passes it to
+    dense_attention as contiguous_chunks=True: on GPU a bf16 row of 512+ queries sends its chunk to cuDNN); a
+    row that breaks it gets NaN on that path, which the runner reports as non-finite logits, never a silently wrong answer.
+    """
 
     tokens: jax.Array       # i32[B, T] token ids; padding entries may hold any valid id
     q_pos: jax.Array        # i32[B, T] absolute positions; -1 marks padding
@@ -44,9 +50,23 @@ class CachedKeys:
 
     def attend(self, attn: Attention, group: int, p: Projections):
         g = self.groups[group]
-        kv = PagedKV(self.pools.k_pages, self.pools.v_pages, g.page_table, self.pools.ik_pages)
+        pools = self.pools
+        kv = PagedKV(pools.k_pages, pools.v_pages, g.page_table, pools.ik_pages, pools.ik_scale)
         o, kv = attn.attend_cached(p, kv, g.q_pos, self.offset)
-        return o, CachedKeys(StackCache(kv.k_pages, kv.v_pages, kv.ik_pages), self.groups, self.offset), None
+        pools = StackCache(kv.k_pages, kv.v_pages, kv.ik_pages, kv.ik_scale)
+        return o, CachedKeys(pools, self.groups, self.offset), None
+
+
+def dense_attention_paths(model, queries_per_row: dict[str, int]) -> dict[str, str]:
+    """{group name: the computation the full-attention layers run for rows of that many queries}, as the cached
+    step runs them (Attention.dense_path), e.g. {"decode": "gpu:paged", "prefill":
+    "gpu:cudnn-chunk+paged-history"}; {} for a model without full-attention layers. Every full-attention layer
+    shares the model's kernel choice and dtype, so the first one answers for all."""
+    for stack in model.stacks:
+        attn = stack.layers.attn
+        if not attn.sparse:
+            return {name: attn.dense_path(t, model.dtype) for name, t in queries_per_row.items()}
+    return {}
 
 
 def _run_stack(stack, pools: StackCache, hs, groups, ropes, num_pages: int, layer_states=None):

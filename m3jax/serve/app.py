@@ -3,7 +3,8 @@
     app = create_app(engine, model_name="m3")          # uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE streaming with
-`stream: true`, closed by `data: [DONE]`; `stream_options.include_usage` adds a usage chunk). Errors are OpenAI
+`stream: true`, closed by `data: [DONE]`; `stream_options.include_usage` adds a usage chunk). Chat user messages
+may hold `image_url` parts with data URLs when the model has a vision tower (m3jax.serve.images). Errors are OpenAI
 error JSON naming the field: 400 bad field or a prompt longer than max_seq_len, 404 unknown model or path, 503
 queue full or a failed engine. A client that disconnects cancels its requests (see worker.py for what that frees).
 Each request logs one line: id, prompt / completion / cached tokens, time to first token, total time.
@@ -29,11 +30,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from m3jax.serve.chat import ChatTemplate, check_messages, check_tools
-from m3jax.serve.parsing import THINK_START, ChatOutputParser, ParsedDelta
+from m3jax.chat import THINK_START, ChatTemplate, FieldError, ImagePart, check_messages, check_tools
+from m3jax.serve.images import image_prompt
+from m3jax.serve.parsing import ChatOutputParser, ParsedDelta
 from m3jax.serve.protocol import APIError, Common, bad, parse_common, sampling_for, usage
 from m3jax.serve.text import StreamText
-from m3jax.serve.worker import EngineFailed, EngineWorker, Event, QueueFull, cached_tokens
+from m3jax.serve.worker import EngineFailed, EngineWorker, Event, QueueFull, cached_tokens, prompt_ids
 
 log = logging.getLogger("m3jax.serve")
 
@@ -58,6 +60,10 @@ class _Choice:
     result: Any = None
     first_token_at: float | None = None
     parsed: ParsedDelta = dataclasses.field(default_factory=ParsedDelta)
+    logprobs: list[float] = dataclasses.field(default_factory=list)       # of token_ids, when asked
+    top_logprobs: list[list] = dataclasses.field(default_factory=list)    # of token_ids: [TopLogprob] each
+    logprobs_sent: int = 0            # tokens whose logprobs a response chunk carried
+    text_offset: int = 0              # completions: characters of the token strings sent so far
 
 
 class Server:
@@ -92,21 +98,22 @@ class Server:
             raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
         return body
 
+    def _check_length(self, num_tokens: int, field: str) -> None:
+        if num_tokens > self.cfg.max_seq_len:
+            raise bad(field, f"the prompt has {num_tokens} tokens, more than this server's max_seq_len="
+                             f"{self.cfg.max_seq_len}", "context_length_exceeded")
+
     def _encode(self, text: str, field: str) -> list[int]:
         if not text:
             raise bad(field, "must not be empty")
         ids = self.tok.encode(text)
-        if len(ids) > self.cfg.max_seq_len:
-            raise bad(field, f"the prompt has {len(ids)} tokens, more than this server's max_seq_len="
-                             f"{self.cfg.max_seq_len}", "context_length_exceeded")
+        self._check_length(len(ids), field)
         return ids
 
     def _token_prompt(self, ids: list, field: str) -> list[int]:
         if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise bad(field, "a token-id prompt must be a non-empty list of integers")
-        if len(ids) > self.cfg.max_seq_len:
-            raise bad(field, f"the prompt has {len(ids)} tokens, more than this server's max_seq_len="
-                             f"{self.cfg.max_seq_len}", "context_length_exceeded")
+        self._check_length(len(ids), field)
         return list(ids)
 
     # ------------------------------------------------------------------------------------------ endpoints
@@ -142,14 +149,12 @@ class Server:
         body = await self._body(request)
         self._check_model(body)
         common = self._parse_common(body, chat=True)
-        try:
-            messages = check_messages(body.get("messages"))
-        except ValueError as e:
-            raise bad("messages", str(e)) from None
-        try:
+        images: list[ImagePart] = []
+        try:           # validated and rendered as M3Tokenizer.apply_chat_template does it (m3jax.chat)
+            messages = check_messages(body.get("messages"), images)
             tools = check_tools(body.get("tools"))
-        except ValueError as e:
-            raise bad("tools", str(e)) from None
+        except FieldError as e:
+            raise bad(e.field, e.detail) from None
         choice = body.get("tool_choice", "auto")
         if choice not in ("auto", "none"):
             raise bad("tool_choice", f"only 'auto' and 'none' are supported (no constrained decoding), got "
@@ -161,25 +166,31 @@ class Server:
             raise bad("chat_template_kwargs", "must be an object")
         try:
             text = self.template.render(messages, tools, True, **kwargs)
-        except ValueError as e:
-            raise bad("chat_template_kwargs" if "chat_template_kwargs" in str(e) else "messages", str(e)) from None
-        ids = self._encode(text, "messages")
+        except FieldError as e:         # a template variable by its name, or the messages a jinja template refused
+            raise bad(e.field if e.field == "messages" else f"chat_template_kwargs.{e.field}", e.detail) from None
+        rid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        if images:      # decoding and patching are CPU work: off the event loop
+            prompt = await asyncio.to_thread(image_prompt, self.worker.engine, text, images, rid)
+            self._check_length(len(prompt.token_ids), "messages")
+        else:
+            prompt = self._encode(text, "messages")
         in_reasoning = text.endswith(THINK_START)
         make_parser = lambda: ChatOutputParser(reasoning=True, starts_in_reasoning=in_reasoning,  # noqa: E731
                                                tools=tools)
-        return await self._generate(request, "chat", [ids], common, "messages", self.cfg.chat_default_max_tokens,
-                                    make_parser)
+        return await self._generate(request, "chat", [prompt], common, "messages", self.cfg.chat_default_max_tokens,
+                                    make_parser, rid)
 
     # ------------------------------------------------------------------------------------------ generation
-    async def _generate(self, request: Request, kind: str, prompts: list[list[int]], common: Common,
-                        prompt_field: str, default_max: int | None, make_parser):
+    async def _generate(self, request: Request, kind: str, prompts: list, common: Common,
+                        prompt_field: str, default_max: int | None, make_parser, rid: str | None = None):
+        """prompts: token ids, or MultimodalPrompts (chat with images), each run common.n times."""
         t0 = time.perf_counter()
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        rid = rid or ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         total = len(prompts) * common.n
         if total > self.worker.max_outstanding:
             raise bad("n", f"{len(prompts)} prompt(s) x n={common.n} = {total} requests, more than this server "
                            f"takes at once ({self.worker.max_outstanding})")
-        params = [sampling_for(common, len(p), self.cfg.max_seq_len, default_max, prompt_field, c)
+        params = [sampling_for(common, len(prompt_ids(p)), self.cfg.max_seq_len, default_max, prompt_field, c)
                   for p in prompts for c in range(common.n)]
         try:
             self.worker.reserve(total)
@@ -256,6 +267,8 @@ class _Run:
         if c.first_token_at is None and (ev.token_ids or ev.kind == "done"):
             c.first_token_at = ev.time
         c.token_ids += ev.token_ids
+        c.logprobs += ev.logprobs or []
+        c.top_logprobs += ev.top_logprobs or []
         if ev.kind == "tokens":
             text = c.stream.push(ev.token_ids)
             finished = False
@@ -279,22 +292,37 @@ class _Run:
         return reason
 
     def _logprobs(self, c: _Choice):
-        lps = c.result.logprobs if c.result is not None else None
-        if not self.common.logprobs or lps is None:
+        """The logprobs of c's tokens that no chunk carried yet, in OpenAI's shape (None when not asked): chat
+        {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}, completions {"tokens",
+        "token_logprobs", "top_logprobs": [{token: logprob}] (the top n and the chosen token; tokens that decode
+        to one string share an entry) or None, "text_offset"}. A response, or the chunks of a stream together,
+        carry each token once, in order."""
+        start, end = c.logprobs_sent, len(c.logprobs)
+        if not self.common.logprobs or (self.common.stream and start == end):
             return None
-        strings = [self.s.tok.decode([t]) for t in c.result.token_ids]
+        n = self.common.sampling.top_logprobs
+        c.logprobs_sent = end
+        decode = lambda t: self.s.tok.decode([t])                                      # noqa: E731
+        strings = [decode(t) for t in c.token_ids[start:end]]
+        lps, tops = c.logprobs[start:end], c.top_logprobs[start:end] if n else [[]] * (end - start)
         if self.kind == "chat":
-            return {"content": [{"token": s, "logprob": lp,
-                                 "bytes": None if "\ufffd" in s else list(s.encode("utf-8")), "top_logprobs": []}
-                                for s, lp in zip(strings, lps)]}
-        offsets, pos = [], 0
+            def entry(s: str, lp: float) -> dict:
+                return {"token": s, "logprob": lp, "bytes": None if "\ufffd" in s else list(s.encode("utf-8"))}
+            return {"content": [dict(entry(s, lp), top_logprobs=[entry(decode(a.token_id), a.logprob) for a in top])
+                                for s, lp, top in zip(strings, lps, tops)]}
+        offsets = []
         for s in strings:
-            offsets.append(pos)
-            pos += len(s)
-        return {"tokens": strings, "token_logprobs": list(lps), "top_logprobs": None, "text_offset": offsets}
+            offsets.append(c.text_offset)
+            c.text_offset += len(s)
+        top_dicts = None
+        if n:       # OpenAI: the n best and always the chosen token, so up to n + 1 entries. Tokens that decode
+            # to the same string (special tokens, pieces of one character) share an entry: the best one's.
+            top_dicts = [{**{decode(a.token_id): a.logprob for a in reversed(top)}, s: lp} for s, lp, top in
+                         zip(strings, lps, tops)]
+        return {"tokens": strings, "token_logprobs": lps, "top_logprobs": top_dicts, "text_offset": offsets}
 
     def _usage(self) -> dict:
-        prompt = sum(len(p) for p in self.prompts)
+        prompt = sum(len(prompt_ids(p)) for p in self.prompts)
         completion = sum(len(c.result.token_ids) for c in self.choices if c.result is not None)
         cached = sum(cached_tokens(c.result) for c in self.choices[::self.common.n] if c.result is not None)
         return usage(prompt, completion, cached)
@@ -380,7 +408,7 @@ class _Run:
                     break
                 if self.kind == "chat":
                     for delta in self._chat_deltas(c, parsed):
-                        yield self._chunk([{"index": c.index, "delta": delta, "logprobs": None,
+                        yield self._chunk([{"index": c.index, "delta": delta, "logprobs": self._logprobs(c),
                                             "finish_reason": None}])
                     if finished:
                         yield self._chunk([{"index": c.index, "delta": {}, "logprobs": self._logprobs(c),
@@ -388,8 +416,7 @@ class _Run:
                 else:
                     # One chunk per engine event, even when the text is held back or empty (a token that is
                     # half a character): clients see every token arrive, which is what TTFT / TPOT measure.
-                    yield self._chunk([{"index": c.index, "text": text,
-                                        "logprobs": self._logprobs(c) if finished else None,
+                    yield self._chunk([{"index": c.index, "text": text, "logprobs": self._logprobs(c),
                                         "finish_reason": self._finish_reason(c) if finished else None}])
             else:
                 status = "ok"
@@ -435,14 +462,17 @@ def create_app(engine, *, model_name: str = "m3jax", max_queue: int | None = Non
                completion_default_max_tokens: int = 16, chat_default_max_tokens: int | None = None) -> Starlette:
     """The ASGI app serving `engine` (an m3jax.Engine with a tokenizer). max_queue: requests that may wait for
     a batch slot beyond the max_batch_size running ones (default 4 x max_batch_size); more get 503. tokenizer:
-    default the engine's. chat_template: default from checkpoint_dir (its chat_template.jinja, else the built-in
-    M3 layout)."""
+    default the engine's. chat_template: default the tokenizer's (M3Tokenizer.chat_template: its checkpoint's
+    chat_template.jinja, else the built-in M3 layout), so that a conversation gives the prompt that
+    m3jax.generate(..., chat=True) gives it; for a tokenizer without one, checkpoint_dir's (m3jax.chat)."""
     tok = tokenizer or engine.tokenizer
     if tok is None:
         raise ValueError("create_app: the engine has no tokenizer (pass tokenizer= or a checkpoint with "
                          "tokenizer.json)")
     if chat_template is None:
-        chat_template = ChatTemplate.from_checkpoint(checkpoint_dir)
+        chat_template = getattr(tok, "chat_template", None)
+        if not isinstance(chat_template, ChatTemplate):       # a tokenizer of another kind
+            chat_template = ChatTemplate.from_checkpoint(checkpoint_dir)
     max_queue = 4 * engine.max_batch_size if max_queue is None else max_queue
     if max_queue < 0:
         raise ValueError(f"create_app: max_queue must be >= 0, got {max_queue}")

@@ -25,9 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: the "
                     "checkpoint directory's name)")
     ap.add_argument("--fp8-experts", action="store_true", help="keep an MXFP8 release's routed experts in FP8")
+    ap.add_argument("--fp8-index-k", action="store_true", help="cache MSA index keys in FP8 (Engine(fp8_index_k))")
     ap.add_argument("--max-queue", type=int, default=None,
                     help="requests waiting beyond the running batch before 503 (default: 4 x max-batch-size)")
-    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="prompt tokens per request and step (default: the backend's, Engine's default_prefill_chunk)")
     ap.add_argument("--no-prefix-caching", action="store_true",
                     help="compute every prompt in full (default: reuse the cached blocks of earlier prompts)")
     ap.add_argument("--attn-impl", default=None, help="reference | gpu | tpu | ... (default: the backend's)")
@@ -50,7 +52,7 @@ def build_app(args):
     from m3jax.tokenizer import M3Tokenizer
 
     for name in ("port", "max_batch_size", "prefill_chunk"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     path = args.model or default_model_path()
     mesh = parse_mesh(args.mesh) if args.mesh else None
@@ -60,8 +62,8 @@ def build_app(args):
     tok = M3Tokenizer.from_pretrained(path)
     max_seq_len = args.max_seq_len if args.max_seq_len is not None else min(4096, model.config.max_position_embeddings)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len, tokenizer=tok,
-                    prefill_chunk=min(args.prefill_chunk, max_seq_len), mesh=mesh,
-                    enable_prefix_caching=not args.no_prefix_caching)
+                    prefill_chunk=args.prefill_chunk, mesh=mesh,
+                    enable_prefix_caching=not args.no_prefix_caching, fp8_index_k=args.fp8_index_k)
     if distributed.is_multi_process():      # process 0 serves; the others replay its engine operations
         if not distributed.is_main_process():
             distributed.follow(engine)

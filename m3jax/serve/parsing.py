@@ -13,7 +13,9 @@ answer text, every tag prefixed by the namespace token `]<]minimax[>[` (M3_SPEC.
 A parameter is named by its tag (a close tag without the namespace token is accepted too). Its value is raw text
 for a string, nested elements for an object, `<item>` elements for an array, and JSON otherwise. `ChatOutputParser.feed(text)` takes the decoded text as it streams
 and returns what became certain; text that may still be the start of a tag is held back until the next feed
-or `finish()`. Feeding the whole text at once gives exactly the concatenation of the streamed deltas.
+or `finish()`. Feeding the whole text at once gives exactly the concatenation of the streamed deltas. The markers
+and the rendering of calls into a prompt (`render_tool_call`, the inverse of `parse_invoke`) live with the chat
+renderer in m3jax.chat.
 """
 
 from __future__ import annotations
@@ -24,10 +26,8 @@ import re
 import uuid
 from typing import Any
 
-THINK_START, THINK_END = "<mm:think>", "</mm:think>"
-NS = "]<]minimax[>["
-TOOL_CALL_START, TOOL_CALL_END = NS + "<tool_call>", NS + "</tool_call>"
-INVOKE_END = NS + "</invoke>"
+from m3jax.chat import INVOKE_END, NS, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
+
 _INVOKE_OPEN = re.compile(r'\s*' + re.escape(NS) + r'<invoke\s+name="([^"]*)"\s*>')
 
 
@@ -257,23 +257,4 @@ class ChatOutputParser:
         return out
 
 
-def render_tool_call(name: str, arguments: dict) -> str:
-    """The M3 text of one call (the inverse of parse_invoke): what an assistant history turn contains."""
-    return f'{NS}<invoke name="{name}">\n' + "".join(_render_element(k, v) for k, v in arguments.items()) \
-        + INVOKE_END + "\n"
-
-
-def _render_element(tag: str, value: Any) -> str:
-    if isinstance(value, dict):
-        inner = "\n" + "".join(_render_element(k, v) for k, v in value.items())
-    elif isinstance(value, list):
-        inner = "\n" + "".join(_render_element("item", v) for v in value)
-    elif isinstance(value, str):
-        inner = value
-    else:
-        inner = json.dumps(value, ensure_ascii=False)
-    return f"{NS}<{tag}>{inner}{NS}</{tag}>\n"
-
-
-__all__ = ["ChatOutputParser", "ParsedDelta", "ReasoningParser", "ToolCall", "ToolCallParser", "parse_invoke",
-           "render_tool_call", "NS", "THINK_START", "THINK_END", "TOOL_CALL_START", "TOOL_CALL_END"]
+__all__ = ["ChatOutputParser", "ParsedDelta", "ReasoningParser", "ToolCall", "ToolCallParser", "parse_invoke"]

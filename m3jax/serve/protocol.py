@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from m3jax.sampling import SamplingParams
+from m3jax.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class APIError(Exception):
@@ -82,7 +82,7 @@ class Common:
     n: int
     stream: bool
     include_usage: bool
-    logprobs: bool
+    logprobs: bool                      # the top alternatives per position: sampling.top_logprobs
 
 
 def parse_common(body: dict, chat: bool) -> Common:
@@ -125,20 +125,16 @@ def parse_common(body: dict, chat: bool) -> Common:
             raise bad("stream_options.include_usage", "must be true or false")
     if chat:
         logprobs = bool(opt_bool(body, "logprobs"))
-        top = opt_int(body, "top_logprobs", 0, 20)
+        top = opt_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if top is not None and not logprobs:
             raise bad("top_logprobs", "needs logprobs: true")
-        top_name = "top_logprobs"
-    else:
-        lp = opt_int(body, "logprobs", 0, 5)
-        logprobs, top, top_name = lp is not None, lp, "logprobs"
-    if top:
-        raise bad(top_name, f"top-{top} alternatives are not available: the engine returns the log-probability "
-                            f"of the chosen token only (use 0)", "unsupported_parameter")
+    else:                                 # OpenAI allows 5 here; 20 as in chat (and vLLM)
+        top = opt_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+        logprobs = top is not None
     sampling = SamplingParams(
         max_new_tokens=1, temperature=1.0 if temperature is None else temperature,
         top_k=0 if top_k in (None, -1) else top_k, top_p=1.0 if top_p is None else top_p,
-        seed=seed, stop=stops, logprobs=logprobs, ignore_eos=ignore_eos)
+        seed=seed, stop=stops, logprobs=logprobs, top_logprobs=top or 0, ignore_eos=ignore_eos)
     return Common(max_tokens, sampling, n, stream, include_usage, logprobs)
 
 

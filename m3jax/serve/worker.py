@@ -21,6 +21,7 @@ from typing import Any
 
 from m3jax.engine import GenerationResult
 from m3jax.sampling import SamplingParams
+from m3jax.vision.prompt import MultimodalPrompt
 
 log = logging.getLogger("m3jax.serve")
 
@@ -43,12 +44,19 @@ class Event:
     result: GenerationResult | None = None
     error: str | None = None
     time: float = 0.0
+    logprobs: list[float] | None = None                  # of token_ids, when the request asked
+    top_logprobs: list | None = None                     # of token_ids: per token, [TopLogprob]
 
 
 def cached_tokens(result: GenerationResult | None) -> int:
     """Prompt tokens the engine took from its prefix cache (GenerationResult.num_cached_tokens; 0 without a
     result)."""
     return 0 if result is None else result.num_cached_tokens
+
+
+def prompt_ids(prompt: list[int] | MultimodalPrompt) -> list[int]:
+    """The token ids of a submitted prompt (a MultimodalPrompt's with its image placeholders expanded)."""
+    return prompt.token_ids if isinstance(prompt, MultimodalPrompt) else prompt
 
 
 @dataclasses.dataclass
@@ -92,11 +100,11 @@ class EngineWorker:
     def outstanding(self) -> int:
         return self._outstanding
 
-    def submit(self, request_id, prompt_ids: list[int], sampling: SamplingParams, out: asyncio.Queue,
-               choice: int = 0) -> None:
-        """Queue one engine request, counted by an earlier `reserve`; its events go to `out` (first "accepted"
-        or "error")."""
-        self._inbox.put(("add", request_id, prompt_ids, sampling, _Sink(asyncio.get_running_loop(), out, choice)))
+    def submit(self, request_id, prompt: list[int] | MultimodalPrompt, sampling: SamplingParams,
+               out: asyncio.Queue, choice: int = 0) -> None:
+        """Queue one engine request (token ids, or a prepared prompt with images), counted by an earlier
+        `reserve`; its events go to `out` (first "accepted" or "error")."""
+        self._inbox.put(("add", request_id, prompt, sampling, _Sink(asyncio.get_running_loop(), out, choice)))
 
     def reserve(self, n: int) -> None:
         """Count n requests as in flight, or raise QueueFull / EngineFailed (all or nothing)."""
@@ -169,10 +177,14 @@ class EngineWorker:
             if o.finished:
                 result = o.result if o.result is not None else self.engine.pop_result(rid)
                 self.engine.pop_result(rid)
-                self._emit(sink, Event("done", sink.choice, list(o.new_token_ids), result))
+                self._emit(sink, Event("done", sink.choice, list(o.new_token_ids), result,
+                                       logprobs=o.logprobs,
+                                       top_logprobs=o.top_logprobs))
                 self._release(rid)
             else:
-                self._emit(sink, Event("tokens", sink.choice, list(o.new_token_ids)))
+                self._emit(sink, Event("tokens", sink.choice, list(o.new_token_ids),
+                                       logprobs=o.logprobs,
+                                       top_logprobs=o.top_logprobs))
 
     def _fail(self, exc: BaseException) -> None:
         self.failure = f"engine step failed: {type(exc).__name__}: {exc}"
@@ -213,4 +225,4 @@ class EngineWorker:
                 self._fail(e)
 
 
-__all__ = ["EngineFailed", "EngineWorker", "Event", "QueueFull", "cached_tokens"]
+__all__ = ["EngineFailed", "EngineWorker", "Event", "QueueFull", "cached_tokens", "prompt_ids"]

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3jax.model.layers import matmul_precision
 from m3jax.model.moe import MoE
 from pallas_kernels import layout, reference
 
@@ -73,14 +74,16 @@ def attention(q_btnh, k_btkh, v_btkh, positions_bt, keep_btkm, block_size: int):
     kh = k_btkh.shape[2]
     s = k_btkh.shape[1]
     q = q_btnh.reshape(b, t, kh, n // kh, h)                                        # [B, T, K, G, H]
-    logits = jnp.einsum("btkgh,bskh->btkgs", q, k_btkh, preferred_element_type=f32) * h ** -0.5
+    prec = matmul_precision(q_btnh.dtype)             # float32 stays float32 on GPUs too (no TF32)
+    logits = jnp.einsum("btkgh,bskh->btkgs", q, k_btkh, preferred_element_type=f32, precision=prec) * h ** -0.5
     mask = reference.visible_keys(positions_bt, s)[:, :, None, :]                    # [B, T, 1, S]
     if keep_btkm is not None:
         keep = jnp.repeat(keep_btkm, block_size, axis=-1)[..., :s]                   # [B, T, K, S]
         mask = mask & keep
     logits = jnp.where(mask[:, :, :, None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)          # every query sees itself (its own block is always kept)
-    o = jnp.einsum("btkgs,bskh->btkgh", probs.astype(v_btkh.dtype), v_btkh, preferred_element_type=f32)
+    o = jnp.einsum("btkgs,bskh->btkgh", probs.astype(v_btkh.dtype), v_btkh, preferred_element_type=f32,
+                   precision=prec)
     m = layout.num_blocks(s, block_size)
     per_key = jnp.pad(probs.mean(axis=3), ((0, 0), (0, 0), (0, 0), (0, m * block_size - s)))
     teacher = per_key.reshape(b, t, kh, m, block_size).sum(-1)                       # [B, T, K, M]

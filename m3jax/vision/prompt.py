@@ -4,10 +4,12 @@
     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
                                   {"type": "text", "text": "What is this?"}]}]          # with chat=True
 
-`prepare_prompt` runs the processors, expands each `]<]image[>[` / `]<]video[>[` marker as transformers'
-MiniMaxM3VLProcessor does (`processor.expand_prompt`), applies the chat template when asked, tokenizes, and
-checks that the prompt holds exactly one placeholder token per feature row. `PromptVision.features` runs the
-tower once per request; the Engine hands the rows to the runner as input-embedding overrides.
+`prepare_prompt` applies the chat template when asked (the tokenizer's `apply_chat_template`, the renderer that
+`m3jax serve` uses: each image_url part becomes the image marker where it stands), runs the processors, expands
+each `]<]image[>[` / `]<]video[>[` marker as transformers' MiniMaxM3VLProcessor does (`processor.expand_prompt`),
+tokenizes, and checks that the prompt holds exactly one placeholder token per feature row.
+`PromptVision.features` runs the tower once per request; the Engine hands the rows to the runner as
+input-embedding overrides.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import base64
 import binascii
 import dataclasses
 import io
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from m3jax.vision.processor import IMAGE_TOKEN, VIDEO_TOKEN, ImageInputError, ImageProcessor, VideoProcessor, \
-    expand_prompt
+from m3jax.chat import template_arguments
+from m3jax.vision.processor import ImageInputError, ImageProcessor, VideoProcessor, expand_prompt
 
 _PROMPT_KEYS = {"text", "images", "videos"}
 
@@ -98,37 +100,13 @@ def decode_data_url(url: str, what: str):
     return image
 
 
-def _chat_messages(messages: Sequence[dict], what: str) -> tuple[list[dict], list]:
-    """Messages with OpenAI-style content parts -> (messages with string content, images in order)."""
-    out, images = [], []
-    for i, m in enumerate(messages):
-        content = m.get("content")
-        if isinstance(content, str) or content is None:
-            out.append(dict(m, content=content or ""))
-            continue
-        if not isinstance(content, (list, tuple)):
-            raise ValueError(f"{what}: message {i} content must be a string or a list of parts")
-        text = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                text.append(str(part.get("text", "")))
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                images.append(decode_data_url(url, f"{what}: message {i} part {j}"))
-                text.append(IMAGE_TOKEN)
-            else:
-                raise ValueError(f"{what}: message {i} part {j} has type {kind!r}; expected 'text' or 'image_url'")
-        out.append(dict(m, content="".join(text)))
-    return out, images
-
-
 def prepare_prompt(prompt, *, tokenizer, vision_config, image_processor: ImageProcessor | None = None,
-                   video_processor: VideoProcessor | None = None, chat: bool = False,
+                   video_processor: VideoProcessor | None = None, chat: bool | dict = False,
                    request: str = "request") -> MultimodalPrompt:
-    """Process, expand and tokenize a multimodal prompt (see the module docstring). Every error is a ValueError
-    naming `request` (bad images: unreadable, zero-sized, wrong layout; markers and images in different numbers;
+    """Process, expand and tokenize a multimodal prompt (see the module docstring). chat: True or a dict of
+    template arguments (m3jax.chat.template_arguments) renders through the tokenizer's chat template (a dict
+    prompt's text becomes one user message). Every error is a ValueError naming `request` (bad messages by their
+    field; bad images: unreadable, zero-sized, wrong layout; markers and images in different numbers;
     placeholder tokens that do not match the features)."""
     what = f"request {request}"
     if isinstance(prompt, MultimodalPrompt):
@@ -139,6 +117,10 @@ def prepare_prompt(prompt, *, tokenizer, vision_config, image_processor: ImagePr
         return prompt
     if tokenizer is None:
         raise ValueError(f"{what}: a multimodal prompt needs a tokenizer (the checkpoint's tokenizer.json)")
+    try:
+        args = template_arguments(chat)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
     images, videos = [], []
     try:
         if isinstance(prompt, dict):
@@ -149,12 +131,19 @@ def prepare_prompt(prompt, *, tokenizer, vision_config, image_processor: ImagePr
             if not isinstance(text, str) or not text:
                 raise ValueError(f"{what}: prompt 'text' must be a non-empty string")
             images, videos = list(prompt.get("images") or ()), list(prompt.get("videos") or ())
-            messages = [{"role": "user", "content": text}] if chat else None
+            messages = [{"role": "user", "content": text}] if args is not None else None
+            parts = None
         else:
-            if not chat:
+            if args is None:
                 raise ValueError(f"{what}: a list of chat messages needs chat=True")
-            messages, images = _chat_messages(prompt, what)
-            text = None
+            messages, parts = prompt, []
+        if messages is not None:
+            # the whole conversation at once, so the i-th marker takes the i-th image in any message
+            try:
+                text = tokenizer.apply_chat_template(messages, images=parts, **args)
+            except ValueError as e:
+                raise ValueError(f"{what}: {e}") from None
+            images += [decode_data_url(p.url, p.field) for p in parts or ()]
         if (images or videos) and vision_config is None:
             raise ValueError(f"{what}: the prompt has images or videos but the model has no vision tower")
         img = image_processor(images) if images else {}
@@ -163,17 +152,8 @@ def prepare_prompt(prompt, *, tokenizer, vision_config, image_processor: ImagePr
         raise ImageInputError(f"{what}: {e}") from e
     merge = vision_config.spatial_merge_size if vision_config is not None else 2
     temporal = vision_config.temporal_patch_size if vision_config is not None else 2
-
-    def expand(s: str) -> str:
-        return expand_prompt(s, img.get("image_grid_thw"), vid.get("video_grid_thw"),
-                             vid.get("num_chunks_per_video"), merge_size=merge, temporal_patch_size=temporal,
-                             request=what)
-
-    if messages is not None:
-        # expand over the whole rendered conversation, so the i-th marker takes the i-th image in any message
-        text = expand(tokenizer.apply_chat_template(messages))
-    else:
-        text = expand(text)
+    text = expand_prompt(text, img.get("image_grid_thw"), vid.get("video_grid_thw"), vid.get("num_chunks_per_video"),
+                         merge_size=merge, temporal_patch_size=temporal, request=what)
     ids = tokenizer.encode(text)
     out = MultimodalPrompt(ids, img.get("pixel_values"), img.get("image_grid_thw"),
                            vid.get("pixel_values_videos"), vid.get("video_grid_thw"))

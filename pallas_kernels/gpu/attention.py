@@ -265,16 +265,37 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
     """Causal GQA over the paged cache; see the module docstring and reference.dense_attention.
 
     Same layouts as sparse_attention without block_ids. Returns [B, T, N, H] in q's dtype.
-    contiguous_chunks=True (prefill chunks, T > 1, bf16/f16): the caller promises that each request's valid
+    contiguous_chunks=True (prefill rows of at least CHUNK_MIN_QUERIES queries, bf16/f16): the caller promises that each request's valid
     rows are a prefix of consecutive positions p0, p0 + 1, ... followed by -1 padding (how the Engine lays out
     prompt chunks). Then the chunk attends to itself through cuDNN's flash attention and to its history (keys
     < p0) through the paged kernel, merged by log-sum-exp: see dense_attention_chunked. Otherwise (decode,
     float32, the flag unset) the paged kernel alone runs.
     """
-    if contiguous_chunks and q_btnh.shape[1] > 1 and q_btnh.dtype in (jnp.bfloat16, jnp.float16):
+    if dense_schedule(q_btnh.shape[1], q_btnh.dtype, contiguous_chunks) == DENSE_CHUNK_AND_HISTORY:
         return dense_attention_chunked(q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale,
                                        interpret=interpret)
     return _dense_paged(q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale, interpret=interpret)[0]
+
+
+DENSE_PAGED = "paged"                                  # the paged flash kernel alone (_dense_paged)
+DENSE_CHUNK_AND_HISTORY = "cudnn-chunk+paged-history"  # dense_attention_chunked
+# Rows shorter than this run the paged kernel even with the promise. Measured on one H200 (benchmarks/RESULTS.md,
+# "Dense layer on Engine prefill rows", M3 geometry, bf16): rows of 64 queries take 0.136 ms on the chunk path
+# vs 0.087 ms paged without history and the same time (0.99-1.00x) after 32K / 128K of history; rows of 512
+# queries take 0.186 vs 0.669 ms without history (3.6x) and again the same time with history, where the paged
+# history part dominates. Nothing between 64 and 512 was measured.
+CHUNK_MIN_QUERIES = 512
+
+
+def dense_schedule(num_queries: int, dtype, contiguous_chunks: bool) -> str:
+    """The computation dense_attention runs for T = num_queries queries per row of this dtype: the one place
+    that decides it (dense_attention calls it; dispatch.dense_attention_path reports it). The chunk path needs
+    the caller's contiguous_chunks promise, rows of at least CHUNK_MIN_QUERIES queries (shorter rows, decode
+    included, are no faster through cuDNN: see the constant) and bf16/f16 (cuDNN's flash attention takes no
+    float32): otherwise the paged kernel alone."""
+    chunk = (contiguous_chunks and num_queries >= CHUNK_MIN_QUERIES
+             and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+    return DENSE_CHUNK_AND_HISTORY if chunk else DENSE_PAGED
 
 
 def _dense_paged(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale, interpret, with_lse=False):

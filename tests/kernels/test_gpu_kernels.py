@@ -201,7 +201,7 @@ def test_m3_page_size_fits_shared_memory(dtype):
     assert rel_l2(got, reference.sparse_attention(*args), c.valid) <= TOL[dtype]
 
 
-def test_dense_contiguous_chunks_match_reference():
+def test_dense_contiguous_chunks_match_reference(short_chunk_rows):
     """Prefill chunks through cuDNN (the jnp stand-in in interpret mode) + paged history, merged by LSE: chunks
     with history, first chunks, a 1-row chunk, partial last pages, padding rows; NaN where the promise breaks."""
     for kv, ql, seed in (([150, 33, 64, 1], [37, 33, 3, 1], 31), ([40, 17], [40, 17], 32)):

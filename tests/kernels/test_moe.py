@@ -167,7 +167,9 @@ def test_gpu_kernel_float32_and_stacked_layer(fp8):
     per_layer = [(q[2], s[2]) for q, s in w] if fp8 else [a[2] for a in w]
     got = _run("gpu", x, ids, comb, w, layer=jnp.int32(2), fp8=fp8)
     np.testing.assert_allclose(got, _run("gpu", x, ids, comb, per_layer, fp8=fp8), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got, _run("reference", x, ids, comb, per_layer, fp8=fp8), rtol=1e-5, atol=1e-5)
+    # vs the reference, float32 sums in another order (on an H200: 7e-5 absolute on an output of 5.5, from
+    # cancellation over K = 64 terms)
+    np.testing.assert_allclose(got, _run("reference", x, ids, comb, per_layer, fp8=fp8), rtol=1e-5, atol=2e-4)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="GPU only")

@@ -8,6 +8,7 @@ it exists.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,6 +59,10 @@ def test_cached_greedy_tpu_interpret_matches_reference(model, tpu_calls):
     np.testing.assert_array_equal(np.asarray(full.argmax(-1))[0, len(prompts[1]) - 1:], want[1])
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason=(
+    "TPU interpret mode inside the Engine's step program fails on a GPU backend: the interpreter's host callback "
+    "raises an AssertionError (jax 0.11.2, seen on an H200). The model-level TPU-interpret tests above run there; "
+    "this one runs in `make test` on CPU, the backend the TPU kernels are proven on."))
 def test_engine_greedy_tpu_interpret_matches_reference(model, tpu_calls):
     prompts = [[5, 9, 200, 31] * 6, [7, 8, 9]]
     params = m3jax.SamplingParams(max_new_tokens=3, temperature=0.0)

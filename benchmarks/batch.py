@@ -47,7 +47,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.generate import LAYERS, geometry, torch_model  # noqa: E402
+from benchmarks.generate import geometry, jax_model, torch_model  # noqa: E402
 
 PROCESS_START = time.perf_counter()
 
@@ -72,25 +72,6 @@ def workload(args, n: int, seed: int = 0) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------ m3jax
-def jax_model(args):
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from m3jax.config import M3Config, MSAConfig
-    from m3jax.model import M3ForCausalLM
-
-    g = geometry(args)
-    cfg = M3Config(vocab_size=g["vocab"], hidden_size=g["hidden"], num_hidden_layers=len(LAYERS),
-                   num_attention_heads=g["heads"], num_key_value_heads=g["kv"], head_dim=g["head_dim"],
-                   rotary_dim=g["rotary"], dense_intermediate_size=g["dense_width"],
-                   intermediate_size=g["expert_width"], shared_intermediate_size=g["expert_width"],
-                   num_local_experts=g["experts"], num_experts_per_tok=g["top_experts"],
-                   layer_types=tuple(a for a, _ in LAYERS), mlp_layer_types=tuple(m for _, m in LAYERS),
-                   msa=MSAConfig(num_index_heads=g["kv"], index_dim=g["index_dim"], block_size=g["block"],
-                                 topk_blocks=g["topk"]), eos_token_id=(0,), bos_token_id=None)
-    return nnx.jit(lambda: M3ForCausalLM(cfg, dtype=jnp.bfloat16, attn_impl=args.impl, rngs=nnx.Rngs(0)))()
-
-
 class CompileEvents:
     """XLA compilations (count, seconds) and persistent-cache hits while active."""
 
@@ -160,7 +141,7 @@ def run_jax(args):
     imports_s = time.perf_counter() - PROCESS_START
     configure_compile_cache()
     t0 = time.perf_counter()
-    model = jax.block_until_ready(jax_model(args))
+    model = jax.block_until_ready(jax_model(args, eos_token_id=(0,), bos_token_id=None))
     build_s = time.perf_counter() - t0
     dev = jax.devices()[0]
     sampling = m3jax.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)

@@ -43,6 +43,31 @@ def geometry(args) -> dict:
                 experts=args.experts, top_experts=4, expert_width=3072, dense_width=12288, rotary=64)
 
 
+def jax_model(args, **config):
+    """The scaled M3 of geometry(args) with random bf16 weights, initialised on the device (one jitted init);
+    `config` overrides M3Config fields; attention / MoE kernels from args.impl and MXFP8 routed experts with
+    args.fp8_experts when the script has those options. The one builder for generate.py, batch.py and serve.py."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import m3jax
+    from m3jax.config import M3Config, MSAConfig
+    from m3jax.model import M3ForCausalLM
+
+    g = geometry(args)
+    cfg = M3Config(vocab_size=g["vocab"], hidden_size=g["hidden"], num_hidden_layers=len(LAYERS),
+                   num_attention_heads=g["heads"], num_key_value_heads=g["kv"], head_dim=g["head_dim"],
+                   rotary_dim=g["rotary"], dense_intermediate_size=g["dense_width"],
+                   intermediate_size=g["expert_width"], shared_intermediate_size=g["expert_width"],
+                   num_local_experts=g["experts"], num_experts_per_tok=g["top_experts"],
+                   layer_types=tuple(a for a, _ in LAYERS), mlp_layer_types=tuple(m for _, m in LAYERS),
+                   msa=MSAConfig(num_index_heads=g["kv"], index_dim=g["index_dim"], block_size=g["block"],
+                                 topk_blocks=g["topk"]), **config)
+    impl = getattr(args, "impl", None)
+    model = nnx.jit(lambda: M3ForCausalLM(cfg, dtype=jnp.bfloat16, attn_impl=impl, rngs=nnx.Rngs(0)))()
+    return m3jax.quantize_experts(model) if getattr(args, "fp8_experts", False) else model
+
+
 def emit(args, **row):
     row.update(part=args.part, experts=geometry(args)["experts"], small=args.small)
     line = json.dumps(row)
@@ -87,29 +112,15 @@ def run_jax(args):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    import m3jax
-    from m3jax.config import M3Config, MSAConfig
     from m3jax.engine import Engine
     from m3jax.runner import trace_count
     from m3jax.scheduler import Batch, Row
-    from m3jax.model import M3ForCausalLM
     from m3jax.sampling import SamplingParams
 
-    g = geometry(args)
-    cfg = M3Config(vocab_size=g["vocab"], hidden_size=g["hidden"], num_hidden_layers=len(LAYERS),
-                   num_attention_heads=g["heads"], num_key_value_heads=g["kv"], head_dim=g["head_dim"],
-                   rotary_dim=g["rotary"], dense_intermediate_size=g["dense_width"],
-                   intermediate_size=g["expert_width"], shared_intermediate_size=g["expert_width"],
-                   num_local_experts=g["experts"], num_experts_per_tok=g["top_experts"],
-                   layer_types=tuple(a for a, _ in LAYERS), mlp_layer_types=tuple(m for _, m in LAYERS),
-                   msa=MSAConfig(num_index_heads=g["kv"], index_dim=g["index_dim"], block_size=g["block"],
-                                 topk_blocks=g["topk"]))
     impl = args.impl
-    model = nnx.jit(lambda: M3ForCausalLM(cfg, dtype=jnp.bfloat16, attn_impl=impl, rngs=nnx.Rngs(0)))()
-    if args.fp8_experts:
-        model = m3jax.quantize_experts(model)
+    model = jax_model(args)
+    cfg = model.config
     dev = jax.devices()[0]
     emit(args, what="setup", device=str(getattr(dev, "device_kind", dev)), jax=jax.__version__, impl=impl or "default",
          layer_loop=args.layer_loop or "default", fp8_experts=args.fp8_experts)

@@ -44,26 +44,10 @@ MODEL_NAME = "m3-bench"
 # ------------------------------------------------------------------------------------------------ server side
 def _scaled_model(args):
     """The scaled M3 of benchmarks/generate.py (real geometry, first 6 layers, random bf16 weights)."""
-    import jax.numpy as jnp
-    from flax import nnx
+    from generate import jax_model
 
-    import m3jax
-    from generate import LAYERS, geometry
-    from m3jax.config import M3Config, MSAConfig
-    from m3jax.model import M3ForCausalLM
-
-    g = geometry(argparse.Namespace(small=False, experts=args.experts))
-    cfg = M3Config(vocab_size=g["vocab"], hidden_size=g["hidden"], num_hidden_layers=len(LAYERS),
-                   num_attention_heads=g["heads"], num_key_value_heads=g["kv"], head_dim=g["head_dim"],
-                   rotary_dim=g["rotary"], dense_intermediate_size=g["dense_width"],
-                   intermediate_size=g["expert_width"], shared_intermediate_size=g["expert_width"],
-                   num_local_experts=g["experts"], num_experts_per_tok=g["top_experts"],
-                   max_position_embeddings=max(args.max_seq_len, 40960),
-                   layer_types=tuple(a for a, _ in LAYERS), mlp_layer_types=tuple(m for _, m in LAYERS),
-                   msa=MSAConfig(num_index_heads=g["kv"], index_dim=g["index_dim"], block_size=g["block"],
-                                 topk_blocks=g["topk"]))
-    model = nnx.jit(lambda: M3ForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
-    return m3jax.quantize_experts(model) if args.fp8_experts else model
+    scaled = argparse.Namespace(small=False, experts=args.experts, impl=None, fp8_experts=args.fp8_experts)
+    return jax_model(scaled, max_position_embeddings=max(args.max_seq_len, 40960))
 
 
 def start_server(args):

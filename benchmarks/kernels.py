@@ -139,13 +139,20 @@ def prefill_case(s, idx, att, slow_variants=True):
             "flops_idx": 2 * I * K * float((t + 1).sum())}
 
 
-def decode_case(batch, ctx, idx, att):
+def decode_inputs(batch, ctx):
+    """A decode step's inputs at `ctx` tokens of context: the paged pool, queries, positions, and the keys that
+    make the contiguous K / V for cuDNN (made by the caller after it frees the pool: both do not fit at 128K)."""
     key = jax.random.key(batch * 1000 + ctx // 1024)
     k_pages, v_pages, ik_pages, table = make_pool(key, batch, ctx)
     kq, ki, kk, kv = jax.random.split(jax.random.fold_in(key, 1), 4)
     q = jax.random.normal(kq, (batch, 1, N, H), jnp.bfloat16)
     iq = jax.random.normal(ki, (batch, 1, K, I), jnp.bfloat16)
     pos = jnp.full((batch, 1), ctx - 1, jnp.int32)
+    return k_pages, v_pages, ik_pages, table, q, iq, pos, (kk, kv)
+
+
+def decode_case(batch, ctx, idx, att):
+    k_pages, v_pages, ik_pages, table, q, iq, pos, (kk, kv) = decode_inputs(batch, ctx)
     t_idx = bench(idx, iq, ik_pages, table, pos, iters=20)
     sel = idx(iq, ik_pages, table, pos)
     t_att = bench(att, q, k_pages, v_pages, table, pos, sel, iters=20)
@@ -295,12 +302,7 @@ def decode_case_13(batch, ctx, idx, att):
     """Decode: per-call (separate jits, as issue 4 measured) and in-jit device time of the MSA layer (indexer +
     attention) and cuDNN; the indexer with a bf16 and an FP8 (e4m3 + f32 scale per token) index-K cache."""
     from pallas_kernels import layout
-    key = jax.random.key(batch * 1000 + ctx // 1024)
-    k_pages, v_pages, ik_pages, table = make_pool(key, batch, ctx)
-    kq, ki, kk, kv = jax.random.split(jax.random.fold_in(key, 1), 4)
-    q = jax.random.normal(kq, (batch, 1, N, H), jnp.bfloat16)
-    iq = jax.random.normal(ki, (batch, 1, K, I), jnp.bfloat16)
-    pos = jnp.full((batch, 1), ctx - 1, jnp.int32)
+    k_pages, v_pages, ik_pages, table, q, iq, pos, (kk, kv) = decode_inputs(batch, ctx)
     codes, scale = jax.jit(layout.quantize_index_k)(ik_pages)
     idx8 = jax.jit(lambda iq, ik, pt, pos, sc: gpu.indexer_topk(iq, ik, pt, pos, topk=C, ik_scale=sc))
     r = {"kind": "decode", "batch": batch, "ctx": ctx}

@@ -214,7 +214,12 @@ def run_torch(args):
                     try:
                         generate(prompts[i:i + size])
                         sync()
+                        done = prompts[:i + size]     # a partial row survives a run cut by its time limit
                         i += size
+                        emit(args, what="progress", prompts=n, done_prompts=len(done),
+                             wall_s=time.perf_counter() - t0,
+                             total_tokens_per_s=(sum(map(len, done)) + len(done) * args.new_tokens)
+                             / (time.perf_counter() - t0))
                     except torch.OutOfMemoryError:
                         if size == 1:
                             raise

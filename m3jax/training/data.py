@@ -136,11 +136,13 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 def prepare_corpus(src: str, out_dir: str, *, vocab_size: int, heldout_fraction: float = 0.0,
                    suffixes: Sequence[str] = DEFAULT_SUFFIXES, files: Sequence[str] | None = None,
-                   meta: dict | None = None) -> dict:
+                   meta: dict | None = None, tokenizer: str | None = None) -> dict:
     """Train the tokenizer on the training files of `src` and write the token files (see the module docstring).
     Returns the manifest (files.json). `out_dir` must not exist yet: it is built in a temporary directory beside
     it and renamed when complete. files: the relative paths to read (sorted here) instead of every file under
-    `src` with one of `suffixes`; meta: extra entries for the manifest (e.g. how the files were chosen)."""
+    `src` with one of `suffixes`; meta: extra entries for the manifest (e.g. how the files were chosen);
+    tokenizer: an existing tokenizer.json (a byte-level BPE with <|endoftext|>) to encode with instead of training
+    one, e.g. a shipped model's, to rebuild exactly the token files it was trained on."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout fraction must be in [0, 1), got {heldout_fraction}")
     if os.path.exists(out_dir):
@@ -154,7 +156,13 @@ def prepare_corpus(src: str, out_dir: str, *, vocab_size: int, heldout_fraction:
     held = [d for d in docs if is_heldout(d[0], heldout_fraction)]
     if not train:
         raise ValueError(f"--data {src}: every file is held out or unreadable as UTF-8")
-    tok = train_tokenizer([t for _, t, _ in train], vocab_size)
+    if tokenizer is None:
+        tok = train_tokenizer([t for _, t, _ in train], vocab_size)
+    else:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(tokenizer)
+        if tok.token_to_id(EOT) is None:
+            raise ValueError(f"tokenizer {tokenizer} has no {EOT} token")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".data-", dir=parent)
@@ -167,7 +175,8 @@ def prepare_corpus(src: str, out_dir: str, *, vocab_size: int, heldout_fraction:
 
     manifest = {"source": os.path.abspath(src), "vocab_size": tok.get_vocab_size(), "eot_id": tok.token_to_id(EOT),
                 "heldout_fraction": heldout_fraction, "suffixes": list(suffixes), "train_files": listing(train),
-                "heldout_files": listing(held), "skipped_not_utf8": skipped, **(meta or {})}
+                "heldout_files": listing(held), "skipped_not_utf8": skipped,
+                "tokenizer": "trained" if tokenizer is None else os.path.abspath(tokenizer), **(meta or {})}
     with open(os.path.join(tmp, "files.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     os.replace(tmp, out_dir)

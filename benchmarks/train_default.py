@@ -452,6 +452,20 @@ def verify_data(reference: str, manifest: dict, prep: dict) -> dict:
             "heldout_tokens": prep["heldout_tokens"]}
 
 
+def check_covered_bytes(ref: dict, lzma_all: dict) -> None:
+    """The bytes the evaluation windows of all held-out files cover (their sha256) must be the recorded run's."""
+    if lzma_all["covered_sha256"] != ref["lzma"]["covered_sha256"]:
+        raise ValueError(f"the evaluation windows of all held-out files cover other bytes than the run's (sha256 "
+                         f"{lzma_all['covered_sha256']} here, {ref['lzma']['covered_sha256']} in the run)")
+
+
+def run_recorded(ref: dict) -> dict:
+    """The recorded run's own bits per byte on all held-out files (its training-time evaluation), to compare."""
+    return {"msa": {m: ref["msa"]["eval"][m]["bits_per_byte"] for m in ("sparse", "all_blocks")},
+            "dense": ref["dense"]["eval"]["dense"]["bits_per_byte"],
+            "lzma": ref["lzma"]["windows_concatenated"]["bits_per_byte"]}
+
+
 def dense_twin(args) -> int:
     """On one GPU: rebuild the shipped run's data with the shipped tokenizer (checked against the run's file
     lists and token counts), evaluate the shipped MSA model (sparse and all blocks) and lzma on all held-out files
@@ -517,6 +531,15 @@ def _dense_twin(args, results: dict, out_json: str, t_start: float) -> None:
                     f"training and {results['verified']['heldout_files']} held-out files (sha256) and token counts")
     results["lzma"] = lzma_baselines(args.work, args.eval_context, "all", args.max_eval_windows)
     results["lzma_hand_written"] = lzma_baselines(args.work, args.eval_context, "hand_written", args.max_eval_windows)
+    if results["verified"]["verified"]:
+        with open(args.reference) as f:
+            ref = json.load(f)
+        if args.max_eval_windows:
+            log("twin", "the covered bytes are not compared with the run's (--max-eval-windows)")
+        else:
+            check_covered_bytes(ref, results["lzma"])
+            log("twin", "the evaluation windows of all held-out files cover the run's bytes (sha256)")
+        results["run_recorded"] = run_recorded(ref)
     _write_json(out_json, results)
     tok = Tokenizer.from_file(os.path.join(ddir, "tokenizer.json"))
     table = evaluate.token_bytes(tok)
@@ -735,10 +758,12 @@ def summary(r: dict) -> str:
           "hand_written": get(r, "lzma_hand_written", "windows_concatenated", "bits_per_byte")}
     sets = r.get("heldout_sets") or {}
     lines.append("\n=== train_default summary ===")
+    split = (f" ({len(sets['hand_written'])} hand-written, {len(sets['generated'])} generated: excluded from the "
+             f"hand-written set)" if sets else "")
     lines.append(f"data: python {get(r, 'data', 'python')}, {get(r, 'data', 'train_files')} train / "
-          f"{get(r, 'data', 'heldout_files')} held-out files ({len(sets.get('hand_written', []))} hand-written, "
-          f"{len(sets.get('generated', []))} generated: excluded from the hand-written set), "
-          f"{get(r, 'data', 'train_tokens')} train tokens")
+          f"{get(r, 'data', 'heldout_files')} held-out files{split}, {get(r, 'data', 'train_tokens')} train tokens")
+    if msa.get("model") and isinstance(msa["model"], str):
+        lines.append(f"msa: the shipped model {msa['model']} (not retrained here), evaluated in {msa.get('eval_dtype')}")
     lines.append(f"{'model':<22}{'params':>11}{'steps':>7}{'tok/s':>10}{'loss':>8}{'all held-out':>14}{'vs lzma':>9}"
                  f"{'hand-written':>14}{'vs lzma':>9}   (bits/byte)")
     rows = [("msa (sparse)", msa, "sparse"), ("msa (all blocks)", msa, "all_blocks"), ("dense", dense, "dense")]
@@ -770,13 +795,26 @@ def summary(r: dict) -> str:
     s = msa.get("sample")
     if s:
         lines.append("sample: " + ("ERROR " + s["error"] if "error" in s else repr(PROMPT + s["text"])[:400]))
+    rec = r.get("run_recorded")
+    if rec:
+        lines.append(f"the run's own numbers on all held-out files: msa sparse {rec['msa']['sparse']:.4f}, all blocks "
+                     f"{rec['msa']['all_blocks']:.4f}, dense {rec['dense']:.4f}, lzma {rec['lzma']:.4f}")
+    v = r.get("verified")
+    if v is not None:
+        lines.append("data: " + (f"the run's files (sha256) and token counts, verified against {v['reference']}"
+                                 if v.get("verified") else f"NOT verified against a recorded run ({v.get('why')})"))
+    planned = get(dense, "plan", "shipped_run_steps")
+    if planned is not None and get(dense, "plan", "steps") != planned:
+        lines.append(f"dense: {get(dense, 'plan', 'steps')} steps, NOT the shipped run's {planned}")
+    if "error" in r:
+        lines.append(f"ERROR {r['error']}")
     lines.append(f"wall {r.get('wall_s', 0):.0f} s")
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     return text
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", choices=("all", "prepare", "train", "breakdown", "dense-twin"))
     p.add_argument("--out", default=None, help="where the model, results and log go (all)")
@@ -820,6 +858,11 @@ def main(argv=None) -> int:
                    help="dense-twin: the dtype the shipped model is loaded and evaluated in")
     p.add_argument("--max-eval-windows", type=int, default=None,
                    help="dense-twin: evaluate only the first N windows of each held-out set (smoke)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     args.eval_context = args.eval_context or args.seq_len
     twin = args.command == "dense-twin"

@@ -123,3 +123,27 @@ def test_verify_data_fails_on_any_difference(train_default, twin_run, tmp_path):
         train_default.verify_data(str(ref), changed, r["data"])
     with pytest.raises(ValueError, match="train_tokens"):
         train_default.verify_data(str(ref), r["files"], dict(r["data"], train_tokens=1))
+
+
+def test_the_shipped_run_record_reads_and_its_covered_bytes_are_checked(train_default):
+    with open(train_default.SHIPPED_RUN) as f:
+        ref = json.load(f)
+    assert train_default.run_recorded(ref) == {"msa": {"sparse": pytest.approx(1.3547, abs=1e-4),
+                                                       "all_blocks": pytest.approx(1.3581, abs=1e-4)},
+                                               "dense": pytest.approx(1.4405, abs=1e-4),
+                                               "lzma": pytest.approx(1.3605, abs=1e-4)}
+    assert len(ref["files"]["heldout_files"]) == 33 and ref["dense"]["train"]["steps"] == train_default.SHIPPED_STEPS
+    train_default.check_covered_bytes(ref, {"covered_sha256": ref["lzma"]["covered_sha256"]})
+    with pytest.raises(ValueError, match="cover other bytes"):
+        train_default.check_covered_bytes(ref, {"covered_sha256": "0" * 64})
+
+
+def test_dense_twin_defaults_are_the_shipped_runs_recipe(train_default):
+    with open(train_default.SHIPPED_RUN) as f:
+        ref = json.load(f)
+    a = train_default.build_parser().parse_args(["dense-twin", "--out", "o"])
+    t, plan = ref["dense"]["train"], ref["dense"]["plan"]
+    assert (a.steps, a.batch, a.seq_len, a.lr, a.config) == (t["steps"], t["batch"], t["seq_len"], t["lr"], ref["config"])
+    assert max(1, round(train_default.LR_WARMUP_FRACTION * a.steps)) == plan["lr_warmup_steps"]
+    assert (a.eval_context or a.seq_len) == ref["msa"]["eval"]["sparse"]["context"] and a.vocab_size == ref["data"]["vocab_size"]
+    assert a.reference == train_default.SHIPPED_RUN

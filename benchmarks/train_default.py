@@ -20,7 +20,11 @@ One command on a 2-GPU host does all of it within a wall-clock budget (`all`):
    <|endoftext|>, non-overlapping windows, bits over every predicted token / UTF-8 bytes they cover) of the MSA
    model with sparse attention, the same model with all blocks selected, and the dense model; lzma
    (preset 9 | PRESET_EXTREME) on exactly the bytes the windows cover, as one stream, and per file over the
-   whole held-out files. The MSA selection fraction at that context.
+   whole held-out files. The MSA selection fraction at that context. Two held-out sets, each evaluated so:
+   all held-out files ("eval", "lzma"), and the hand-written ones ("eval_hand_written", "lzma_hand_written"):
+   the held-out files less those that declare themselves machine-generated in their first lines
+   (m3jax.training.data.is_generated: the Sphinx-built pydoc_data/topics.py, the gencodec.py charmap tables,
+   token.py, ...; listed with the line that says so in "heldout_sets"). Training uses every training file.
 4. export (msa): the release layout (config.json, bf16 safetensors shards < 14 MiB, index, tokenizer.json),
    then `m3jax.load` + greedy `m3jax.generate` after `def fibonacci(n):` as a check, printed.
 
@@ -31,6 +35,19 @@ results JSON is written whatever the sample generation does. A short table is pr
 CPU smoke run of the whole flow (both "GPUs" are the CPU):
     python benchmarks/train_default.py all --out /tmp/o --work /tmp/w --budget-s 120 --config tiny
         --seq-len 256 --batch 2 --max-files 40 --devices cpu
+
+`dense-twin` (one GPU, about 250 s on an H200; GPU_COMMAND.txt) re-creates the shipped run's dense twin and
+evaluates the shipped model on both held-out sets: the data prepared as the run did but encoded with the SHIPPED
+tokenizer (m3jax/data/default_model/tokenizer.json), checked against the run's record
+(benchmarks/results_train_default_2xh200.json: both file lists with sha256, the token counts, the bytes the
+evaluation windows cover; any difference stops it); lzma on both sets; the shipped MSA model (sparse and all
+blocks, loaded in --eval-dtype, bfloat16 by default); then the dense twin (`default-dense`) trained with the run's
+recipe for --steps (default 709, the run's; a smaller count is flagged in the output and its learning-rate cosine
+spans that count), no checkpoints, and evaluated in its bfloat16 compute dtype as the run did. Results in
+$OUT/dense_twin_results.json (rewritten after each stage) and dense_twin_log.txt; a table is printed last.
+CPU dry run (tiny twin, a file subset, not verified):
+    python benchmarks/train_default.py dense-twin --out /tmp/o --work /tmp/w --config tiny --seq-len 128
+        --batch 2 --steps 5 --max-files 80 --reference none --eval-dtype float32 --max-eval-windows 2
 """
 
 from __future__ import annotations
@@ -42,6 +59,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -482,6 +500,11 @@ def dense_twin(args) -> int:
     results: dict = {"command": sys.argv, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                      "budget_s": args.budget_s, "config": args.config}
     rc = 0
+
+    def on_term(signum, frame):                 # an outer `timeout`: leave the results so far, then the table
+        raise SystemExit(f"stopped by signal {signum} after {time.time() - t_start:.0f} s")
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         _dense_twin(args, results, out_json, t_start)
     except BaseException as e:

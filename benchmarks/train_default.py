@@ -786,7 +786,8 @@ def summary(r: dict) -> str:
     lines.append(f"data: python {get(r, 'data', 'python')}, {get(r, 'data', 'train_files')} train / "
           f"{get(r, 'data', 'heldout_files')} held-out files{split}, {get(r, 'data', 'train_tokens')} train tokens")
     if msa.get("model") and isinstance(msa["model"], str):
-        lines.append(f"msa: the shipped model {msa['model']} (not retrained here), evaluated in {msa.get('eval_dtype')}")
+        lines.append(f"msa: the shipped model {msa['model']} (not retrained here), "
+                     f"evaluated in {msa.get('eval_dtype')}")
     lines.append(f"{'model':<22}{'params':>11}{'steps':>7}{'tok/s':>10}{'loss':>8}{'all held-out':>14}{'vs lzma':>9}"
                  f"{'hand-written':>14}{'vs lzma':>9}   (bits/byte)")
     rows = [("msa (sparse)", msa, "sparse"), ("msa (all blocks)", msa, "all_blocks"), ("dense", dense, "dense")]
@@ -801,8 +802,9 @@ def summary(r: dict) -> str:
               f"{fmt(get(d, 'train', 'final_loss'), '.3f'):>8}{cells}")
     lines.append(f"{'lzma -9e (same bytes)':<22}{'':>11}{'':>7}{'':>10}{'':>8}{fmt(lz['all']):>14}{'':>9}"
                  f"{fmt(lz['hand_written']):>14}")
-    lines.append(f"lzma -9e per file (whole held-out files): all {fmt(get(r, 'lzma', 'per_file_whole_heldout', 'bits_per_byte'))}, "
-                 f"hand-written {fmt(get(r, 'lzma_hand_written', 'per_file_whole_heldout', 'bits_per_byte'))}")
+    per_file = {k: fmt(get(r, k, "per_file_whole_heldout", "bits_per_byte")) for k in ("lzma", "lzma_hand_written")}
+    lines.append(f"lzma -9e per file (whole held-out files): all {per_file['lzma']}, "
+                 f"hand-written {per_file['lzma_hand_written']}")
     if sets.get("generated"):
         lines.append("generated held-out files (excluded from hand-written): "
                      + ", ".join(f"{g['path']} ({g['bytes']} B)" for g in sets["generated"]))

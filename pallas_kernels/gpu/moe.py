@@ -22,12 +22,15 @@ a dequantised weight never goes to HBM. GPUs whose Triton has no e4m3 conversion
 refuse MXFP8 with NotImplementedError.
 
 How a 1-byte operand (e4m3 weights, uint8 exponents) is read: `byte_load_path(array)`, from its static shape.
-Pallas' Triton lowering (`_compute_offsets_from_indices`, jax 0.10.2 to 0.11.x) computes element offsets in
-int64 only when the whole operand has more than 2**32 bytes, else in signed int32. A 1-byte operand with more
+Pallas' Triton lowering (`_compute_offsets_from_indices`: the same code in jax 0.10.2, 0.11.0 and the 0.11.1
+development tree; tests/kernels/test_moe.py checks it on the GPU at offsets past 2**31) computes element offsets
+in int64 only when the whole operand has more than 2**32 bytes, else in signed int32. A 1-byte operand with more
 than 2**31 elements but at most 2**32 bytes therefore gets offsets past 2**31 - 1 that wrap: one layer's e4m3
 experts at M3 widths, [128, 6144, 3072] = 2.4e9 bytes, gave an illegal address on the H200 at expert >= 114.
   - "direct" (at most 2**31 elements: int32 offsets fit; or more than 2**32 bytes: int64 offsets): the bytes
-    are loaded as stored. The model's layer stacks [L >= 2, 128, 6144, 3072] read at (layer, expert) are here.
+    are loaded as stored. A layer stack [L >= 2, 128, 6144, 3072] read in place at (layer, expert) is here, and
+    so are experts split over devices (4-way: [32, 6144, 3072]); one layer of 128 experts on its own (what a
+    scan over the stack hands each step) is not.
   - "int32 view" (only the window 2**31 < elements <= 2**32): the operand is read through its int32 view (a
     bitcast, 4 columns per word, 2**29..2**30 words: int32 offsets fit) and the words are unpacked in registers
     (shifts, then joins and reshapes back to [rows, cols]). Correct, but the unpack makes the kernel ALU-bound

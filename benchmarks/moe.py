@@ -140,8 +140,7 @@ def expert_bytes(d, f, fp8: bool) -> int:
 
 
 def tiles_name(tl) -> str:
-    return (f"{tl.block_m}x{tl.block_n_up}/{tl.block_n_down}x{tl.block_k} w{tl.num_warps}s{tl.num_stages}"
-            if tl else "default")
+    return f"{tl.block_m}x{tl.block_n_up}/{tl.block_n_down}x{tl.block_k} w{tl.num_warps}s{tl.num_stages}"
 
 
 def run_case(kind, t, fp8, weights, geo, ceil, impl, sweep, ragged, deadline, rows_out, jsonl=None):

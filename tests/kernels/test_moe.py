@@ -11,6 +11,8 @@ shapes (nothing allocated) and, on a GPU, on real M3-sized arrays at offsets pas
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,6 +237,60 @@ def test_m3_sized_mxfp8_experts_take_the_chosen_path(layers, path):
                            *weights, *scales)
     w = "int32" if path == "int32 view" else "float8_e4m3fn"
     assert ops == [[w, w, "uint8", "uint8"], [w, "uint8"]]      # gate, up, their exponents; down, its exponents
+
+
+class _FakeH200:
+    platform, compute_capability, device_kind = "gpu", "9.0", "NVIDIA H200 (lowering only)"
+
+
+@pytest.mark.parametrize("layers,force", [(None, None), (2, None), (None, "direct")],
+                         ids=["one-layer", "stack-of-2", "one-layer-forced-direct"])
+def test_triton_offsets_are_int64_where_the_direct_path_relies_on_it(layers, force, monkeypatch):
+    """byte_load_path's premise, read from the installed jax: the M3-sized kernels exported for CUDA (on any host,
+    nothing allocated) address the e4m3 bytes of a 2-layer stack with int64 offsets, and one layer alone as int32
+    words with int32 offsets (the 1-byte exponents, < 2**31 elements, with int32). Loaded directly, one layer's
+    2.4e9 bytes would get int32 offsets: the wrap the int32 view avoids."""
+    from jax import export
+    lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
+    registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+    modules = []
+    real = lowering.lower_jaxpr_to_triton_module
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        modules.append(str(out.module.operation))
+        return out
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", spy)
+    if jax.default_backend() != "gpu":
+        monkeypatch.setattr(jax, "devices", lambda *a: [_FakeH200()])    # gpu.moe's sm_89+ check
+    e, d, f, t = 128, 6144, 3072, 8
+    lead = (layers,) if layers else ()
+    sds = jax.ShapeDtypeStruct
+    weights = [sds(lead + s, E4M3) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    scales = [sds(lead + (e, s[0] // 32, s[1]), jnp.uint8) for s in ((d, f), (d, f), (f, d))]
+    tiles = gpu_moe.default_tiles(t * 4, e, True)
+    fn = jax.jit(lambda x, i, c, *w: gpu_moe.moe_tuned(x, i, c, *w, alpha=ALPHA, limit=LIMIT, tiles=tiles,
+                                                       layer=1 if layers else None, force_byte_path=force))
+    try:
+        export.export(fn, platforms=["cuda"],
+                      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            sds((t, d), jnp.bfloat16), sds((t, 4), jnp.int32), sds((t, 4), jnp.float32), *weights, *scales)
+    except RuntimeError as exc:          # jax >= 0.11 lowers Triton only for a (real or abstract) GPU device
+        if "No supported GPU devices" not in str(exc):
+            raise
+        pytest.skip(f"this jax lowers Pallas Triton only beside a GPU: {exc}")
+    assert len(modules) == 2                                                 # gate_up, down
+    # (pointee, offset type) of every tile load's address computation
+    offsets = set(re.findall(r"tt\.addptr \S+, \S+ : tensor<[\dx]+!tt\.ptr<(\w+)>>, tensor<[\dx]+(i\d+)>",
+                             "\n".join(modules)))
+    assert ("i8", "i32") in offsets                                          # the exponents
+    if layers:
+        assert ("f8E4M3FN", "i64") in offsets and not {o for o in offsets if o[0] == "i32"}
+    elif force:
+        assert ("f8E4M3FN", "i32") in offsets
+    else:
+        assert ("i32", "i32") in offsets and not {o for o in offsets if o[0] == "f8E4M3FN"}
 
 
 FORCED_TILES = [gpu_moe.MoETiles(16, 32, 32, 32, 4, 4), gpu_moe.MoETiles(32, 64, 32, 64, 4, 4)]

@@ -109,8 +109,10 @@ def test_resumed_run_is_exact(trainer, uninterrupted, tmp_path):
         else:
             # A GPU's backward sums scatter-adds (the embedding and gather gradients) with atomics, in an order
             # that differs from run to run, so two identical runs already differ in the last bits (measured on
-            # an H200: 2e-4 relative after 3 steps); only the CPU can show the resume bit-exact.
-            np.testing.assert_allclose(got, want, rtol=2e-3, err_msg=key)
+            # an H200: 2e-4 relative after 3 steps); only the CPU can show the resume bit-exact. The indexer KL
+            # moves more: a last-bit change can flip which blocks the student's top-k keeps (measured on an
+            # H200: 7.2e-3 relative at step 6), while the LM loss stays within 2e-3.
+            np.testing.assert_allclose(got, want, rtol=2e-3 if key == "loss" else 2e-2, err_msg=key)
 
 
 def test_router_bias_moves_towards_balance():

@@ -253,7 +253,14 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     p = moe_plan.plan(ids_tk, combine_tk, num_experts, bm)
     xs = p.gather_rows(x_td)                                                   # [R, D]
     layer_arr = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-    params = compiler_params(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    # The software pipeline holds a row tile and the weight tile(s) per stage: float32 prefill tiles (64 x 64 rows,
+    # two 64 x 128 weight tiles: 80 KiB a stage) overflow Hopper's shared memory at 4 stages, so fewer stages.
+    x_bytes, w_bytes = jnp.dtype(x_td.dtype).itemsize, 1 if fp8 else jnp.dtype(gate_edf.dtype).itemsize
+    stages = min(cm.pipeline_stages(tiles.num_stages, per_stage=bm * bk * x_bytes + 2 * bk * bn_up * w_bytes,
+                                    fixed=0),
+                 cm.pipeline_stages(tiles.num_stages, per_stage=bm * bk * x_bytes + bk * bn_down * w_bytes,
+                                    fixed=0))
+    params = compiler_params(num_warps=tiles.num_warps, num_stages=stages)
     whole = whole_array()
     r = p.num_rows
 

@@ -178,6 +178,15 @@ def test_gpu_kernel_float32_and_stacked_layer(fp8):
     np.testing.assert_allclose(got, _run("reference", x, ids, comb, per_layer, fp8=fp8), rtol=1e-5, atol=2e-4)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the Triton kernel compiled for the GPU")
+def test_gpu_kernel_float32_prefill_tiles_fit_shared_memory():
+    """float32 at the bundled default model's widths (384 -> 128) with prefill-sized rows: 64 x 64 row tiles and
+    64 x 128 weight tiles are 80 KiB a pipeline stage, which overflowed the H200's shared memory at 4 stages."""
+    x, ids, comb, w = _case(300, 2, 8, 384, 128, jnp.float32, "random", seed=11)
+    got, want = _run("gpu", x, ids, comb, w), _run("reference", x, ids, comb, w)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5         # float32 dots, not TF32
+
+
 @pytest.mark.skipif(not ON_GPU, reason="GPU only")
 def test_gpu_dequantisation_flushes_like_the_cpu():
     """issue 20: the GPU keeps float32 subnormals unless told; both dequantisations flush them."""

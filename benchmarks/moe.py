@@ -1,31 +1,45 @@
-"""MoE micro-benchmark: the fused Pallas MoE kernel against jax's ragged_dot path and the copy-rate bound.
+"""MoE micro-benchmark: the fused Pallas MoE kernel against the copy-rate bound (and jax's ragged_dot path).
 
-    python benchmarks/moe.py [--out DIR] [--small] [--no-sweep]
+    python benchmarks/moe.py [--out DIR] [--small] [--weights bf16,mxfp8] [--sweep mxfp8] [--ragged]
+                             [--fp8-layers 2] [--budget-s S]
 
 M3's routed experts: 128 experts, hidden 6144, expert width 3072, top-4, SwiGLU-OAI, bf16 or MXFP8 (e4m3 +
 E8M0 exponents per 32 inputs) weights, random weights and random top-4 routings (uniform over experts).
 Cases: decode batch 1 / 8 / 32 (one token per request) and prefill 8K (8192 tokens = 32768 routed rows).
+Layouts: bf16 experts [E, D, F] (one layer, 4.8 GB per matrix: int64 offsets in the kernel); MXFP8 experts as
+the model stacks them, [L=2, E, D, F] (4.8 GB per matrix), read in place at layer 1. One layer of e4m3 alone
+(2.4 GB, what a scan over the stack hands each layer: --fp8-layers 0) is read through the kernel's int32 view;
+the stack's bytes are loaded directly. Every row records the path (gpu.moe.byte_load_path) and the table prints
+it.
 
 Implementations, each timed as one jitted call from x, ids, combine weights and the stored experts to the f32
 [T, D] routed output:
-  fused     dispatch.moe(impl="gpu"): pallas_kernels/gpu/moe.py (tile sizes swept; the best is reported)
-  ragged    the path the model ran before: rows sorted by expert, three dispatch.grouped_matmul calls (jax's
-            Mosaic GPU ragged_dot_mgpu on Hopper) with SwiGLU in XLA; with MXFP8 the experts are first
-            dequantised to bf16 in HBM (only the routed ones when there are fewer slots than experts)
+  fused     dispatch.moe(impl="gpu"): pallas_kernels/gpu/moe.py with default_tiles, then (--sweep) the tile
+            candidates of the weights named; the best is reported and printed as MoETiles(...)
+  ragged    (--ragged) the path the model ran before: rows sorted by expert, three dispatch.grouped_matmul
+            calls (jax's Mosaic GPU ragged_dot_mgpu on Hopper) with SwiGLU in XLA; with MXFP8 the experts (layer
+            1, sliced once outside the timed call) are first dequantised to bf16 in HBM (only the routed ones
+            when there are fewer slots than experts)
 Bound: the bytes the step must read (the distinct routed experts' weights as stored, plus the exponents for
 MXFP8; activations are negligible) at the copy rate measured in the same run (2 GiB device copy, bytes read +
-written per second, as benchmarks/kernels.py). Prefill also reports TFLOP/s (2 x rows x D x F x 3) against the
-bf16 matmul peak measured in the same run (8192^3 jnp.dot).
-Prints one table last and writes moe.json under --out (default $OUT or .).
+written per second, as benchmarks/kernels.py). TFLOP/s (2 x rows x D x F x 3) against the bf16 matmul peak
+measured in the same run (8192^3 jnp.dot). rel_err: relative L2 difference to ragged (when run) or to the
+default tiles.
+--budget-s: no new variant starts after that many seconds (the table is still printed).
+Writes moe.jsonl (one row per variant, as it runs) and moe.json under --out (default $OUT or .); prints one
+table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import sys
+import time
 import traceback
 
 import jax
@@ -40,15 +54,19 @@ from pallas_kernels import dispatch, reference  # noqa: E402
 from pallas_kernels.gpu import moe as gpu_moe  # noqa: E402
 
 ALPHA, LIMIT, TOP_K = 1.702, 7.0, 4
-# Swept on the GPU; MXFP8 with block_k 32 needs no in-register reshape of the exponents (one per column).
-DECODE_TILES = [gpu_moe.MoETiles(16, 64, 64, 128, 4, 4), gpu_moe.MoETiles(16, 32, 32, 256, 4, 4),
-                gpu_moe.MoETiles(16, 64, 64, 64, 4, 6)]
-PREFILL_TILES = [gpu_moe.MoETiles(128, 128, 128, 64, 8, 3), gpu_moe.MoETiles(64, 128, 128, 64, 4, 4),
-                 gpu_moe.MoETiles(128, 128, 128, 32, 8, 4)]
-# MXFP8 only: the column-lane unpack (no interleave), added after the second H200 run (not yet measured)
-FP8_DECODE_TILES = [gpu_moe.MoETiles(16, 64, 64, 128, 4, 4, "lanes"), gpu_moe.MoETiles(16, 64, 64, 256, 4, 3, "lanes")]
-FP8_PREFILL_TILES = [gpu_moe.MoETiles(128, 128, 128, 32, 8, 4, "lanes"), gpu_moe.MoETiles(128, 256, 256, 32, 8, 3,
-                                                                                          "lanes")]
+FP8_LAYER = 1                        # the layer of the MXFP8 stack that is read
+T = gpu_moe.MoETiles
+# Candidates besides default_tiles. bf16: swept on the H200 (the best is the default). MXFP8: the int32-view
+# sweep's best is the default; direct e4m3 loads need no unpack, so 128-byte rows (block_n 128, as bf16's 64) and
+# longer K steps (several exponent rows per step) are candidates again. The best per case is printed last.
+SWEEP = {
+    ("bf16", "decode"): [T(16, 32, 32, 256, 4, 4), T(16, 64, 64, 64, 4, 6)],
+    ("bf16", "prefill"): [T(128, 128, 128, 64, 8, 3), T(128, 128, 128, 32, 8, 4)],
+    ("mxfp8", "decode"): [T(16, 64, 64, 128, 4, 4), T(16, 64, 64, 256, 4, 3), T(16, 128, 128, 128, 4, 4),
+                          T(16, 128, 128, 256, 4, 3)],
+    ("mxfp8", "prefill"): [T(128, 128, 128, 64, 8, 3), T(64, 128, 128, 64, 4, 4), T(128, 128, 128, 128, 8, 2),
+                           T(256, 64, 128, 64, 8, 3)],        # 256 rows: each dequantised tile feeds more MMAs
+}
 
 
 def geometry(small: bool) -> dict:
@@ -58,19 +76,28 @@ def geometry(small: bool) -> dict:
                 cases=[("decode", 1), ("decode", 8), ("decode", 32), ("prefill", 8192)])
 
 
-def random_experts(key, e, d, f, fp8: bool):
-    """(gate, up, down[, scales...]) in the stored layouts: bf16, or e4m3 bytes (no NaN codes) + exponents."""
+def random_experts(key, e, d, f, fp8: bool, fp8_layers: int = 2):
+    """(gate, up, down[, scales...]) in the stored layouts: bf16 [E, ...], or e4m3 bytes (no NaN codes) +
+    exponents stacked [fp8_layers, E, ...] ([E, ...] when 0; each layer drawn on its own: fewer than 2**32
+    random numbers per draw)."""
     shapes = [(e, d, f), (e, d, f), (e, f, d)]
     keys = jax.random.split(key, 6)
     if not fp8:
         return tuple((jax.random.normal(k, s, jnp.float32) / np.sqrt(s[1])).astype(jnp.bfloat16)
                      for k, s in zip(keys, shapes))
-    ws, ss = [], []
-    for k, ks, s in zip(keys[:3], keys[3:], shapes):
-        b = jax.random.bits(k, s, jnp.uint8)
-        b = jnp.where((b & 0x7F) == 0x7F, b ^ 0x01, b)                   # 0x7F / 0xFF are NaN in e4m3fn
-        ws.append(jax.lax.bitcast_convert_type(b, jnp.float8_e4m3fn))
-        ss.append(jax.random.randint(ks, (s[0], s[1] // 32, s[2]), 112, 118, jnp.int32).astype(jnp.uint8))
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def layers(k, ks, s):
+        ws, ss = [], []
+        for layer in range(max(1, fp8_layers)):
+            b = jax.random.bits(jax.random.fold_in(k, layer), s, jnp.uint8)
+            b = jnp.where((b & 0x7F) == 0x7F, b ^ 0x01, b)                   # 0x7F / 0xFF are NaN in e4m3fn
+            ws.append(jax.lax.bitcast_convert_type(b, jnp.float8_e4m3fn))
+            ss.append(jax.random.randint(jax.random.fold_in(ks, layer), (s[0], s[1] // 32, s[2]), 112, 118,
+                                         jnp.int32).astype(jnp.uint8))
+        return (jnp.stack(ws), jnp.stack(ss)) if fp8_layers else (ws[0], ss[0])
+
+    ws, ss = zip(*(layers(k, ks, s) for k, ks, s in zip(keys[:3], keys[3:], shapes)))
     return tuple(ws) + tuple(ss)
 
 
@@ -112,48 +139,63 @@ def expert_bytes(d, f, fp8: bool) -> int:
     return 3 * d * f * (1 + 1 / 32) if fp8 else 3 * d * f * 2
 
 
-def run_case(kind, t, fp8, weights, geo, ceil, impl, sweep, rows_out, jsonl=None):
+def tiles_name(tl) -> str:
+    return f"{tl.block_m}x{tl.block_n_up}/{tl.block_n_down}x{tl.block_k} w{tl.num_warps}s{tl.num_stages}"
+
+
+def run_case(kind, t, fp8, weights, geo, ceil, impl, sweep, ragged, deadline, rows_out, jsonl=None):
     e, d, f = geo["experts"], geo["hidden"], geo["width"]
+    wname = "mxfp8" if fp8 else "bf16"
+    layer = FP8_LAYER if fp8 and weights[0].ndim == 4 else None
     ids, comb = routing(jax.random.key(t), t, e)
     x = jax.random.normal(jax.random.key(t + 1), (t, d), jnp.float32).astype(jnp.bfloat16)
     hit = len(np.unique(np.asarray(ids)))
     need = hit * expert_bytes(d, f, fp8)
     flops = 2 * t * TOP_K * d * f * 3
-    base = dict(kind=kind, tokens=t, weights="mxfp8" if fp8 else "bf16", experts_hit=hit, bytes=need, flops=flops)
-    want = None
-    results = []
-    tiles = (DECODE_TILES if kind == "decode" else PREFILL_TILES) if sweep else [None]
-    if sweep and fp8:
-        tiles = tiles + (FP8_DECODE_TILES if kind == "decode" else FP8_PREFILL_TILES)
-    for tl in tiles:
-        name = "fused" if tl is None else f"fused {tl.block_m}x{tl.block_n_up}/{tl.block_n_down}x{tl.block_k} " \
-                                          f"w{tl.num_warps}s{tl.num_stages}" + (" lanes" if fp8 and
-                                                                                tl.fp8_unpack == "lanes" else "")
-        if tl is None:
-            fn = jax.jit(lambda x, i, c, *w: dispatch.moe(x, i, c, *w, alpha=ALPHA, limit=LIMIT, impl=impl))
-        else:
-            fn = jax.jit(lambda x, i, c, *w, tl=tl: gpu_moe.moe_tuned(
-                x, i, c, *w, alpha=ALPHA, limit=LIMIT, tiles=tl, interpret=impl.endswith("interpret")))
-        results.append((name, fn))
-    gm = "gpu" if impl == "gpu" else "reference"
-    results.append(("ragged", jax.jit(lambda x, i, c, *w: ragged_path(x, i, c, *w, impl=gm))))
+    path = gpu_moe.byte_load_path(weights[0])
+    default = gpu_moe.default_tiles(ids.size, e, fp8)
+    base = dict(kind=kind, tokens=t, weights=wname, experts_hit=hit, bytes=need, flops=flops, load_path=path,
+                layer=layer, weight_shape=list(weights[0].shape))
+    interpret = impl.endswith("interpret")
+    variants = [(None, jax.jit(lambda x, i, c, *w: dispatch.moe(x, i, c, *w, alpha=ALPHA, limit=LIMIT, layer=layer,
+                                                                impl=impl)))]
+    for tl in SWEEP[(wname, kind)] if sweep else []:
+        if tl != default:
+            variants.append((tl, jax.jit(lambda x, i, c, *w, tl=tl: gpu_moe.moe_tuned(
+                x, i, c, *w, alpha=ALPHA, limit=LIMIT, layer=layer, tiles=tl, interpret=interpret))))
+    if ragged:   # one layer, sliced once here so that the timed call is the ragged path alone
+        per_layer = [w[layer] for w in weights] if layer is not None else list(weights)
+        gm = "gpu" if impl == "gpu" else "reference"
+        variants.append(("ragged", jax.jit(lambda x, i, c, *w: ragged_path(x, i, c, *w, impl=gm))))
     iters = 20 if kind == "decode" else 3
-    for name, fn in results:
-        row = dict(base, impl=name)
-        try:
-            out = np.asarray(fn(x, ids, comb, *weights))
-            if want is None:
-                want = out if name == "ragged" else np.asarray(results[-1][1](x, ids, comb, *weights))
-            row["rel_err_vs_ragged"] = float(np.linalg.norm(out - want) / np.linalg.norm(want))
-            s = bench(fn, x, ids, comb, *weights, iters=iters, reps=3)
-            row["ms"] = s * 1e3
-            row["bound_ms"] = need / (ceil["copy_gbs"] * 1e9) * 1e3
-            row["ratio_to_bound"] = row["ms"] / row["bound_ms"]
-            row["tflops"] = flops / s / 1e12
-            row["frac_matmul_peak"] = row["tflops"] / ceil["matmul_tflops"]
-        except Exception as exc:                                            # a variant that does not compile
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            traceback.print_exc(limit=2)
+    want = None
+    for tl, fn in variants:
+        name = "ragged" if tl == "ragged" else "fused " + tiles_name(tl if tl else default)
+        row = dict(base, impl=name, default_tiles=tl is None)
+        if tl != "ragged":
+            row["tiles"] = dataclasses.astuple(tl or default)
+        args = (x, ids, comb, *(per_layer if tl == "ragged" else weights))
+        if time.monotonic() > deadline:
+            row["error"] = "skipped: --budget-s reached"
+        else:
+            try:
+                t0 = time.monotonic()
+                out = np.asarray(fn(*args))
+                row["first_call_s"] = time.monotonic() - t0
+                if want is None:     # ragged when it runs, else the first variant that runs (the default tiles)
+                    want = out if not ragged else np.asarray(variants[-1][1](x, ids, comb, *per_layer))
+                    want_name = "ragged" if ragged else name
+                row["rel_err"] = float(np.linalg.norm(out - want) / np.linalg.norm(want))
+                row["rel_err_vs"] = want_name
+                s = bench(fn, *args, iters=iters, reps=3)
+                row["ms"] = s * 1e3
+                row["bound_ms"] = need / (ceil["copy_gbs"] * 1e9) * 1e3
+                row["ratio_to_bound"] = row["ms"] / row["bound_ms"]
+                row["tflops"] = flops / s / 1e12
+                row["frac_matmul_peak"] = row["tflops"] / ceil["matmul_tflops"]
+            except Exception as exc:                                        # a variant that does not compile
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                traceback.print_exc(limit=2)
         print(json.dumps(row), flush=True)
         rows_out.append(row)
         if jsonl:
@@ -163,9 +205,10 @@ def run_case(kind, t, fp8, weights, geo, ceil, impl, sweep, rows_out, jsonl=None
 
 def table(rows, ceil):
     lines = [f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbs']:.0f} GB/s",
-             f"{'case':<14} {'w':<5} {'hit':>3} {'GB':>6} {'bound ms':>8} | {'fused ms':>8} {'x bound':>7} "
-             f"{'TF/s':>6} | {'ragged ms':>9} {'x bound':>7} | {'speedup':>7}  best tiles"]
+             f"{'case':<13} {'w':<5} {'read':<10} {'hit':>3} {'GB':>6} {'bound ms':>8} | {'fused ms':>8} "
+             f"{'x bound':>7} {'TF/s':>6} {'default ms':>10} | {'ragged ms':>9} {'x bound':>7}  best tiles"]
     keys = sorted({(r["kind"], r["tokens"], r["weights"]) for r in rows}, key=lambda k: (k[0] != "decode", k[1], k[2]))
+    best_fp8 = []
     for kind, t, w in keys:
         rs = [r for r in rows if (r["kind"], r["tokens"], r["weights"]) == (kind, t, w) and "ms" in r]
         fused = [r for r in rs if r["impl"].startswith("fused")]
@@ -173,41 +216,62 @@ def table(rows, ceil):
         if not fused:
             continue
         best = min(fused, key=lambda r: r["ms"])
-        rg = rag[0] if rag else None
+        dflt = [r for r in fused if r["default_tiles"]]
         case = f"{kind} {'b' if kind == 'decode' else 'T='}{t}"
-        lines.append(f"{case:<14} {w:<5} {best['experts_hit']:>3} {best['bytes'] / 1e9:6.2f} {best['bound_ms']:8.3f} | "
-                     f"{best['ms']:8.3f} {best['ratio_to_bound']:7.2f} {best['tflops']:6.0f} | "
-                     + (f"{rg['ms']:9.3f} {rg['ratio_to_bound']:7.2f} | {rg['ms'] / best['ms']:7.2f}" if rg else
-                        f"{'-':>9} {'-':>7} | {'-':>7}") + f"  {best['impl']}")
+        lines.append(f"{case:<13} {w:<5} {best['load_path']:<10} {best['experts_hit']:>3} {best['bytes'] / 1e9:6.2f} "
+                     f"{best['bound_ms']:8.3f} | {best['ms']:8.3f} {best['ratio_to_bound']:7.2f} "
+                     f"{best['tflops']:6.0f} " + (f"{dflt[0]['ms']:10.3f}" if dflt else f"{'-':>10}") + " | "
+                     + (f"{rag[0]['ms']:9.3f} {rag[0]['ratio_to_bound']:7.2f}" if rag else f"{'-':>9} {'-':>7}")
+                     + f"  {best['impl'][6:]}")
+        if w == "mxfp8":
+            best_fp8.append(f"  {case:<13} MoETiles{tuple(best['tiles'])} {best['ms']:.3f} ms"
+                            + (f" (default_tiles {dflt[0]['ms']:.3f} ms)" if dflt else ""))
+    if best_fp8:
+        lines += ["best MXFP8 tiles (block_m, block_n_up, block_n_down, block_k, num_warps, num_stages), for "
+                  "default_tiles:"] + best_fp8
     return "\n".join(lines)
 
 
 def main(argv=None):
+    t_start = time.monotonic()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--small", action="store_true", help="tiny shapes, kernels interpreted: runs on CPU")
-    ap.add_argument("--no-sweep", action="store_true", help="only the default tiles")
     ap.add_argument("--weights", default="bf16,mxfp8", help="comma list of bf16, mxfp8")
+    ap.add_argument("--sweep", default="bf16,mxfp8", help="comma list of the weights whose tiles are swept ('' none)")
+    ap.add_argument("--ragged", action="store_true", help="also time the ragged_dot path (the previous model path)")
+    ap.add_argument("--fp8-layers", type=int, default=2,
+                    help="layers of the MXFP8 stack (read at layer 1); 0: one layer [E, D, F], as a scan slice")
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no variant after this many seconds")
     args = ap.parse_args(argv)
+    if args.fp8_layers < 0 or args.fp8_layers == 1:
+        ap.error(f"--fp8-layers is 0 (one layer) or >= 2 (a stack read at layer {FP8_LAYER}), got {args.fp8_layers}")
+    weights_list = [w for w in args.weights.split(",") if w]
+    sweep = {w for w in args.sweep.split(",") if w}
+    if not set(weights_list) | sweep <= {"bf16", "mxfp8"}:
+        ap.error(f"--weights/--sweep take bf16, mxfp8; got {args.weights!r} / {args.sweep!r}")
     geo = geometry(args.small)
     on_gpu = jax.default_backend() == "gpu"
     impl = "gpu" if on_gpu else "gpu-interpret"
     ceil = ceilings() if on_gpu else {"matmul_tflops": float("nan"), "copy_gbs": float("nan")}
+    deadline = t_start + args.budget_s
     rows = []
     os.makedirs(args.out, exist_ok=True)
     print(json.dumps({"ceilings": ceil}), flush=True)
-    for fp8 in [w == "mxfp8" for w in args.weights.split(",")]:
-        weights = random_experts(jax.random.key(7), geo["experts"], geo["hidden"], geo["width"], fp8)
+    for wname in weights_list:
+        fp8 = wname == "mxfp8"
+        weights = random_experts(jax.random.key(7), geo["experts"], geo["hidden"], geo["width"], fp8,
+                                 args.fp8_layers)
         for kind, t in geo["cases"]:
-            run_case(kind, t, fp8, weights, geo, ceil, impl, on_gpu and not args.no_sweep, rows,
+            run_case(kind, t, fp8, weights, geo, ceil, impl, wname in sweep, args.ragged, deadline, rows,
                      os.path.join(args.out, "moe.jsonl"))
         del weights
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=jax.devices()[0].device_kind, jax=jax.__version__, ceilings=ceil, small=args.small)
-    os.makedirs(args.out, exist_ok=True)
+                device=jax.devices()[0].device_kind, jax=jax.__version__, ceilings=ceil, small=args.small,
+                wall_s=time.monotonic() - t_start)
     with open(os.path.join(args.out, "moe.json"), "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)
-    print(f"{meta['device']}, jax {meta['jax']}, {meta['date']}")
+    print(f"{meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['wall_s']:.0f} s")
     print(table(rows, ceil))
     return rows
 

@@ -16,31 +16,45 @@ Programs of tiles past num_used return at once: a decode step reads only the rou
 4 experts of 128). Weights are whole-array operands indexed in the kernel by (layer, expert) scalars read
 from the plan, so a stacked [L, E, ...] weight is read in place for layer `layer` and nothing is copied.
 
-MXFP8: the e4m3 tile [BK, BN] and its exponents [BK/32, BN] are loaded as stored and dequantised in registers
-(moe_plan.dequantize_tile: an exact float32 product, then the cast to x's dtype for the tensor cores); a
-dequantised weight never goes to HBM. The e4m3 bytes are read through an int32 view (4 columns per word),
-because the Triton lowering's int32 offsets overflow on a 2.4 GB e4m3 stack (an illegal address on the H200 at
-expert >= 114). MoETiles.fp8_unpack picks how the words are unpacked: "interleave" (shifts, then joins and
-reshapes back to [BK, BN]; measured) or "lanes" (four [BK, BN/4] column-lane tiles, four sub-dots and strided
-stores; no interleave; not yet measured on a GPU). GPUs whose Triton has no e4m3 conversion (compute capability
-< 8.9) refuse MXFP8 with NotImplementedError.
+MXFP8: the e4m3 tile [BK, BN] and its E8M0 exponents [BK/32, BN] are loaded as stored and dequantised in
+registers (moe_plan.dequantize_tile: an exact float32 product, then the cast to x's dtype for the tensor cores);
+a dequantised weight never goes to HBM. GPUs whose Triton has no e4m3 conversion (compute capability < 8.9)
+refuse MXFP8 with NotImplementedError.
+
+How a 1-byte operand (e4m3 weights, uint8 exponents) is read: `byte_load_path(array)`, from its static shape.
+Pallas' Triton lowering (`_compute_offsets_from_indices`: the same code in jax 0.10.2, 0.11.0 and the 0.11.1
+development tree; tests/kernels/test_moe.py checks it on the GPU at offsets past 2**31) computes element offsets
+in int64 only when the whole operand has more than 2**32 bytes, else in signed int32. A 1-byte operand with more
+than 2**31 elements but at most 2**32 bytes therefore gets offsets past 2**31 - 1 that wrap: one layer's e4m3
+experts at M3 widths, [128, 6144, 3072] = 2.4e9 bytes, gave an illegal address on the H200 at expert >= 114.
+  - "direct" (at most 2**31 elements: int32 offsets fit; or more than 2**32 bytes: int64 offsets): the bytes
+    are loaded as stored. A layer stack [L >= 2, 128, 6144, 3072] read in place at (layer, expert) is here, and
+    so are experts split over devices (4-way: [32, 6144, 3072]); one layer of 128 experts on its own (what a
+    scan over the stack hands each step) is not.
+  - "int32 view" (only the window 2**31 < elements <= 2**32): the operand is read through its int32 view (a
+    bitcast, 4 columns per word, 2**29..2**30 words: int32 offsets fit) and the words are unpacked in registers
+    (shifts, then joins and reshapes back to [rows, cols]). Correct, but the unpack makes the kernel ALU-bound
+    (H200, M3 widths, unstacked: decode 5.6-7.3x the copy-rate bound, prefill 8K 71 TFLOP/s vs bf16's 329).
+Wider dtypes never need it (2**32 bytes of a 2-byte dtype are 2**31 elements).
 
 Tiles: decode (few rows per expert) uses BM = 16 (the smallest Triton dot) and narrow column blocks, so that a
 batch-1 step still spreads the four experts' weights over a few hundred programs; prefill uses 64- (bf16) or
-128-row (MXFP8) tiles of 128 columns (default_tiles: the best of an H200 sweep).
+128-row (MXFP8) tiles of 128 columns (default_tiles: the best of an H200 sweep; the MXFP8 ones were swept with
+the int32 view).
 Limits (NotImplementedError): D and F multiples of the K step and of the column block (powers of two >= 16; 32
 for MXFP8, whose exponent blocks must not straddle a K step).
 
 Measured (H200, jax 0.11.2, 128 experts 6144 -> 3072, top-4; benchmarks/RESULTS.md): bf16 decode at 0.9-1.6x
 the copy-rate bound of the routed experts' bytes, 1.7-27x faster than the ragged_dot path; prefill 8K at 329
-TFLOP/s. MXFP8 ("interleave") is correct but slower than bf16 (decode b1 0.52 ms vs 0.23, prefill 8K 52.5 ms
-vs 11.3): the in-register unpack and the per-element dequantisation dominate.
+TFLOP/s. MXFP8 through the int32 view: correct but slower than bf16 (decode b1 0.52 ms vs 0.23, prefill 8K
+52.5 ms vs 11.3); loaded directly (unstacked, before the view): decode b1 0.29 ms.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +67,7 @@ from pallas_kernels.gpu._compat import compiler_params, whole_array
 from pallas_kernels.reference import swiglu_oai
 
 f32 = jnp.float32
+BYTE_LOAD_PATHS = ("direct", "int32 view")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +79,6 @@ class MoETiles:
     block_k: int            # K step of both kernels (MXFP8: a multiple of 32)
     num_warps: int
     num_stages: int
-    # MXFP8 unpack of the int32 view: "interleave" (joins + reshapes back to [BK, BN], measured) or "lanes" (four
-    # [BK, BN/4] column-lane tiles, four sub-dots, strided stores: no interleave; not yet measured on a GPU)
-    fp8_unpack: str = "interleave"
 
 
 def default_tiles(num_slots: int, num_experts: int, fp8: bool) -> MoETiles:
@@ -79,6 +91,15 @@ def default_tiles(num_slots: int, num_experts: int, fp8: bool) -> MoETiles:
     return MoETiles(bm, 128, 128, 32, 8, 4) if fp8 else MoETiles(bm, 128, 128, 64, 4, 4)
 
 
+def byte_load_path(a) -> str:
+    """How the kernels read operand `a` (an array or jax.ShapeDtypeStruct; the e4m3 weights and uint8 exponents
+    are the 1-byte ones): "int32 view" when the Triton lowering's int32 element offsets would wrap (more than
+    2**31 elements in at most 2**32 bytes), else "direct" (module docstring)."""
+    size = math.prod(a.shape)
+    wraps = size > 2 ** 31 and size * jnp.dtype(a.dtype).itemsize <= 2 ** 32
+    return "int32 view" if wraps else "direct"
+
+
 def _fit(block: int, size: int) -> int:
     """The largest power of two <= block dividing size (>= 16), or 0."""
     b = block
@@ -87,21 +108,10 @@ def _fit(block: int, size: int) -> int:
     return b if b >= 16 else 0
 
 
-def _load_w(w_ref, s_ref, lead, k0, n0, bk, bn, dtype):
-    """Weight tile [bk, bn] of w_ref[*lead] at (k0, n0) in `dtype`, dequantised in registers when MXFP8 (then
-    w_ref is the int32 view of the e4m3 bytes, 4 columns per word: see _pack_e4m3)."""
-    if s_ref is None:
-        return w_ref[(*lead, pl.ds(k0, bk), pl.ds(n0, bn))]
-    w = _unpack_e4m3(w_ref[(*lead, pl.ds(k0, bk), pl.ds(n0 // 4, bn // 4))])
-    s = s_ref[(*lead, pl.ds(k0 // moe_plan.MXFP8_BLOCK, bk // moe_plan.MXFP8_BLOCK), pl.ds(n0, bn))]
-    return moe_plan.dequantize_tile(w, s, dtype)
-
-
-def _pack_e4m3(w):
-    """e4m3 [..., K, N] -> int32 [..., K, N/4], a bitcast (no copy): word c holds columns 4c..4c+3, lowest byte
-    first. Why: Pallas' Triton lowering computes offsets in int32 for arrays under 2**32 bytes, and M3's e4m3
-    expert stack of one layer (128 x 6144 x 3072 = 2.4e9 bytes) has element offsets past 2**31."""
-    return lax.bitcast_convert_type(w.reshape(*w.shape[:-1], w.shape[-1] // 4, 4), jnp.int32)
+def _int32_view(a):
+    """1-byte [..., N] -> int32 [..., N/4], a bitcast (no copy): word c holds columns 4c..4c+3, lowest byte
+    first."""
+    return lax.bitcast_convert_type(a.reshape(*a.shape[:-1], a.shape[-1] // 4, 4), jnp.int32)
 
 
 def _interleave(a, b):
@@ -109,11 +119,30 @@ def _interleave(a, b):
     return jnp.stack([a, b], axis=-1).reshape(a.shape[0], 2 * a.shape[1])
 
 
-def _unpack_e4m3(v):
-    """int32 [K, N/4] from _pack_e4m3 -> e4m3 [K, N] in the original column order."""
+def _from_int32_view(v, dtype):
+    """int32 [K, N/4] from _int32_view -> 1-byte `dtype` [K, N] in the original column order."""
     b = [lax.shift_right_logical(v, jnp.int32(8 * j)) & 0xFF for j in range(4)]
-    cols = _interleave(_interleave(b[0], b[2]), _interleave(b[1], b[3]))      # column 4c + j = byte j of c
-    return lax.bitcast_convert_type(cols.astype(jnp.uint8), jnp.float8_e4m3fn)
+    cols = _interleave(_interleave(b[0], b[2]), _interleave(b[1], b[3])).astype(jnp.uint8)   # column 4c + j
+    return cols if dtype == jnp.uint8 else lax.bitcast_convert_type(cols, dtype)
+
+
+def _load_bytes(ref, lead, r0, nr, c0, nc, view: bool, dtype):
+    """Tile [nr, nc] at (r0, c0) of the 1-byte operand ref[*lead] (stored as `dtype`), read as stored or, with
+    view, through its int32 view (then ref is the view)."""
+    if not view:
+        return ref[(*lead, pl.ds(r0, nr), pl.ds(c0, nc))]
+    return _from_int32_view(ref[(*lead, pl.ds(r0, nr), pl.ds(c0 // 4, nc // 4))], dtype)
+
+
+def _load_w(w_ref, s_ref, lead, k0, n0, bk, bn, dtype, views):
+    """Weight tile [bk, bn] of w_ref[*lead] at (k0, n0) in `dtype`; MXFP8 (s_ref given) dequantised in registers,
+    views = (weight, exponents) read through their int32 views."""
+    if s_ref is None:
+        return w_ref[(*lead, pl.ds(k0, bk), pl.ds(n0, bn))]
+    blk = moe_plan.MXFP8_BLOCK
+    w = _load_bytes(w_ref, lead, k0, bk, n0, bn, views[0], jnp.float8_e4m3fn)
+    s = _load_bytes(s_ref, lead, k0 // blk, bk // blk, n0, bn, views[1], jnp.uint8)
+    return moe_plan.dequantize_tile(w, s, dtype)
 
 
 def _dot(a, b):
@@ -124,35 +153,14 @@ def _lead(layer_ref, e, stacked):
     return (layer_ref[0], e) if stacked else (e,)
 
 
-def _load_lanes(w_ref, s_ref, lead, k0, n0, bk, bn, dtype, lanes):
-    """[tile] as _load_w, or with lanes = 4 the MXFP8 tile as 4 column lanes: lane l = columns n0 + l + 4c."""
-    if lanes == 1:
-        return [_load_w(w_ref, s_ref, lead, k0, n0, bk, bn, dtype)]
-    v = w_ref[(*lead, pl.ds(k0, bk), pl.ds(n0 // 4, bn // 4))]                        # int32 [BK, BN/4]
-    blk = moe_plan.MXFP8_BLOCK
-    out = []
-    for lane in range(4):
-        byte = (lax.shift_right_logical(v, jnp.int32(8 * lane)) & 0xFF).astype(jnp.uint8)
-        w = lax.bitcast_convert_type(byte, jnp.float8_e4m3fn)
-        sc = s_ref[(*lead, pl.ds(k0 // blk, bk // blk), pl.ds(n0 + lane, bn // 4, stride=4))]
-        out.append(moe_plan.dequantize_tile(w, sc, dtype))
-    return out
-
-
-def _store(ref, value, row0, n0, lane, lanes):
-    """The [BM, BN/lanes] result of one lane: the whole output block, or columns n0 + lane + lanes*c."""
-    if lanes == 1:
-        ref[...] = value
-    else:
-        ref[pl.ds(row0, value.shape[0]), pl.ds(n0 + lane, value.shape[1], stride=lanes)] = value
-
-
 def _gate_up_kernel(tile_ref, used_ref, layer_ref, x_ref, g_ref, u_ref, *rest, block_m, block_n, block_k, num_k,
-                    alpha, limit, stacked, fp8, lanes):
+                    alpha, limit, stacked, views):
     # tile_ref i32[tiles]; used_ref i32[1]; layer_ref i32[1]; x_ref [R, D] rows in padded order (whole)
-    # g_ref, u_ref [(L,) E, D, F] as stored (whole); with fp8 int32 views [(L,) E, D, F/4] and gs_ref, us_ref
-    # u8[(L,) E, D/32, F]; h_ref [BM, BN] block (i, j) of the [R, F] activations (lanes > 1: the whole [R, F])
-    gs_ref, us_ref, h_ref = rest if fp8 else (None, None, rest[0])
+    # g_ref, u_ref [(L,) E, D, F] as stored (whole); MXFP8: gs_ref, us_ref u8[(L,) E, D/32, F], and views =
+    # ((gate, its exponents), (up, its exponents)): which are int32 views [..., cols/4]; h_ref [BM, BN] block
+    # (i, j) of the [R, F] activations
+    gs_ref, us_ref, h_ref = rest if views else (None, None, rest[0])
+    vg, vu = views or (None, None)
     i, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(i < used_ref[0])
@@ -163,23 +171,21 @@ def _gate_up_kernel(tile_ref, used_ref, layer_ref, x_ref, g_ref, u_ref, *rest, b
         def body(kk, acc):
             k0 = pl.multiple_of(kk * block_k, block_k)
             x = x_ref[pl.ds(row0, block_m), pl.ds(k0, block_k)]                      # [BM, BK]
-            g = _load_lanes(g_ref, gs_ref, lead, k0, n0, block_k, block_n, x.dtype, lanes)   # [BK, BN/lanes]
-            u = _load_lanes(u_ref, us_ref, lead, k0, n0, block_k, block_n, x.dtype, lanes)
-            return tuple(a + _dot(x, w) for a, w in zip(acc, g + u))
+            g = _load_w(g_ref, gs_ref, lead, k0, n0, block_k, block_n, x.dtype, vg)   # [BK, BN]
+            u = _load_w(u_ref, us_ref, lead, k0, n0, block_k, block_n, x.dtype, vu)
+            return acc[0] + _dot(x, g), acc[1] + _dot(x, u)
 
-        zero = jnp.zeros((block_m, block_n // lanes), f32)
-        acc = lax.fori_loop(0, num_k, body, (zero,) * (2 * lanes))
-        for lane in range(lanes):
-            h = swiglu_oai(acc[lane], acc[lanes + lane], alpha, limit).astype(h_ref.dtype)
-            _store(h_ref, h, row0, n0, lane, lanes)
+        zero = jnp.zeros((block_m, block_n), f32)
+        g, u = lax.fori_loop(0, num_k, body, (zero, zero))
+        h_ref[...] = swiglu_oai(g, u, alpha, limit).astype(h_ref.dtype)
 
 
 def _down_kernel(tile_ref, used_ref, layer_ref, h_ref, w_ref, *rest, block_m, block_n, block_k, num_k, stacked,
-                 fp8, lanes):
-    # h_ref [R, F] activations (whole); w_ref [(L,) E, F, D] (whole; fp8: int32 view [(L,) E, F, D/4] and ws_ref
-    # u8[(L,) E, F/32, D]); rw_ref f32[BM] combine weights of the tile's rows; y_ref f32[BM, BN] block (i, j)
-    # of [R, D] (lanes > 1: the whole [R, D])
-    ws_ref, rw_ref, y_ref = rest if fp8 else (None, *rest)
+                 views):
+    # h_ref [R, F] activations (whole); w_ref [(L,) E, F, D] (whole; MXFP8: ws_ref u8[(L,) E, F/32, D] and
+    # views = (down, its exponents): which are int32 views); rw_ref f32[BM] combine weights of the tile's rows;
+    # y_ref f32[BM, BN] block (i, j) of [R, D]
+    ws_ref, rw_ref, y_ref = rest if views else (None, *rest)
     i, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(i < used_ref[0])
@@ -190,13 +196,10 @@ def _down_kernel(tile_ref, used_ref, layer_ref, h_ref, w_ref, *rest, block_m, bl
         def body(kk, acc):
             k0 = pl.multiple_of(kk * block_k, block_k)
             h = h_ref[pl.ds(row0, block_m), pl.ds(k0, block_k)]                      # [BM, BK]
-            w = _load_lanes(w_ref, ws_ref, lead, k0, n0, block_k, block_n, h.dtype, lanes)
-            return tuple(a + _dot(h, t) for a, t in zip(acc, w))
+            return acc + _dot(h, _load_w(w_ref, ws_ref, lead, k0, n0, block_k, block_n, h.dtype, views))
 
-        acc = lax.fori_loop(0, num_k, body, (jnp.zeros((block_m, block_n // lanes), f32),) * lanes)
-        rw = rw_ref[...][:, None]
-        for lane in range(lanes):
-            _store(y_ref, acc[lane] * rw, row0, n0, lane, lanes)
+        acc = lax.fori_loop(0, num_k, body, jnp.zeros((block_m, block_n), f32))
+        y_ref[...] = acc * rw_ref[...][:, None]
 
 
 def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=None, up_scale_ebf=None,
@@ -209,8 +212,11 @@ def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=Non
 
 
 def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=None, up_scale_ebf=None,
-              down_scale_ebd=None, *, alpha, limit, layer=None, interpret=False, tiles: MoETiles):
-    """moe with explicit tiles (see the module docstring)."""
+              down_scale_ebd=None, *, alpha, limit, layer=None, interpret=False, tiles: MoETiles,
+              force_byte_path: str | None = None):
+    """moe with explicit tiles (see the module docstring). force_byte_path (tests only): read every 1-byte
+    operand by this path ("direct" or "int32 view") instead of byte_load_path's choice, so that small arrays
+    exercise the int32 view."""
     weights = (gate_edf, up_edf, down_efd)
     scales = None
     if any(s is not None for s in (gate_scale_ebf, up_scale_ebf, down_scale_ebd)):
@@ -218,6 +224,9 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
         if any(s is None for s in scales):
             raise ValueError("gpu.moe: MXFP8 needs all three of gate_scale_ebf, up_scale_ebf, down_scale_ebd")
     d, f, stacked, fp8 = moe_plan.check_inputs("gpu", x_td, ids_tk, combine_tk, weights, scales, layer)
+    if force_byte_path not in (None, *BYTE_LOAD_PATHS):
+        raise ValueError(f"gpu.moe: force_byte_path must be one of {BYTE_LOAD_PATHS} or None, got "
+                         f"{force_byte_path!r}")
     if fp8 and not interpret:
         dev = jax.devices()[0]
         cc = str(getattr(dev, "compute_capability", "0"))
@@ -231,12 +240,14 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     shapes = {"D": d, "F": f, "tiles": tiles}
     cm.require(cm.is_pow2(bm) and bm >= 16, "moe", "block_m must be a power of two >= 16", shapes)
     cm.require(bk >= 16 and bn_up and bn_down, "moe", "D and F must be multiples of 16 (Triton tiles)", shapes)
-    lanes = 4 if fp8 and tiles.fp8_unpack == "lanes" else 1
-    cm.require(tiles.fp8_unpack in ("interleave", "lanes"), "moe", "fp8_unpack is interleave or lanes", shapes)
+    views = ()
     if fp8:
         cm.require(bk % moe_plan.MXFP8_BLOCK == 0, "moe", "MXFP8 needs D and F multiples of 32", shapes)
-        cm.require(min(bn_up, bn_down) % 4 == 0, "moe", "MXFP8 needs column blocks of whole int32 words", shapes)
-        cm.require(min(bn_up, bn_down) // lanes >= 16, "moe", "fp8 lanes need column blocks >= 64", shapes)
+        # order: gate, up, down, then their exponents; column blocks (powers of two >= 16) are whole words
+        stored = (*weights, *scales)
+        views = tuple((force_byte_path or byte_load_path(a)) == "int32 view" for a in stored)
+        stored = tuple(_int32_view(a) if v else a for a, v in zip(stored, views))
+        (gate_edf, up_edf, down_efd), scales = stored[:3], stored[3:]
 
     num_experts = gate_edf.shape[-3]
     p = moe_plan.plan(ids_tk, combine_tk, num_experts, bm)
@@ -252,28 +263,26 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     params = compiler_params(num_warps=tiles.num_warps, num_stages=stages)
     whole = whole_array()
     r = p.num_rows
-    sc = scales or (None, None, None)
 
     up_kernel = functools.partial(_gate_up_kernel, block_m=bm, block_n=bn_up, block_k=bk, num_k=d // bk,
-                                  alpha=alpha, limit=limit, stacked=stacked, fp8=fp8, lanes=lanes)
-    if fp8:
-        gate_edf, up_edf, down_efd = (_pack_e4m3(w) for w in (gate_edf, up_edf, down_efd))
-    operands = (p.tile_expert, p.num_used, layer_arr, xs, gate_edf, up_edf) + ((sc[0], sc[1]) if fp8 else ())
+                                  alpha=alpha, limit=limit, stacked=stacked,
+                                  views=((views[0], views[3]), (views[1], views[4])) if fp8 else ())
+    operands = (p.tile_expert, p.num_used, layer_arr, xs, gate_edf, up_edf) + (scales[:2] if fp8 else ())
     h = pl.pallas_call(
         up_kernel, grid=(p.num_tiles, f // bn_up),
         in_specs=[whole] * len(operands),
-        out_specs=pl.BlockSpec((bm, bn_up), lambda i, j: (i, j)) if lanes == 1 else whole,
+        out_specs=pl.BlockSpec((bm, bn_up), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((r, f), x_td.dtype),
         compiler_params=params, interpret=interpret, name="moe_gate_up",
     )(*operands)
 
     down_kernel = functools.partial(_down_kernel, block_m=bm, block_n=bn_down, block_k=bk, num_k=f // bk,
-                                    stacked=stacked, fp8=fp8, lanes=lanes)
-    operands = (p.tile_expert, p.num_used, layer_arr, h, down_efd) + ((sc[2],) if fp8 else ())
+                                    stacked=stacked, views=(views[2], views[5]) if fp8 else ())
+    operands = (p.tile_expert, p.num_used, layer_arr, h, down_efd) + (scales[2:] if fp8 else ())
     y = pl.pallas_call(
         down_kernel, grid=(p.num_tiles, d // bn_down),
         in_specs=[whole] * len(operands) + [pl.BlockSpec((bm,), lambda i, j: (i,))],
-        out_specs=pl.BlockSpec((bm, bn_down), lambda i, j: (i, j)) if lanes == 1 else whole,
+        out_specs=pl.BlockSpec((bm, bn_down), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((r, d), f32),
         compiler_params=params, interpret=interpret, name="moe_down",
     )(*operands, p.row_weight)

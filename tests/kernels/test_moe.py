@@ -3,10 +3,15 @@
 Routings cover empty experts, every row on one expert, ragged row counts, more experts than rows, ids of
 experts held elsewhere (expert parallelism: outside [0, E)), and a layer of a stacked [L, E, ...] weight.
 MXFP8: the kernels read e4m3 + E8M0 exponents as stored and must give exactly what they give on the
-dequantised weights; the in-tile dequantisation equals reference.dequantize_mxfp8 for every byte pair.
+dequantised weights; the in-tile dequantisation equals reference.dequantize_mxfp8 for every byte pair. The GPU
+kernel reads a 1-byte operand directly or through its int32 view (gpu.moe.byte_load_path, from the array's
+size): both paths are run on small arrays by forcing the path, and the choice is checked on M3-sized abstract
+shapes (nothing allocated) and, on a GPU, on real M3-sized arrays at offsets past 2**31.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +20,7 @@ import pytest
 
 from convert import mxfp8
 from pallas_kernels import dispatch, moe_plan, reference
+from pallas_kernels.gpu import moe as gpu_moe
 
 ALPHA, LIMIT = 1.702, 7.0
 IMPLS = ["gpu-interpret", "tpu-interpret"]
@@ -193,12 +199,162 @@ def test_gpu_dequantisation_flushes_like_the_cpu():
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_mxfp8_lanes_unpack_matches_the_interleaved_one():
-    """The column-lane MXFP8 variant (four sub-dots, strided stores) gives what the interleaved one gives."""
-    from pallas_kernels.gpu import moe as gpu_moe
-    x, ids, comb, w = _case(6, 2, 8, 64, 64, jnp.bfloat16, "elsewhere", seed=13, fp8=True)
-    args = [a for a, _ in w] + [s for _, s in w]
-    run = lambda unpack: np.asarray(gpu_moe.moe_tuned(
-        x, ids, comb, *args, alpha=ALPHA, limit=LIMIT, interpret=True,
-        tiles=gpu_moe.MoETiles(16, 64, 64, 32, 4, 4, fp8_unpack=unpack)))
-    np.testing.assert_array_equal(run("lanes"), run("interleave"))
+E4M3 = jnp.float8_e4m3fn
+BYTE_PATH_CASES = [   # (shape, dtype, path): what Pallas' Triton lowering addresses with int32 / int64 offsets
+    ((128, 6144, 3072), E4M3, "int32 view"),     # one layer of M3's experts: 2.4e9 bytes, int32 offsets wrap
+    ((2, 128, 6144, 3072), E4M3, "direct"),      # a stack of 2 layers: 4.8e9 bytes > 2**32, int64 offsets
+    ((57, 32, 6144, 3072), E4M3, "direct"),      # 57 layers, 32 experts per device (EP over 4)
+    ((32, 6144, 3072), E4M3, "direct"),          # one layer's 32 local experts: 6.0e8 elements
+    ((128, 192, 3072), jnp.uint8, "direct"),     # exponents of one layer
+    ((30, 128, 192, 3072), jnp.uint8, "int32 view"),   # exponents of a 30-layer stack: 2.3e9 bytes
+    ((2 ** 31,), E4M3, "direct"),                # largest offset 2**31 - 1: fits int32
+    ((2 ** 31 + 1,), E4M3, "int32 view"),
+    ((2 ** 32,), jnp.uint8, "int32 view"),       # 2**32 bytes is still the int32 branch
+    ((2 ** 32 + 1,), jnp.uint8, "direct"),
+    ((128, 6144, 3072), jnp.bfloat16, "direct"),  # 2-byte: at most 2**31 elements below 2**32 bytes
+    ((2 ** 31,), jnp.bfloat16, "direct"),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,path", BYTE_PATH_CASES)
+def test_byte_load_path_follows_the_lowerings_offset_width(shape, dtype, path):
+    assert gpu_moe.byte_load_path(jax.ShapeDtypeStruct(shape, dtype)) == path
+
+
+def _expert_operands(fn, *args):
+    """Dtype names of the expert operands (weights, exponents: >= 3 axes) of each pallas_call in fn's jaxpr
+    (traced on abstract values: nothing allocated)."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return [[v.aval.dtype.name for v in eq.invars if v.aval.ndim >= 3]
+            for eq in jaxpr.jaxpr.eqns if eq.primitive.name == "pallas_call"]
+
+
+@pytest.mark.parametrize("layers,path", [(None, "int32 view"), (2, "direct")], ids=["one-layer", "stack-of-2"])
+def test_m3_sized_mxfp8_experts_take_the_chosen_path(layers, path):
+    """At M3 widths (128 experts, 6144 -> 3072) one layer's e4m3 experts go through the int32 view and a stack of
+    two layers, read at layer 1, is loaded directly: the kernels' operands are int32 words or the e4m3 bytes."""
+    e, d, f, t = 128, 6144, 3072, 8
+    lead = (layers,) if layers else ()
+    sds = jax.ShapeDtypeStruct
+    weights = [sds(lead + s, E4M3) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    scales = [sds(lead + (e, s[0] // 32, s[1]), jnp.uint8) for s in ((d, f), (d, f), (f, d))]
+    assert {gpu_moe.byte_load_path(w) for w in weights} == {path}
+    assert {gpu_moe.byte_load_path(s) for s in scales} == {"direct"}
+    fn = lambda x, i, c, *w: gpu_moe.moe(x, i, c, *w, alpha=ALPHA, limit=LIMIT, interpret=True,
+                                         layer=1 if layers else None)
+    ops = _expert_operands(fn, sds((t, d), jnp.bfloat16), sds((t, 4), jnp.int32), sds((t, 4), jnp.float32),
+                           *weights, *scales)
+    w = "int32" if path == "int32 view" else "float8_e4m3fn"
+    assert ops == [[w, w, "uint8", "uint8"], [w, "uint8"]]      # gate, up, their exponents; down, its exponents
+
+
+class _FakeH200:
+    platform, compute_capability, device_kind = "gpu", "9.0", "NVIDIA H200 (lowering only)"
+
+
+@pytest.mark.parametrize("layers,force", [(None, None), (2, None), (None, "direct")],
+                         ids=["one-layer", "stack-of-2", "one-layer-forced-direct"])
+def test_triton_offsets_are_int64_where_the_direct_path_relies_on_it(layers, force, monkeypatch):
+    """byte_load_path's premise, read from the installed jax: the M3-sized kernels exported for CUDA (on any host,
+    nothing allocated) address the e4m3 bytes of a 2-layer stack with int64 offsets, and one layer alone as int32
+    words with int32 offsets (the 1-byte exponents, < 2**31 elements, with int32). Loaded directly, one layer's
+    2.4e9 bytes would get int32 offsets: the wrap the int32 view avoids."""
+    from jax import export
+    lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
+    registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+    modules = []
+    real = lowering.lower_jaxpr_to_triton_module
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        modules.append(str(out.module.operation))
+        return out
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", spy)
+    if jax.default_backend() != "gpu":
+        monkeypatch.setattr(jax, "devices", lambda *a: [_FakeH200()])    # gpu.moe's sm_89+ check
+    e, d, f, t = 128, 6144, 3072, 8
+    lead = (layers,) if layers else ()
+    sds = jax.ShapeDtypeStruct
+    weights = [sds(lead + s, E4M3) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    scales = [sds(lead + (e, s[0] // 32, s[1]), jnp.uint8) for s in ((d, f), (d, f), (f, d))]
+    tiles = gpu_moe.default_tiles(t * 4, e, True)
+    fn = jax.jit(lambda x, i, c, *w: gpu_moe.moe_tuned(x, i, c, *w, alpha=ALPHA, limit=LIMIT, tiles=tiles,
+                                                       layer=1 if layers else None, force_byte_path=force))
+    try:
+        export.export(fn, platforms=["cuda"],
+                      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            sds((t, d), jnp.bfloat16), sds((t, 4), jnp.int32), sds((t, 4), jnp.float32), *weights, *scales)
+    except RuntimeError as exc:          # jax >= 0.11 lowers Triton only for a (real or abstract) GPU device
+        if "No supported GPU devices" not in str(exc):
+            raise
+        pytest.skip(f"this jax lowers Pallas Triton only beside a GPU: {exc}")
+    assert len(modules) == 2                                                 # gate_up, down
+    # (pointee, offset type) of every tile load's address computation
+    offsets = set(re.findall(r"tt\.addptr \S+, \S+ : tensor<[\dx]+!tt\.ptr<(\w+)>>, tensor<[\dx]+(i\d+)>",
+                             "\n".join(modules)))
+    assert ("i8", "i32") in offsets                                          # the exponents
+    if layers:
+        assert ("f8E4M3FN", "i64") in offsets and not {o for o in offsets if o[0] == "i32"}
+    elif force:
+        assert ("f8E4M3FN", "i32") in offsets
+    else:
+        assert ("i32", "i32") in offsets and not {o for o in offsets if o[0] == "f8E4M3FN"}
+
+
+FORCED_TILES = [gpu_moe.MoETiles(16, 32, 32, 32, 4, 4), gpu_moe.MoETiles(32, 64, 32, 64, 4, 4)]
+
+
+@pytest.mark.parametrize("path", gpu_moe.BYTE_LOAD_PATHS)
+@pytest.mark.parametrize("layers", [None, 3], ids=["per-layer", "stacked"])
+@pytest.mark.parametrize("tiles", FORCED_TILES, ids=["bk32", "bk64"])
+def test_mxfp8_byte_paths_are_exactly_the_dequantised_weights(path, layers, tiles):
+    """Both ways of reading the e4m3 bytes and exponents (forced here; chosen by size in use) give bit for bit
+    what the kernel gives on the dequantised weights: several column blocks and K steps (one or two exponent
+    rows per step), per layer and at layer 1 of a stack."""
+    x, ids, comb, w = _case(6, 2, 8, 64, 128, jnp.bfloat16, "elsewhere", seed=13, fp8=True, layers=layers)
+    layer = None if layers is None else jnp.int32(1)
+    stored = [q for q, _ in w] + [s for _, s in w]
+    dense = [reference.dequantize_mxfp8(q, s, jnp.bfloat16) for q, s in w]
+    run = lambda *ws, **kw: np.asarray(gpu_moe.moe_tuned(x, ids, comb, *ws, alpha=ALPHA, limit=LIMIT, layer=layer,
+                                                         interpret=True, tiles=tiles, **kw))
+    got = run(*stored, force_byte_path=path)
+    np.testing.assert_array_equal(got, run(*dense))
+    per_layer = [(q[1], s[1]) for q, s in w] if layers else w
+    np.testing.assert_allclose(got, _run("reference", x, ids, comb, per_layer, fp8=True), **TOL[jnp.bfloat16])
+    ops = _expert_operands(lambda *a: gpu_moe.moe_tuned(*a, alpha=ALPHA, limit=LIMIT, layer=layer, interpret=True,
+                                                        tiles=tiles, force_byte_path=path), x, ids, comb, *stored)
+    w, sc = ("int32", "int32") if path == "int32 view" else ("float8_e4m3fn", "uint8")
+    assert ops == [[w, w, sc, sc], [w, sc]]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Triton kernel compiled for the GPU; allocates ~22 GB")
+def test_gpu_mxfp8_offsets_past_2_31_on_both_paths():
+    """Real M3-sized e4m3 arrays, experts whose bytes start past 2**31 (114 x 4096 x 4608 = 2.15e9): a
+    [2, 128, 4096, 4608] stack at layer 1 (4.8e9 bytes: direct, int64 offsets) and its layer 1 alone (2.4e9
+    bytes: int32 view) give what the same path gives on only the routed experts. Wrapped offsets would read other
+    experts (zeros here) or fault."""
+    e, d, f = 128, 4096, 4608
+    used = jnp.asarray([127, 126, 114, 0], jnp.int32)
+    x, ids, comb, w = _case(3, 4, 4, d, f, jnp.bfloat16, "random", seed=21, fp8=True)
+    tiles = gpu_moe.default_tiles(ids.size, e, True)
+    small = [q for q, _ in w] + [s for _, s in w]
+
+    @jax.jit
+    def embed(a):                                  # a [4, ...] -> [2, e, ...], a at layer 1, experts `used`
+        u8 = jax.lax.bitcast_convert_type(a, jnp.uint8) if a.dtype != jnp.uint8 else a
+        big = jnp.zeros((2, e) + a.shape[1:], jnp.uint8).at[1, used].set(u8)
+        return big if a.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(big, a.dtype)
+
+    run = lambda i, ws, **kw: np.asarray(gpu_moe.moe_tuned(x, i, comb, *ws, alpha=ALPHA, limit=LIMIT, tiles=tiles,
+                                                           **kw))
+    stack = [embed(a) for a in small]
+    assert [gpu_moe.byte_load_path(a) for a in stack[:3]] == ["direct"] * 3
+    got = run(used[ids], stack, layer=jnp.int32(1))
+    np.testing.assert_array_equal(got, run(ids, small, force_byte_path="direct"))
+    one = [a[1] for a in stack]
+    del stack
+    assert [gpu_moe.byte_load_path(a) for a in one[:3]] == ["int32 view"] * 3
+    got = run(used[ids], one)                      # the exponents (small) are loaded directly here, so the
+    want = run(ids, small, force_byte_path="int32 view")   # compiled code differs a little: 1e-6 relative
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6

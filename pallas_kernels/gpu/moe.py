@@ -38,9 +38,8 @@ experts at M3 widths, [128, 6144, 3072] = 2.4e9 bytes, gave an illegal address o
 Wider dtypes never need it (2**32 bytes of a 2-byte dtype are 2**31 elements).
 
 Tiles: decode (few rows per expert) uses BM = 16 (the smallest Triton dot) and narrow column blocks, so that a
-batch-1 step still spreads the four experts' weights over a few hundred programs; prefill uses 64- (bf16) or
-128-row (MXFP8) tiles of 128 columns (default_tiles: the best of an H200 sweep; the MXFP8 ones were swept with
-the int32 view).
+batch-1 step still spreads the four experts' weights over a few hundred programs; prefill uses 64-row (bf16) or
+up to 256-row (MXFP8) tiles (default_tiles: the best of H200 sweeps; MXFP8 swept with direct loads).
 Limits (NotImplementedError): D and F multiples of the K step and of the column block (powers of two >= 16; 32
 for MXFP8, whose exponent blocks must not straddle a K step).
 
@@ -83,12 +82,17 @@ class MoETiles:
 
 def default_tiles(num_slots: int, num_experts: int, fp8: bool) -> MoETiles:
     """Decode-sized inputs (<= 32 rows per expert on average) get 16-row tiles and narrow column blocks, prefill
-    64- or 128-row tiles: the best of the sweep measured on an H200 (benchmarks/RESULTS.md, "Fused MoE")."""
+    64- (bf16) or up to 256-row (MXFP8: each dequantised weight tile then feeds more rows) tiles: the best of the
+    sweeps measured on an H200 (benchmarks/RESULTS.md, "Fused MoE"; MXFP8 with direct e4m3 loads, 2026-12-01:
+    batch 1 (4 slots) is fastest with 32-column blocks and K steps of 256, batches 8 and 32 with 64 and 128)."""
     per_expert = -(-num_slots // max(1, min(num_experts, num_slots)))
     if per_expert <= 32:
-        return MoETiles(16, 32, 32, 256, 4, 4) if fp8 else MoETiles(16, 64, 64, 128, 4, 4)
-    bm = min(128 if fp8 else 64, max(16, cm.next_pow2(per_expert)))
-    return MoETiles(bm, 128, 128, 32, 8, 4) if fp8 else MoETiles(bm, 128, 128, 64, 4, 4)
+        if fp8:
+            return MoETiles(16, 32, 32, 256, 4, 4) if num_slots <= 8 else MoETiles(16, 64, 64, 128, 4, 4)
+        return MoETiles(16, 64, 64, 128, 4, 4)
+    if fp8:
+        return MoETiles(min(256, max(16, cm.next_pow2(per_expert))), 64, 128, 64, 8, 3)
+    return MoETiles(min(64, max(16, cm.next_pow2(per_expert))), 128, 128, 64, 4, 4)
 
 
 def byte_load_path(a) -> str:

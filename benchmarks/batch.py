@@ -39,7 +39,6 @@ Measured, one process per framework (`--part jax` / `--part torch`), JSON lines:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -47,18 +46,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.generate import geometry, jax_model, torch_model  # noqa: E402
+from benchmarks.generate import emit, geometry, jax_model, model_arguments, torch_model  # noqa: E402
 
 PROCESS_START = time.perf_counter()
-
-
-def emit(args, **row):
-    row.update(part=args.part, experts=geometry(args)["experts"], small=args.small)
-    line = json.dumps(row)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
 
 
 def workload(args, n: int, seed: int = 0) -> list[list[int]]:
@@ -236,11 +226,7 @@ def run_torch(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("jax", "jax-second", "torch"), required=True)
-    ap.add_argument("--out", default=None, help="append JSON lines here")
-    ap.add_argument("--small", action="store_true", help="tiny geometry and workload (CPU check of the script)")
-    ap.add_argument("--experts", type=int, default=128)
-    ap.add_argument("--impl", default=None, help="m3jax attention impl (default: the backend's kernels)")
+    model_arguments(ap, parts=("jax", "jax-second", "torch"), experts=128)   # --small: the workload too
     ap.add_argument("--prompts", type=int, nargs="+", default=None, help="batch sizes N (default 64 256)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 256 (--small: 8)")
     ap.add_argument("--max-batch-size", type=int, default=64)

@@ -68,6 +68,16 @@ def jax_model(args, **config):
     return m3jax.quantize_experts(model) if getattr(args, "fp8_experts", False) else model
 
 
+def model_arguments(ap, parts=("jax", "torch"), experts=64):
+    """The options jax_model, torch_model and emit read (--part, --out, --small, --experts, --impl): one
+    definition for generate.py, batch.py and long_context.py."""
+    ap.add_argument("--part", choices=parts, required=True)
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--small", action="store_true", help="tiny geometry (CPU check of the script)")
+    ap.add_argument("--experts", type=int, default=experts, help="routed experts of the scaled M3")
+    ap.add_argument("--impl", default=None, help="m3jax attention impl (default: the backend's kernels)")
+
+
 def emit(args, **row):
     row.update(part=args.part, experts=geometry(args)["experts"], small=args.small)
     line = json.dumps(row)
@@ -332,11 +342,7 @@ def run_torch(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("jax", "torch"), required=True)
-    ap.add_argument("--out", default=None, help="append JSON lines here")
-    ap.add_argument("--small", action="store_true", help="tiny geometry (CPU check of the script)")
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--impl", default=None, help="m3jax attention impl (default: the backend's kernels)")
+    model_arguments(ap)
     ap.add_argument("--prefill", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])

@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, before benchmarks/
 
-from benchmarks.generate import emit, jax_model, torch_model  # noqa: E402
+from benchmarks.generate import emit, jax_model, model_arguments, torch_model  # noqa: E402
 
 
 def _peak_bytes(dev) -> int | None:
@@ -110,11 +110,7 @@ def run_torch(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("jax", "torch"), required=True)
-    ap.add_argument("--out", default=None, help="append JSON lines here")
-    ap.add_argument("--small", action="store_true", help="tiny geometry (CPU check of the script)")
-    ap.add_argument("--experts", type=int, default=128)
-    ap.add_argument("--impl", default=None, help="m3jax attention impl (default: the backend's kernels)")
+    model_arguments(ap, experts=128)
     ap.add_argument("--context", type=int, default=None,
                     help="tokens in all, prompt + new (default: the model's max_position_embeddings, 2**20)")
     ap.add_argument("--new-tokens", type=int, default=32)

@@ -32,7 +32,8 @@ class StepGroup(NamedTuple):
     Contract: each row holds consecutive positions p0, p0 + 1, ... of one request, then -1 padding (a row of
     padding only is allowed). The full-attention layers rely on it (Attention.attend_cached passes it to
     dense_attention as contiguous_chunks=True: on GPU a bf16 row of 512+ queries sends its chunk to cuDNN); a
-    row that breaks it gets NaN on that path, which the runner reports as non-finite logits, never a silently wrong answer.
+    row that breaks it gets NaN on that path, which the runner reports as non-finite logits, never a silently
+    wrong answer.
     """
 
     tokens: jax.Array       # i32[B, T] token ids; padding entries may hold any valid id

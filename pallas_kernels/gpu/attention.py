@@ -265,11 +265,11 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, 
     """Causal GQA over the paged cache; see the module docstring and reference.dense_attention.
 
     Same layouts as sparse_attention without block_ids. Returns [B, T, N, H] in q's dtype.
-    contiguous_chunks=True (prefill rows of at least CHUNK_MIN_QUERIES queries, bf16/f16): the caller promises that each request's valid
-    rows are a prefix of consecutive positions p0, p0 + 1, ... followed by -1 padding (how the Engine lays out
-    prompt chunks). Then the chunk attends to itself through cuDNN's flash attention and to its history (keys
-    < p0) through the paged kernel, merged by log-sum-exp: see dense_attention_chunked. Otherwise (decode,
-    float32, the flag unset) the paged kernel alone runs.
+    contiguous_chunks=True (prefill rows of at least CHUNK_MIN_QUERIES queries, bf16/f16): the caller promises that
+    each request's valid rows are a prefix of consecutive positions p0, p0 + 1, ... followed by -1 padding (how the
+    Engine lays out prompt chunks). Then the chunk attends to itself through cuDNN's flash attention and to its
+    history (keys < p0) through the paged kernel, merged by log-sum-exp: see dense_attention_chunked. Otherwise
+    (decode, float32, the flag unset) the paged kernel alone runs.
     """
     if dense_schedule(q_btnh.shape[1], q_btnh.dtype, contiguous_chunks) == DENSE_CHUNK_AND_HISTORY:
         return dense_attention_chunked(q_btnh, k_pages, v_pages, page_table, q_pos, scale=scale,

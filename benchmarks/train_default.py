@@ -53,7 +53,6 @@ CPU dry run (tiny twin, a file subset, not verified):
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os
@@ -258,6 +257,17 @@ def train_variant(args) -> int:
         _write_json(os.path.join(vdir, "result.json"), result)
 
 
+def _train_record(history: list, planned: int, seconds: float, tcfg, num_tokens: int, keys) -> dict:
+    """What a results file keeps of a training run: counts, throughput, and about 200 points of its history."""
+    done, tokens_per_step = len(history), tcfg.batch_size * tcfg.seq_len
+    keep = sorted(set(range(0, done, max(1, done // 200))) | {done - 1})
+    return {"steps": done, "planned_steps": planned, "stopped_early": done < planned, "seconds": seconds,
+            "tokens": done * tokens_per_step, "tokens_per_s_wall": done * tokens_per_step / seconds,
+            "epochs": done * tokens_per_step / num_tokens, "batch": tcfg.batch_size, "seq_len": tcfg.seq_len,
+            "lr": tcfg.lr, "final_loss": history[-1]["loss"],
+            "history": [{k: history[i][k] for k in keys} for i in keep]}
+
+
 def _train_variant(args, vdir: str, result: dict) -> None:
     import jax
     import numpy as np
@@ -343,21 +353,15 @@ def _train_variant(args, vdir: str, result: dict) -> None:
     state, history = T.train(trainer, loader, checkpoint_dir=os.path.join(vdir, "checkpoints"), progress=False,
                              on_step=on_step, stop_at=stop_at)
     train_s = time.time() - t0
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len
-    steady = [h["tokens_per_s"] for h in history[len(history) // 10:]] or [history[-1]["tokens_per_s"]]
-    keep = sorted(set(list(range(0, len(history), max(1, len(history) // 200))) + [len(history) - 1]))
     done = len(history)
     if done < steps:
         log(tag, f"STOPPED EARLY after {done} of {steps} planned steps (past the deadline + {args.overrun_s:.0f} s)")
-    result["train"] = {"steps": done, "planned_steps": steps, "stopped_early": done < steps, "seconds": train_s,
-                       "tokens": done * tokens_per_step, "tokens_per_s_wall": done * tokens_per_step / train_s,
-                       "tokens_per_s_median_step": float(np.median(steady)),
-                       "epochs": done * tokens_per_step / len(tokens), "batch": tcfg.batch_size,
-                       "seq_len": tcfg.seq_len, "lr": tcfg.lr, "final_loss": history[-1]["loss"],
-                       "final_indexer_kl": history[-1]["indexer_kl"],
-                       "history": [{k: history[i][k] for k in ("step", "loss", "indexer_kl", "lr", "max_expert_load")}
-                                   for i in keep],
-                       "finished_before_deadline_s": args.deadline - time.time()}
+    steady = [h["tokens_per_s"] for h in history[done // 10:]] or [history[-1]["tokens_per_s"]]
+    result["train"] = dict(_train_record(history, steps, train_s, tcfg, len(tokens),
+                                         ("step", "loss", "indexer_kl", "lr", "max_expert_load")),
+                           tokens_per_s_median_step=float(np.median(steady)),
+                           final_indexer_kl=history[-1]["indexer_kl"],
+                           finished_before_deadline_s=args.deadline - time.time())
     log(tag, f"trained {done} steps in {train_s:.0f} s ({result['train']['tokens_per_s_wall']:.0f} tok/s), "
              f"loss {history[-1]['loss']:.3f}")
     _write_json(os.path.join(vdir, "result.json"), result)
@@ -611,17 +615,12 @@ def _dense_twin(args, results: dict, out_json: str, t_start: float) -> None:
     t0 = time.time()
     state, history = T.train(trainer, loader, progress=False, on_step=on_step, stop_at=stop_at)
     train_s = time.time() - t0
-    done, tokens_per_step = len(history), tcfg.batch_size * tcfg.seq_len
-    step_times = [tokens_per_step / h["tokens_per_s"] for h in history[1:]]
-    keep = sorted(set(list(range(0, done, max(1, done // 200))) + [done - 1]))
-    dense["train"] = {"steps": done, "planned_steps": steps, "stopped_early": done < steps, "seconds": train_s,
-                      "first_step_s": first_step_s[0] if first_step_s else None,
-                      "step_s_median": float(np.median(step_times)) if step_times else None,
-                      "tokens": done * tokens_per_step, "tokens_per_s_wall": done * tokens_per_step / train_s,
-                      "epochs": done * tokens_per_step / len(tokens), "batch": tcfg.batch_size,
-                      "seq_len": tcfg.seq_len, "lr": tcfg.lr, "final_loss": history[-1]["loss"],
-                      "history": [{k: history[i][k] for k in ("step", "loss", "lr", "max_expert_load")}
-                                  for i in keep]}
+    done = len(history)
+    step_times = [tcfg.batch_size * tcfg.seq_len / h["tokens_per_s"] for h in history[1:]]
+    dense["train"] = dict(_train_record(history, steps, train_s, tcfg, len(tokens),
+                                        ("step", "loss", "lr", "max_expert_load")),
+                          first_step_s=first_step_s[0] if first_step_s else None,
+                          step_s_median=float(np.median(step_times)) if step_times else None)
     if done < steps:
         log("dense", f"STOPPED EARLY after {done} of {steps} steps (--budget-s {args.budget_s:.0f} less "
                      f"--reserve-s {args.reserve_s:.0f})")

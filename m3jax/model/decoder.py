@@ -137,7 +137,9 @@ class LayerStack(nnx.Module):
 
         def step(c, isx):
             i, s, x = isx
-            return body(nnx.merge(graphdef, whole, s), i, c, x)
+            # copy=True: the step's InPlace Variables must be made inside the scan's trace (nnx.remat around
+            # `body` updates its inputs' Variables; the closed-over `whole` ones belong to the outer trace).
+            return body(nnx.merge(graphdef, whole, s, copy=True), i, c, x)
 
         return jax.lax.scan(step, carry, (jnp.arange(self.num_layers, dtype=jnp.int32), sliced, xs))
 

@@ -29,8 +29,8 @@ than 2**31 elements but at most 2**32 bytes therefore gets offsets past 2**31 - 
 experts at M3 widths, [128, 6144, 3072] = 2.4e9 bytes, gave an illegal address on the H200 at expert >= 114.
   - "direct" (at most 2**31 elements: int32 offsets fit; or more than 2**32 bytes: int64 offsets): the bytes
     are loaded as stored. A layer stack [L >= 2, 128, 6144, 3072] read in place at (layer, expert) is here, and
-    so are experts split over devices (4-way: [32, 6144, 3072]); one layer of 128 experts on its own (what a
-    scan over the stack hands each step) is not.
+    so are experts split over devices (4-way: [32, 6144, 3072]). The model hands the kernels its stacks
+    (m3jax.model.layers.InPlace); one layer of 128 experts on its own (a per-layer slice) would not be here.
   - "int32 view" (only the window 2**31 < elements <= 2**32): the operand is read through its int32 view (a
     bitcast, 4 columns per word, 2**29..2**30 words: int32 offsets fit) and the words are unpacked in registers
     (shifts, then joins and reshapes back to [rows, cols]). Correct, but the unpack makes the kernel ALU-bound

@@ -192,16 +192,21 @@ def _per_layer_model_forward(model, ids, layer_fn):
 
 
 def test_logits_equal_a_per_layer_loop(model):
+    """The no-cache forward (experts read in place) against lone layers with sliced experts (layer=None), both on
+    the reference kernels (the kernels against the reference: tests/kernels); float32, summation order only."""
+    model = with_impl(model, "reference")
     ids = jnp.asarray(np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 29)), jnp.int32)
     want = jax.jit(lambda i: _per_layer_model_forward(model, i, lambda layer, h, p, c, s: layer(h, p, c, s)))(ids)
     got = jax.jit(lambda i: model(i))(ids)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(got).argmax(-1), np.asarray(want).argmax(-1))
 
 
 def test_training_gradients_reach_the_stacked_experts(model):
     """jax.grad through the training forward (scan, remat, experts closed over and read at the layer index) equals
-    the gradient through a per-layer loop over sliced weights, for every parameter."""
+    the gradient through a per-layer loop over sliced weights, for every parameter (the reference kernels, as
+    training runs them)."""
+    model = with_impl(model, "reference")
     ids = jnp.asarray(np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 24)), jnp.int32)
     graphdef, state = nnx.split(model)
     probe = jax.random.normal(jax.random.key(0), (2, 24, model.config.vocab_size), jnp.float32)

@@ -272,23 +272,25 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     up_kernel = functools.partial(_gate_up_kernel, block_m=bm, block_n=bn_up, block_k=bk, num_k=d // bk,
                                   alpha=alpha, limit=limit, stacked=stacked,
                                   views=((views[0], views[3]), (views[1], views[4])) if fp8 else ())
-    operands = (p.tile_expert, p.num_used, layer_arr, xs, gate_edf, up_edf) + (scales[:2] if fp8 else ())
+    operands = moe_plan.vary_together(
+        (p.tile_expert, p.num_used, layer_arr, xs, gate_edf, up_edf) + (scales[:2] if fp8 else ()))
     h = pl.pallas_call(
         up_kernel, grid=(p.num_tiles, f // bn_up),
         in_specs=[whole] * len(operands),
         out_specs=pl.BlockSpec((bm, bn_up), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((r, f), x_td.dtype),
+        out_shape=moe_plan.out_struct((r, f), x_td.dtype, operands[3]),
         compiler_params=params, interpret=interpret, name="moe_gate_up",
     )(*operands)
 
     down_kernel = functools.partial(_down_kernel, block_m=bm, block_n=bn_down, block_k=bk, num_k=f // bk,
                                     stacked=stacked, views=(views[2], views[5]) if fp8 else ())
-    operands = (p.tile_expert, p.num_used, layer_arr, h, down_efd) + (scales[2:] if fp8 else ())
+    operands = moe_plan.vary_together(
+        (p.tile_expert, p.num_used, layer_arr, h, down_efd) + (scales[2:] if fp8 else ()) + (p.row_weight,))
     y = pl.pallas_call(
         down_kernel, grid=(p.num_tiles, d // bn_down),
-        in_specs=[whole] * len(operands) + [pl.BlockSpec((bm,), lambda i, j: (i,))],
+        in_specs=[whole] * (len(operands) - 1) + [pl.BlockSpec((bm,), lambda i, j: (i,))],
         out_specs=pl.BlockSpec((bm, bn_down), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((r, d), f32),
+        out_shape=moe_plan.out_struct((r, d), f32, operands[3]),
         compiler_params=params, interpret=interpret, name="moe_down",
-    )(*operands, p.row_weight)
+    )(*operands)
     return p.combine(y)

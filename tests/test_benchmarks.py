@@ -72,3 +72,18 @@ def test_moe_combine_script_small_variants_agree(tmp_path):
     assert [r["variant"] for r in rows] == list(moe_combine.VARIANTS) and not any("error" in r for r in rows)
     err = {r["variant"]: r["rel_err"] for r in rows if r["variant"] != "local"}
     assert err["psum"] < 1e-6 and err["rs-ag"] < 1e-6 and err["psum-bf16"] < 1e-2, err
+def test_long_context_script_small_runs_both_parts(tmp_path):
+    """benchmarks/long_context.py --small on CPU: the prompt fills the context but for the new tokens, the
+    prefill is chunked as asked, every new token is timed; transformers' forward is recorded per length."""
+    import long_context
+    out = tmp_path / "rows.jsonl"
+    long_context.main(["--part", "jax", "--small", "--context", "300", "--new-tokens", "3", "--prefill-chunk", "64",
+                       "--out", str(out)])
+    long_context.main(["--part", "torch", "--small", "--torch-lengths", "48", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["what"] for r in rows] == ["setup", "long_context", "setup", "torch_prefill"]
+    lc = rows[1]
+    assert (lc["context"], lc["prompt_tokens"], lc["new_tokens"]) == (300, 297, 3)
+    assert lc["steps"] == 5 + 2                      # ceil(297 / 64) prefill steps, then 2 decode steps
+    assert lc["ttft_s"] > 0 and lc["decode_tokens_per_s"] > 0
+    assert rows[3]["prompt_tokens"] == 48 and rows[3]["wall_s"] > 0

@@ -72,6 +72,8 @@ def test_moe_combine_script_small_variants_agree(tmp_path):
     assert [r["variant"] for r in rows] == list(moe_combine.VARIANTS) and not any("error" in r for r in rows)
     err = {r["variant"]: r["rel_err"] for r in rows if r["variant"] != "local"}
     assert err["psum"] < 1e-6 and err["rs-ag"] < 1e-6 and err["psum-bf16"] < 1e-2, err
+
+
 def test_long_context_script_small_runs_both_parts(tmp_path):
     """benchmarks/long_context.py --small on CPU: the prompt fills the context but for the new tokens, the
     prefill is chunked as asked, every new token is timed; transformers' forward is recorded per length."""

@@ -9,8 +9,9 @@ width 3072 in MXFP8 (e4m3 + E8M0 exponents, read as stored by pallas_kernels/gpu
 expert (bf16), dense MLP 12288 (layers 0-2, bf16), vocab 200064 (bf16 lm_head). Random weights in the real
 shapes (m3jax's own DecoderLayer modules), bf16 activations and cache.
 
-What runs: as many MSA+MoE layers as fit the card beside the largest cache (each with its own weights, so no
-layer finds another's weights in L2), and one dense layer (full attention + dense MLP). Each timed call is one
+What runs: as many MSA+MoE layers as fit the card beside the largest cache, as one LayerStack like the model's
+(the routed experts stay [L, E, ...] stacks that the MoE kernels read in place by layer index; each layer has
+its own weights, so no layer finds another's weights in L2), and one dense layer (full attention + dense MLP). Each timed call is one
 layer of a cached step (m3jax.model: norm, projections, cache write, MSA index + sparse attention or dense
 attention through pallas_kernels.dispatch, output projection, FFN block); the calls cycle through the layers,
 and the per-layer time is the total over the cycle divided by the layers in it. The layers share one paged
@@ -66,6 +67,13 @@ def config(small: bool):
                     msa=MSAConfig(num_index_heads=4, index_dim=128, block_size=128, topk_blocks=16))
 
 
+def _merge(graphdef, state):
+    """A layer from its graphdef and state: one State (a lone layer), or (the stack's InPlace experts, this
+    layer's slice of the other weights) of a LayerStack."""
+    from flax import nnx
+    return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
+
+
 def timed(fn, *args, reps=3, iters=3):
     """Median seconds per call of fn(*args) (fn returns something to block on)."""
     jax.block_until_ready(fn(*args))
@@ -83,15 +91,17 @@ class Bench:
     def __init__(self, args):
         from flax import nnx
 
-        from m3jax.model.decoder import DecoderLayer
+        from m3jax.model.decoder import DecoderLayer, LayerStack
         self.args = args
         self.cfg = cfg = config(args.small)
         self.r = cfg.msa.block_size
         dt = jnp.bfloat16
 
-        # one compiled initialiser per layer kind, called with a fresh key per layer
-        make_moe = nnx.jit(lambda key: DecoderLayer(cfg, "minimax_m3_sparse", "sparse", dtype=dt,
-                                                    rngs=nnx.Rngs(key), fp8_experts=True))
+        # The MSA/MoE layers are one LayerStack, as in the model: the routed experts stay [L, E, ...] stacks that
+        # the kernels read in place at (layer, expert) (an MXFP8 stack of M3 takes the direct e4m3 loads; a lone
+        # layer's 2.4 GB stack would take the int32 view), the other weights are sliced once per layer here.
+        make_moe = lambda n: nnx.jit(lambda: LayerStack(cfg, 3, n, "minimax_m3_sparse", "sparse", dtype=dt,
+                                                        rngs=nnx.Rngs(10), fp8_experts=True))()
         make_dense = nnx.jit(lambda key: DecoderLayer(cfg, "full_attention", "dense", dtype=dt, rngs=nnx.Rngs(key)))
         max_pages = max(b * -(-c // self.r) for b in args.batches for c in args.contexts)
         max_pages = max(max_pages, max(-(-s // self.r) for s in args.prefill)) + 1
@@ -102,16 +112,15 @@ class Bench:
                       jax.random.normal(jax.random.fold_in(key, 2), (max_pages, self.r, i), dt))
         self.pool_bytes = sum(p.nbytes for p in self.pools)
         self.head = jax.random.normal(key, (cfg.hidden_size, cfg.vocab_size), dt) * 0.01
-        self.dense = nnx.split(make_dense(jax.random.key(1)))
-        self.moe_layers = []
+        self.dense = (*nnx.split(make_dense(jax.random.key(1))), None)
+        one = nnx.eval_shape(lambda: DecoderLayer(cfg, "minimax_m3_sparse", "sparse", dtype=dt, rngs=nnx.Rngs(0),
+                                                  fp8_experts=True))
+        self.layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(one)))
         free = self._free_bytes()
-        while len(self.moe_layers) < args.max_layers:
-            gd, st = nnx.split(make_moe(jax.random.key(10 + len(self.moe_layers))))
-            self.moe_layers.append((gd, st))
-            per = sum(x.nbytes for x in jax.tree.leaves(st))
-            self.layer_bytes = per
-            if free is not None and (len(self.moe_layers) + 1) * per > free - 8e9:   # 8 GB for activations
-                break
+        n = args.max_layers if free is None else max(1, min(args.max_layers, int((free - 8e9) // self.layer_bytes)))
+        stack = make_moe(n)                                         # 8 GB kept for activations
+        graphdef, whole, _ = stack._partition()
+        self.moe_layers = [(graphdef, (whole, st), jnp.int32(l)) for l, st in enumerate(stack.layer_states())]
         self.steps = {}
 
     def _free_bytes(self):
@@ -127,20 +136,20 @@ class Bench:
         from m3jax.model.layers import rope_cos_sin
         cfg = self.cfg
 
-        def step(state, h, k_pool, v_pool, ik_pool, table, q_pos):
-            layer = nnx.merge(graphdef, state)
+        def step(state, index, h, k_pool, v_pool, ik_pool, table, q_pos):
+            layer = _merge(graphdef, state)
             cos, sin = rope_cos_sin(jnp.maximum(q_pos, 0), cfg.rotary_dim, cfg.rope_theta)
             p = layer.attn.project(layer.input_norm(h), cos, sin)
             o, kv = layer.attn.attend_cached(p, PagedKV(k_pool, v_pool, table, ik_pool if sparse else None), q_pos,
                                              0)
-            h = layer.ffn_block(h + layer.attn.output(o))
+            h = layer.ffn_block(h + layer.attn.output(o), index)
             return h, kv.k_pages, kv.v_pages, (kv.ik_pages if sparse else ik_pool)
 
-        return jax.jit(step, donate_argnums=(2, 3, 4))
+        return jax.jit(step, donate_argnums=(3, 4, 5))
 
     def _ffn_fn(self, graphdef):
         from flax import nnx
-        return jax.jit(lambda state, h: nnx.merge(graphdef, state).ffn_block(h))
+        return jax.jit(lambda state, index, h: _merge(graphdef, state).ffn_block(h, index))
 
     def inputs(self, b, t, ctx):
         m = -(-ctx // self.r)
@@ -154,15 +163,15 @@ class Bench:
         """Median per-layer seconds of one cached layer step, cycling through `layers` (distinct weights)."""
         fn = self._layer_fn(layers[0][0], sparse)
         pools = self.pools
-        out, *pools = fn(layers[0][1], h, *pools, table, q_pos)           # compile + warm
+        out, *pools = fn(layers[0][1], layers[0][2], h, *pools, table, q_pos)           # compile + warm
         jax.block_until_ready(out)
         per = []
         cycles = max(1, 6 // len(layers))
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(cycles):
-                for _, st in layers:
-                    out, *pools = fn(st, h, *pools, table, q_pos)
+                for _, st, index in layers:
+                    out, *pools = fn(st, index, h, *pools, table, q_pos)
             jax.block_until_ready(out)
             per.append((time.perf_counter() - t0) / (cycles * len(layers)))
         self.pools = tuple(pools)
@@ -170,12 +179,12 @@ class Bench:
 
     def time_ffn(self, layers, h):
         fn = self._ffn_fn(layers[0][0])
-        jax.block_until_ready(fn(layers[0][1], h))
+        jax.block_until_ready(fn(layers[0][1], layers[0][2], h))
         per = []
         for _ in range(3):
             t0 = time.perf_counter()
-            for _, st in layers:
-                out = fn(st, h)
+            for _, st, index in layers:
+                out = fn(st, index, h)
             jax.block_until_ready(out)
             per.append((time.perf_counter() - t0) / len(layers))
         return float(np.median(per))

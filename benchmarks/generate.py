@@ -27,12 +27,16 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LAYERS = (("full_attention", "dense"),) * 3 + (("minimax_m3_sparse", "sparse"),) * 3
+# Device ops that copy memory (XLA's names: memcpy*, copy*, *dynamic-slice* fusions that materialise a slice of a
+# stacked weight). The paged-cache update is a dynamic-update-slice in place and is not counted.
+COPY_OPS = re.compile(r"memcpy|copy|dynamic[-_]slice", re.IGNORECASE)
 
 
 def geometry(args) -> dict:
@@ -113,9 +117,13 @@ def _profile_table(args, label, fn):
         if e.get("ph") == "X" and "gpu" in procs.get(e.get("pid"), "").lower():
             totals[e["name"]] = totals.get(e["name"], 0.0) + float(e.get("dur", 0))
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:args.profile_top]
-    emit(args, what="profile", label=label, device_ms_total=sum(totals.values()) / 1e3,
+    copies = sorted(((k, v) for k, v in totals.items() if COPY_OPS.search(k)), key=lambda kv: -kv[1])
+    total = sum(totals.values())
+    emit(args, what="profile", label=label, device_ms_total=total / 1e3,
          processes=sorted(set(procs.values()))[:12] if not totals else None,
-         top_ms=[(k[:90], round(v / 1e3, 3)) for k, v in top])
+         top_ms=[(k[:90], round(v / 1e3, 3)) for k, v in top],
+         copy_ms=sum(v for _, v in copies) / 1e3, copy_share=sum(v for _, v in copies) / total if total else None,
+         copy_top_ms=[(k[:90], round(v / 1e3, 3)) for k, v in copies[:6]])
 
 
 def run_jax(args):

@@ -40,15 +40,22 @@ exact, since every row writes its keys before any row attends): which computatio
 default 64-token rows that is the paged kernel: rows under pallas_kernels.gpu.attention.CHUNK_MIN_QUERIES (512)
 were measured no faster through cuDNN on the H200.
 
-Layer loop (`layer_loop`): "scan" runs each LayerStack's layers as a `lax.scan` over the stacked weights; "split"
-keeps one copy of each layer's weights (made once, 2x weight memory while the runner lives) and loops over them in
-Python, so that no step slices a layer out of the stacked weights. Measured on one H200 (benchmarks/RESULTS.md,
-"Generation", scaled M3 with 64 experts, 32K context): split decodes faster (batch 1: 16.3 -> 13.5 ms per step,
-batch 32: 13.3 -> 11.6 ms) and prefills at the same speed (80.4K vs 82.2K tokens/s), an unrolled loop over the
-stacked weights helped only at batch 1 and compiled 2.6x longer (78 s vs 30 s). The default is "scan" on every
-backend: split's second copy of the weights does not fit for the released model on any card we have, and on
-CPU and TPU nothing was measured that favours it. "split" stays for measuring (benchmarks/generate.py
---layer-loop split).
+Layer loop (`layer_loop`). The routed experts (and their MXFP8 exponents), almost all of an MoE model's bytes, are
+read in place in both loops: the MoE kernels take each stack's [L, E, ...] arrays and the layer index
+(`m3jax.model.layers.InPlace`, `dispatch.moe(layer=)`), so no step copies a layer's experts and nothing doubles
+their memory. The loops differ in the other weights (attention, router, shared expert, dense MLP):
+  - "scan" (the default) runs each LayerStack as a `lax.scan`; each step gets its layer's slice of those weights.
+  - "split" keeps one copy of each layer's slice of them (made once, while the runner lives: 21.3 GB for the
+    released model's shapes, 2.5% of its bf16 bytes, 4.7% with MXFP8 experts) and loops over the layers in
+    Python, so that no step slices any weight; compile time grows with the layer count.
+Measured on one H200 while the experts were still scanned (benchmarks/RESULTS.md, "Generation", scaled M3 with 64
+experts, 32K context; "split" then copied the experts too, 2x weight memory): split decoded faster (batch 1: 16.3
+-> 13.5 ms per step, batch 32: 13.3 -> 11.6 ms), prefilled at the same speed (80.4K vs 82.2K tokens/s), and an
+unrolled loop over the stacked weights compiled 2.6x longer (78 s vs 30 s). With the experts in place the two
+loops have not been measured yet (branch `inplace`, GPU_COMMAND.txt: whether XLA still copies the small per-layer
+slices under "scan"); until then the default stays "scan" on every backend and "split" stays for measuring
+(benchmarks/generate.py --layer-loop split). If "scan" matches it, retire "split" (`LayerStack.layer_states` /
+`loop`, this option, generate.py --layer-loop, serve.py --split-weights).
 """
 
 from __future__ import annotations

@@ -72,6 +72,26 @@ class MoEPlan:
         return jnp.sum(jnp.where(valid[..., None], rows.astype(f32), 0.0), axis=1)
 
 
+def vary_together(arrays) -> list:
+    """The kernel operands, each made varying (`lax.pcast`) over every manual mesh axis that any of them varies
+    over. Why: inside a `shard_map` with its varying-axes check on (the MoE's expert-parallel map keeps it on
+    for training gradients), the kernel body mixes its operands (the interpreters index one by another), and
+    jax refuses to mix a device's own values with replicated ones unless both say so. Outside a shard_map no
+    array varies and nothing changes."""
+    axes = frozenset().union(*(jax.typeof(a).mat.varying for a in arrays))
+    out = []
+    for a in arrays:
+        missing = tuple(sorted(axes - jax.typeof(a).mat.varying))
+        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+    return out
+
+
+def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+    """A kernel output's ShapeDtypeStruct, varying over the same manual mesh axes as `like` (an operand after
+    vary_together): pallas_call is told rather than left to refuse inside a checked shard_map."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).mat)
+
+
 def plan(ids_tk, combine_tk, num_experts: int, block_m: int) -> MoEPlan:
     """The routing plan of expert ids i32[T, k] with combine weights [T, k] (see the module docstring)."""
     t, k = ids_tk.shape

@@ -63,6 +63,17 @@ def test_generate_script_small_runs_through_public_seams(tmp_path):
     assert all(r["compiles_in_timing"] == 0 and r["tokens_per_s"] > 0 for r in rows[2:])
 
 
+@pytest.mark.multi_device
+def test_moe_combine_script_small_variants_agree(tmp_path):
+    """benchmarks/moe_combine.py --small: experts split over 4 CPU devices (TPU interpreter), every way of
+    combining the partials runs and gives the single-device result (bf16 partials within their rounding)."""
+    import moe_combine
+    rows = moe_combine.main(["--small", "--devices", "4", "--tokens", "4", "--out", str(tmp_path)])
+    assert [r["variant"] for r in rows] == list(moe_combine.VARIANTS) and not any("error" in r for r in rows)
+    err = {r["variant"]: r["rel_err"] for r in rows if r["variant"] != "local"}
+    assert err["psum"] < 1e-6 and err["rs-ag"] < 1e-6 and err["psum-bf16"] < 1e-2, err
+
+
 def test_long_context_script_small_runs_both_parts(tmp_path):
     """benchmarks/long_context.py --small on CPU: the prompt fills the context but for the new tokens, the
     prefill is chunked as asked, every new token is timed; transformers' forward is recorded per length."""

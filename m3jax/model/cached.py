@@ -75,16 +75,17 @@ def _run_stack(stack, pools: StackCache, hs, groups, ropes, num_pages: int, laye
 
     layer_states: None scans the stacked weights (`stack.scan`); else one nnx.State per layer
     (`LayerStack.layer_states()`), run as a Python loop, so that no layer's weights are sliced inside the step.
+    Either way the routed experts are read in place from their stacks, by layer index.
     """
 
-    def body(layer, carry, l):
+    def body(layer, index, carry, _):
         hs, pools = carry
-        hs, keys, _ = layer.forward(hs, ropes, CachedKeys(pools, groups, layer_offset(l, num_pages)))
+        hs, keys, _ = layer.forward(hs, ropes, CachedKeys(pools, groups, layer_offset(index, num_pages)), index)
         return (hs, keys.pools), None
 
     carry = (list(hs), pools)
     if layer_states is None:
-        carry, _ = stack.scan(body, carry, jnp.arange(stack.num_layers, dtype=jnp.int32))
+        carry, _ = stack.scan(body, carry)
     else:
         carry = stack.loop(body, carry, layer_states)
     return carry

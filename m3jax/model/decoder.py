@@ -5,6 +5,10 @@ tokens (the no-cache forward has one, the cached step a decode group and a prefi
 attention reads from a *key source*: `SequenceKeys` (no cache: the group's own keys) or
 `m3jax.model.cached.CachedKeys` (the paged cache, written first). Only the key source differs between the
 no-cache forward and the engine's step.
+
+`LayerStack.scan` runs a stack's layers: each step gets its layer's slice of the stacked parameters, except the
+`InPlace` ones (the MoE's routed experts), which it gets whole with the layer index, so that the kernels read
+them where they lie (see `m3jax.model.layers.InPlace`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from jax.sharding import Mesh
 
 from m3jax.config import M3Config, MOE_MLP
 from m3jax.model.attention import Attention, Projections
-from m3jax.model.layers import MLP, RMSNorm
+from m3jax.model.layers import MLP, InPlace, RMSNorm
 from m3jax.model.moe import MoE
 
 
@@ -51,11 +55,14 @@ class DecoderLayer(nnx.Module):
                     if mlp_type == MOE_MLP
                     else MLP(cfg, cfg.dense_intermediate_size, dtype=dtype, rngs=rngs))
 
-    def forward(self, hs: Sequence[jax.Array], ropes: Sequence[tuple[jax.Array, jax.Array]], keys: KeySource):
+    def forward(self, hs: Sequence[jax.Array], ropes: Sequence[tuple[jax.Array, jax.Array]], keys: KeySource,
+                index=None):
         """One layer over groups of tokens hs (each [B, T, D], with its RoPE (cos, sin)).
 
         Attention runs per group (each group reads `keys`, which may grow with it); the feed-forward block runs
         once over the tokens of all groups together ([1, sum B*T, D]), so the MoE sees one batch of rows.
+        index: this layer's index in its stack when its InPlace parameters are the stack's (LayerStack.scan and
+        loop), None for a lone layer (see ffn_block).
         Returns (new hs, the key source after this layer, per group MSA block ids or None).
         """
         after_attn, block_ids = [], []
@@ -65,9 +72,9 @@ class DecoderLayer(nnx.Module):
             after_attn.append(h + self.attn.output(o))
             block_ids.append(ids)
         if len(after_attn) == 1:
-            return [self.ffn_block(after_attn[0])], keys, block_ids
+            return [self.ffn_block(after_attn[0], index)], keys, block_ids
         d = after_attn[0].shape[-1]
-        flat = self.ffn_block(jnp.concatenate([h.reshape(1, -1, d) for h in after_attn], axis=1))
+        flat = self.ffn_block(jnp.concatenate([h.reshape(1, -1, d) for h in after_attn], axis=1), index)
         out, start = [], 0
         for h in after_attn:
             n = h.shape[0] * h.shape[1]
@@ -75,9 +82,13 @@ class DecoderLayer(nnx.Module):
             start += n
         return out, keys, block_ids
 
-    def ffn_block(self, h):
-        """h + ffn(norm(h)): the second half of the layer (benchmarks time it on its own)."""
-        return h + self.ffn(self.post_attention_norm(h))
+    def ffn_block(self, h, index=None):
+        """h + ffn(norm(h)): the second half of the layer (benchmarks time it on its own).
+
+        index: None when every parameter is this layer's own; else an int32 scalar, this layer's index in its
+        stack, whose InPlace parameters (the MoE's routed experts, [L, E, ...]) this layer then holds whole."""
+        x = self.post_attention_norm(h)
+        return h + (self.ffn(x, layer=index) if isinstance(self.ffn, MoE) else self.ffn(x))
 
     def __call__(self, h, positions, cos, sin):
         """The no-cache layer over one sequence batch: new h."""
@@ -87,7 +98,12 @@ class DecoderLayer(nnx.Module):
 class LayerStack(nnx.Module):
     """`num_layers` consecutive DecoderLayers of one kind; parameters carry a leading layer axis.
 
-    Scanning keeps compile time flat in the layer count (the released model is two stacks: 3 + 57 layers).
+    Scanning keeps compile time flat in the layer count (the released model is two stacks: 3 + 57 layers). A
+    step of the scan gets its layer's slice of each stacked parameter, except the `InPlace` ones (the routed
+    experts and their MXFP8 exponents): those it gets whole, [L, ...], with the layer index, and the MoE kernels
+    read layer l where it lies. So nothing of the experts is sliced (copied) per step, and the kernels see the
+    whole stack's shape (pallas_kernels/gpu/moe.py: an MXFP8 stack of M3 takes the direct e4m3 loads, one layer
+    on its own would not).
     """
 
     def __init__(self, cfg: M3Config, first_layer: int, num_layers: int, attention_type: str, mlp_type: str,
@@ -106,33 +122,47 @@ class LayerStack(nnx.Module):
 
         self.layers = make(rngs)
 
+    def _partition(self):
+        """(graphdef, the InPlace parameters [L, ...], every other parameter [L, ...]) of the stacked layers."""
+        return nnx.split(self.layers, InPlace, ...)
+
     def scan(self, body: Callable, carry, xs=None):
-        """Run body(layer, carry, x) -> (carry, y) over the stacked layers; xs/ys have a leading layer axis."""
-        graphdef, state = nnx.split(self.layers)
+        """Run body(layer, index, carry, x) -> (carry, y) over the stacked layers; xs/ys have a leading layer axis.
 
-        def step(c, sx):
-            s, x = sx
-            return body(nnx.merge(graphdef, s), c, x)
+        index: the layer's index in the stack (int32 scalar). `layer` holds its slice of every parameter except
+        the InPlace ones, which it holds whole (closed over by the scan, never sliced); its modules read them at
+        `index` (DecoderLayer.forward(..., index=index)).
+        """
+        graphdef, whole, sliced = self._partition()
 
-        return jax.lax.scan(step, carry, (state, xs))
+        def step(c, isx):
+            i, s, x = isx
+            # copy=True: the step's InPlace Variables must be made inside the scan's trace (nnx.remat around
+            # `body` updates its inputs' Variables; the closed-over `whole` ones belong to the outer trace).
+            return body(nnx.merge(graphdef, whole, s, copy=True), i, c, x)
+
+        return jax.lax.scan(step, carry, (jnp.arange(self.num_layers, dtype=jnp.int32), sliced, xs))
 
     def layer_states(self) -> list:
-        """One nnx.State per layer (each layer's slice of the stacked weights, device copies)."""
-        _, state = nnx.split(self.layers)
-        return [jax.tree.map(lambda x: x[l], state) for l in range(self.num_layers)]
+        """Per layer, its slice of every parameter except the InPlace ones (device copies, made once; for `loop`).
+        The InPlace parameters (the routed experts) are not copied: `loop` reads them in place like `scan`, so
+        the copies cost only the other weights (a few % of an MoE stack), not a second copy of the model."""
+        _, _, sliced = self._partition()
+        return [jax.tree.map(lambda x: x[l], sliced) for l in range(self.num_layers)]
 
     def loop(self, body: Callable, carry, layer_states: Sequence):
-        """body(layer, carry, l) -> (carry, None) as a Python loop over per-layer weights (`layer_states()`):
-        no weight is sliced inside the step. Returns the final carry."""
-        graphdef = nnx.graphdef(self.layers)
+        """body(layer, index, carry, None) -> (carry, None) as a Python loop over per-layer weights
+        (`layer_states()`) and the stack's InPlace parameters: no weight is sliced inside the step. Returns the
+        final carry."""
+        graphdef, whole, _ = self._partition()
         for l, st in enumerate(layer_states):
-            carry, _ = body(nnx.merge(graphdef, st), carry, l)
+            carry, _ = body(nnx.merge(graphdef, whole, st), jnp.asarray(l, jnp.int32), carry, None)
         return carry
 
     def forward(self, h, positions, cos, sin):
         """(h, block ids stacked over the layers [L, B, T, K, topk], or None for full-attention stacks)."""
-        def body(layer, h, _):
-            hs, _, ids = layer.forward([h], [(cos, sin)], SequenceKeys([positions]))
+        def body(layer, index, h, _):
+            hs, _, ids = layer.forward([h], [(cos, sin)], SequenceKeys([positions]), index)
             return hs[0], ids[0]
 
         return self.scan(body, h)

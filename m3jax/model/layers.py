@@ -21,8 +21,21 @@ def matmul_precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else jax.lax.Precision.DEFAULT
 
 
-def _init(rngs: nnx.Rngs, shape, dtype, std: float = 0.02):
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, f32).astype(dtype))
+class InPlace(nnx.Param):
+    """A parameter that a layer of a `LayerStack` reads in place from the stacked array, by its layer index.
+
+    `LayerStack.scan` hands every other parameter to the step of layer l as its slice `x[l]`; an InPlace one it
+    hands whole (`[L, ...]`), with l, and the module reads layer l inside its kernel (the MoE's routed experts:
+    `dispatch.moe(..., layer=l)`). Why: XLA materialises a per-step slice of a stacked weight that feeds a custom
+    call (a Pallas kernel), so a scanned weight is copied every layer of every step; the routed experts are
+    almost all of M3's bytes (57 layers x 128 x 3 x 6144 x 3072). A module holding InPlace parameters takes the
+    layer index in its call: None means they are this layer's own (a layer outside a stack). Otherwise an
+    ordinary nnx.Param (filters on nnx.Param include it; its path and sharding rule are those of its name).
+    """
+
+
+def _init(rngs: nnx.Rngs, shape, dtype, std: float = 0.02, kind: type[nnx.Param] = nnx.Param):
+    return kind(std * jax.random.normal(rngs.params(), shape, f32).astype(dtype))
 
 
 class RMSNorm(nnx.Module):

@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from m3jax.config import M3Config
-from m3jax.model.layers import MLP, MXFP8_BLOCK, _init
+from m3jax.model.layers import MLP, MXFP8_BLOCK, InPlace, _init
 from m3jax.sharding import EXPERTS
 from pallas_kernels import dispatch
 
@@ -37,6 +37,11 @@ class MoE(nnx.Module):
     runs only its own experts on the rows routed to them, and the partial outputs are summed (psum). This is
     exact for any imbalance of tokens per expert.
 
+    Layer stacks: the routed experts (and their MXFP8 exponents) are `InPlace` parameters. Inside
+    `LayerStack.scan` this module holds the whole stacks [L, E, ...] and gets its layer index in the call
+    (`layer=`); the kernels read that layer's experts where they lie, so no step copies a layer's experts out of
+    the stack (the reference slices them). Outside a stack, `layer=None` and the experts are [E, ...].
+
     fp8_experts: the routed experts are held as released MXFP8 (e4m3 weights + one uint8 exponent per 32 inputs,
     `*_scale_eb*`, about 1 byte per weight instead of 2). The kernels read them as stored and dequantise tiles
     on chip (reference.dequantize_mxfp8 semantics: exact, float32 subnormals flushed); no dequantised copy of an
@@ -59,13 +64,13 @@ class MoE(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.fp8_experts = fp8_experts
         stored = jnp.float8_e4m3fn if fp8_experts else dtype
-        self.gate_edf = _init(rngs, (e, d, f), stored)
-        self.up_edf = _init(rngs, (e, d, f), stored)
-        self.down_efd = _init(rngs, (e, f, d), stored)
+        self.gate_edf = _init(rngs, (e, d, f), stored, kind=InPlace)
+        self.up_edf = _init(rngs, (e, d, f), stored, kind=InPlace)
+        self.down_efd = _init(rngs, (e, f, d), stored, kind=InPlace)
         if fp8_experts:                      # E8M0 exponents (127 = 2**0) per 32 inputs: the second-to-last axis
-            self.gate_scale_ebf = nnx.Param(jnp.full((e, -(-d // MXFP8_BLOCK), f), 127, jnp.uint8))
-            self.up_scale_ebf = nnx.Param(jnp.full((e, -(-d // MXFP8_BLOCK), f), 127, jnp.uint8))
-            self.down_scale_ebd = nnx.Param(jnp.full((e, -(-f // MXFP8_BLOCK), d), 127, jnp.uint8))
+            self.gate_scale_ebf = InPlace(jnp.full((e, -(-d // MXFP8_BLOCK), f), 127, jnp.uint8))
+            self.up_scale_ebf = InPlace(jnp.full((e, -(-d // MXFP8_BLOCK), f), 127, jnp.uint8))
+            self.down_scale_ebd = InPlace(jnp.full((e, -(-f // MXFP8_BLOCK), d), 127, jnp.uint8))
         self.shared = MLP(cfg, cfg.shared_intermediate_size, dtype=dtype, rngs=rngs)
 
     def route(self, x_td):
@@ -76,38 +81,48 @@ class MoE(nnx.Module):
         return ids, w / jnp.sum(w, axis=-1, keepdims=True)
 
     def _stored_weights(self) -> tuple:
-        """(gate, up, down) as stored, then their MXFP8 exponents when fp8_experts."""
+        """(gate, up, down) as stored, then their MXFP8 exponents when fp8_experts: [E, ...], or [L, E, ...] when
+        this module holds the layer stack's experts (see the class docstring)."""
         weights = (self.gate_edf[...], self.up_edf[...], self.down_efd[...])
         if self.fp8_experts:
             weights += (self.gate_scale_ebf[...], self.up_scale_ebf[...], self.down_scale_ebd[...])
         return weights
 
-    def _local_experts(self, x_td, ids_tk, w_tk, *stored):
+    def _local_experts(self, x_td, ids_tk, w_tk, layer, *stored):
         """sum_k w[t, k] * expert_{ids[t, k]}(x[t]), float32, over the stored experts (all, or this device's); an
         id outside [0, E) contributes 0. One fused op (dispatch.moe): rows sorted by expert, only experts with
-        rows visited, weights read as stored (MXFP8 dequantised inside the kernel)."""
-        return dispatch.moe(x_td, ids_tk, w_tk, *stored, alpha=self.alpha, limit=self.limit, impl=self.impl)
+        rows visited, weights read as stored (MXFP8 dequantised inside the kernel), layer `layer` of stacked
+        weights read in place."""
+        return dispatch.moe(x_td, ids_tk, w_tk, *stored, alpha=self.alpha, limit=self.limit, layer=layer,
+                            impl=self.impl)
 
-    def routed(self, x_td, ids_tk, w_tk):
+    def routed(self, x_td, ids_tk, w_tk, layer=None):
         weights = self._stored_weights()
         if self.mesh is None:
-            return self._local_experts(x_td, ids_tk, w_tk, *weights)
-        local = self.gate_edf.shape[0] // self.mesh.size
+            return self._local_experts(x_td, ids_tk, w_tk, layer, *weights)
+        local = self.gate_edf.shape[-3] // self.mesh.size                  # experts per device
+        # Experts are split over the devices; the layer axis of stacked experts is not (m3jax.sharding rules).
+        expert_spec = P(EXPERTS) if layer is None else P(None, EXPERTS)
 
-        def shard(x, ids, w, *stored):
+        def shard(x, ids, w, index, *stored):
             # Mark the replicated inputs as varying before they meet this device's experts, so that their
             # cotangents are summed over the devices in the backward pass (without it, jax 0.10 gathers x by a
             # varying index yet keeps one device's partial gradient: training through EP was wrong).
             x, w = jax.lax.pcast((x, w), EXPERTS, to="varying")
             first = jax.lax.axis_index(EXPERTS) * local                    # this device's first expert
-            return jax.lax.psum(self._local_experts(x, ids - first, w, *stored), EXPERTS)
+            out = self._local_experts(x, ids - first, w, None if layer is None else index, *stored)
+            return jax.lax.psum(out, EXPERTS)
 
-        return jax.shard_map(shard, mesh=self.mesh, in_specs=(P(), P(), P()) + (P(EXPERTS),) * len(weights),
-                             out_specs=P())(x_td, ids_tk, w_tk, *weights)
+        index = jnp.asarray(0 if layer is None else layer, jnp.int32)      # replicated scalar operand
+        return jax.shard_map(shard, mesh=self.mesh, in_specs=(P(), P(), P(), P()) + (expert_spec,) * len(weights),
+                             out_specs=P())(x_td, ids_tk, w_tk, index, *weights)
 
-    def __call__(self, x_btd):
+    def __call__(self, x_btd, layer=None):
+        """x [B, T, D] -> [B, T, D]. layer: None when the routed experts are this layer's own ([E, ...]); else
+        an int32 scalar, this layer's index in the stacked experts [L, E, ...] this module holds (inside
+        `LayerStack.scan`), read in place."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
         ids, w = self.route(x)
-        routed = self.routed(x, ids, w).reshape(b, t, d)
+        routed = self.routed(x, ids, w, layer).reshape(b, t, d)
         return (routed * self.scaling).astype(x_btd.dtype) + self.shared(x_btd)

@@ -122,8 +122,11 @@ def _selected_blocks(attn, index_inputs, positions_bt, num_blocks: int):
     return (ids[..., None] == jnp.arange(num_blocks)).any(-2)
 
 
-def layer_forward(layer, h_btd, positions_bt, cos, sin, *, sparse: bool, recall: bool = False):
+def layer_forward(layer, h_btd, positions_bt, cos, sin, *, sparse: bool, recall: bool = False, index=None):
     """One decoder layer of the training forward: (new h, LayerStats).
+
+    index: the layer's index in its stack (LayerStack.scan: the routed experts are the stack's, read at it;
+    gradients reach the stacked experts through it), None for a lone layer.
 
     sparse=False is the indexer warm-up: MSA layers attend densely (their indexer still learns from the dense
     teacher); sparse=True attends to the selected blocks, as inference does. recall=True also reports, per
@@ -147,11 +150,11 @@ def layer_forward(layer, h_btd, positions_bt, cos, sin, *, sparse: bool, recall:
     else:
         o, _ = attention(p.q_btnh, p.k_btkh, p.v_btkh, positions_bt, None, attn.block_size)
     h = h_btd + attn.output(o)
-    x = layer.post_attention_norm(h)
     if isinstance(layer.ffn, MoE):
+        x = layer.post_attention_norm(h)
         ids, _ = layer.ffn.route(x.reshape(-1, x.shape[-1]))
         stats.expert_load = jnp.bincount(ids.reshape(-1), length=layer.ffn.router_bias_e.shape[-1])
-    return h + layer.ffn(x), stats
+    return layer.ffn_block(h, index), stats
 
 
 def forward(model, input_ids, *, sparse: bool, remat: bool = False, recall: bool = False) -> ForwardOutput:
@@ -168,8 +171,8 @@ def forward(model, input_ids, *, sparse: bool, remat: bool = False, recall: bool
     h = model.embed(input_ids)
     kls, loads, recalls = [], [], []
 
-    def body(layer, h, _):
-        return layer_forward(layer, h, positions, cos, sin, sparse=sparse, recall=recall)
+    def body(layer, index, h, _):
+        return layer_forward(layer, h, positions, cos, sin, sparse=sparse, recall=recall, index=index)
 
     if remat:
         body = nnx.remat(body)

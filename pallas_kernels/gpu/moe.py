@@ -29,8 +29,8 @@ than 2**31 elements but at most 2**32 bytes therefore gets offsets past 2**31 - 
 experts at M3 widths, [128, 6144, 3072] = 2.4e9 bytes, gave an illegal address on the H200 at expert >= 114.
   - "direct" (at most 2**31 elements: int32 offsets fit; or more than 2**32 bytes: int64 offsets): the bytes
     are loaded as stored. A layer stack [L >= 2, 128, 6144, 3072] read in place at (layer, expert) is here, and
-    so are experts split over devices (4-way: [32, 6144, 3072]); one layer of 128 experts on its own (what a
-    scan over the stack hands each step) is not.
+    so are experts split over devices (4-way: [32, 6144, 3072]). The model hands the kernels its stacks
+    (m3jax.model.layers.InPlace); one layer of 128 experts on its own (a per-layer slice) would not be here.
   - "int32 view" (only the window 2**31 < elements <= 2**32): the operand is read through its int32 view (a
     bitcast, 4 columns per word, 2**29..2**30 words: int32 offsets fit) and the words are unpacked in registers
     (shifts, then joins and reshapes back to [rows, cols]). Correct, but the unpack makes the kernel ALU-bound
@@ -272,23 +272,25 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     up_kernel = functools.partial(_gate_up_kernel, block_m=bm, block_n=bn_up, block_k=bk, num_k=d // bk,
                                   alpha=alpha, limit=limit, stacked=stacked,
                                   views=((views[0], views[3]), (views[1], views[4])) if fp8 else ())
-    operands = (p.tile_expert, p.num_used, layer_arr, xs, gate_edf, up_edf) + (scales[:2] if fp8 else ())
+    operands = moe_plan.vary_together(
+        (p.tile_expert, p.num_used, layer_arr, xs, gate_edf, up_edf) + (scales[:2] if fp8 else ()))
     h = pl.pallas_call(
         up_kernel, grid=(p.num_tiles, f // bn_up),
         in_specs=[whole] * len(operands),
         out_specs=pl.BlockSpec((bm, bn_up), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((r, f), x_td.dtype),
+        out_shape=moe_plan.out_struct((r, f), x_td.dtype, operands[3]),
         compiler_params=params, interpret=interpret, name="moe_gate_up",
     )(*operands)
 
     down_kernel = functools.partial(_down_kernel, block_m=bm, block_n=bn_down, block_k=bk, num_k=f // bk,
                                     stacked=stacked, views=(views[2], views[5]) if fp8 else ())
-    operands = (p.tile_expert, p.num_used, layer_arr, h, down_efd) + (scales[2:] if fp8 else ())
+    operands = moe_plan.vary_together(
+        (p.tile_expert, p.num_used, layer_arr, h, down_efd) + (scales[2:] if fp8 else ()) + (p.row_weight,))
     y = pl.pallas_call(
         down_kernel, grid=(p.num_tiles, d // bn_down),
-        in_specs=[whole] * len(operands) + [pl.BlockSpec((bm,), lambda i, j: (i,))],
+        in_specs=[whole] * (len(operands) - 1) + [pl.BlockSpec((bm,), lambda i, j: (i,))],
         out_specs=pl.BlockSpec((bm, bn_down), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((r, d), f32),
+        out_shape=moe_plan.out_struct((r, d), f32, operands[3]),
         compiler_params=params, interpret=interpret, name="moe_down",
-    )(*operands, p.row_weight)
+    )(*operands)
     return p.combine(y)

@@ -114,14 +114,15 @@ def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=Non
     if fp8:
         specs += [_weight_spec((d // blk, bn_up), stacked)] * 2
         operands += [scales[0], scales[1]]
+    args = moe_plan.vary_together([p.tile_expert, p.num_used, layer_arr, *operands])
     h = pl.pallas_call(
         functools.partial(_gate_up_kernel, alpha=alpha, limit=limit, fp8=fp8),
         grid_spec=tc.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(p.num_tiles, f // bn_up), in_specs=specs,
             out_specs=pl.BlockSpec((bm, bn_up), lambda i, j, te, nu, ly: (i, j))),
-        out_shape=jax.ShapeDtypeStruct((p.num_rows, f), x_td.dtype),
+        out_shape=moe_plan.out_struct((p.num_rows, f), x_td.dtype, args[3]),
         compiler_params=params, interpret=tc.interpret_arg(interpret), name="moe_gate_up",
-    )(p.tile_expert, p.num_used, layer_arr, *operands)
+    )(*args)
 
     specs = [pl.BlockSpec((bm, f), lambda i, j, te, nu, ly: (i, 0)), _weight_spec((f, bn_down), stacked)]
     operands = [h, down_efd]
@@ -129,12 +130,13 @@ def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=Non
         specs.append(_weight_spec((f // blk, bn_down), stacked))
         operands.append(scales[2])
     specs.append(pl.BlockSpec((bm, 1), lambda i, j, te, nu, ly: (i, 0)))
+    args = moe_plan.vary_together([p.tile_expert, p.num_used, layer_arr, *operands, p.row_weight.reshape(-1, 1)])
     y = pl.pallas_call(
         functools.partial(_down_kernel, fp8=fp8),
         grid_spec=tc.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(p.num_tiles, d // bn_down), in_specs=specs,
             out_specs=pl.BlockSpec((bm, bn_down), lambda i, j, te, nu, ly: (i, j))),
-        out_shape=jax.ShapeDtypeStruct((p.num_rows, d), f32),
+        out_shape=moe_plan.out_struct((p.num_rows, d), f32, args[3]),
         compiler_params=params, interpret=tc.interpret_arg(interpret), name="moe_down",
-    )(p.tile_expert, p.num_used, layer_arr, *operands, p.row_weight.reshape(-1, 1))
+    )(*args)
     return p.combine(y)

@@ -358,3 +358,42 @@ def test_gpu_mxfp8_offsets_past_2_31_on_both_paths():
     got = run(used[ids], one)                      # the exponents (small) are loaded directly here, so the
     want = run(ids, small, force_byte_path="int32 view")   # compiled code differs a little: 1e-6 relative
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6
+
+
+def _expert_parallel(impl, devices, fp8=False):
+    """dispatch.moe inside a shard_map that keeps its varying-axes check (as m3jax.model.moe's expert-parallel
+    map does): experts split over `devices`, rows replicated, the partial outputs summed."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("e",))
+    n, e = len(devices), 8
+    x, ids, comb, w = _case(6, 2, e, 64, 32, jnp.float32 if not fp8 else jnp.bfloat16, "random", seed=21, fp8=fp8)
+    args = ([a for a, _ in w] + [s for _, s in w]) if fp8 else list(w)
+    rep = lambda a: jax.device_put(a, NamedSharding(mesh, P()))                  # noqa: E731
+    split = lambda a: jax.device_put(a, NamedSharding(mesh, P("e")))             # noqa: E731
+
+    def shard(x, ids, comb, *stored):
+        x, comb = jax.lax.pcast((x, comb), "e", to="varying")
+        first = jax.lax.axis_index("e") * (e // n)
+        out = dispatch.moe(x, ids - first, comb, *stored, alpha=ALPHA, limit=LIMIT, impl=impl)
+        return jax.lax.psum(out, "e")
+
+    fn = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(P(),) * 3 + (P("e"),) * len(args), out_specs=P()))
+    got = np.asarray(fn(rep(x), rep(ids), rep(comb), *map(split, args)))
+    return got, _run("reference", x, ids, comb, w, fp8=fp8)
+
+
+@pytest.mark.multi_device
+def test_tpu_kernel_runs_expert_parallel_in_a_checked_shard_map():
+    """The kernel's operands and outputs carry the mesh axes they vary over (moe_plan.vary_together /
+    out_struct), so it runs inside a shard_map with check_vma on. (The GPU kernel's interpreter cannot: jax's HLO
+    interpreter indexes the varying buffers by its invariant grid index; the compiled GPU kernel is checked on a
+    multi-GPU host below.)"""
+    got, want = _expert_parallel("tpu-interpret", jax.devices()[:4])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not ON_GPU or jax.device_count() < 2, reason="the compiled GPU kernel on 2 or more GPUs")
+@pytest.mark.parametrize("fp8", [False, True], ids=["f32", "mxfp8"])
+def test_gpu_kernel_runs_expert_parallel_in_a_checked_shard_map(fp8):
+    got, want = _expert_parallel("gpu", jax.devices()[:2], fp8=fp8)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < (1e-2 if fp8 else 1e-5)

@@ -33,4 +33,4 @@ test-fast: install-test
 # on CPU's forced host devices in `make test`); GPU-only kernel tests run. float32 is float32 there too: float32
 # models and references use precision=HIGHEST, never TF32.
 test-gpu: install-test
-	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -n 8 -p tests.gpu_workers --durations=15
+	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -n 12 -p tests.gpu_workers --durations=15

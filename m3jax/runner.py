@@ -44,18 +44,19 @@ Layer loop (`layer_loop`). The routed experts (and their MXFP8 exponents), almos
 read in place in both loops: the MoE kernels take each stack's [L, E, ...] arrays and the layer index
 (`m3jax.model.layers.InPlace`, `dispatch.moe(layer=)`), so no step copies a layer's experts and nothing doubles
 their memory. The loops differ in the other weights (attention, router, shared expert, dense MLP):
-  - "scan" (the default) runs each LayerStack as a `lax.scan`; each step gets its layer's slice of those weights.
-  - "split" keeps one copy of each layer's slice of them (made once, while the runner lives: 21.3 GB for the
+  - "scan" (the default on CPU and TPU) runs each LayerStack as a `lax.scan`; each step gets its layer's slice of those weights.
+  - "split" (the default on GPUs) keeps one copy of each layer's slice of them (made once, while the runner lives: 21.3 GB for the
     released model's shapes, 2.5% of its bf16 bytes, 4.7% with MXFP8 experts) and loops over the layers in
     Python, so that no step slices any weight; compile time grows with the layer count.
-Measured on one H200 while the experts were still scanned (benchmarks/RESULTS.md, "Generation", scaled M3 with 64
-experts, 32K context; "split" then copied the experts too, 2x weight memory): split decoded faster (batch 1: 16.3
--> 13.5 ms per step, batch 32: 13.3 -> 11.6 ms), prefilled at the same speed (80.4K vs 82.2K tokens/s), and an
-unrolled loop over the stacked weights compiled 2.6x longer (78 s vs 30 s). With the experts in place the two
-loops have not been measured yet (branch `inplace`, GPU_COMMAND.txt: whether XLA still copies the small per-layer
-slices under "scan"); until then the default stays "scan" on every backend and "split" stays for measuring
-(benchmarks/generate.py --layer-loop split). If "scan" matches it, retire "split" (`LayerStack.layer_states` /
-`loop`, this option, generate.py --layer-loop, serve.py --split-weights).
+Measured on one H200 with the experts in place (benchmarks/RESULTS.md, "Layer loop with the experts in place":
+scaled M3, 128 bf16 experts, 32K context, jax 0.11.2): under "scan" XLA still copies each step's slice of the
+other weights (a `memcpy` of 1.5 ms per decode step, 37% of the batch-1 step's device time and 14% at batch 32;
+XLA's dynamic-slice fusion, --xla_gpu_enable_dynamic_slice_fusion, does not remove it); "split" copies no weight
+(what remains are small MemcpyD2D / memcpy32 ops, ~0.05 ms per step: 1.98% / 0.62% of device time) and decodes faster (batch 1: 6.77 -> 4.90 ms per
+step, batch 32: 15.17 -> 14.18 ms), prefill at the same speed. So GPUs default to "split". The CPU and TPU keep
+"scan": on the CPU compile time is what the suite pays for and nothing is measured against copies; on the TPU it
+has not been measured (no TPU is lent). An unrolled loop over the stacked weights (no per-layer copies, the
+slices read in place) compiled 2.6x longer than the scan when it was measured (78 s vs 30 s, 64 experts).
 """
 
 from __future__ import annotations
@@ -91,8 +92,7 @@ def trace_count() -> int:
 
 def default_layer_loop(backend: str) -> str:
     """The layer loop of a backend (see the module docstring for the measurements behind it)."""
-    del backend              # the same choice everywhere until a measurement says otherwise
-    return "scan"
+    return "split" if backend == "gpu" else "scan"
 
 
 def _step_impl(graphdef, state, layer_states, cache, groups, logits_at, input_embeds=None):

@@ -220,6 +220,7 @@ def test_serve_is_a_subcommand(tmp_path, capsys, monkeypatch):
     assert "pip install 'm3jax[serve]'" in _one_line_error(capsys, "serve")
 
 
+@pytest.mark.gpu_long
 def test_generate_names_the_bundled_default_model(capsys):
     """Item 13 (`make demo` runs this): without --model, say which model ran and where (the bundled trained
     model, m3jax.default_model_path(); the tiny random-weight model is for tests only)."""

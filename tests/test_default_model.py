@@ -42,6 +42,7 @@ def test_ships_in_the_release_layout():
     assert (cfg.msa.block_size, cfg.msa.topk_blocks) == (64, 16)        # a quarter of the blocks at 4096 tokens
 
 
+@pytest.mark.gpu_long
 def test_greedy_continuation_is_python_like_and_the_engine_agrees(model):
     tok = M3Tokenizer.from_pretrained(m3jax.default_model_path())
     res = m3jax.generate(model, [PROMPT], m3jax.SamplingParams(max_new_tokens=NEW_TOKENS), max_seq_len=256)[0]

@@ -172,6 +172,7 @@ def _finish(procs, timeout):
     return outs
 
 
+@pytest.mark.gpu_long
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_8_devices(ckpt, tmp_path):
     ref_dir, multi_dir = tmp_path / "ref", tmp_path / "multi"

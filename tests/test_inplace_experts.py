@@ -102,8 +102,13 @@ def _assert_experts_read_in_place(jaxpr, cfg, experts_per_device: int, is_moe_op
              and any(tuple(v.aval.shape) in stacked_any for v in e.invars)]
     assert scans
     for e in scans:
-        xs = e.invars[e.params["num_consts"] + e.params["num_carry"]:]
-        assert not any(tuple(v.aval.shape) in stacked_any for v in xs), "stacked experts are scanned (sliced)"
+        # The body takes the scan's operands in order; a scanned one (xs) arrives with its leading axis sliced off.
+        # (Read from the shapes: jax 0.10 names the operand groups with num_consts / num_carry, 0.11 does not.)
+        body = e.params["jaxpr"].jaxpr
+        assert len(body.invars) == len(e.invars)
+        scanned = [tuple(o.aval.shape) for o, i in zip(e.invars, body.invars)
+                   if tuple(o.aval.shape) in stacked_any and tuple(i.aval.shape) != tuple(o.aval.shape)]
+        assert not scanned, f"stacked experts are scanned (sliced): {scanned}"
 
 
 def _is_kernel_on(cfg, experts_per_device):

@@ -30,6 +30,7 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "note
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=[pytest.mark.slow, pytest.mark.multi_device])
                                   if p.endswith("sharding.ipynb") else p for p in NOTEBOOKS], ids=os.path.basename)
+@pytest.mark.gpu_long
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cells = [c for c in json.load(open(path))["cells"] if c["cell_type"] == "code"]

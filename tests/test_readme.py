@@ -66,6 +66,7 @@ def _marks(text: str, slow: bool) -> list:
 
 @pytest.mark.parametrize("section,code", [pytest.param(s, c, marks=_marks(c, slow=s != "Quick start"),
                                                        id=s.split()[0].lower()) for s, c in LOCAL])
+@pytest.mark.gpu_long
 def test_python_block_runs_as_pasted(section, code, tmp_path):
     r = _python(code, tmp_path)
     if section == "Quick start":

@@ -822,6 +822,7 @@ def vision_server(tmp_path_factory):
         yield srv
 
 
+@pytest.mark.gpu_long
 def test_image_chat_equals_generate_and_caches_by_content(vision_server):
     client = openai.OpenAI(base_url=vision_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
     ref = vision_server.reference

@@ -81,6 +81,7 @@ def twin_run(train_default, tmp_path_factory):
         return rc, json.load(f), work, out
 
 
+@pytest.mark.gpu_long
 def test_dense_twin_evaluates_both_held_out_sets(twin_run):
     rc, r, work, out = twin_run
     assert rc == 0 and "error" not in r, r.get("error")

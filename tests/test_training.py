@@ -86,6 +86,7 @@ def test_kl_gradient_reaches_only_the_indexer(sparse):
     assert seen_indexer == 4          # index_q, index_k and their two norms, in the one MSA stack
 
 
+@pytest.mark.gpu_long
 def test_train_step_lowers_the_loss(uninterrupted):
     loss = [h["loss"] for h in uninterrupted]
     kl = [h["indexer_kl"] for h in uninterrupted]
@@ -94,6 +95,7 @@ def test_train_step_lowers_the_loss(uninterrupted):
     assert all(np.isfinite(loss)) and all(np.isfinite(kl))
 
 
+@pytest.mark.gpu_long
 def test_resumed_run_is_exact(trainer, uninterrupted, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     first, _ = T.train(trainer, data.TokenLoader(TOKENS, TCFG.batch_size, TCFG.seq_len, seed=0),
@@ -213,6 +215,7 @@ def test_cli_token_file_needs_a_vocabulary(tmp_path, capsys):
     assert "--vocab-size" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.gpu_long
 @pytest.mark.slow
 def test_cli_trains_and_resumes(tmp_path, capsys):
     from m3jax.training.cli import train_main
@@ -306,6 +309,7 @@ def test_export_loads_with_the_same_logits(corpus, tmp_path):
     np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(random_model(cfg, seed=1)(ids)), atol=1e-5)
 
 
+@pytest.mark.gpu_long
 def test_train_stops_after_its_time_limit(trainer, tmp_path):
     loader = data.TokenLoader(TOKENS, TCFG.batch_size, TCFG.seq_len, seed=0)
     state, history = T.train(trainer, loader, checkpoint_dir=str(tmp_path), progress=False, stop_at=0.0)

@@ -267,6 +267,7 @@ def test_checkpoint_names_are_the_rules(vl_pair):
     assert sorted(n for n in tensors if weights.is_vision_tensor(n)) == sorted(weights.expected_tensor_names(cfg))
 
 
+@pytest.mark.gpu_long
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_features_match_transformers(vl_pair, impl):
     theirs, path, tensors = vl_pair
@@ -346,6 +347,7 @@ def test_scatter_matches_masked_scatter():
         merge.scatter_features(jnp.asarray(embeds), ids, feats[:4], IMAGE_TOKEN, request="req-3")
 
 
+@pytest.mark.gpu_long
 @pytest.mark.slow
 def test_logits_with_images_and_video_match_transformers(vl_pair):
     """m3jax.load attaches the checkpoint's vision tower; model(input_ids, pixel_values=...) equals transformers."""
@@ -399,6 +401,7 @@ def _vl_tokenizer(path):
     assert (ids[processor.IMAGE_TOKEN], ids[processor.VIDEO_TOKEN]) == (IMAGE_TOKEN, VIDEO_TOKEN)
 
 
+@pytest.mark.gpu_long
 @pytest.mark.slow
 def test_engine_greedy_with_image_matches_transformers(vl_pair):
     import m3jax

@@ -130,6 +130,7 @@ def test_sparse_attention_messy_block_ids():
     check_sparse(c, jnp.asarray(ids), jnp.float32)
 
 
+@pytest.mark.gpu_long
 @settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_random_ragged_batches(data):
@@ -186,6 +187,7 @@ def test_pipeline_stages_fit_shared_memory():
     assert cm.pipeline_stages(3, per_stage=10**9, fixed=0) == 1
 
 
+@pytest.mark.gpu_long
 @pytest.mark.skipif(INTERPRET, reason="M3-sized pages: compiled on a GPU only (shared-memory budget)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 def test_m3_page_size_fits_shared_memory(dtype):

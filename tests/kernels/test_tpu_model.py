@@ -46,6 +46,7 @@ def test_forward_tpu_interpret_matches_reference(model, tpu_calls):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(got.argmax(-1)), np.asarray(want.argmax(-1)))
 
+@pytest.mark.gpu_long
 def test_cached_greedy_tpu_interpret_matches_reference(model, tpu_calls):
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(0, 256, 21)), list(rng.integers(0, 256, 35))]   # ragged, partial pages

@@ -1,0 +1,35 @@
+"""`make test-gpu`'s plugin (tests/gpu_workers.py) hands the tests marked gpu_long out first, spread over the workers."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_long_tests_start_first_on_every_worker(tmp_path):
+    long_ids = {3, 10, 17, 24, 31, 38}
+    body = ["import pytest"]
+    for i in range(48):
+        if i in long_ids:
+            body.append("@pytest.mark.gpu_long")
+        body.append(f"def test_{i:02d}():\n    pass")
+    (tmp_path / "test_many.py").write_text("\n".join(body) + "\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu_long: long\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-n", "3", "-p", "tests.gpu_workers",
+                          "-p", "no:cacheprovider", "test_many.py"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    ran = re.findall(r"\[(gw\d+)\] \[\s*\d+%\] PASSED test_many.py::test_(\d+)", out.stdout)
+    assert len(ran) == 48
+    first = {}                          # per worker, the tests it ran in order
+    for worker, test in ran:
+        first.setdefault(worker, []).append(int(test))
+    # Two tests per worker first (--maxschedchunk 1): the six long ones, two on each of the three workers.
+    assert sorted(w[:2] for w in first.values()) == sorted([[3, 10], [17, 24], [31, 38]]), textwrap.shorten(
+        str(first), 400)

@@ -15,6 +15,9 @@ Measured, one process per framework (`--part jax` / `--part torch`), results as 
 m3jax decode time is one `Engine.runner.execute(batch)` (the runner's public seam, fed decode rows directly
 instead of scheduled requests): row layout, the jitted cached forward, sampling and the host round trip.
 transformers decode is model(input_ids[B, 1], past_key_values=DynamicCache) (greedy argmax added).
+Each m3jax decode row also carries the bytes the step must read (`decode_step_bytes`: weights, the routed experts
+hit, the cache) and `x_bound`, its time over those bytes at the copy rate measured at the start of the same run
+(`kernels.copy_rate`); a table of them is printed at the end.
 
     python benchmarks/generate.py --part jax --out results.jsonl
     python benchmarks/generate.py --part torch --out results.jsonl
@@ -83,15 +86,60 @@ def model_arguments(ap, parts=("jax", "torch"), experts=64):
 
 
 def emit(args, **row):
+    """Print `row` (plus the run's part, experts and small) as a JSON line, append it to --out; returns it."""
     row.update(part=args.part, experts=geometry(args)["experts"], small=args.small)
     line = json.dumps(row)
     print(line, flush=True)
     if args.out:
         with open(args.out, "a") as f:
             f.write(line + "\n")
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ m3jax
+def expected_experts_hit(experts: int, top_k: int, tokens: int) -> float:
+    """Distinct experts that `tokens` tokens route to, in expectation, when each picks `top_k` of `experts`
+    uniformly at random (the random-weight model routes close to uniformly)."""
+    return experts * (1 - (1 - top_k / experts) ** tokens)
+
+
+def decode_step_bytes(model, cache, batch: int, context: int) -> dict:
+    """Bytes one decode step of `batch` requests with `context` tokens each must read from HBM at least (the
+    numerator of the copy-rate bound), from the model's arrays and the cache's layout:
+      weights: every parameter once, except the routed experts (InPlace: only the experts hit, in expectation
+        under uniform routing, `expected_experts_hit`) and the embedding table (one row per request);
+      cache: per request and layer, a full-attention layer's K and V of the whole context; an MSA layer's
+        index-K of the whole context (the indexer scores every block) and the K and V of its top-k blocks.
+    Activations and the one token written per layer are left out (kilobytes)."""
+    import jax
+    from flax import nnx
+
+    from m3jax.model.layers import InPlace
+
+    cfg = model.config
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))     # noqa: E731
+    experts = nbytes(nnx.state(model, InPlace))
+    table = nbytes(model.embed_vd)
+    # the table is read whole when it is also the LM head (tied), else one row per request
+    rows = table if cfg.tie_word_embeddings else batch * table // cfg.vocab_size
+    vision = 0 if model.vision is None else nbytes(nnx.state(model.vision, nnx.Param))
+    hit = expected_experts_hit(cfg.num_local_experts, cfg.num_experts_per_tok, batch)
+    weights = (nbytes(nnx.state(model, nnx.Param)) - vision - experts - table
+               + experts * hit / cfg.num_local_experts + rows)
+    kv = 0.0
+    attended = min(context, cfg.msa.topk_blocks * cfg.msa.block_size)
+    for stack in cache.stacks:
+        slots = stack.k_pages.shape[1] * stack.k_pages.shape[2]          # layers x pages x page size
+        per_token = nbytes((stack.k_pages, stack.v_pages)) / slots
+        layers = slots // (cache.num_shards * cache.num_pages * cache.page_size)
+        if stack.ik_pages is None:
+            kv += layers * per_token * context
+        else:
+            index = nbytes((stack.ik_pages, stack.ik_scale)) / slots
+            kv += layers * (index * context + per_token * attended)
+    return dict(bytes=weights + batch * kv, weight_bytes=weights, cache_bytes=batch * kv, experts_hit=hit)
+
+
 def _profile_table(args, label, fn):
     """Run fn under jax.profiler and emit the device ops that took the most time (perfetto trace)."""
     import glob
@@ -137,11 +185,14 @@ def run_jax(args):
     from m3jax.sampling import SamplingParams
 
     impl = args.impl
+    from kernels import copy_rate
+
     model = jax_model(args)
     cfg = model.config
     dev = jax.devices()[0]
+    copy_gbs = copy_rate(2 ** 24 if args.small else 2 ** 31)      # the bound's denominator, this run, this card
     emit(args, what="setup", device=str(getattr(dev, "device_kind", dev)), jax=jax.__version__, impl=impl or "default",
-         layer_loop=args.layer_loop or "default", fp8_experts=args.fp8_experts)
+         layer_loop=args.layer_loop or "default", fp8_experts=args.fp8_experts, copy_gbs=copy_gbs)
     ctx, batches = args.context, args.batches
     max_batch = max(batches)
     max_seq = max(ctx, max(args.prefill)) + 64
@@ -190,6 +241,7 @@ def run_jax(args):
     eng.cache = jax.tree_util.tree_unflatten(treedef, [jax.jit(fill, static_argnums=1)(x, i)
                                                        for i, x in enumerate(leaves)])
     greedy = SamplingParams(max_new_tokens=10_000, ignore_eos=True)
+    decode_rows = []
     for b in batches:
         # b requests whose first ctx - 1 tokens are "in the cache" (random keys): each step decodes one token of
         # each, through the runner directly (no scheduler), feeding back the sampled token.
@@ -214,8 +266,11 @@ def run_jax(args):
             for _ in range(args.decode_steps):
                 decode_step()
             dt = (time.perf_counter() - t0) / args.decode_steps
-            emit(args, what="decode", batch=b, context=ctx, step_ms=dt * 1e3, tokens_per_s=b / dt,
-                 compiles_in_warmup=compiled, compiles_in_timing=trace_count() - before - compiled)
+            need = decode_step_bytes(model, eng.cache, b, ctx)
+            bound_ms = need["bytes"] / (copy_gbs * 1e9) * 1e3
+            decode_rows.append(emit(args, what="decode", batch=b, context=ctx, step_ms=dt * 1e3, tokens_per_s=b / dt,
+                                    compiles_in_warmup=compiled, compiles_in_timing=trace_count() - before - compiled,
+                                    **need, bound_ms=bound_ms, x_bound=dt * 1e3 / bound_ms))
             if args.profile:
                 def steps():
                     for _ in range(3):
@@ -226,6 +281,18 @@ def run_jax(args):
             emit(args, what="decode", batch=b, context=ctx, error=f"{type(e).__name__}: {str(e)[:300]}")
         for r in ids:
             eng.allocator.release(r)
+    print(decode_table(decode_rows, copy_gbs), flush=True)
+
+
+def decode_table(rows, copy_gbs: float) -> str:
+    """The decode rows against the copy-rate bound: bytes a step must read (decode_step_bytes) / copy rate."""
+    lines = [f"decode vs the copy-rate bound (copy {copy_gbs:.0f} GB/s, this run; experts hit: expected, uniform)",
+             f"{'batch':>5} {'context':>8} {'ms/step':>8} {'GB read':>8} {'experts hit':>11} {'bound ms':>8} "
+             f"{'x bound':>7}"]
+    for r in rows:
+        lines.append(f"{r['batch']:>5} {r['context']:>8} {r['step_ms']:>8.2f} {r['bytes'] / 1e9:>8.2f} "
+                     f"{r['experts_hit']:>11.1f} {r['bound_ms']:>8.3f} {r['x_bound']:>7.2f}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ torch

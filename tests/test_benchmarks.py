@@ -9,6 +9,11 @@ import sys
 
 import jax
 import pytest
+from flax import nnx
+
+import m3jax
+from m3jax.config import MOE_MLP, SPARSE_ATTENTION
+from m3jax.testing import random_model
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
@@ -61,6 +66,39 @@ def test_generate_script_small_runs_through_public_seams(tmp_path):
     assert rows[1]["tokens"] == 40 and rows[1]["tokens_per_s"] > 0
     assert [r["batch"] for r in rows[2:]] == [1, 2]
     assert all(r["compiles_in_timing"] == 0 and r["tokens_per_s"] > 0 for r in rows[2:])
+    # each decode row carries the bytes the step must read and its ratio to the copy-rate bound of this run
+    assert rows[0]["copy_gbs"] > 0
+    for r in rows[2:]:
+        assert r["bytes"] == r["weight_bytes"] + r["cache_bytes"] > 0
+        assert r["x_bound"] == pytest.approx(r["step_ms"] / (r["bytes"] / (rows[0]["copy_gbs"] * 1e9) * 1e3))
+
+
+def test_decode_step_bytes_counts_what_a_step_reads():
+    """generate.decode_step_bytes on the tiny model, against a count by hand from the config."""
+    import generate
+    from m3jax.cache import init_cache
+
+    cfg = m3jax.M3Config.tiny()
+    model = random_model(cfg, seed=0)                       # float32: 4 bytes per element
+    d, f, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    cache = init_cache(model, 20)
+    whole = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) * 4
+    moe_layers = sum(n for _, n, _, mlp in cfg.layer_groups if mlp == MOE_MLP)
+    experts = moe_layers * e * 3 * d * f * 4
+    assert generate.expected_experts_hit(e, k, 1) == pytest.approx(k)
+    assert generate.expected_experts_hit(8, 2, 2) == pytest.approx(8 - 8 * (6 / 8) ** 2)
+    ctx, b = 50, 3
+    got = generate.decode_step_bytes(model, cache, b, ctx)
+    hit = generate.expected_experts_hit(e, k, b)
+    table = cfg.vocab_size * d * 4
+    assert got["weight_bytes"] == pytest.approx(whole - experts - table + experts * hit / e + b * d * 4)
+    kv_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 4            # K and V of one token, all heads
+    attended = min(ctx, cfg.msa.topk_blocks * cfg.msa.block_size)
+    per_request = 0
+    for _, n, attn, _ in cfg.layer_groups:
+        sparse = attn == SPARSE_ATTENTION
+        per_request += n * (kv_token * attended + cfg.msa.index_dim * 4 * ctx if sparse else kv_token * ctx)
+    assert got["cache_bytes"] == pytest.approx(b * per_request)
 
 
 @pytest.mark.multi_device

@@ -95,16 +95,38 @@ def default_layer_loop(backend: str) -> str:
     return "split" if backend == "gpu" else "scan"
 
 
-def _step_impl(graphdef, state, layer_states, cache, groups, logits_at, input_embeds=None):
+class _Structure:
+    """The static half of a step's weights: the model's graphdef and the treedef of its weights' leaves.
+
+    The runner flattens the weights once and hands the step their leaves, a flat list: every call of a jitted
+    function flattens its arguments and hashes its static ones, and for an nnx.State (Python flatten callbacks
+    that sort keys) and a graphdef (hashed by walking the module graph) that is host time on every decode step,
+    growing with the layer count (the split loop passes every layer's weights). The hash is computed once; equal
+    structures of two runners still share compiled programs."""
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, _Structure) and self._hash == other._hash
+                                 and self.treedef == other.treedef and self.graphdef == other.graphdef)
+
+
+def _step_impl(structure: _Structure, weights, cache, groups, logits_at, input_embeds=None):
     _TRACES[tuple(tuple(g.tokens.shape) for g in groups) + (input_embeds is not None,)] += 1
-    model = nnx.merge(graphdef, state)
+    state, layer_states = jax.tree.unflatten(structure.treedef, weights)
+    model = nnx.merge(structure.graphdef, state)
     logits, cache = forward_cached(model, cache, groups, logits_at, layer_states=layer_states,
                                    input_embeds=input_embeds)
     logits = jnp.concatenate(logits, axis=0)
     return logits, jnp.isfinite(logits).all(axis=-1), cache
 
 
-_step_donating = jax.jit(_step_impl, static_argnums=0, donate_argnums=3)
+_step_donating = jax.jit(_step_impl, static_argnums=0, donate_argnums=2)
 _step_plain = jax.jit(_step_impl, static_argnums=0)
 
 
@@ -204,8 +226,10 @@ class Runner:
         self.layer_loop = default_layer_loop(backend) if layer_loop is None else layer_loop
         if self.layer_loop not in LAYER_LOOPS:
             raise ValueError(f"Engine: layer_loop must be one of {LAYER_LOOPS} or None, got {layer_loop!r}")
-        self._graphdef, self._state = nnx.split(model)
-        self._layer_states = ([s.layer_states() for s in model.stacks] if self.layer_loop == "split" else None)
+        graphdef, state = nnx.split(model)
+        layer_states = [s.layer_states() for s in model.stacks] if self.layer_loop == "split" else None
+        self._weights, treedef = jax.tree.flatten((state, layer_states))
+        self._structure = _Structure(graphdef, treedef)
         # CPU ignores donation (and warns); elsewhere the cache is updated in place.
         self._step_fn = _step_plain if backend == "cpu" else _step_donating
         self._rows_sharding = None if mesh is None else NamedSharding(mesh, P(DATA))
@@ -299,8 +323,8 @@ class Runner:
             layout.extend(lay)
             embeds.append(self._embeds(lay, width, overrides) if overrides else None)
         embeds = tuple(embeds) if any(e is not None for e in embeds) else None
-        logits, finite, self.cache = self._step_fn(self._graphdef, self._state, self._layer_states, self.cache,
-                                                   tuple(groups), tuple(logits_at), embeds)
+        logits, finite, self.cache = self._step_fn(self._structure, self._weights, self.cache, tuple(groups),
+                                                   tuple(logits_at), embeds)
         return logits, finite, layout
 
     def execute(self, batch: Batch, overrides: Mapping[Any, EmbedOverride] | None = None

@@ -108,3 +108,18 @@ def test_persistent_cache_is_on_by_default_and_reused_after_the_memory_caches_go
         jax.config.update("jax_compilation_cache_dir", saved[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
         cc.reset_cache()
+
+
+def test_a_second_engine_on_the_same_model_reuses_the_compiled_programs(model):
+    """The step's static half (graphdef + treedef of the flattened weights, m3jax.runner._Structure) is equal for
+    two engines of one model, so the second compiles nothing; a model of another shape is a new program."""
+    kw = dict(max_batch_size=6, max_seq_len=96, num_pages=100, prefill_chunk=12, max_tokens_per_step=18,
+              prefill_row_len=4, compile_cache=False)
+    prompts, params = [[5, 6, 7, 8, 9], [1, 2]], m3jax.SamplingParams(max_new_tokens=3, ignore_eos=True)
+    first = [r.token_ids for r in m3jax.generate(m3jax.Engine(model, **kw), prompts, params, progress=False)]
+    before = trace_count()
+    again = [r.token_ids for r in m3jax.generate(m3jax.Engine(model, **kw), prompts, params, progress=False)]
+    assert again == first and trace_count() == before
+    other = random_model(M3Config.tiny(intermediate_size=96), seed=0)
+    m3jax.generate(m3jax.Engine(other, **kw), prompts, params, progress=False)
+    assert trace_count() > before

@@ -44,19 +44,23 @@ Layer loop (`layer_loop`). The routed experts (and their MXFP8 exponents), almos
 read in place in both loops: the MoE kernels take each stack's [L, E, ...] arrays and the layer index
 (`m3jax.model.layers.InPlace`, `dispatch.moe(layer=)`), so no step copies a layer's experts and nothing doubles
 their memory. The loops differ in the other weights (attention, router, shared expert, dense MLP):
-  - "scan" (the default on CPU and TPU) runs each LayerStack as a `lax.scan`; each step gets its layer's slice of those weights.
-  - "split" (the default on GPUs) keeps one copy of each layer's slice of them (made once, while the runner lives: 21.3 GB for the
+  - "scan" (the default) runs each LayerStack as a `lax.scan`; each step gets its layer's slice of those weights.
+  - "split" keeps one copy of each layer's slice of them (made once, while the runner lives: 21.3 GB for the
     released model's shapes, 2.5% of its bf16 bytes, 4.7% with MXFP8 experts) and loops over the layers in
     Python, so that no step slices any weight; compile time grows with the layer count.
 Measured on one H200 with the experts in place (benchmarks/RESULTS.md, "Layer loop with the experts in place":
 scaled M3, 128 bf16 experts, 32K context, jax 0.11.2): under "scan" XLA still copies each step's slice of the
 other weights (a `memcpy` of 1.5 ms per decode step, 37% of the batch-1 step's device time and 14% at batch 32;
 XLA's dynamic-slice fusion, --xla_gpu_enable_dynamic_slice_fusion, does not remove it); "split" copies no weight
-(what remains are small MemcpyD2D / memcpy32 ops, ~0.05 ms per step: 1.98% / 0.62% of device time) and decodes faster (batch 1: 6.77 -> 4.90 ms per
-step, batch 32: 15.17 -> 14.18 ms), prefill at the same speed. So GPUs default to "split". The CPU and TPU keep
-"scan": on the CPU compile time is what the suite pays for and nothing is measured against copies; on the TPU it
-has not been measured (no TPU is lent). An unrolled loop over the stacked weights (no per-layer copies, the
-slices read in place) compiled 2.6x longer than the scan when it was measured (78 s vs 30 s, 64 experts).
+(what remains are small MemcpyD2D / memcpy32 ops, ~0.05 ms per step: 1.98% / 0.62% of device time) and
+decodes faster (batch 1: 6.77 -> 4.90 ms per step, batch 32: 15.17 -> 14.18 ms), prefill at the same speed.
+The default stays "scan" on every backend all the same: "split" compiles every layer of the step program separately, so its compile time grows with the layer
+count (an unrolled loop over 6 layers compiled 2.6x longer than the scan when measured: 78 s vs 30 s, 64 experts),
+which the design rules out for the default (DESIGN.md: stacks run with `scan`, compile time must not grow with 60
+layers). "split" is the opt-in for deployments that take that compile time once (the persistent compile cache
+keeps it to the first start): Engine(layer_loop="split"), benchmarks/generate.py --layer-loop split,
+benchmarks/serve.py --split-weights. Meeting both needs kernels that read every stacked weight in place by layer
+index, as the MoE kernels do for the experts.
 """
 
 from __future__ import annotations
@@ -92,7 +96,8 @@ def trace_count() -> int:
 
 def default_layer_loop(backend: str) -> str:
     """The layer loop of a backend (see the module docstring for the measurements behind it)."""
-    return "split" if backend == "gpu" else "scan"
+    del backend              # "scan" everywhere: see the module docstring for why not "split" on GPUs
+    return "scan"
 
 
 class _Structure:

@@ -49,18 +49,18 @@ their memory. The loops differ in the other weights (attention, router, shared e
     released model's shapes, 2.5% of its bf16 bytes, 4.7% with MXFP8 experts) and loops over the layers in
     Python, so that no step slices any weight; compile time grows with the layer count.
 Measured on one H200 with the experts in place (benchmarks/RESULTS.md, "Layer loop with the experts in place":
-scaled M3, 128 bf16 experts, 32K context, jax 0.11.2): under "scan" XLA still copies each step's slice of the
-other weights (a `memcpy` of 1.5 ms per decode step, 37% of the batch-1 step's device time and 14% at batch 32;
-XLA's dynamic-slice fusion, --xla_gpu_enable_dynamic_slice_fusion, does not remove it); "split" copies no weight
-(what remains are small MemcpyD2D / memcpy32 ops, ~0.05 ms per step: 1.98% / 0.62% of device time) and
-decodes faster (batch 1: 6.77 -> 4.90 ms per step, batch 32: 15.17 -> 14.18 ms), prefill at the same speed.
-The default stays "scan" on every backend all the same: "split" compiles every layer of the step program separately, so its compile time grows with the layer
-count (an unrolled loop over 6 layers compiled 2.6x longer than the scan when measured: 78 s vs 30 s, 64 experts),
-which the design rules out for the default (DESIGN.md: stacks run with `scan`, compile time must not grow with 60
-layers). "split" is the opt-in for deployments that take that compile time once (the persistent compile cache
-keeps it to the first start): Engine(layer_loop="split"), benchmarks/generate.py --layer-loop split,
-benchmarks/serve.py --split-weights. Meeting both needs kernels that read every stacked weight in place by layer
-index, as the MoE kernels do for the experts.
+scaled M3, 128 bf16 experts, 32K context, jax 0.11.2): under "scan" XLA still copies each step's slice of the other
+weights (a `memcpy` of 1.5 ms per decode step, 37% of the batch-1 step's device time and 14% at batch 32; XLA's
+dynamic-slice fusion, --xla_gpu_enable_dynamic_slice_fusion, does not remove it); "split" copies no weight (what
+remains are small MemcpyD2D / memcpy32 ops, ~0.05 ms per step: 1.98% / 0.62% of device time) and decodes faster
+(batch 1: 6.77 -> 4.90 ms per step, batch 32: 15.17 -> 14.18 ms), prefill at the same speed. The default stays
+"scan" on every backend all the same: "split" compiles every layer of the step program separately, so its compile
+time grows with the layer count (an unrolled loop over 6 layers compiled 2.6x longer than the scan when measured: 78
+vs 30 s, 64 experts), which the design rules out for the default (DESIGN.md: stacks run with `scan`, compile time
+must not grow with 60 layers). "split" is the opt-in for deployments that take that compile time once (the
+persistent compile cache keeps it to the first start): Engine(layer_loop="split"), benchmarks/generate.py
+--layer-loop split, benchmarks/serve.py --split-weights. Meeting both needs kernels that read every stacked weight
+in place by layer index, as the MoE kernels do for the experts.
 """
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ def _step_impl(structure: _Structure, weights, cache, groups, logits_at, input_e
     return logits, jnp.isfinite(logits).all(axis=-1), cache
 
 
-_step_donating = jax.jit(_step_impl, static_argnums=0, donate_argnums=2)
-_step_plain = jax.jit(_step_impl, static_argnums=0)
+# The cache is donated: each step updates the page pools in place. Without donation every step copies the
+# whole pool (on the CPU backend too, which honours donation: 0.6 s per GiB of pool per step, measured).
+_step = jax.jit(_step_impl, static_argnums=0, donate_argnums=2)
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -235,8 +236,6 @@ class Runner:
         layer_states = [s.layer_states() for s in model.stacks] if self.layer_loop == "split" else None
         self._weights, treedef = jax.tree.flatten((state, layer_states))
         self._structure = _Structure(graphdef, treedef)
-        # CPU ignores donation (and warns); elsewhere the cache is updated in place.
-        self._step_fn = _step_plain if backend == "cpu" else _step_donating
         self._rows_sharding = None if mesh is None else NamedSharding(mesh, P(DATA))
         total = _check_buckets("row_buckets", row_buckets, max_batch_size, default_row_buckets(max_batch_size))
         self.row_buckets = sorted({-(-b // self.data_shards) for b in total})     # rows per data shard
@@ -328,8 +327,8 @@ class Runner:
             layout.extend(lay)
             embeds.append(self._embeds(lay, width, overrides) if overrides else None)
         embeds = tuple(embeds) if any(e is not None for e in embeds) else None
-        logits, finite, self.cache = self._step_fn(self._structure, self._weights, self.cache, tuple(groups),
-                                                   tuple(logits_at), embeds)
+        logits, finite, self.cache = _step(self._structure, self._weights, self.cache, tuple(groups),
+                                           tuple(logits_at), embeds)
         return logits, finite, layout
 
     def execute(self, batch: Batch, overrides: Mapping[Any, EmbedOverride] | None = None

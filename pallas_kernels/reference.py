@@ -51,7 +51,9 @@ def index_keys(ik_pages, ik_scale=None):
 
 def block_scores(iq_btki, ik_pages, page_table, q_pos, ik_scale=None):
     """f32[B, T, K, M]: max over each block's visible keys of <iq, ik>; -inf for blocks with none visible."""
-    ik = gather_sequence(index_keys(ik_pages, ik_scale), page_table)       # [B, S, I]
+    # gather, then convert: the pool holds every layer's pages (and every request's), a step reads a few
+    ik = index_keys(gather_sequence(ik_pages, page_table),
+                    None if ik_scale is None else gather_sequence(ik_scale[..., None], page_table)[..., 0])  # [B, S, I]
     s = jnp.einsum("btki,bsi->btks", iq_btki.astype(f32), ik, precision="highest")
     vis = visible_keys(q_pos, ik.shape[1])                                 # [B, T, S]
     s = jnp.where(vis[:, :, None, :], s, -jnp.inf)

@@ -123,3 +123,25 @@ def test_a_second_engine_on_the_same_model_reuses_the_compiled_programs(model):
     other = random_model(M3Config.tiny(intermediate_size=96), seed=0)
     m3jax.generate(m3jax.Engine(other, **kw), prompts, params, progress=False)
     assert trace_count() > before
+
+
+def test_a_loaded_model_compiles_each_program_once():
+    """A loaded model's weights are committed to a device, and so is every step's output cache; the fresh cache is
+    committed to the model's device too, so a program's first call (fresh pools) and its later calls are one
+    compiled program (an uncommitted fresh cache made the second call compile it again)."""
+    from m3jax.api import bundled_tiny_checkpoint
+    from m3jax.scheduler import Batch
+
+    model = m3jax.load(bundled_tiny_checkpoint(), progress=False)
+    eng = m3jax.Engine(model, max_batch_size=3, max_seq_len=80, num_pages=50, prefill_chunk=16,
+                       max_tokens_per_step=19, prefill_row_len=4, compile_cache=False)
+    compiles = []
+    listener = lambda event, secs, **kw: compiles.append(event)           # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(2):
+            for program in eng.runner.programs:
+                jax.block_until_ready(eng.runner._run(Batch(), program)[0])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles.count("/jax/core/compile/backend_compile_duration") == len(eng.programs)

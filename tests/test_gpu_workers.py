@@ -1,4 +1,4 @@
-"""`make test-gpu`'s plugin (tests/gpu_workers.py) hands the tests marked gpu_long out first, spread over the workers."""
+"""`make test-gpu`'s plugin (tests/gpu_workers.py) hands out the tests marked gpu_long first, over all workers."""
 
 import os
 import re

@@ -223,6 +223,14 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def start_to_host(*xs) -> None:
+    """Start the device-to-host copies of the addressable arrays among `xs` (None skipped), so that the `to_host`
+    calls that follow wait once for all of them instead of one round trip each."""
+    for x in xs:
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            x.copy_to_host_async()
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole value of `x` as numpy in every process, also when its shards live on other hosts' devices."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:

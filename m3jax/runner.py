@@ -77,7 +77,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax import cache as cache_lib
-from m3jax.distributed import to_host
+from m3jax.distributed import start_to_host, to_host
 from m3jax.model.cached import StepGroup, dense_attention_paths, forward_cached
 from m3jax.sampling import Sampled, SamplingBatch, SamplingParams, TopLogprob, sample
 from m3jax.scheduler import Batch, Row, SampledToken
@@ -350,6 +350,7 @@ class Runner:
             chosen = [layout[i].row for i in want]
             sampled = self._sample(logits, layout, all(r.params.temperature == 0 for r in chosen),
                                    any(r.params.logprobs for r in chosen), any(r.params.top_logprobs for r in chosen))
+        start_to_host(finite, *(sampled if want else ()))
         finite = to_host(finite)                   # multi-host: gathered from every process's devices
         bad = {id(s.row) for i, s in enumerate(layout) if s is not None and not finite[i]}
         out: dict[int, SampledToken | NonFinite] = {id(r): NonFinite(r.request_id) for r in batch.rows

@@ -194,8 +194,7 @@ def cache_layout(cfg: M3Config, num_pages: int, *, data: int = 1, model: int = 1
 def _device_of(model):
     """The device of the model's parameters (one device: no mesh), or the default device."""
     for x in jax.tree.leaves(nnx.state(model, nnx.Param)):
-        devices = getattr(x, "devices", None)
-        if devices is not None and len(x.devices()) == 1:
+        if isinstance(x, jax.Array) and len(x.devices()) == 1:
             return next(iter(x.devices()))
     return jax.devices()[0]
 
@@ -247,18 +246,15 @@ def write_slots(q_pos, page_table, page_size: int, offset):
     return jnp.where(valid, page, 0) + offset, jnp.where(valid, pos % page_size, 0)
 
 
-_BITS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
-
-
 def _set(pool, index, vals):
     """pool.at[index].set(vals.astype(pool.dtype)). On the CPU the scatter runs on the bit patterns (unsigned ints
     of the same width; the same bytes land): XLA's CPU backend scatters into a bf16 or fp8 array by converting the
     whole array to float32 and back, and a pool holds every layer's pages (a 0.9 GB pool, 8 decode rows: 1.53 ->
     0.86 s per step; the two bitcasts still copy the pool there). Other backends scatter the pool as it is."""
     vals = vals.astype(pool.dtype)
-    if pool.dtype.itemsize not in _BITS or jnp.issubdtype(pool.dtype, jnp.integer) or pool.dtype == jnp.float32:
+    if not (jnp.issubdtype(pool.dtype, jnp.floating) and pool.dtype.itemsize < 4):     # float32 / ints: natively
         return pool.at[index].set(vals)
-    bits = _BITS[pool.dtype.itemsize]
+    bits = {1: jnp.uint8, 2: jnp.uint16}[pool.dtype.itemsize]
 
     def as_bits(pool, vals):
         new = jax.lax.bitcast_convert_type(vals, bits)

@@ -68,8 +68,8 @@ def config(small: bool):
 
 
 def _merge(graphdef, state):
-    """A layer from its graphdef and state: one State (a lone layer), or (the stack's InPlace experts, this
-    layer's slice of the other weights) of a LayerStack."""
+    """A layer from its graphdef and state: one State (a lone layer), or (the stack's InPlace weights, this
+    layer's slice of the others: norms, router) of a LayerStack."""
     from flax import nnx
     return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
 
@@ -119,8 +119,9 @@ class Bench:
         free = self._free_bytes()
         n = args.max_layers if free is None else max(1, min(args.max_layers, int((free - 8e9) // self.layer_bytes)))
         stack = make_moe(n)                                         # 8 GB kept for activations
-        graphdef, whole, _ = stack._partition()
-        self.moe_layers = [(graphdef, (whole, st), jnp.int32(l)) for l, st in enumerate(stack.layer_states())]
+        graphdef, whole, sliced = stack._partition()
+        self.moe_layers = [(graphdef, (whole, jax.tree.map(lambda x: x[l], sliced)), jnp.int32(l))
+                           for l in range(stack.num_layers)]
         self.steps = {}
 
     def _free_bytes(self):
@@ -139,10 +140,10 @@ class Bench:
         def step(state, index, h, k_pool, v_pool, ik_pool, table, q_pos):
             layer = _merge(graphdef, state)
             cos, sin = rope_cos_sin(jnp.maximum(q_pos, 0), cfg.rotary_dim, cfg.rope_theta)
-            p = layer.attn.project(layer.input_norm(h), cos, sin)
+            p = layer.attn.project(layer.input_norm(h), cos, sin, index)
             o, kv = layer.attn.attend_cached(p, PagedKV(k_pool, v_pool, table, ik_pool if sparse else None), q_pos,
                                              0)
-            h = layer.ffn_block(h + layer.attn.output(o), index)
+            h = layer.ffn_block(h + layer.attn.output(o, index), index)
             return h, kv.k_pages, kv.v_pages, (kv.ik_pages if sparse else ik_pool)
 
         return jax.jit(step, donate_argnums=(3, 4, 5))

@@ -106,7 +106,7 @@ def expected_experts_hit(experts: int, top_k: int, tokens: int) -> float:
 def decode_step_bytes(model, cache, batch: int, context: int) -> dict:
     """Bytes one decode step of `batch` requests with `context` tokens each must read from HBM at least (the
     numerator of the copy-rate bound), from the model's arrays and the cache's layout:
-      weights: every parameter once, except the routed experts (InPlace: only the experts hit, in expectation
+      weights: every parameter once, except the routed experts (only the experts hit, in expectation
         under uniform routing, `expected_experts_hit`) and the embedding table (one row per request);
       cache: per request and layer, a full-attention layer's K and V of the whole context; an MSA layer's
         index-K of the whole context (the indexer scores every block) and the K and V of its top-k blocks.
@@ -114,11 +114,12 @@ def decode_step_bytes(model, cache, batch: int, context: int) -> dict:
     import jax
     from flax import nnx
 
-    from m3jax.model.layers import InPlace
+    from m3jax.model.moe import FP8_SCALES
 
     cfg = model.config
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))     # noqa: E731
-    experts = nbytes(nnx.state(model, InPlace))
+    routed = {*FP8_SCALES, *FP8_SCALES.values()}            # the routed experts' weights and MXFP8 exponents
+    experts = nbytes(nnx.state(model, lambda path, _: str(path[-1]) in routed))
     table = nbytes(model.embed_vd)
     # the table is read whole when it is also the LM head (tied), else one row per request
     rows = table if cfg.tie_word_embeddings else batch * table // cfg.vocab_size
@@ -192,7 +193,7 @@ def run_jax(args):
     dev = jax.devices()[0]
     copy_gbs = copy_rate(2 ** 24 if args.small else 2 ** 31)      # the bound's denominator, this run, this card
     emit(args, what="setup", device=str(getattr(dev, "device_kind", dev)), jax=jax.__version__, impl=impl or "default",
-         layer_loop=args.layer_loop or "default", fp8_experts=args.fp8_experts, copy_gbs=copy_gbs)
+         fp8_experts=args.fp8_experts, copy_gbs=copy_gbs)
     ctx, batches = args.context, args.batches
     max_batch = max(batches)
     max_seq = max(ctx, max(args.prefill)) + 64
@@ -201,8 +202,7 @@ def run_jax(args):
 
     # Prefill: one request, max_new_tokens=1 (the last chunk's logits give the token), chunks of jax_chunk.
     eng = Engine(model, max_batch_size=1, max_seq_len=max_seq, num_pages=blocks + 2,
-                 prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1,
-                 layer_loop=args.layer_loop)
+                 prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1)
     for s in args.prefill:
         try:
             prompt = rs.randint(0, cfg.vocab_size, s).tolist()
@@ -215,7 +215,7 @@ def run_jax(args):
                 t0 = time.perf_counter(); eng.run(); times.append(time.perf_counter() - t0)
             best = float(np.median(times))
             emit(args, what="prefill", tokens=s, chunk=args.jax_chunk, seconds=best, tokens_per_s=s / best,
-                 first_run_s=warm)
+                 first_run_s=warm, stacked_matmuls=eng.runner.stacked_matmul_paths["prefill"])
             if args.profile and s == args.prefill[0]:
                 def once():
                     eng.add_request(prompt, one)
@@ -224,14 +224,12 @@ def run_jax(args):
         except Exception as e:          # noqa: BLE001 - record and go on to the next measurement
             emit(args, what="prefill", tokens=s, chunk=args.jax_chunk, error=f"{type(e).__name__}: {str(e)[:300]}")
             eng = Engine(model, max_batch_size=1, max_seq_len=max_seq, num_pages=blocks + 2,
-                         prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1,
-                         layer_loop=args.layer_loop)
+                         prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + 1)
     del eng
 
     # Decode: max_batch requests at `ctx` tokens of context each, cache filled with random keys.
     eng = Engine(model, max_batch_size=max_batch, max_seq_len=max_seq, num_pages=max_batch * blocks + 1,
-                 prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + max_batch,
-                 layer_loop=args.layer_loop)
+                 prefill_chunk=args.jax_chunk, max_tokens_per_step=args.jax_chunk + max_batch)
     key = jax.random.key(1)
 
     def fill(x, i):
@@ -269,6 +267,7 @@ def run_jax(args):
             need = decode_step_bytes(model, eng.cache, b, ctx)
             bound_ms = need["bytes"] / (copy_gbs * 1e9) * 1e3
             decode_rows.append(emit(args, what="decode", batch=b, context=ctx, step_ms=dt * 1e3, tokens_per_s=b / dt,
+                                    stacked_matmuls=eng.runner.stacked_matmul_paths["decode"],
                                     compiles_in_warmup=compiled, compiles_in_timing=trace_count() - before - compiled,
                                     **need, bound_ms=bound_ms, x_bound=dt * 1e3 / bound_ms))
             if args.profile:
@@ -429,8 +428,6 @@ def main(argv=None):
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="m3jax: per-op device time of one prefill / 3 decode steps")
     ap.add_argument("--profile-top", type=int, default=14)
-    ap.add_argument("--layer-loop", choices=("scan", "split"), default=None,
-                    help="m3jax: Engine(layer_loop=...) (default: the backend's choice, see m3jax.runner)")
     ap.add_argument("--fp8-experts", action="store_true", help="m3jax: routed experts held in MXFP8 "
                     "(m3jax.quantize_experts)")
     args = ap.parse_args(argv)

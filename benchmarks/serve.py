@@ -77,7 +77,6 @@ def start_server(args):
     engine = m3jax.Engine(model, tokenizer=tok, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                           prefill_chunk=args.prefill_chunk, memory_fraction=args.memory_fraction,
                           row_buckets=rows,
-                          layer_loop="split" if args.split_weights else None,
                           enable_prefix_caching=args.prefix_caching == "on")
     app = create_app(engine, model_name=MODEL_NAME, tokenizer=tok, max_queue=args.max_queue,
                      completion_default_max_tokens=args.new_tokens)
@@ -230,7 +229,6 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--experts", type=int, default=64, help="routed experts of the scaled M3")
     ap.add_argument("--fp8-experts", action="store_true")
-    ap.add_argument("--split-weights", action="store_true", help='Engine(layer_loop="split") (GPU decode)')
     ap.add_argument("--prefix-caching", choices=["on", "off"], default="on",
                     help="Engine(enable_prefix_caching=...): off makes the second turn a cold prefill too")
     ap.add_argument("--levels", default=None, help="concurrency levels (default 1,8,32,64; small: 1,4,8)")

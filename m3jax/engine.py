@@ -114,8 +114,7 @@ class Engine:
     m3jax.load / m3jax.params. row_buckets: the padded decode batch sizes (default: min(8, max_batch_size) and
     max_batch_size; with D data shards they count the rows of all shards and are rounded up to multiples of D).
     prefill_row_len: tokens per row of the prefill group (default 64; see m3jax.runner). The step programs are
-    one per decode bucket plus one mixed decode + prefill program (`programs`). layer_loop: "scan" | "split" |
-    None (the backend's choice; see m3jax.runner). compile_cache: JAX's persistent compilation cache directory;
+    one per decode bucket plus one mixed decode + prefill program (`programs`). compile_cache: JAX's persistent compilation cache directory;
     None (default): $M3JAX_COMPILE_CACHE or ~/.cache/m3jax/jax_cache; False: off; a directory already set in
     jax.config is kept (see configure_compile_cache). The directory in use is `compile_cache_dir`.
     enable_prefix_caching: a request reuses the cached K, V and index-K pages of every full block of its prompt
@@ -131,7 +130,7 @@ class Engine:
                  num_pages: int | None = None, max_tokens_per_step: int | None = None,
                  prefill_chunk: int | None = None, tokenizer=None, memory_fraction: float = 0.5, seed: int = 0,
                  row_buckets: Sequence[int] | None = None, prefill_row_len: int = DEFAULT_ROW_LEN,
-                 layer_loop: str | None = None, compile_cache: str | bool | None = None,
+                 compile_cache: str | bool | None = None,
                  enable_prefix_caching: bool = True, fp8_index_k: bool = False):
         cfg = model.config
         if max_seq_len is None:
@@ -173,7 +172,7 @@ class Engine:
         self.runner = Runner(model, num_pages=num_pages, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                              prefill_rows=self.scheduler.prefill_rows_per_shard,
                              row_len=self.scheduler.prefill_row_len, mesh=self.mesh, row_buckets=row_buckets,
-                             layer_loop=layer_loop, fp8_index_k=fp8_index_k)
+                             fp8_index_k=fp8_index_k)
         self.num_pages = num_pages
         self.warmed_up = False
         self._vision_setup(model)
@@ -189,7 +188,6 @@ class Engine:
     max_blocks = property(lambda self: self.runner.max_blocks)
     allocators = property(lambda self: self.scheduler.allocators)
     num_steps = property(lambda self: self.runner.num_steps)
-    layer_loop = property(lambda self: self.runner.layer_loop)
     programs = property(lambda self: self.runner.programs)
     enable_prefix_caching = property(lambda self: self.scheduler.enable_prefix_caching)
     fp8_index_k = property(lambda self: self.runner.cache.fp8_index_k)    # False for a model without MSA layers

@@ -40,27 +40,17 @@ exact, since every row writes its keys before any row attends): which computatio
 default 64-token rows that is the paged kernel: rows under pallas_kernels.gpu.attention.CHUNK_MIN_QUERIES (512)
 were measured no faster through cuDNN on the H200.
 
-Layer loop (`layer_loop`). The routed experts (and their MXFP8 exponents), almost all of an MoE model's bytes, are
-read in place in both loops: the MoE kernels take each stack's [L, E, ...] arrays and the layer index
-(`m3jax.model.layers.InPlace`, `dispatch.moe(layer=)`), so no step copies a layer's experts and nothing doubles
-their memory. The loops differ in the other weights (attention, router, shared expert, dense MLP):
-  - "scan" (the default) runs each LayerStack as a `lax.scan`; each step gets its layer's slice of those weights.
-  - "split" keeps one copy of each layer's slice of them (made once, while the runner lives: 21.3 GB for the
-    released model's shapes, 2.5% of its bf16 bytes, 4.7% with MXFP8 experts) and loops over the layers in
-    Python, so that no step slices any weight; compile time grows with the layer count.
-Measured on one H200 with the experts in place (benchmarks/RESULTS.md, "Layer loop with the experts in place":
-scaled M3, 128 bf16 experts, 32K context, jax 0.11.2): under "scan" XLA still copies each step's slice of the other
-weights (a `memcpy` of 1.5 ms per decode step, 37% of the batch-1 step's device time and 14% at batch 32; XLA's
-dynamic-slice fusion, --xla_gpu_enable_dynamic_slice_fusion, does not remove it); "split" copies no weight (what
-remains are small MemcpyD2D / memcpy32 ops, ~0.05 ms per step: 1.98% / 0.62% of device time) and decodes faster
-(batch 1: 6.77 -> 4.90 ms per step, batch 32: 15.17 -> 14.18 ms), prefill at the same speed. The default stays
-"scan" on every backend all the same: "split" compiles every layer of the step program separately, so its compile
-time grows with the layer count (an unrolled loop over 6 layers compiled 2.6x longer than the scan when measured: 78
-vs 30 s, 64 experts), which the design rules out for the default (DESIGN.md: stacks run with `scan`, compile time
-must not grow with 60 layers). "split" is the opt-in for deployments that take that compile time once (the
-persistent compile cache keeps it to the first start): Engine(layer_loop="split"), benchmarks/generate.py
---layer-loop split, benchmarks/serve.py --split-weights. Meeting both needs kernels that read every stacked weight
-in place by layer index, as the MoE kernels do for the experts.
+Weights are read in place. Each LayerStack runs as a `lax.scan` (compile time flat in the layer count), and every
+matmul weight of a stack is an `InPlace` parameter (m3jax.model.layers.InPlace): the step holds the stack [L, ...]
+and its layer index, and the kernels read layer l where it lies (the routed experts: `dispatch.moe(layer=)`; the
+attention projections, dense MLP and shared expert: `stacked_matmul` -> `dispatch.linear`, on steps of at most
+`dispatch.LINEAR_KERNEL_MAX_ROWS` rows; longer prompt chunks slice the layer and run XLA's matmul, where the copy is
+amortised). Why: a scanned weight's per-step slice is a copy (XLA materialises it; measured on the H200: a 1.6 ms
+memcpy per decode step of the scaled M3, 37% of batch 1, which XLA's dynamic-slice fusion did not remove), and
+the kernel reads a layer's weight once where XLA's slice + matmul read it three times (benchmarks/RESULTS.md,
+"Every stacked matmul weight read in place"). `Runner.stacked_matmul_paths` says which path the decode and
+prompt-chunk steps take (logged at construction). This retired the "split" layer loop (per-layer copies of the
+non-expert weights, made once, and a Python loop whose compile time grew with the layer count).
 """
 
 from __future__ import annotations
@@ -78,13 +68,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax import cache as cache_lib
 from m3jax.distributed import start_to_host, to_host
-from m3jax.model.cached import StepGroup, dense_attention_paths, forward_cached
+from m3jax.model.cached import StepGroup, dense_attention_paths, forward_cached, stacked_matmul_paths
 from m3jax.sampling import Sampled, SamplingBatch, SamplingParams, TopLogprob, sample
 from m3jax.scheduler import Batch, Row, SampledToken
 from m3jax.sharding import DATA
 
 log = logging.getLogger(__name__)
-LAYER_LOOPS = ("scan", "split")
 DEFAULT_ROW_LEN = 64                 # tokens per prefill row (see the module docstring)
 _TRACES = collections.Counter()      # step-program shape -> number of times it was traced (= compiled)
 
@@ -94,19 +83,13 @@ def trace_count() -> int:
     return sum(_TRACES.values())
 
 
-def default_layer_loop(backend: str) -> str:
-    """The layer loop of a backend (see the module docstring for the measurements behind it)."""
-    del backend              # "scan" everywhere: see the module docstring for why not "split" on GPUs
-    return "scan"
-
-
 class _Structure:
     """The static half of a step's weights: the model's graphdef and the treedef of its weights' leaves.
 
     The runner flattens the weights once and hands the step their leaves, a flat list: every call of a jitted
     function flattens its arguments and hashes its static ones, and for an nnx.State (Python flatten callbacks
     that sort keys) and a graphdef (hashed by walking the module graph) that is host time on every decode step,
-    growing with the layer count (the split loop passes every layer's weights). The hash is computed once; equal
+    growing with the number of weight arrays. The hash is computed once; equal
     structures of two runners still share compiled programs."""
 
     def __init__(self, graphdef, treedef):
@@ -123,10 +106,8 @@ class _Structure:
 
 def _step_impl(structure: _Structure, weights, cache, groups, logits_at, input_embeds=None):
     _TRACES[tuple(tuple(g.tokens.shape) for g in groups) + (input_embeds is not None,)] += 1
-    state, layer_states = jax.tree.unflatten(structure.treedef, weights)
-    model = nnx.merge(structure.graphdef, state)
-    logits, cache = forward_cached(model, cache, groups, logits_at, layer_states=layer_states,
-                                   input_embeds=input_embeds)
+    model = nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, weights))
+    logits, cache = forward_cached(model, cache, groups, logits_at, input_embeds=input_embeds)
     logits = jnp.concatenate(logits, axis=0)
     return logits, jnp.isfinite(logits).all(axis=-1), cache
 
@@ -216,25 +197,19 @@ class Runner:
     pages per layer in each data shard's pool. max_batch_size / max_seq_len bound the shapes. row_buckets: the
     padded decode batch sizes (all shards' rows). prefill_rows / row_len: the prefill group, rows per data shard
     and tokens per row (the scheduler's prefill budget, m3jax.scheduler.Scheduler.prefill_rows_per_shard).
-    layer_loop: "scan" | "split" | None (the backend's choice, `default_layer_loop`).
     fp8_index_k: store index-K as float8_e4m3fn with a float32 scale per token (m3jax.cache).
     """
 
     def __init__(self, model, *, num_pages: int, max_batch_size: int, max_seq_len: int, prefill_rows: int,
-                 row_len: int, mesh=None, row_buckets: Sequence[int] | None = None, layer_loop: str | None = None,
+                 row_len: int, mesh=None, row_buckets: Sequence[int] | None = None,
                  fp8_index_k: bool = False):
         self.model = model
         self.mesh = mesh
         self.data_shards = 1 if mesh is None else mesh.shape[DATA]
         self.max_blocks = cache_lib.max_blocks(max_seq_len, model.config.msa.block_size)
         self.cache = cache_lib.init_cache(model, num_pages, mesh=mesh, fp8_index_k=fp8_index_k)
-        backend = jax.default_backend()
-        self.layer_loop = default_layer_loop(backend) if layer_loop is None else layer_loop
-        if self.layer_loop not in LAYER_LOOPS:
-            raise ValueError(f"Engine: layer_loop must be one of {LAYER_LOOPS} or None, got {layer_loop!r}")
         graphdef, state = nnx.split(model)
-        layer_states = [s.layer_states() for s in model.stacks] if self.layer_loop == "split" else None
-        self._weights, treedef = jax.tree.flatten((state, layer_states))
+        self._weights, treedef = jax.tree.flatten(state)
         self._structure = _Structure(graphdef, treedef)
         self._rows_sharding = None if mesh is None else NamedSharding(mesh, P(DATA))
         total = _check_buckets("row_buckets", row_buckets, max_batch_size, default_row_buckets(max_batch_size))
@@ -245,6 +220,12 @@ class Runner:
         if self.dense_attention_paths:
             log.info("full-attention layers: %s", ", ".join(f"{k} rows -> {v}"
                                                             for k, v in self.dense_attention_paths.items()))
+        # the attention projections and dense / shared MLPs of the largest decode step and of a prompt-chunk group
+        # (the kernels see every row of the step: rows are not split over "data" for them)
+        shards = self.data_shards
+        self.stacked_matmul_paths = stacked_matmul_paths(
+            model, {"decode": self.row_buckets[-1] * shards, "prefill": self.prefill_rows * self.row_len * shards})
+        log.info("stacked matmuls: %s", ", ".join(f"{k} rows -> {v}" for k, v in self.stacked_matmul_paths.items()))
 
     @property
     def programs(self) -> list[StepProgram]:

@@ -134,3 +134,31 @@ def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=Non
     weight), float32 [T, D]; see reference.moe. No fallback: an input the kernel refuses raises."""
     return _call("moe", impl, x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf, up_scale_ebf,
                  down_scale_ebd, alpha=alpha, limit=limit, layer=layer)
+
+
+# Above this many rows the stacked matmul slices its layer and runs XLA's matmul: the per-step copy of the
+# slice is then amortised over the rows, and cuBLAS / the MXU run at the matmul peak. At or below it (decode
+# steps, small prompt chunks) the step is bound by reading the weight, and the kernel reads it in place.
+LINEAR_KERNEL_MAX_ROWS = 256
+
+
+def linear(x_mk, w_lkn, *, layer, impl=None):
+    """x [M, K] @ w_lkn[layer] of a stacked weight [L, K, N] read in place, float32 [M, N]; see
+    reference.linear. No fallback: an input the kernel refuses raises (linear_path says which inputs run)."""
+    return _call("linear", impl, x_mk, w_lkn, layer=layer)
+
+
+def linear_path(rows: int, *, k: int, n: int, dtype, impl=None) -> str:
+    """How a stacked matmul of `rows` rows, K = k, N = n in `dtype` runs, stated without running it:
+    "xla" (the layer's slice, then XLA's matmul) or the kernel implementation that reads the weight in place
+    ("gpu", "tpu", or their "-interpret" variants). The reference implementation is "xla" (it is a slice and a
+    matmul); so are rows above LINEAR_KERNEL_MAX_ROWS and shapes the kernel does not accept (its `accepts`)."""
+    order = default_impls() if impl is None else ((impl,) if isinstance(impl, str) else tuple(impl))
+    name = order[0]
+    if name not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {name!r}")
+    if name == "reference" or rows > LINEAR_KERNEL_MAX_ROWS:
+        return "xla"
+    backend = name.partition("-")[0]
+    module = importlib.import_module(f"{_BACKEND_MODULE[backend]}.linear")
+    return name if module.accepts(rows, k, n, dtype) else "xla"

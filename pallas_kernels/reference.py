@@ -235,3 +235,13 @@ def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=Non
     keep = here.reshape(-1)[order]
     y = jnp.where(keep[:, None], y * combine_tk.reshape(-1)[order][:, None].astype(f32), 0.0)
     return jnp.zeros((t, x_td.shape[1]), f32).at[token].add(y)
+
+
+def linear(x_mk, w_lkn, *, layer):
+    """x @ w[layer], float32 [M, N]: one layer's matmul with a stacked weight w [L, K, N] (x [M, K]).
+
+    The layer stacks of the model hold each weight of a layer kind as one [L, ...] array; the kernels
+    (gpu/linear.py, tpu/linear.py) read layer `layer` (an int32 scalar, possibly traced) where it lies instead
+    of slicing it out first. This reference slices and multiplies at HIGHEST precision in float32."""
+    w = jax.lax.dynamic_index_in_dim(w_lkn, jnp.asarray(layer, jnp.int32), axis=0, keepdims=False)
+    return jnp.dot(x_mk.astype(f32), w.astype(f32), precision="highest")

@@ -62,7 +62,8 @@ def test_generate_script_small_runs_through_public_seams(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["what"] for r in rows] == ["setup", "prefill", "decode", "decode"]
     assert not any("error" in r for r in rows), rows
-    assert rows[0]["layer_loop"] == "default"
+    # the path of the stacked matmuls is recorded (CPU: the reference, i.e. the layer's slice and XLA's matmul)
+    assert rows[1]["stacked_matmuls"] == "xla" and rows[2]["stacked_matmuls"] == "xla"
     assert rows[1]["tokens"] == 40 and rows[1]["tokens_per_s"] > 0
     assert [r["batch"] for r in rows[2:]] == [1, 2]
     assert all(r["compiles_in_timing"] == 0 and r["tokens_per_s"] > 0 for r in rows[2:])

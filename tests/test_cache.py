@@ -112,18 +112,16 @@ def test_num_pages_for_memory_uses_the_device_share(model):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _jit_step(graphdef, state, layer_states, cache, groups):
-    return forward_cached(nnx.merge(graphdef, state), cache, groups, layer_states=layer_states)
+def _jit_step(graphdef, state, cache, groups):
+    return forward_cached(nnx.merge(graphdef, state), cache, groups)
 
 
-def _step(model, cache, groups, layer_loop="scan"):
-    """layer_loop: "scan" (over the stacked weights) or "split" (a Python loop over per-layer copies)."""
+def _step(model, cache, groups):
     graphdef, state = nnx.split(model)
-    layer_states = [s.layer_states() for s in model.stacks] if layer_loop == "split" else None
-    return _jit_step(graphdef, state, layer_states, cache, groups)
+    return _jit_step(graphdef, state, cache, groups)
 
 
-def _prefill(model, ids_list, chunk, layer_loop="scan", fp8_index_k=False):
+def _prefill(model, ids_list, chunk, fp8_index_k=False):
     """All logits of each row when its prompt is fed in chunks of `chunk` tokens, rows side by side."""
     alloc = PageAllocator(NUM_PAGES)
     table = np.zeros((len(ids_list), M), np.int32)
@@ -140,7 +138,7 @@ def _prefill(model, ids_list, chunk, layer_loop="scan", fp8_index_k=False):
             piece = ids[s:s + chunk]
             tokens[b, :len(piece)] = piece
             q_pos[b, :len(piece)] = np.arange(s, s + len(piece))
-        (logits,), cache = _step(model, cache, (StepGroup(tokens, q_pos, table),), layer_loop)
+        (logits,), cache = _step(model, cache, (StepGroup(tokens, q_pos, table),))
         logits = np.asarray(logits)
         for b, ids in enumerate(ids_list):
             n = max(0, min(chunk, len(ids) - s))
@@ -153,10 +151,10 @@ def test_chunked_prefill_matches_one_shot_and_no_cache(model):
     ids = [rs.randint(0, 256, 45).tolist(), rs.randint(0, 256, 19).tolist()]   # 6 and 3 blocks, top-3: sparse
     fwd = jax.jit(lambda x: model(x))
     want = [np.asarray(fwd(jnp.asarray([x], jnp.int32)))[0] for x in ids]
-    for chunk, loop in ((48, "scan"), (16, "scan"), (5, "scan"), (16, "split")):
-        got, _, _ = _prefill(model, ids, chunk, loop)
+    for chunk in (48, 16, 5):
+        got, _, _ = _prefill(model, ids, chunk)
         for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=f"chunk={chunk} layer_loop={loop}")
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=f"chunk={chunk}")
 
 
 def test_padding_writes_only_touch_the_sink(model):

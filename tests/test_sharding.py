@@ -124,14 +124,11 @@ def test_engine_greedy_tokens_match_single_device(single):
     sp = m3jax.SamplingParams(max_new_tokens=6, temperature=0.0)
     want = [r.token_ids for r in m3jax.generate(m3jax.Engine(model, max_batch_size=4, max_seq_len=128), prompts, sp,
                                                 progress=False)]
-    # The CPU's default layer loop ("scan") on every mesh, and once the GPU's ("split": per-layer copies of the
-    # sharded non-expert weights, the experts read in place from their expert-split stacks).
-    for data, model_axis, loop in [(d, m, None) for d, m in MESHES] + [(2, 4, "split")]:
+    for data, model_axis in MESHES:
         mesh = sharding.make_mesh(data=data, model=model_axis)
-        engine = m3jax.Engine(shard_model(model, mesh), max_batch_size=4, max_seq_len=128, mesh=mesh,
-                              layer_loop=loop)
+        engine = m3jax.Engine(shard_model(model, mesh), max_batch_size=4, max_seq_len=128, mesh=mesh)
         got = [r.token_ids for r in m3jax.generate(engine, prompts, sp, progress=False)]
-        assert got == want, f"mesh {data}x{model_axis} layer_loop={engine.layer_loop}"
+        assert got == want, f"mesh {data}x{model_axis}"
         # One page pool per data shard (split on the page axis), KV heads (replicated to 8 on 1x8) on "model".
         for stack, num_layers in zip(engine.cache.stacks, (1, 2)):
             heads = max(2, model_axis)

@@ -18,7 +18,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from m3jax import cache as cache_lib
 from m3jax.config import M3Config, SPARSE_ATTENTION
-from m3jax.model.layers import RMSNorm, _init, apply_rope, matmul_precision
+from m3jax.model.layers import (InPlace, RMSNorm, _init, apply_rope, matmul_precision, stacked_matmul,
+                               stacked_matmul_path)
 from m3jax.sharding import DATA, MODEL
 from pallas_kernels import dispatch, layout
 
@@ -78,32 +79,43 @@ class Attention(nnx.Module):
         self.block_size = cfg.msa.block_size
         self.topk_blocks = cfg.msa.topk_blocks
         self.local_blocks = cfg.msa.local_blocks
-        self.q_dnh = _init(rngs, (d, n, h), dtype)
-        self.k_dkh = _init(rngs, (d, k, h), dtype)
-        self.v_dkh = _init(rngs, (d, k, h), dtype)
-        self.o_nhd = _init(rngs, (n, h, d), dtype)
+        self.q_dnh = _init(rngs, (d, n, h), dtype, kind=InPlace)
+        self.k_dkh = _init(rngs, (d, k, h), dtype, kind=InPlace)
+        self.v_dkh = _init(rngs, (d, k, h), dtype, kind=InPlace)
+        self.o_nhd = _init(rngs, (n, h, d), dtype, kind=InPlace)
         self.precision = matmul_precision(dtype)
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
         if self.sparse:
             i = cfg.msa.index_dim
-            self.index_q_dki = _init(rngs, (d, cfg.msa.num_index_heads, i), dtype)
-            self.index_k_di = _init(rngs, (d, i), dtype)
+            self.index_q_dki = _init(rngs, (d, cfg.msa.num_index_heads, i), dtype, kind=InPlace)
+            self.index_k_di = _init(rngs, (d, i), dtype, kind=InPlace)
             self.index_q_norm = RMSNorm(i, cfg.rms_norm_eps, dtype=dtype)
             self.index_k_norm = RMSNorm(i, cfg.rms_norm_eps, dtype=dtype)
 
-    def project(self, x_btd, cos, sin) -> Projections:
-        """q, k, v (and the index branch's iq, ik) of the normalised hidden state x: project -> norm -> RoPE."""
-        def proj(eq, w):
-            return jnp.einsum(eq, x_btd, w[...], precision=self.precision)
+    def _matmul(self, x, name: str, layer, in_axes: int = 1):
+        """x contracted with projection `name` (its layer `layer` of the stack, read in place; see
+        m3jax.model.layers.stacked_matmul)."""
+        return stacked_matmul(x, getattr(self, name)[...], layer, in_axes=in_axes, precision=self.precision,
+                              impl=self.impl, mesh=self.mesh, rule=f"attn.{name}")
 
-        q = apply_rope(self.q_norm(proj("btd,dnh->btnh", self.q_dnh)), cos, sin)
-        k = apply_rope(self.k_norm(proj("btd,dkh->btkh", self.k_dkh)), cos, sin)
-        v = proj("btd,dkh->btkh", self.v_dkh)
+    def matmul_paths(self, rows: int) -> dict[str, str]:
+        """{projection: what stacked_matmul runs for it at `rows` rows} (this module holding a stack's weights)."""
+        names = ["q_dnh", "k_dkh", "v_dkh", "o_nhd"] + ["index_q_dki", "index_k_di"] * self.sparse
+        return {name: stacked_matmul_path(rows, getattr(self, name)[...], in_axes=2 if name == "o_nhd" else 1,
+                                          impl=self.impl, mesh=self.mesh, rule=f"attn.{name}") for name in names}
+
+    def project(self, x_btd, cos, sin, layer=None) -> Projections:
+        """q, k, v (and the index branch's iq, ik) of the normalised hidden state x: project -> norm -> RoPE.
+        layer: None when the projections are this layer's own, else this layer's index in the stacked weights
+        this module holds (LayerStack.scan)."""
+        q = apply_rope(self.q_norm(self._matmul(x_btd, "q_dnh", layer)), cos, sin)
+        k = apply_rope(self.k_norm(self._matmul(x_btd, "k_dkh", layer)), cos, sin)
+        v = self._matmul(x_btd, "v_dkh", layer)
         if not self.sparse:
             return Projections(q, k, v)
-        iq = apply_rope(self.index_q_norm(proj("btd,dki->btki", self.index_q_dki)), cos, sin)
-        ik = self.index_k_norm(proj("btd,di->bti", self.index_k_di))
+        iq = apply_rope(self.index_q_norm(self._matmul(x_btd, "index_q_dki", layer)), cos, sin)
+        ik = self.index_k_norm(self._matmul(x_btd, "index_k_di", layer))
         ik = apply_rope(ik[:, :, None, :], cos, sin)[:, :, 0, :]
         return Projections(q, k, v, iq, ik)
 
@@ -222,8 +234,8 @@ class Attention(nnx.Module):
             return fn(*args)
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
-    def output(self, o_btnh):
-        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_nhd[...], precision=self.precision)
+    def output(self, o_btnh, layer=None):
+        return self._matmul(o_btnh, "o_nhd", layer, in_axes=2)
 
     def sequence_kv(self, p: Projections) -> PagedKV:
         """This step's own keys viewed as pages (no cache): token s of a row sits in page slot s."""

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from m3jax.cache import KVCache, StackCache, layer_offset
 from m3jax.model.attention import Attention, PagedKV, Projections
+from m3jax.model.moe import MoE
 
 
 class StepGroup(NamedTuple):
@@ -70,13 +71,29 @@ def dense_attention_paths(model, queries_per_row: dict[str, int]) -> dict[str, s
     return {}
 
 
-def _run_stack(stack, pools: StackCache, hs, groups, ropes, num_pages: int, layer_states=None):
-    """All layers of one LayerStack over every group; returns (hs, updated StackCache).
+def stacked_matmul_paths(model, rows_per_group: dict[str, int]) -> dict[str, str]:
+    """{group name: what the stacked matmuls (attention projections, dense MLP, shared expert) run for steps of
+    that many rows}: one path ("gpu": the kernels read each layer's weights in place; "xla": the layer's slice,
+    then XLA's matmul; see m3jax.model.layers.stacked_matmul), or "path: weights; ..." when they differ."""
+    out = {}
+    for group, rows in rows_per_group.items():
+        by_path: dict[str, list[str]] = {}
+        for stack in model.stacks:
+            layers = stack.layers
+            mlp = layers.ffn.shared if isinstance(layers.ffn, MoE) else layers.ffn
+            found = {**{f"attn.{k}": v for k, v in layers.attn.matmul_paths(rows).items()},
+                     **{f"mlp.{k}": v for k, v in mlp.matmul_paths(rows).items()}}
+            for name, path in found.items():
+                if name not in by_path.get(path, []):
+                    by_path.setdefault(path, []).append(name)
+        out[group] = (next(iter(by_path)) if len(by_path) == 1
+                      else "; ".join(f"{p}: {', '.join(names)}" for p, names in sorted(by_path.items())))
+    return out
 
-    layer_states: None scans the stacked weights (`stack.scan`); else one nnx.State per layer
-    (`LayerStack.layer_states()`), run as a Python loop, so that no layer's weights are sliced inside the step.
-    Either way the routed experts are read in place from their stacks, by layer index.
-    """
+
+def _run_stack(stack, pools: StackCache, hs, groups, ropes, num_pages: int):
+    """All layers of one LayerStack over every group (`stack.scan`: the matmul weights read in place from their
+    stacks, by layer index); returns (hs, updated StackCache)."""
 
     def body(layer, index, carry, _):
         hs, pools = carry
@@ -84,22 +101,17 @@ def _run_stack(stack, pools: StackCache, hs, groups, ropes, num_pages: int, laye
         return (hs, keys.pools), None
 
     carry = (list(hs), pools)
-    if layer_states is None:
-        carry, _ = stack.scan(body, carry)
-    else:
-        carry = stack.loop(body, carry, layer_states)
+    carry, _ = stack.scan(body, carry)
     return carry
 
 
 def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
-                   logits_at: Sequence[jax.Array] | None = None, *, layer_states=None, input_embeds=None):
+                   logits_at: Sequence[jax.Array] | None = None, *, input_embeds=None):
     """Run one cached step. Returns (logits per group, updated cache).
 
     logits_at: per group i32[B], the query index t whose logits are wanted (f32[B, V] per group); None gives
     the logits of every query, f32[B, T, V] per group. Rows that are all padding return garbage logits.
     The caller donates `cache` to the jitted step that calls this; the update is functional.
-    layer_states: None (scan over the stacked weights) or, per stack, `LayerStack.layer_states()` (a Python loop
-    over per-layer weights; the runner decides which, see m3jax.runner).
     input_embeds: None, or per group None or (mask bool[B, T], values [B, T, D]): the input embedding of each
     masked token is `values` instead of its token's row (image / video features at their placeholders).
     """
@@ -113,8 +125,7 @@ def forward_cached(model, cache: KVCache, groups: Sequence[StepGroup],
         hs = [h if e is None else jnp.where(e[0][..., None], e[1].astype(h.dtype), h) for h, e in zip(hs, input_embeds)]
     new_stacks = []
     for i, (stack, sc) in enumerate(zip(model.stacks, cache.stacks)):
-        hs, sc = _run_stack(stack, sc, hs, groups, ropes, cache.num_pages,
-                            None if layer_states is None else layer_states[i])
+        hs, sc = _run_stack(stack, sc, hs, groups, ropes, cache.num_pages)
         new_stacks.append(sc)
     new_cache = KVCache(new_stacks, cache.num_pages, cache.page_size, cache.num_shards)
     if logits_at is None:

@@ -6,9 +6,9 @@ attention reads from a *key source*: `SequenceKeys` (no cache: the group's own k
 `m3jax.model.cached.CachedKeys` (the paged cache, written first). Only the key source differs between the
 no-cache forward and the engine's step.
 
-`LayerStack.scan` runs a stack's layers: each step gets its layer's slice of the stacked parameters, except the
-`InPlace` ones (the MoE's routed experts), which it gets whole with the layer index, so that the kernels read
-them where they lie (see `m3jax.model.layers.InPlace`).
+`LayerStack.scan` runs a stack's layers: each step gets its layer's slice of the stacked parameters (norms,
+router), except the `InPlace` ones (every matmul weight: attention projections, MLPs, routed experts), which it
+gets whole with the layer index, so that the kernels read them where they lie (see `m3jax.model.layers.InPlace`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.ffn = (MoE(cfg, dtype=dtype, rngs=rngs, mesh=mesh, impl=impl, fp8_experts=fp8_experts)
                     if mlp_type == MOE_MLP
-                    else MLP(cfg, cfg.dense_intermediate_size, dtype=dtype, rngs=rngs))
+                    else MLP(cfg, cfg.dense_intermediate_size, dtype=dtype, rngs=rngs, mesh=mesh, impl=impl))
 
     def forward(self, hs: Sequence[jax.Array], ropes: Sequence[tuple[jax.Array, jax.Array]], keys: KeySource,
                 index=None):
@@ -61,15 +61,15 @@ class DecoderLayer(nnx.Module):
 
         Attention runs per group (each group reads `keys`, which may grow with it); the feed-forward block runs
         once over the tokens of all groups together ([1, sum B*T, D]), so the MoE sees one batch of rows.
-        index: this layer's index in its stack when its InPlace parameters are the stack's (LayerStack.scan and
-        loop), None for a lone layer (see ffn_block).
+        index: this layer's index in its stack when its InPlace parameters are the stack's (LayerStack.scan),
+        None for a lone layer.
         Returns (new hs, the key source after this layer, per group MSA block ids or None).
         """
         after_attn, block_ids = [], []
         for i, (h, (cos, sin)) in enumerate(zip(hs, ropes)):
-            p = self.attn.project(self.input_norm(h), cos, sin)
+            p = self.attn.project(self.input_norm(h), cos, sin, index)
             o, keys, ids = keys.attend(self.attn, i, p)
-            after_attn.append(h + self.attn.output(o))
+            after_attn.append(h + self.attn.output(o, index))
             block_ids.append(ids)
         if len(after_attn) == 1:
             return [self.ffn_block(after_attn[0], index)], keys, block_ids
@@ -86,9 +86,9 @@ class DecoderLayer(nnx.Module):
         """h + ffn(norm(h)): the second half of the layer (benchmarks time it on its own).
 
         index: None when every parameter is this layer's own; else an int32 scalar, this layer's index in its
-        stack, whose InPlace parameters (the MoE's routed experts, [L, E, ...]) this layer then holds whole."""
+        stack, whose InPlace parameters ([L, ...]) this layer then holds whole."""
         x = self.post_attention_norm(h)
-        return h + (self.ffn(x, layer=index) if isinstance(self.ffn, MoE) else self.ffn(x))
+        return h + self.ffn(x, layer=index)
 
     def __call__(self, h, positions, cos, sin):
         """The no-cache layer over one sequence batch: new h."""
@@ -99,11 +99,12 @@ class LayerStack(nnx.Module):
     """`num_layers` consecutive DecoderLayers of one kind; parameters carry a leading layer axis.
 
     Scanning keeps compile time flat in the layer count (the released model is two stacks: 3 + 57 layers). A
-    step of the scan gets its layer's slice of each stacked parameter, except the `InPlace` ones (the routed
-    experts and their MXFP8 exponents): those it gets whole, [L, ...], with the layer index, and the MoE kernels
-    read layer l where it lies. So nothing of the experts is sliced (copied) per step, and the kernels see the
-    whole stack's shape (pallas_kernels/gpu/moe.py: an MXFP8 stack of M3 takes the direct e4m3 loads, one layer
-    on its own would not).
+    step of the scan gets its layer's slice of each stacked parameter, except the `InPlace` ones (every matmul
+    weight: the attention projections, the dense and shared MLPs, the routed experts and their MXFP8 exponents):
+    those it gets whole, [L, ...], with the layer index, and the kernels read layer l where it lies
+    (m3jax.model.layers.stacked_matmul, dispatch.moe). So no matmul weight is sliced (copied) per step, and the
+    kernels see the whole stack's shape (pallas_kernels/gpu/moe.py: an MXFP8 stack of M3 takes the direct e4m3
+    loads, one layer on its own would not).
     """
 
     def __init__(self, cfg: M3Config, first_layer: int, num_layers: int, attention_type: str, mlp_type: str,
@@ -142,22 +143,6 @@ class LayerStack(nnx.Module):
             return body(nnx.merge(graphdef, whole, s, copy=True), i, c, x)
 
         return jax.lax.scan(step, carry, (jnp.arange(self.num_layers, dtype=jnp.int32), sliced, xs))
-
-    def layer_states(self) -> list:
-        """Per layer, its slice of every parameter except the InPlace ones (device copies, made once; for `loop`).
-        The InPlace parameters (the routed experts) are not copied: `loop` reads them in place like `scan`, so
-        the copies cost only the other weights (a few % of an MoE stack), not a second copy of the model."""
-        _, _, sliced = self._partition()
-        return [jax.tree.map(lambda x: x[l], sliced) for l in range(self.num_layers)]
-
-    def loop(self, body: Callable, carry, layer_states: Sequence):
-        """body(layer, index, carry, None) -> (carry, None) as a Python loop over per-layer weights
-        (`layer_states()`) and the stack's InPlace parameters: no weight is sliced inside the step. Returns the
-        final carry."""
-        graphdef, whole, _ = self._partition()
-        for l, st in enumerate(layer_states):
-            carry, _ = body(nnx.merge(graphdef, whole, st), jnp.asarray(l, jnp.int32), carry, None)
-        return carry
 
     def forward(self, h, positions, cos, sin):
         """(h, block ids stacked over the layers [L, B, T, K, topk], or None for full-attention stacks)."""

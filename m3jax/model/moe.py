@@ -71,7 +71,7 @@ class MoE(nnx.Module):
             self.gate_scale_ebf = InPlace(jnp.full((e, -(-d // MXFP8_BLOCK), f), 127, jnp.uint8))
             self.up_scale_ebf = InPlace(jnp.full((e, -(-d // MXFP8_BLOCK), f), 127, jnp.uint8))
             self.down_scale_ebd = InPlace(jnp.full((e, -(-f // MXFP8_BLOCK), d), 127, jnp.uint8))
-        self.shared = MLP(cfg, cfg.shared_intermediate_size, dtype=dtype, rngs=rngs)
+        self.shared = MLP(cfg, cfg.shared_intermediate_size, dtype=dtype, rngs=rngs, mesh=mesh, impl=impl)
 
     def route(self, x_td):
         """(expert ids i32[T, k], combine weights f32[T, k]) for each token."""
@@ -125,4 +125,4 @@ class MoE(nnx.Module):
         x = x_btd.reshape(b * t, d)
         ids, w = self.route(x)
         routed = self.routed(x, ids, w, layer).reshape(b, t, d)
-        return (routed * self.scaling).astype(x_btd.dtype) + self.shared(x_btd)
+        return (routed * self.scaling).astype(x_btd.dtype) + self.shared(x_btd, layer)

@@ -104,11 +104,11 @@ def indexer_kl(teacher_btkm, scores_btkm, positions_bt, block_size: int):
     return terms.sum(-1).mean()
 
 
-def _index_scores(attn, x_btd, positions_bt, cos, sin):
+def _index_scores(attn, x_btd, positions_bt, cos, sin, index=None):
     """Index branch on a detached input: (raw block scores f32[B, T, K, M], the same scaled for the student).
 
     `Attention.project` computes q/k/v as well; they are unused here and removed by XLA."""
-    p = attn.project(jax.lax.stop_gradient(x_btd), cos, sin)
+    p = attn.project(jax.lax.stop_gradient(x_btd), cos, sin, index)
     ik_pages, page_table = layout.index_pages_from_sequence(p.ik_bti, attn.block_size)
     raw = reference.block_scores(p.iq_btki, ik_pages, page_table, positions_bt)
     return raw, raw * p.iq_btki.shape[-1] ** -0.5, (p.iq_btki, ik_pages, page_table)
@@ -135,10 +135,10 @@ def layer_forward(layer, h_btd, positions_bt, cos, sin, *, sparse: bool, recall:
     """
     attn = layer.attn
     x = layer.input_norm(h_btd)
-    p = attn.project(x, cos, sin)
+    p = attn.project(x, cos, sin, index)
     stats = LayerStats()
     if attn.sparse:
-        raw, scaled, index_inputs = _index_scores(attn, x, positions_bt, cos, sin)
+        raw, scaled, index_inputs = _index_scores(attn, x, positions_bt, cos, sin, index)
         selected = _selected_blocks(attn, index_inputs, positions_bt, raw.shape[-1]) if sparse or recall else None
         keep = selected if sparse else None
         o, teacher = attention(p.q_btnh, p.k_btkh, p.v_btkh, positions_bt, keep, attn.block_size)
@@ -149,7 +149,7 @@ def layer_forward(layer, h_btd, positions_bt, cos, sin, *, sparse: bool, recall:
             stats.recall = jnp.where(selected, dense, 0.0).sum(-1)
     else:
         o, _ = attention(p.q_btnh, p.k_btkh, p.v_btkh, positions_bt, None, attn.block_size)
-    h = h_btd + attn.output(o)
+    h = h_btd + attn.output(o, index)
     if isinstance(layer.ffn, MoE):
         x = layer.post_attention_norm(h)
         ids, _ = layer.ffn.route(x.reshape(-1, x.shape[-1]))

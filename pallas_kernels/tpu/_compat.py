@@ -25,8 +25,10 @@ def interpret_arg(interpret: bool):
     return pltpu.InterpretParams() if interpret else False
 
 
-def compiler_params(num_grid_dims: int, vmem_bytes: int):
-    """Every grid axis is independent (each program re-initialises its scratch), so all are 'parallel':
-    on v4/v5p megacore the outer axes are split between the two TensorCores."""
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_grid_dims,
-                                vmem_limit_bytes=int(vmem_bytes))
+def compiler_params(num_grid_dims: int, vmem_bytes: int, *, arbitrary: tuple[int, ...] = ()):
+    """By default every grid axis is independent (each program re-initialises its scratch), so all are
+    'parallel': on v4/v5p megacore the outer axes are split between the two TensorCores. The axes listed in
+    `arbitrary` carry state from one step to the next (a reduction accumulating into its output block) and
+    are 'arbitrary': run in order on one core."""
+    semantics = tuple("arbitrary" if d in arbitrary else "parallel" for d in range(num_grid_dims))
+    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=int(vmem_bytes))

@@ -33,17 +33,9 @@ from pallas_kernels import moe_plan
 from pallas_kernels.gpu.moe import default_tiles
 from pallas_kernels.reference import swiglu_oai
 from pallas_kernels.tpu import _compat as tc
+from pallas_kernels.tpu import tiling
 
 f32 = jnp.float32
-
-
-def _block_n(width: int) -> int:
-    if width <= 256:
-        return width
-    for bn in (256, 128):
-        if width % bn == 0:
-            return bn
-    raise NotImplementedError(f"tpu.moe: output width {width} must be a multiple of 128 (or at most 256)")
 
 
 def _dot(a, b):
@@ -99,7 +91,7 @@ def moe(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_ebf=Non
         raise NotImplementedError(f"tpu.moe: MXFP8 needs D and F multiples of 32, got D={d}, F={f}")
     num_experts = gate_edf.shape[-3]
     bm = default_tiles(ids_tk.size, num_experts, fp8).block_m
-    bn_up, bn_down = _block_n(f), _block_n(d)
+    bn_up, bn_down = tiling.column_block(f, "tpu.moe"), tiling.column_block(d, "tpu.moe")
     p = moe_plan.plan(ids_tk, combine_tk, num_experts, bm)
     xs = p.gather_rows(x_td)
     layer_arr = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)

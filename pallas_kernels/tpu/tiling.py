@@ -65,6 +65,18 @@ def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def column_block(width: int, op: str) -> int:
+    """Output columns per program: the whole width when it is at most 256 (a block dim equal to the array's dim
+    is always legal), else 256 or 128 dividing it (lane-dense stores, MXU-width feeds). Raises
+    NotImplementedError naming `op` otherwise."""
+    if width <= 256:
+        return width
+    for bn in (256, 128):
+        if width % bn == 0:
+            return bn
+    raise NotImplementedError(f"{op}: output width {width} must be a multiple of {LANES} (or at most 256)")
+
+
 def dot_precision(dtype):
     """HIGHEST for float32 operands (the MXU's default is one bf16 pass, which float32 tests must not get);
     the default (native) pass for bf16 / fp8."""

@@ -77,20 +77,31 @@ def selection_case(geo: Geometry, ctx: int, queries: int, seed: int, chunk: int 
     codes, scale = layout.quantize_index_k(ik_pages)
     sel = dispatch.indexer_topk(iq, ik_pages, table, pos, topk=geo.topk)
     sel8 = dispatch.indexer_topk(iq, codes, table, pos, topk=geo.topk, ik_scale=scale)
+    return selection_stats(q, k_pages, table, pos, sel, sel8, chunk)
+
+
+def selection_stats(q_btnh, k_pages, page_table, q_pos, sel, sel8, chunk: int = 8) -> dict:
+    """Sums of (same set, overlap, mass recall) of the selection sel8 against sel (i32[1, T, K, C] block ids) for
+    the queries q [1, T, N, H] at positions q_pos [1, T] over the keys of k_pages [K, P, R, H] / page_table
+    [1, M]; `chunk` queries at a time (bounded memory at 128K). Mass recall: of the softmax mass that sparse
+    attention over sel puts on its blocks (float32, per query head), the share on blocks sel8 also chose."""
+    kv_heads, _, block, head_dim = k_pages.shape
+    m = page_table.shape[1]
+    queries, heads = q_btnh.shape[1], q_btnh.shape[2]
     chosen = np.asarray((sel[..., None] == jnp.arange(m)).any(-2))                    # [1, T, K, M]
     chosen8 = np.asarray((sel8[..., None] == jnp.arange(m)).any(-2))
     same = (chosen == chosen8).all(-1)
     overlap = (chosen & chosen8).sum(-1) / np.maximum(chosen.sum(-1), 1)
-    k_seq = reference.gather_sequence(k_pages, table).astype(jnp.float32)            # [1, K, S, H]
+    k_seq = reference.gather_sequence(k_pages, page_table).astype(jnp.float32)       # [1, K, S, H]
     recalls = []
-    for t0 in range(0, queries, chunk):                                               # bounded memory at 128K
+    for t0 in range(0, queries, chunk):
         t1 = min(queries, t0 + chunk)
-        qf = q[:, t0:t1].astype(jnp.float32).reshape(1, t1 - t0, geo.kv_heads, geo.group, geo.head_dim)
-        logits = jnp.einsum("btkgh,bksh->btkgs", qf, k_seq, precision="highest") * geo.head_dim ** -0.5
-        vis = jnp.arange(ctx)[None, None, :] <= pos[:, t0:t1, None]
-        keep = jnp.repeat(jnp.asarray(chosen[:, t0:t1]), geo.block, axis=-1) & vis[:, :, None, :]
+        qf = q_btnh[:, t0:t1].astype(jnp.float32).reshape(1, t1 - t0, kv_heads, heads // kv_heads, head_dim)
+        logits = jnp.einsum("btkgh,bksh->btkgs", qf, k_seq, precision="highest") * head_dim ** -0.5
+        vis = jnp.arange(m * block)[None, None, :] <= q_pos[:, t0:t1, None]
+        keep = jnp.repeat(jnp.asarray(chosen[:, t0:t1]), block, axis=-1) & vis[:, :, None, :]
         p = jax.nn.softmax(jnp.where(keep[:, :, :, None, :], logits, -jnp.inf), axis=-1)
-        on8 = jnp.repeat(jnp.asarray(chosen8[:, t0:t1]), geo.block, axis=-1)[:, :, :, None, :]
+        on8 = jnp.repeat(jnp.asarray(chosen8[:, t0:t1]), block, axis=-1)[:, :, :, None, :]
         recalls.append(np.asarray(jnp.sum(jnp.where(on8, p, 0.0), axis=-1)))             # [1, t, K, G]
     recall = np.concatenate(recalls, axis=1)
     return {"rows": int(same.size), "same": int(same.sum()), "overlap_sum": float(overlap.sum()),

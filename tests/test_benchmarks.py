@@ -128,3 +128,26 @@ def test_long_context_script_small_runs_both_parts(tmp_path):
     assert lc["steps"] == 5 + 2                      # ceil(297 / 64) prefill steps, then 2 decode steps
     assert lc["ttft_s"] > 0 and lc["decode_tokens_per_s"] > 0
     assert rows[3]["prompt_tokens"] == 48 and rows[3]["wall_s"] > 0
+
+
+def test_msa_trained_script_measures_the_bundled_model(tmp_path):
+    """benchmarks/msa_trained.py on a short held-out window: the indexer over the model's own index keys reproduces
+    the model's selection (checked inside), FP8 statistics lie in range, every tile's union lies between one
+    query's top-k and n times it (and random selections of the same shape obey the same bounds), the Engine runs
+    both caches."""
+    import msa_trained
+    res = msa_trained.run(1280, "bfloat16", (1, 4, 64), str(tmp_path), prompts=1, prompt_len=1100, new_tokens=2)
+    topk = res["meta"]["topk"]
+    assert [r["layer"] for r in res["fp8"]] == [1, 2, 3, 4, 5]
+    for r in res["fp8"]:
+        assert r["rows"] == (1280 - topk * res["meta"]["block"]) * 4
+        assert 0.0 <= r["same_sets"] <= 1.0 and 0.5 < r["overlap"] <= 1.0
+        assert 0.0 <= r["mass_recall_min"] <= r["mass_recall_mean"] <= 1.0 + 1e-6
+    for r in res["locality"]:
+        for u in (r["union"], r["random_union"]):
+            assert topk - 1e-9 <= u <= r["tile"] * topk + 1e-9
+        if r["tile"] == 1:
+            assert r["union"] == r["random_union"] == topk
+    e = res["engine"]
+    assert (e["prompts"], e["new_tokens"]) == (1, 2) and 0.0 <= e["same_tokens"] <= 1.0
+    assert json.loads((tmp_path / "msa_trained.json").read_text())["meta"]["tokens"] == 1280

@@ -90,6 +90,15 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
     return _call("sparse_attention", impl, q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, scale=scale)
 
 
+def msa(q_btnh, k_pages, v_pages, page_table, q_pos, iq_btki, ik_pages, *, topk: int, local_blocks: int = 1,
+        ik_scale=None, scale=None, impl=None):
+    """MSA, both branches in one call: (attention output, the selection i32[B, T, K, topk]); see reference.msa.
+    Kernels may join the index and attention steps (gpu/msa.py)."""
+    kw = {} if ik_scale is None else {"ik_scale": ik_scale}
+    return _call("msa", impl, q_btnh, k_pages, v_pages, page_table, q_pos, iq_btki, ik_pages, topk=topk,
+                 local_blocks=local_blocks, scale=scale, **kw)
+
+
 def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, impl=None,
                     contiguous_chunks: bool = False):
     """Causal GQA over the paged cache; see reference.dense_attention. contiguous_chunks=True promises that

@@ -121,6 +121,15 @@ def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, 
     return _attend(q_btnh, k_pages, v_pages, page_table, keep, scale)
 
 
+def msa(q_btnh, k_pages, v_pages, page_table, q_pos, iq_btki, ik_pages, *, topk: int, local_blocks: int = 1,
+        ik_scale=None, scale: float | None = None):
+    """MSA, both branches: the index branch selects (indexer_topk over iq / ik_pages, FP8 index-K with ik_scale),
+    the main branch attends to the selection (sparse_attention). Returns (f32[B, T, N, H], the selection
+    i32[B, T, K, topk], best first, -1 padded). Kernels may join the two steps (gpu.msa); the result is this."""
+    ids = indexer_topk(iq_btki, ik_pages, page_table, q_pos, topk=topk, local_blocks=local_blocks, ik_scale=ik_scale)
+    return sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, ids, scale=scale), ids
+
+
 def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale: float | None = None,
                     contiguous_chunks: bool = False):
     """Causal GQA over the paged cache (full-attention layers): every visible key, f32[B, T, N, H].

@@ -126,8 +126,7 @@ class Attention(nnx.Module):
         """
         def local(p, pos):
             kv = self.sequence_kv(p)
-            ids = self._select(p, kv, pos, self.impl) if self.sparse else None
-            return self._attend(p, kv, pos, ids, self.impl), ids
+            return self._attend(p, kv, pos, self.impl)
 
         b = self._data_axis(positions_bt.shape[0])
         return self._local(local, (p, positions_bt), (self._proj_specs(b), P(b)),
@@ -167,8 +166,7 @@ class Attention(nnx.Module):
             if ik is not None:
                 ik, ik_scale = cache_lib.write_ik(ik, p.ik_bti, page, row, ik_scale)
             layer = PagedKV(k, v, kv.page_table + offset, ik, ik_scale)
-            ids = self._select(p, layer, pos, self.impl) if self.sparse else None
-            o = self._attend(p, layer, pos, ids, self.impl, contiguous_chunks=True)
+            o, _ = self._attend(p, layer, pos, self.impl, contiguous_chunks=True)
             return o, PagedKV(k, v, kv.page_table, ik, ik_scale)
 
         kv_specs = self._kv_specs(b, kv)
@@ -187,16 +185,18 @@ class Attention(nnx.Module):
         return dispatch.indexer_topk(p.iq_btki, kv.ik_pages, kv.page_table, q_pos, topk=self.topk_blocks,
                                      local_blocks=self.local_blocks, ik_scale=kv.ik_scale, impl=impl)
 
-    def _attend(self, p: Projections, kv: PagedKV, q_pos, block_ids, impl, contiguous_chunks: bool = False):
-        """o [B, T, N, H] in the model dtype: MSA over `block_ids` on sparse layers, causal GQA on full ones
+    def _attend(self, p: Projections, kv: PagedKV, q_pos, impl, contiguous_chunks: bool = False):
+        """(o [B, T, N, H] in the model dtype, the MSA block ids or None): MSA's two branches in one op on sparse
+        layers (dispatch.msa: kernels may join the selection and the attention), causal GQA on full ones
         (contiguous_chunks: the caller's promise about q_pos, see attend_cached)."""
         if self.sparse:
-            o = dispatch.sparse_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, block_ids,
-                                          impl=impl)
-        else:
-            o = dispatch.dense_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, impl=impl,
-                                         contiguous_chunks=contiguous_chunks)
-        return o.astype(p.q_btnh.dtype)
+            o, ids = dispatch.msa(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, p.iq_btki, kv.ik_pages,
+                                  topk=self.topk_blocks, local_blocks=self.local_blocks, ik_scale=kv.ik_scale,
+                                  impl=impl)
+            return o.astype(p.q_btnh.dtype), ids
+        o = dispatch.dense_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, impl=impl,
+                                     contiguous_chunks=contiguous_chunks)
+        return o.astype(p.q_btnh.dtype), None
 
     def dense_path(self, num_queries: int, dtype, *, cached: bool = True) -> str:
         """The computation this full-attention layer's dense attention runs for rows of `num_queries` queries of

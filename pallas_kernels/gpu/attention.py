@@ -111,6 +111,62 @@ def _sparse_kernel(pt_ref, ids_ref, nvalid_ref, qpos_ref, q_ref, k_ref, v_ref, o
     _store(carry, o_ref, lse_ref[0] if lse_ref else None)
 
 
+def select_candidates(vals, ids, topk: int, width: int):
+    """One row's top-`topk` of its indexer split candidates, in registers: vals f32[S, Cp], ids i32[S, Cp]
+    (columns >= topk are padding) -> (i32[width] block ids best first, -1 past the valid ones; their count).
+
+    topk rounds of (max, first position holding it, its id): S * Cp <= a few thousand values per row. Splits
+    partition the blocks, so no id repeats; an empty candidate (-inf) is never taken. Ties: the lowest
+    (split, column) position, i.e. arbitrary, as in indexer_topk."""
+    s, w = vals.shape
+    lin = lax.broadcasted_iota(jnp.int32, (s, w), 0) * w + lax.broadcasted_iota(jnp.int32, (s, w), 1)
+    vals = jnp.where(lax.broadcasted_iota(jnp.int32, (s, w), 1) < topk, vals, -jnp.inf)
+    slot = lax.broadcasted_iota(jnp.int32, (width,), 0)
+
+    def body(c, carry):
+        v, sel, n = carry
+        mx = jnp.max(jnp.max(v, axis=1), axis=0)
+        pick = jnp.min(jnp.min(jnp.where(v == mx, lin, s * w), axis=1), axis=0)
+        hit = lin == pick
+        blk = jnp.sum(jnp.sum(jnp.where(hit, ids, 0), axis=1), axis=0)
+        ok = mx > -jnp.inf
+        return jnp.where(hit, -jnp.inf, v), jnp.where((slot == c) & ok, blk, sel), n + ok.astype(jnp.int32)
+
+    _, sel, n = lax.fori_loop(0, topk, body, (vals, jnp.full((width,), -1, jnp.int32), jnp.int32(0)))
+    return sel, n
+
+
+def _sparse_fused_kernel(pt_ref, qpos_ref, cv_ref, ci_ref, q_ref, k_ref, v_ref, o_ref, *rest,
+                         num_tokens, topk, per_split, scale, block_size, chunk, precision):
+    # As _sparse_kernel, but the (token, group)'s blocks come from its indexer split candidates, merged here:
+    # cv_ref f32[S, Cp], ci_ref i32[S, Cp]; sel_ref i32[Cp] (out) the merged selection, written by every split
+    # (the same values); lse_ref f32[Gp] only with several splits.
+    lse_ref, sel_ref = rest if len(rest) == 2 else (None, rest[0])
+    i, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, t = i // num_tokens, i % num_tokens
+    pos = qpos_ref[b, t]
+    sel, nvalid = select_candidates(cv_ref[...], ci_ref[...], topk, sel_ref.shape[0])
+    sel_ref[...] = sel
+    start = split * per_split
+    stop = jnp.minimum(start + per_split, nvalid)
+    q = q_ref[...]
+    rows, head_dim = q.shape
+    row_pos = jnp.full((rows,), pos, jnp.int32)
+    steps = k_ref.shape[2] // chunk
+    slot = lax.broadcasted_iota(jnp.int32, sel.shape, 0)
+
+    def body(u, carry):
+        blk = jnp.sum(jnp.where(slot == u // steps, sel, 0))
+        page = pt_ref[b, blk]
+        off = (u % steps) * chunk
+        rows_kv = pl.ds(pl.multiple_of(off, chunk), chunk)
+        return _attend_block(q, k_ref[kh, page, rows_kv, :], v_ref[kh, page, rows_kv, :], blk, off, row_pos,
+                             pos, carry, block_size=block_size, scale=scale, precision=precision)
+
+    carry = lax.fori_loop(start * steps, stop * steps, body, _init_carry(rows, head_dim))
+    _store(carry, o_ref, lse_ref)
+
+
 def _dense_kernel(pt_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
                   num_tiles, per_split, num_blocks, scale, block_size, precision):
     # pt_ref i32[B, M]; qpos_ref i32[rows] (token of each row); q_ref [rows, H]; k_ref, v_ref [K, P, R, H]
@@ -258,6 +314,47 @@ def sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_id
     )(page_table.astype(jnp.int32), ids, nvalid, q_pos.astype(jnp.int32), q5, k_pages, v_pages)
     o = outs[0][0] if splits == 1 else combine_splits(outs[0], outs[1])
     return o[:, :, :, :g, :h].reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def sparse_attention_from_candidates(q_btnh, k_pages, v_pages, page_table, q_pos, vals, ids, *, topk,
+                                     index_heads, scale, interpret, num_warps, num_stages, chunk):
+    """Sparse attention whose selection is merged inside the kernel from the indexer's split candidates
+    (gpu.indexer.indexer_candidates: vals / ids [S, B, tokens * index_heads, Cp], S a power of two, tokens >= T):
+    the query-outer schedule of sparse_attention, each program first taking its (token, group)'s top-`topk`
+    candidates in registers. No merge_topk, no compaction: the candidates are distinct and visible.
+    Returns ([B, T, N, H] in q's dtype, i32[B, T, K, topk] the selection, best first, -1 padded)."""
+    (b, t, n, h, kh, r, g), (hp, rp, gp) = _check("sparse_attention", q_btnh, k_pages, v_pages, page_table, q_pos)
+    s_splits, cp = vals.shape[0], vals.shape[-1]
+    if not cm.is_pow2(s_splits) or vals.shape[1] != b or vals.shape[2] < t * index_heads or index_heads < kh:
+        raise ValueError(f"gpu.sparse_attention_from_candidates: candidates {vals.shape} do not fit B={b}, T={t}, "
+                         f"K={kh} with {index_heads} index heads per token and a power-of-two split count")
+    scale = h ** -0.5 if scale is None else float(scale)
+    splits = num_splits(b * t * kh, topk, min_units=2)
+    per_split = cm.cdiv(topk, splits)
+    splits = cm.cdiv(topk, per_split)
+    q5 = jnp.pad(q_btnh.reshape(b, t, kh, g, h), ((0, 0),) * 3 + ((0, gp - g), (0, hp - h)))
+    k_pages, v_pages = _pad_pages(k_pages, v_pages, rp, hp)
+    o_dtype = q_btnh.dtype if splits == 1 else f32
+    out_shape = [jax.ShapeDtypeStruct((splits, b, t, kh, gp, hp), o_dtype)]
+    out_specs = [pl.BlockSpec((None, None, None, None, gp, hp), lambda i, k, s: (s, i // t, i % t, k, 0, 0))]
+    if splits > 1:
+        out_shape.append(jax.ShapeDtypeStruct((splits, b, t, kh, gp), f32))
+        out_specs.append(pl.BlockSpec((None, None, None, None, gp), lambda i, k, s: (s, i // t, i % t, k, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, t, kh, cp), jnp.int32))
+    out_specs.append(pl.BlockSpec((None, None, None, cp), lambda i, k, s: (i // t, i % t, k, 0)))
+    cand_spec = pl.BlockSpec((s_splits, None, None, cp), lambda i, k, s: (0, i // t, (i % t) * index_heads + k, 0))
+    kernel = functools.partial(_sparse_fused_kernel, num_tokens=t, topk=topk, per_split=per_split, scale=scale,
+                               block_size=r, chunk=min(chunk, rp), precision=cm.dot_precision(q_btnh.dtype))
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b * t, kh, splits),
+        in_specs=[whole_array(), whole_array(), cand_spec, cand_spec,
+                  pl.BlockSpec((None, None, None, gp, hp), lambda i, k, s: (i // t, i % t, k, 0, 0)),
+                  whole_array(), whole_array()],
+        out_specs=out_specs, interpret=interpret, name="msa_sparse_attention_fused_topk",
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+    )(page_table.astype(jnp.int32), q_pos.astype(jnp.int32), vals, ids, q5, k_pages, v_pages)
+    o = outs[0][0] if splits == 1 else combine_splits(outs[0], outs[1])
+    return o[:, :, :, :g, :h].reshape(b, t, n, h).astype(q_btnh.dtype), outs[-1][..., :topk]
 
 
 def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale=None, interpret=False,

@@ -23,6 +23,7 @@ float32 / bfloat16 / float16.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -150,6 +151,32 @@ def indexer_topk(iq_btki, ik_pages, page_table, q_pos, *, topk: int, local_block
 def indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, *, topk, local_blocks, interpret,
                        rows, num_warps, num_stages, ik_scale=None):
     """indexer_topk with an explicit prefill tile height and Triton launch parameters (benchmark sweep)."""
+    b, t, kh = iq_btki.shape[:3]
+    cand = indexer_candidates(iq_btki, ik_pages, page_table, q_pos, topk=topk, local_blocks=local_blocks,
+                              interpret=interpret, rows=rows, num_warps=num_warps, num_stages=num_stages,
+                              ik_scale=ik_scale)
+    sel = merge_topk(cand.vals, cand.ids, topk)                            # [B, Tp * Kp, topk]
+    return sel.reshape(b, cand.tokens, cand.heads, topk)[:, :t, :kh]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """Each context split's top-C blocks, not merged: row = token * heads + index head (tokens and heads padded).
+
+    vals f32[S, B, tokens * heads, Cp] block scores (+inf forced, -inf empty; columns >= topk are padding and
+    hold +inf), ids i32[...] their logical block ids (-1 empty). Splits partition the blocks, so a block is a
+    candidate of at most one split and every candidate is causally visible to its row's token."""
+    vals: jax.Array
+    ids: jax.Array
+    tokens: int
+    heads: int
+
+
+def indexer_candidates(iq_btki, ik_pages, page_table, q_pos, *, topk, local_blocks, interpret, rows, num_warps,
+                       num_stages, ik_scale=None, pow2_splits=False) -> Candidates:
+    """The indexer kernel without the final merge (indexer_topk = merge_topk of these). pow2_splits: a power-of-
+    two number of splits (Triton blocks are powers of two: a kernel that loads a row's candidates of every split
+    at once needs it); the extra splits cover no block and hold only empty candidates."""
     b, t, kh, dim, r = _check(iq_btki, ik_pages, page_table, q_pos, topk, local_blocks, ik_scale)
     m = page_table.shape[1]
     kp, ip, rp = cm.next_pow2(kh), cm.tile(dim), cm.tile(r)
@@ -166,7 +193,7 @@ def indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, *, topk, local_bloc
     pos_rows = jnp.repeat(pos, kp, axis=1)                                 # [B, Tp * Kp]; padded heads ignored
     splits = num_splits_for(b * nt, m)
     per_split = cm.cdiv(m, splits)
-    splits = cm.cdiv(m, per_split)
+    splits = cm.next_pow2(cm.cdiv(m, per_split)) if pow2_splits else cm.cdiv(m, per_split)
 
     def tile(i):                                                           # longest (last) tiles first
         return nt - 1 - i % nt
@@ -186,8 +213,7 @@ def indexer_topk_tuned(iq_btki, ik_pages, page_table, q_pos, *, topk, local_bloc
         out_specs=[spec, spec], interpret=interpret, name="msa_indexer_topk",
         compiler_params=compiler_params(num_warps=num_warps if rows > 64 else 4, num_stages=num_stages),
     )(page_table.astype(jnp.int32), pos_rows, iq_rows, ik_pages, *scale_args)
-    sel = merge_topk(vals, ids, topk)                                      # [B, Tp * Kp, topk]
-    return sel.reshape(b, tp, kp, topk)[:, :t, :kh]
+    return Candidates(vals, ids, tp, kp)
 
 
 def num_splits_for(programs: int, num_blocks: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pallas_kernels.tpu.attention import paged_attention as _paged_attention
 from pallas_kernels.tpu.indexer import indexer_topk
 
-__all__ = ["indexer_topk", "sparse_attention", "dense_attention"]
+__all__ = ["indexer_topk", "sparse_attention", "dense_attention", "msa"]
 
 
 def sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale: float | None = None,
@@ -34,3 +34,14 @@ def dense_attention(q_btnh, k_pages, v_pages, page_table, q_pos, *, scale: float
     del contiguous_chunks
     return _paged_attention(q_btnh, k_pages, v_pages, page_table, q_pos, None, scale=scale,
                             interpret=interpret, op="dense_attention")
+
+
+def msa(q_btnh, k_pages, v_pages, page_table, q_pos, iq_btki, ik_pages, *, topk: int, local_blocks: int = 1,
+        ik_scale=None, scale: float | None = None, interpret: bool = False):
+    """MSA on TPU, both branches (reference.msa): indexer_topk, then sparse_attention over its selection. The two
+    kernels stay separate calls: the GPU joins them to save small launches at decode (gpu/msa.py), which XLA's
+    TPU runtime does not pay per op in the same way (benchmarks/TPU_PLAN.md)."""
+    ids = indexer_topk(iq_btki, ik_pages, page_table, q_pos, topk=topk, local_blocks=local_blocks,
+                       ik_scale=ik_scale, interpret=interpret)
+    return sparse_attention(q_btnh, k_pages, v_pages, page_table, q_pos, ids, scale=scale,
+                            interpret=interpret), ids

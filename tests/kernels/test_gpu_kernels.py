@@ -318,3 +318,85 @@ def test_dense_attention_positions_beyond_2_pow_20():
     got = dispatch.dense_attention(c.q_btnh, c.k_pages.at[:, 0].set(0.0), c.v_pages.at[:, 0].set(0.0), table, pos,
                                    impl=IMPL)
     assert rel_l2(got, want, c.valid) <= 1e-4
+
+
+def check_msa(c, dtype, topk, schedule, local_blocks=1, ik_pages=None, ik_scale=None):
+    """gpu.msa_tuned(schedule=...) against reference.msa: the selection as sets on tie-free rows (best first, -1
+    right-padded, no repeats), the output within the dtype's tolerance on the reference's own selection."""
+    from pallas_kernels.gpu.msa import msa_tuned
+    ik_pages = c.ik_pages if ik_pages is None else ik_pages
+    args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, c.iq_btki, ik_pages)
+    kw = dict(topk=topk, local_blocks=local_blocks, ik_scale=ik_scale)
+    o, ids = msa_tuned(*args, **kw, scale=None, interpret=INTERPRET, schedule=schedule)
+    want_o, want_ids = reference.msa(*args, **kw)
+    got, want = np.asarray(ids), np.asarray(want_ids)
+    assert got.shape == want.shape and got.dtype == np.int32 and o.shape == c.q_btnh.shape
+    ok = tie_free_rows(c, topk, local_blocks, ik_pages=ik_pages, ik_scale=ik_scale) & c.valid[:, :, None]
+    assert ok.sum() >= 0.5 * c.valid.sum() * ok.shape[-1]
+    np.testing.assert_array_equal(np.sort(got, -1)[ok], np.sort(want, -1)[ok])
+    assert (got[~c.valid] == -1).all()
+    for row in got.reshape(-1, topk):
+        v = row[row >= 0]
+        assert len(set(v.tolist())) == len(v) and (row[len(v):] == -1).all()
+    # the output: exact attention over the kernel's own selection (equal to the reference's on tie-free rows)
+    want_o = reference.sparse_attention(*args[:5], ids)
+    assert rel_l2(o, want_o, c.valid) <= TOL[dtype]
+    assert (np.asarray(jnp.asarray(o, jnp.float32))[~c.valid] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("kv_lens,q_lens,topk,local_blocks", [
+    ([150, 40, 77, 9], [1, 1, 1, 1], 4, 1),      # decode rows; request 3 sees 1 block (< topk), partial pages
+    ([300, 33], [1, 1], 8, 2),                   # more candidates than fit one split; two forced blocks
+    ([90, 45], [12, 5], 3, 1),                   # a short chunk (verification-sized) and padding rows
+])
+def test_msa_fused_topk_matches_reference(kv_lens, q_lens, topk, local_blocks, dtype):
+    """The fused-topk schedule (the attention kernel merges the indexer's split candidates itself) gives the
+    reference's selection and attention; pages shuffled over the pool, unused slots NaN."""
+    c = case(kv_lens, q_lens, dtype=dtype, seed=sum(kv_lens) + topk)
+    check_msa(c, dtype, topk, "fused-topk", local_blocks)
+
+
+def test_msa_two_step_and_fp8_index_k():
+    """The two-step schedule (the default) and the fused one with an FP8 index-K cache (e4m3 codes + a float32
+    scale per token) both match reference.msa on the same codes and scales."""
+    c = case([150, 40, 77, 9], [1, 1, 1, 1], dtype=jnp.bfloat16, seed=61)
+    check_msa(c, jnp.bfloat16, 4, "two-step")
+    codes, scale = layout.quantize_index_k(c.ik_pages)
+    check_msa(c, jnp.bfloat16, 4, "fused-topk", ik_pages=codes, ik_scale=scale)
+
+
+def test_msa_fused_topk_positions_beyond_2_pow_20():
+    """Decode rows past 2^20: the first SHIFT blocks map to the sink page (index keys 0: score 0 below the
+    positive real scores; K = V = NaN, never attended). Same selection and output as the unshifted case."""
+    from pallas_kernels.gpu.msa import msa_tuned
+    c = case([150, 40], [1, 1], seed=73)
+    iq, ik = jnp.abs(c.iq_btki), jnp.abs(c.ik_pages)
+    args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, iq, ik)
+    want_o, want_ids = reference.msa(*args, topk=3)
+    r = ik.shape[1]
+    shift = (1 << 20) // r + 3
+    table = jnp.concatenate([jnp.zeros((2, shift), jnp.int32), c.page_table], axis=1)
+    pos = jnp.where(c.q_pos >= 0, c.q_pos + shift * r, -1)
+    o, ids = msa_tuned(c.q_btnh, c.k_pages.at[:, 0].set(jnp.nan), c.v_pages.at[:, 0].set(jnp.nan), table, pos, iq,
+                       ik.at[0].set(0.0), topk=3, interpret=INTERPRET, schedule="fused-topk")
+    want = np.where(np.asarray(want_ids) >= 0, np.asarray(want_ids) + shift, -1)
+    np.testing.assert_array_equal(np.sort(np.asarray(ids), -1), np.sort(want, -1))
+    assert rel_l2(o, want_o, c.valid) <= TOL[jnp.float32]
+
+
+def test_select_candidates_takes_the_best_distinct_blocks():
+    """The in-register merge: best first over every split (forced +inf first), padding columns (>= topk, +inf)
+    and empty (-inf) candidates never taken, -1 past the valid picks, and their count."""
+    from pallas_kernels.gpu.attention import select_candidates
+    inf = jnp.inf
+    vals = jnp.asarray([[5.0, -inf, inf, inf], [inf, 2.0, inf, inf], [3.0, 7.0, inf, inf], [-inf, -inf, inf, inf]],
+                       jnp.float32)
+    ids = jnp.asarray([[10, -1, -1, -1], [4, 11, -1, -1], [12, 13, -1, -1], [-1, -1, -1, -1]], jnp.int32)
+    pick = jax.jit(select_candidates, static_argnums=(2, 3))
+    sel, n = pick(vals, ids, 2, 4)                                     # top-2 of the candidates 5, inf, 2, 3, 7
+    assert int(n) == 2 and np.asarray(sel).tolist() == [4, 13, -1, -1]
+    vals = jnp.asarray([[-inf, -inf, inf, inf], [3.0, -inf, inf, inf]], jnp.float32)
+    ids = jnp.asarray([[-1, -1, -1, -1], [9, -1, -1, -1]], jnp.int32)
+    sel, n = pick(vals, ids, 2, 2)                                     # one candidate for two slots
+    assert int(n) == 1 and np.asarray(sel).tolist() == [9, -1]

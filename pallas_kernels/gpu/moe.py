@@ -37,6 +37,11 @@ experts at M3 widths, [128, 6144, 3072] = 2.4e9 bytes, gave an illegal address o
     (H200, M3 widths, unstacked: decode 5.6-7.3x the copy-rate bound, prefill 8K 71 TFLOP/s vs bf16's 329).
 Wider dtypes never need it (2**32 bytes of a 2-byte dtype are 2**31 elements).
 
+MoETiles.scaled_dot (MXFP8, opt-in): instead of dequantising the weight tile, each 32-row exponent block's e4m3
+rows convert exactly to x's dtype and the block's power of two scales its [BM, BN] product (_scaled_dot). That
+trades ~6 ALU ops per weight for BM x BN / 32 per weight: cheaper when BM < 32, i.e. decode. Not yet run on a GPU:
+benchmarks/moe.py sweeps it beside the dequantising tiles, and default_tiles changes only on that measurement.
+
 Tiles: decode (few rows per expert) uses BM = 16 (the smallest Triton dot) and narrow column blocks, so that a
 batch-1 step still spreads the four experts' weights over a few hundred programs; prefill uses 64-row (bf16) or
 up to 256-row (MXFP8) tiles (default_tiles: the best of H200 sweeps; MXFP8 swept with direct loads).
@@ -79,6 +84,10 @@ class MoETiles:
     block_k: int            # K step of both kernels (MXFP8: a multiple of 32)
     num_warps: int
     num_stages: int
+    # MXFP8 only: each K step as 32-row exponent blocks, the e4m3 rows converted exactly to x's dtype and each
+    # block's 2**(s - 127) applied to its [BM, BN] product instead of to the weights (_scaled_dot): BM x BN
+    # multiplies per 32 x BN weights instead of ~6 ALU ops per weight, so it is cheaper when BM < 32 (decode).
+    scaled_dot: bool = False
 
 
 def default_tiles(num_slots: int, num_experts: int, fp8: bool) -> MoETiles:
@@ -154,12 +163,32 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=f32, precision=cm.dot_precision(a.dtype))
 
 
+def _scaled_dot(x_ref, w_ref, s_ref, lead, row0, block_m, k0, n0, block_k, block_n, views):
+    """f32 [BM, BN]: x[rows, k0:k0+BK] @ W[k0:k0+BK, n0:n0+BN] for MXFP8 W (MoETiles.scaled_dot), as the sum over
+    the step's 32-row exponent blocks c of (x[:, c] @ e4m3[c]) * 2**(s[c] - 127). e4m3 converts exactly to x's
+    dtype and the scale is a power of two, so this equals the dequantised weights' product up to float32
+    summation order; the one difference: weights whose dequantised value is below 2**-126 (exponent bytes
+    below ~10, never in a released checkpoint) contribute their tiny products, where dequantize_mxfp8 flushes
+    them to zero."""
+    blk = moe_plan.MXFP8_BLOCK
+    acc = None
+    for c in range(block_k // blk):
+        kc = pl.multiple_of(k0 + c * blk, blk)
+        x = x_ref[pl.ds(row0, block_m), pl.ds(kc, blk)]                              # [BM, 32]
+        w = _load_bytes(w_ref, lead, kc, blk, n0, block_n, views[0], jnp.float8_e4m3fn).astype(x.dtype)
+        scale, fix = moe_plan.e8m0_factors(_load_bytes(s_ref, lead, kc // blk, 1, n0, block_n, views[1],
+                                                       jnp.uint8))                  # [1, BN] each
+        part = _dot(x, w) * scale * fix
+        acc = part if acc is None else acc + part
+    return acc
+
+
 def _lead(layer_ref, e, stacked):
     return (layer_ref[0], e) if stacked else (e,)
 
 
 def _gate_up_kernel(tile_ref, used_ref, layer_ref, x_ref, g_ref, u_ref, *rest, block_m, block_n, block_k, num_k,
-                    alpha, limit, stacked, views):
+                    alpha, limit, stacked, views, scaled):
     # tile_ref i32[tiles]; used_ref i32[1]; layer_ref i32[1]; x_ref [R, D] rows in padded order (whole)
     # g_ref, u_ref [(L,) E, D, F] as stored (whole); MXFP8: gs_ref, us_ref u8[(L,) E, D/32, F], and views =
     # ((gate, its exponents), (up, its exponents)): which are int32 views [..., cols/4]; h_ref [BM, BN] block
@@ -175,6 +204,10 @@ def _gate_up_kernel(tile_ref, used_ref, layer_ref, x_ref, g_ref, u_ref, *rest, b
 
         def body(kk, acc):
             k0 = pl.multiple_of(kk * block_k, block_k)
+            if scaled:
+                tile = (lead, row0, block_m, k0, n0, block_k, block_n)
+                return (acc[0] + _scaled_dot(x_ref, g_ref, gs_ref, *tile, vg),
+                        acc[1] + _scaled_dot(x_ref, u_ref, us_ref, *tile, vu))
             x = x_ref[pl.ds(row0, block_m), pl.ds(k0, block_k)]                      # [BM, BK]
             g = _load_w(g_ref, gs_ref, lead, k0, n0, block_k, block_n, x.dtype, vg)   # [BK, BN]
             u = _load_w(u_ref, us_ref, lead, k0, n0, block_k, block_n, x.dtype, vu)
@@ -186,7 +219,7 @@ def _gate_up_kernel(tile_ref, used_ref, layer_ref, x_ref, g_ref, u_ref, *rest, b
 
 
 def _down_kernel(tile_ref, used_ref, layer_ref, h_ref, w_ref, *rest, block_m, block_n, block_k, num_k, stacked,
-                 views):
+                 views, scaled):
     # h_ref [R, F] activations (whole); w_ref [(L,) E, F, D] (whole; MXFP8: ws_ref u8[(L,) E, F/32, D] and
     # views = (down, its exponents): which are int32 views); rw_ref f32[BM] combine weights of the tile's rows;
     # y_ref f32[BM, BN] block (i, j) of [R, D]
@@ -200,6 +233,8 @@ def _down_kernel(tile_ref, used_ref, layer_ref, h_ref, w_ref, *rest, block_m, bl
 
         def body(kk, acc):
             k0 = pl.multiple_of(kk * block_k, block_k)
+            if scaled:
+                return acc + _scaled_dot(h_ref, w_ref, ws_ref, lead, row0, block_m, k0, n0, block_k, block_n, views)
             h = h_ref[pl.ds(row0, block_m), pl.ds(k0, block_k)]                      # [BM, BK]
             return acc + _dot(h, _load_w(w_ref, ws_ref, lead, k0, n0, block_k, block_n, h.dtype, views))
 
@@ -246,6 +281,8 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     cm.require(cm.is_pow2(bm) and bm >= 16, "moe", "block_m must be a power of two >= 16", shapes)
     cm.require(bk >= 16 and bn_up and bn_down, "moe", "D and F must be multiples of 16 (Triton tiles)", shapes)
     views = ()
+    if tiles.scaled_dot and not fp8:
+        raise ValueError(f"gpu.moe: scaled_dot applies to MXFP8 weights only, got {gate_edf.dtype} and tiles {tiles}")
     if fp8:
         cm.require(bk % moe_plan.MXFP8_BLOCK == 0, "moe", "MXFP8 needs D and F multiples of 32", shapes)
         # order: gate, up, down, then their exponents; column blocks (powers of two >= 16) are whole words
@@ -270,7 +307,7 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     r = p.num_rows
 
     up_kernel = functools.partial(_gate_up_kernel, block_m=bm, block_n=bn_up, block_k=bk, num_k=d // bk,
-                                  alpha=alpha, limit=limit, stacked=stacked,
+                                  alpha=alpha, limit=limit, stacked=stacked, scaled=tiles.scaled_dot,
                                   views=((views[0], views[3]), (views[1], views[4])) if fp8 else ())
     operands = moe_plan.vary_together(
         (p.tile_expert, p.num_used, layer_arr, xs, gate_edf, up_edf) + (scales[:2] if fp8 else ()))
@@ -283,7 +320,8 @@ def moe_tuned(x_td, ids_tk, combine_tk, gate_edf, up_edf, down_efd, gate_scale_e
     )(*operands)
 
     down_kernel = functools.partial(_down_kernel, block_m=bm, block_n=bn_down, block_k=bk, num_k=f // bk,
-                                    stacked=stacked, views=(views[2], views[5]) if fp8 else ())
+                                    stacked=stacked, scaled=tiles.scaled_dot,
+                                    views=(views[2], views[5]) if fp8 else ())
     operands = moe_plan.vary_together(
         (p.tile_expert, p.num_used, layer_arr, h, down_efd) + (scales[2:] if fp8 else ()) + (p.row_weight,))
     y = pl.pallas_call(

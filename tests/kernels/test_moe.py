@@ -11,6 +11,7 @@ shapes (nothing allocated) and, on a GPU, on real M3-sized arrays at offsets pas
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -326,6 +327,40 @@ def test_mxfp8_byte_paths_are_exactly_the_dequantised_weights(path, layers, tile
                                                         tiles=tiles, force_byte_path=path), x, ids, comb, *stored)
     w, sc = ("int32", "int32") if path == "int32 view" else ("float8_e4m3fn", "uint8")
     assert ops == [[w, w, sc, sc], [w, sc]]
+
+
+SCALED_TILES = [gpu_moe.MoETiles(16, 32, 32, 64, 4, 4, True), gpu_moe.MoETiles(16, 64, 32, 32, 4, 4, True)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("path", gpu_moe.BYTE_LOAD_PATHS)
+@pytest.mark.parametrize("layers,kind,t", [(None, "elsewhere", 6), (3, "random", 1), (None, "one-expert", 9)],
+                         ids=["per-layer", "stacked-b1", "one-expert"])
+def test_mxfp8_scaled_dot_is_the_dequantised_weights(dtype, path, layers, kind, t):
+    """MoETiles.scaled_dot (the exponents applied to each 32-row block's product): the dequantised weights'
+    result up to float32 summation order (bit for bit with one exponent block per K step), on both byte paths,
+    per layer and at layer 1 of a stack; and the reference's result."""
+    x, ids, comb, w = _case(t, 2, 8, 64, 128, dtype, kind, seed=17 + t, fp8=True, layers=layers)
+    layer = None if layers is None else jnp.int32(1)
+    stored = [q for q, _ in w] + [s for _, s in w]
+    dense = [reference.dequantize_mxfp8(q, s, dtype) for q, s in w]
+    run = lambda tiles, *ws, **kw: np.asarray(gpu_moe.moe_tuned(x, ids, comb, *ws, alpha=ALPHA, limit=LIMIT,
+                                                                layer=layer, interpret=True, tiles=tiles, **kw))
+    for tiles in SCALED_TILES:
+        got = run(tiles, *stored, force_byte_path=path)
+        want = run(dataclasses.replace(tiles, scaled_dot=False), *dense)
+        if tiles.block_k == moe_plan.MXFP8_BLOCK:
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    per_layer = [(q[1], s[1]) for q, s in w] if layers else w
+    np.testing.assert_allclose(got, _run("reference", x, ids, comb, per_layer, fp8=True), **TOL[dtype])
+
+
+def test_scaled_dot_is_refused_for_bf16_weights():
+    x, ids, comb, w = _case(3, 2, 8, 64, 32, jnp.bfloat16, "random", seed=5)
+    with pytest.raises(ValueError, match="scaled_dot applies to MXFP8"):
+        gpu_moe.moe_tuned(x, ids, comb, *w, alpha=ALPHA, limit=LIMIT, interpret=True, tiles=SCALED_TILES[0])
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the Triton kernel compiled for the GPU; allocates ~22 GB")

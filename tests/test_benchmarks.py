@@ -151,3 +151,23 @@ def test_msa_trained_script_measures_the_bundled_model(tmp_path):
     e = res["engine"]
     assert (e["prompts"], e["new_tokens"]) == (1, 2) and 0.0 <= e["same_tokens"] <= 1.0
     assert json.loads((tmp_path / "msa_trained.json").read_text())["meta"]["tokens"] == 1280
+
+
+def test_open_measurements_script_names_real_scripts_and_flags():
+    """benchmarks/open_measurements.sh: an unknown part exits 2; every benchmark script it runs exists and takes
+    every --flag it passes (so the script stays true as the benchmarks change)."""
+    import re
+    import subprocess
+    root = os.path.join(os.path.dirname(__file__), "..")
+    script = os.path.join(root, "benchmarks", "open_measurements.sh")
+    r = subprocess.run(["bash", script, "bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+    text = open(script).read().replace("\\\n", " ")
+    calls = re.findall(r"python3 (benchmarks/\w+\.py)([^\n;|]*)", text)
+    assert {c[0] for c in calls} >= {"benchmarks/moe.py", "benchmarks/generate.py", "benchmarks/kernels.py",
+                                     "benchmarks/long_context.py", "benchmarks/full_m3.py"}
+    shared = open(os.path.join(root, "benchmarks", "generate.py")).read()    # the scaled-M3 scripts' common flags
+    for path, args in calls:
+        src = open(os.path.join(root, path)).read()
+        for flag in re.findall(r"(--[a-z0-9-]+)", args):
+            assert f'"{flag}"' in src or ("benchmarks.generate import" in src and f'"{flag}"' in shared), (path, flag)

@@ -108,16 +108,30 @@ def selection_stats(q_btnh, k_pages, page_table, q_pos, sel, sel8, chunk: int = 
             "recall_sum": float(recall.sum()), "recall_n": int(recall.size), "recall_min": float(recall.min())}
 
 
+def summarise(cases) -> dict:
+    """selection_stats sums of one or more inputs -> rows, same_sets, overlap, mass_recall_mean / _min."""
+    rows = sum(c["rows"] for c in cases)
+    return {"rows": rows, "same_sets": sum(c["same"] for c in cases) / rows,
+            "overlap": sum(c["overlap_sum"] for c in cases) / rows,
+            "mass_recall_mean": sum(c["recall_sum"] for c in cases) / sum(c["recall_n"] for c in cases),
+            "mass_recall_min": min(c["recall_min"] for c in cases)}
+
+
+SELECTION_HEADER = (f"{'rows':>6} {'same top-k sets':>15} {'blocks shared':>13} {'mass recall mean':>16} "
+                    f"{'min':>6}")
+
+
+def selection_line(r: dict) -> str:
+    """A summarise() row under SELECTION_HEADER."""
+    return (f"{r['rows']:>6} {100 * r['same_sets']:14.1f}% {100 * r['overlap']:12.1f}% "
+            f"{100 * r['mass_recall_mean']:15.2f}% {100 * r['mass_recall_min']:5.1f}%")
+
+
 def selection(geo: Geometry, contexts, queries: int, seeds: int) -> list[dict]:
     out = []
     for ctx in contexts:
         cases = [selection_case(geo, ctx, queries, 1000 * ctx // geo.block + s) for s in range(seeds)]
-        rows = sum(c["rows"] for c in cases)
-        r = {"ctx": ctx, "queries": queries, "seeds": seeds, "rows": rows,
-             "same_sets": sum(c["same"] for c in cases) / rows,
-             "overlap": sum(c["overlap_sum"] for c in cases) / rows,
-             "mass_recall_mean": sum(c["recall_sum"] for c in cases) / sum(c["recall_n"] for c in cases),
-             "mass_recall_min": min(c["recall_min"] for c in cases),
+        r = {"ctx": ctx, "queries": queries, "seeds": seeds, **summarise(cases),
              "same_sets_per_seed": [c["same"] / c["rows"] for c in cases]}
         print("selection", r, flush=True)
         out.append(r)
@@ -157,11 +171,9 @@ def decode_speed() -> dict:
 def print_table(res: dict) -> None:
     geo = res["geometry"]
     print(f"FP8 index-K vs bf16 ({res['meta']['device']}, {geo}, random data, no trained model)")
-    print(f"{'ctx':>8} {'rows':>6} {'same top-k sets':>15} {'blocks shared':>13} {'mass recall mean':>16} "
-          f"{'min':>6}")
+    print(f"{'ctx':>8} {SELECTION_HEADER}")
     for r in res.get("selection", []):
-        print(f"{r['ctx']:>8} {r['rows']:>6} {100 * r['same_sets']:14.1f}% {100 * r['overlap']:12.1f}% "
-              f"{100 * r['mass_recall_mean']:15.2f}% {100 * r['mass_recall_min']:5.1f}%")
+        print(f"{r['ctx']:>8} {selection_line(r)}")
     e = res.get("engine")
     if e:
         print(f"engine (tiny random model, {e['prompts']} prompts x {e['prompt_len']} tokens, {e['new_tokens']} "

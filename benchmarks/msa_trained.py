@@ -163,10 +163,7 @@ def run(tokens: int, dtype: str, tiles, out_dir: str | None, engine: bool = True
     rng = np.random.default_rng(0)
     for layer, (sel, p) in sorted(layers.items()):
         attn = next(s for s in model.stacks if s.first_layer <= layer < s.first_layer + s.num_layers).layers.attn
-        s = fp8_layer(attn, sel, p, positions, first)
-        r = {"layer": layer, "rows": s["rows"], "same_sets": s["same"] / s["rows"],
-             "overlap": s["overlap_sum"] / s["rows"], "mass_recall_mean": s["recall_sum"] / s["recall_n"],
-             "mass_recall_min": s["recall_min"]}
+        r = {"layer": layer, **fp8_index_k.summarise([fp8_layer(attn, sel, p, positions, first)])}
         print("fp8", r, flush=True)
         res["fp8"].append(r)
         for row in locality(attn, np.asarray(sel)[0], first, tiles, rng):
@@ -187,10 +184,9 @@ def print_table(res: dict) -> None:
     m = res["meta"]
     print(f"MSA on the trained model ({m['model']}, {m['dtype']}, {m['tokens']} held-out tokens, blocks of "
           f"{m['block']}, top-{m['topk']}; {m['device']}, jax {m['jax']})")
-    print(f"{'layer':>5} {'rows':>6} {'same top-k sets':>15} {'blocks shared':>13} {'mass recall mean':>16} {'min':>6}")
+    print(f"{'layer':>5} {fp8_index_k.SELECTION_HEADER}")
     for r in res["fp8"]:
-        print(f"{r['layer']:>5} {r['rows']:>6} {100 * r['same_sets']:14.1f}% {100 * r['overlap']:12.1f}% "
-              f"{100 * r['mass_recall_mean']:15.2f}% {100 * r['mass_recall_min']:5.1f}%")
+        print(f"{r['layer']:>5} {fp8_index_k.selection_line(r)}")
     tiles = sorted({r["tile"] for r in res["locality"]})
     print(f"{'tile':>5} {'union (trained)':>15} {'reuse':>6} {'union (random)':>14} {'reuse':>6}   (mean over layers)")
     for n in tiles:

@@ -84,30 +84,37 @@ def _store(carry, o_ref, lse_ref):
         lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
 
 
-def _sparse_kernel(pt_ref, ids_ref, nvalid_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
-                   num_tokens, per_split, scale, block_size, chunk, precision):
-    # pt_ref i32[B, M]; ids_ref i32[B, T, K, C] compacted; nvalid_ref i32[B, T, K]; qpos_ref i32[B, T]
-    # q_ref [Gp, H] (one token, one group); k_ref, v_ref [K, P, R, H]; o_ref [Gp, H]; lse_ref f32[Gp]
-    # Each chosen page is visited in R // chunk steps of `chunk` keys (smaller tiles: more programs per SM).
-    i, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    b, t = i // num_tokens, i % num_tokens
-    pos = qpos_ref[b, t]
-    start = split * per_split
-    stop = jnp.minimum(start + per_split, nvalid_ref[b, t, kh])
-    q = q_ref[...]
+def _attend_slots(q, pos, pt_ref, k_ref, v_ref, b, kh, block_of, first, last, *, chunk, block_size, scale,
+                  precision):
+    """Online softmax of one token's query rows q [Gp, H] at position `pos` over the chosen pages in slots
+    [first, last) (block_of(slot): the slot's logical block id); each page is visited in R // chunk steps of
+    `chunk` keys (smaller tiles: more programs per SM). Returns the (m, l, acc) carry."""
     rows, head_dim = q.shape
     row_pos = jnp.full((rows,), pos, jnp.int32)
     steps = k_ref.shape[2] // chunk
 
     def body(u, carry):
-        blk = ids_ref[b, t, kh, u // steps]
+        blk = block_of(u // steps)
         page = pt_ref[b, blk]
         off = (u % steps) * chunk
         rows_kv = pl.ds(pl.multiple_of(off, chunk), chunk)
         return _attend_block(q, k_ref[kh, page, rows_kv, :], v_ref[kh, page, rows_kv, :], blk, off, row_pos,
                              pos, carry, block_size=block_size, scale=scale, precision=precision)
 
-    carry = lax.fori_loop(start * steps, stop * steps, body, _init_carry(rows, head_dim))
+    return lax.fori_loop(first * steps, last * steps, body, _init_carry(rows, head_dim))
+
+
+def _sparse_kernel(pt_ref, ids_ref, nvalid_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
+                   num_tokens, per_split, scale, block_size, chunk, precision):
+    # pt_ref i32[B, M]; ids_ref i32[B, T, K, C] compacted; nvalid_ref i32[B, T, K]; qpos_ref i32[B, T]
+    # q_ref [Gp, H] (one token, one group); k_ref, v_ref [K, P, R, H]; o_ref [Gp, H]; lse_ref f32[Gp]
+    i, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, t = i // num_tokens, i % num_tokens
+    start = split * per_split
+    stop = jnp.minimum(start + per_split, nvalid_ref[b, t, kh])
+    carry = _attend_slots(q_ref[...], qpos_ref[b, t], pt_ref, k_ref, v_ref, b, kh,
+                          lambda c: ids_ref[b, t, kh, c], start, stop, chunk=chunk, block_size=block_size,
+                          scale=scale, precision=precision)
     _store(carry, o_ref, lse_ref[0] if lse_ref else None)
 
 
@@ -144,26 +151,14 @@ def _sparse_fused_kernel(pt_ref, qpos_ref, cv_ref, ci_ref, q_ref, k_ref, v_ref, 
     lse_ref, sel_ref = rest if len(rest) == 2 else (None, rest[0])
     i, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, t = i // num_tokens, i % num_tokens
-    pos = qpos_ref[b, t]
     sel, nvalid = select_candidates(cv_ref[...], ci_ref[...], topk, sel_ref.shape[0])
     sel_ref[...] = sel
+    slot = lax.broadcasted_iota(jnp.int32, sel.shape, 0)
     start = split * per_split
     stop = jnp.minimum(start + per_split, nvalid)
-    q = q_ref[...]
-    rows, head_dim = q.shape
-    row_pos = jnp.full((rows,), pos, jnp.int32)
-    steps = k_ref.shape[2] // chunk
-    slot = lax.broadcasted_iota(jnp.int32, sel.shape, 0)
-
-    def body(u, carry):
-        blk = jnp.sum(jnp.where(slot == u // steps, sel, 0))
-        page = pt_ref[b, blk]
-        off = (u % steps) * chunk
-        rows_kv = pl.ds(pl.multiple_of(off, chunk), chunk)
-        return _attend_block(q, k_ref[kh, page, rows_kv, :], v_ref[kh, page, rows_kv, :], blk, off, row_pos,
-                             pos, carry, block_size=block_size, scale=scale, precision=precision)
-
-    carry = lax.fori_loop(start * steps, stop * steps, body, _init_carry(rows, head_dim))
+    carry = _attend_slots(q_ref[...], qpos_ref[b, t], pt_ref, k_ref, v_ref, b, kh,
+                          lambda c: jnp.sum(jnp.where(slot == c, sel, 0)), start, stop, chunk=chunk,
+                          block_size=block_size, scale=scale, precision=precision)
     _store(carry, o_ref, lse_ref)
 
 
@@ -275,6 +270,17 @@ def _use_kv_major(schedule, b, t, kh, c, gp, hp, dtype):
     return b * t >= KV_MAJOR_MIN_QUERIES and partial_bytes <= KV_MAJOR_MAX_PARTIAL_BYTES
 
 
+def _query_outer_outputs(splits, b, t, kh, gp, hp, dtype):
+    """out_shape / out_specs of a query-outer sparse kernel on the grid (B * T, K, splits): the output in q's
+    dtype, or with several splits each split's normalised partial in f32 and its log-sum-exp."""
+    out_shape = [jax.ShapeDtypeStruct((splits, b, t, kh, gp, hp), dtype if splits == 1 else f32)]
+    out_specs = [pl.BlockSpec((None, None, None, None, gp, hp), lambda i, k, s: (s, i // t, i % t, k, 0, 0))]
+    if splits > 1:
+        out_shape.append(jax.ShapeDtypeStruct((splits, b, t, kh, gp), f32))
+        out_specs.append(pl.BlockSpec((None, None, None, None, gp), lambda i, k, s: (s, i // t, i % t, k, 0)))
+    return out_shape, out_specs
+
+
 def sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_ids, *, scale, interpret,
                            num_warps, num_stages, chunk, schedule="auto", kv_major=None):
     """sparse_attention with an explicit schedule ("auto", "query": query-outer, "kv": KV-block-major) and
@@ -295,12 +301,7 @@ def sparse_attention_tuned(q_btnh, k_pages, v_pages, page_table, q_pos, block_id
         o = sparse_attention_kv_major(q5, k_pages, v_pages, page_table, q_pos, ids, nvalid, block_size=r,
                                       scale=scale, interpret=interpret, **(kv_major or KV_MAJOR_TUNING))
         return o[:, :, :, :g, :h].reshape(b, t, n, h).astype(q_btnh.dtype)
-    o_dtype = q_btnh.dtype if splits == 1 else f32
-    out_shape = [jax.ShapeDtypeStruct((splits, b, t, kh, gp, hp), o_dtype)]
-    out_specs = [pl.BlockSpec((None, None, None, None, gp, hp), lambda i, k, s: (s, i // t, i % t, k, 0, 0))]
-    if splits > 1:
-        out_shape.append(jax.ShapeDtypeStruct((splits, b, t, kh, gp), f32))
-        out_specs.append(pl.BlockSpec((None, None, None, None, gp), lambda i, k, s: (s, i // t, i % t, k, 0)))
+    out_shape, out_specs = _query_outer_outputs(splits, b, t, kh, gp, hp, q_btnh.dtype)
     chunk = min(chunk, rp)
     kernel = functools.partial(_sparse_kernel, num_tokens=t, per_split=per_split, scale=scale, block_size=r,
                                chunk=chunk, precision=cm.dot_precision(q_btnh.dtype))
@@ -334,12 +335,7 @@ def sparse_attention_from_candidates(q_btnh, k_pages, v_pages, page_table, q_pos
     splits = cm.cdiv(topk, per_split)
     q5 = jnp.pad(q_btnh.reshape(b, t, kh, g, h), ((0, 0),) * 3 + ((0, gp - g), (0, hp - h)))
     k_pages, v_pages = _pad_pages(k_pages, v_pages, rp, hp)
-    o_dtype = q_btnh.dtype if splits == 1 else f32
-    out_shape = [jax.ShapeDtypeStruct((splits, b, t, kh, gp, hp), o_dtype)]
-    out_specs = [pl.BlockSpec((None, None, None, None, gp, hp), lambda i, k, s: (s, i // t, i % t, k, 0, 0))]
-    if splits > 1:
-        out_shape.append(jax.ShapeDtypeStruct((splits, b, t, kh, gp), f32))
-        out_specs.append(pl.BlockSpec((None, None, None, None, gp), lambda i, k, s: (s, i // t, i % t, k, 0)))
+    out_shape, out_specs = _query_outer_outputs(splits, b, t, kh, gp, hp, q_btnh.dtype)
     out_shape.append(jax.ShapeDtypeStruct((b, t, kh, cp), jnp.int32))
     out_specs.append(pl.BlockSpec((None, None, None, cp), lambda i, k, s: (i // t, i % t, k, 0)))
     cand_spec = pl.BlockSpec((s_splits, None, None, cp), lambda i, k, s: (0, i // t, (i % t) * index_heads + k, 0))

@@ -55,16 +55,22 @@ def tie_free_rows(c, topk, local_blocks, margin=1e-3, ik_pages=None, ik_scale=No
 
 def check_selection(c, topk, local_blocks=1, ik_pages=None, ik_scale=None):
     ik_pages = c.ik_pages if ik_pages is None else ik_pages
-    got = np.asarray(dispatch.indexer_topk(c.iq_btki, ik_pages, c.page_table, c.q_pos, topk=topk,
-                                           local_blocks=local_blocks, ik_scale=ik_scale, impl=IMPL))
-    want = np.asarray(reference.indexer_topk(c.iq_btki, ik_pages, c.page_table, c.q_pos, topk=topk,
-                                             local_blocks=local_blocks, ik_scale=ik_scale))
+    got = dispatch.indexer_topk(c.iq_btki, ik_pages, c.page_table, c.q_pos, topk=topk, local_blocks=local_blocks,
+                                ik_scale=ik_scale, impl=IMPL)
+    want = reference.indexer_topk(c.iq_btki, ik_pages, c.page_table, c.q_pos, topk=topk, local_blocks=local_blocks,
+                                  ik_scale=ik_scale)
+    return assert_same_selection(c, got, want, topk, local_blocks, ik_pages, ik_scale)
+
+
+def assert_same_selection(c, got, want, topk, local_blocks, ik_pages, ik_scale):
+    """got == want as sets on the tie-free valid rows (at least half of them); padding rows all -1; -1 only
+    right-padded, never a repeated block. Returns want (numpy)."""
+    got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape and got.dtype == np.int32
     ok = tie_free_rows(c, topk, local_blocks, ik_pages=ik_pages, ik_scale=ik_scale) & c.valid[:, :, None]
     assert ok.sum() >= 0.5 * c.valid.sum() * ok.shape[-1]
     np.testing.assert_array_equal(np.sort(got, -1)[ok], np.sort(want, -1)[ok])
     assert (got[~c.valid] == -1).all()
-    # -1 only right-padded, never repeated blocks
     for row in got.reshape(-1, topk):
         v = row[row >= 0]
         assert len(set(v.tolist())) == len(v) and (row[len(v):] == -1).all()
@@ -321,23 +327,15 @@ def test_dense_attention_positions_beyond_2_pow_20():
 
 
 def check_msa(c, dtype, topk, schedule, local_blocks=1, ik_pages=None, ik_scale=None):
-    """gpu.msa_tuned(schedule=...) against reference.msa: the selection as sets on tie-free rows (best first, -1
-    right-padded, no repeats), the output within the dtype's tolerance on the reference's own selection."""
+    """gpu.msa_tuned(schedule=...) against reference.msa: the selection (assert_same_selection), and the output
+    within the dtype's tolerance of exact attention over the kernel's selection."""
     from pallas_kernels.gpu.msa import msa_tuned
     ik_pages = c.ik_pages if ik_pages is None else ik_pages
     args = (c.q_btnh, c.k_pages, c.v_pages, c.page_table, c.q_pos, c.iq_btki, ik_pages)
     kw = dict(topk=topk, local_blocks=local_blocks, ik_scale=ik_scale)
     o, ids = msa_tuned(*args, **kw, scale=None, interpret=INTERPRET, schedule=schedule)
-    want_o, want_ids = reference.msa(*args, **kw)
-    got, want = np.asarray(ids), np.asarray(want_ids)
-    assert got.shape == want.shape and got.dtype == np.int32 and o.shape == c.q_btnh.shape
-    ok = tie_free_rows(c, topk, local_blocks, ik_pages=ik_pages, ik_scale=ik_scale) & c.valid[:, :, None]
-    assert ok.sum() >= 0.5 * c.valid.sum() * ok.shape[-1]
-    np.testing.assert_array_equal(np.sort(got, -1)[ok], np.sort(want, -1)[ok])
-    assert (got[~c.valid] == -1).all()
-    for row in got.reshape(-1, topk):
-        v = row[row >= 0]
-        assert len(set(v.tolist())) == len(v) and (row[len(v):] == -1).all()
+    assert o.shape == c.q_btnh.shape
+    assert_same_selection(c, ids, reference.msa(*args, **kw)[1], topk, local_blocks, ik_pages, ik_scale)
     # the output: exact attention over the kernel's own selection (equal to the reference's on tie-free rows)
     want_o = reference.sparse_attention(*args[:5], ids)
     assert rel_l2(o, want_o, c.valid) <= TOL[dtype]

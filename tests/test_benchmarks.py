@@ -136,11 +136,11 @@ def test_msa_trained_script_measures_the_bundled_model(tmp_path):
     query's top-k and n times it (and random selections of the same shape obey the same bounds), the Engine runs
     both caches."""
     import msa_trained
-    res = msa_trained.run(1280, "bfloat16", (1, 4, 64), str(tmp_path), prompts=1, prompt_len=1100, new_tokens=2)
+    res = msa_trained.run(1152, "bfloat16", (1, 4, 64), str(tmp_path), prompts=1, prompt_len=1040, new_tokens=2)
     topk = res["meta"]["topk"]
     assert [r["layer"] for r in res["fp8"]] == [1, 2, 3, 4, 5]
     for r in res["fp8"]:
-        assert r["rows"] == (1280 - topk * res["meta"]["block"]) * 4
+        assert r["rows"] == (1152 - topk * res["meta"]["block"]) * 4
         assert 0.0 <= r["same_sets"] <= 1.0 and 0.5 < r["overlap"] <= 1.0
         assert 0.0 <= r["mass_recall_min"] <= r["mass_recall_mean"] <= 1.0 + 1e-6
     for r in res["locality"]:
@@ -150,7 +150,7 @@ def test_msa_trained_script_measures_the_bundled_model(tmp_path):
             assert r["union"] == r["random_union"] == topk
     e = res["engine"]
     assert (e["prompts"], e["new_tokens"]) == (1, 2) and 0.0 <= e["same_tokens"] <= 1.0
-    assert json.loads((tmp_path / "msa_trained.json").read_text())["meta"]["tokens"] == 1280
+    assert json.loads((tmp_path / "msa_trained.json").read_text())["meta"]["tokens"] == 1152
 
 
 def test_open_measurements_script_names_real_scripts_and_flags():

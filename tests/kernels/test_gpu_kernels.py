@@ -342,12 +342,12 @@ def check_msa(c, dtype, topk, schedule, local_blocks=1, ik_pages=None, ik_scale=
     assert (np.asarray(jnp.asarray(o, jnp.float32))[~c.valid] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-@pytest.mark.parametrize("kv_lens,q_lens,topk,local_blocks", [
-    ([150, 40, 77, 9], [1, 1, 1, 1], 4, 1),      # decode rows; request 3 sees 1 block (< topk), partial pages
-    ([300, 33], [1, 1], 8, 2),                   # more candidates than fit one split; two forced blocks
-    ([90, 45], [12, 5], 3, 1),                   # a short chunk (verification-sized) and padding rows
-])
+@pytest.mark.parametrize("kv_lens,q_lens,topk,local_blocks,dtype", [
+    ([150, 40, 77, 9], [1, 1, 1, 1], 4, 1, jnp.float32),     # decode rows; request 3 sees 1 block (< topk)
+    ([150, 40, 77, 9], [1, 1, 1, 1], 4, 1, jnp.bfloat16),
+    ([300, 33], [1, 1], 8, 2, jnp.float32),                  # candidates of several splits; two forced blocks
+    ([90, 45], [12, 5], 3, 1, jnp.bfloat16),                 # a short chunk (verification-sized), padding rows
+], ids=["decode-f32", "decode-bf16", "splits-local2", "chunk-bf16"])
 def test_msa_fused_topk_matches_reference(kv_lens, q_lens, topk, local_blocks, dtype):
     """The fused-topk schedule (the attention kernel merges the indexer's split candidates itself) gives the
     reference's selection and attention; pages shuffled over the pool, unused slots NaN."""

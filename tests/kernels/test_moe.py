@@ -332,10 +332,12 @@ def test_mxfp8_byte_paths_are_exactly_the_dequantised_weights(path, layers, tile
 SCALED_TILES = [gpu_moe.MoETiles(16, 32, 32, 64, 4, 4, True), gpu_moe.MoETiles(16, 64, 32, 32, 4, 4, True)]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("path", gpu_moe.BYTE_LOAD_PATHS)
-@pytest.mark.parametrize("layers,kind,t", [(None, "elsewhere", 6), (3, "random", 1), (None, "one-expert", 9)],
-                         ids=["per-layer", "stacked-b1", "one-expert"])
+@pytest.mark.parametrize("dtype,path,layers,kind,t", [
+    (jnp.float32, "direct", None, "elsewhere", 6),
+    (jnp.bfloat16, "int32 view", None, "elsewhere", 6),
+    (jnp.bfloat16, "direct", 3, "random", 1),
+    (jnp.float32, "int32 view", None, "one-expert", 9),
+], ids=["f32-direct-per-layer", "bf16-view-per-layer", "bf16-direct-stacked-b1", "f32-view-one-expert"])
 def test_mxfp8_scaled_dot_is_the_dequantised_weights(dtype, path, layers, kind, t):
     """MoETiles.scaled_dot (the exponents applied to each 32-row block's product): the dequantised weights'
     result up to float32 summation order (bit for bit with one exponent block per K step), on both byte paths,

@@ -20,15 +20,16 @@ demo: install
 	@printf '$(DEMO_PROMPT)'
 	@$(PY) -m m3jax.cli generate --prompt "$$(printf '$(DEMO_PROMPT)')" --max-new-tokens 64
 
-# The full suite (what CI runs); the 15 slowest tests are listed at the end so the suite's cost stays visible.
+# The full suite (what CI runs), one pytest worker per core up to 4 (each worker is a JAX process of a few GB);
+# the 15 slowest tests are listed at the end so the suite's cost stays visible.
 test: install-test
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --durations=15
 
 # For development: skips the tests marked slow. `make test` stays the full suite.
 test-fast: install-test
 	$(PY) -m pytest -q -m "not slow" --durations=15
 
-# On a GPU host: the whole suite, 8 pytest workers (no preallocation: each takes what it uses), spread round robin
+# On a GPU host: the whole suite, 12 pytest workers (no preallocation: each takes what it uses), spread round robin
 # over the host's GPUs (tests/gpu_workers.py). Tests that need several devices skip there, saying why (they run
 # on CPU's forced host devices in `make test`); GPU-only kernel tests run. float32 is float32 there too: float32
 # models and references use precision=HIGHEST, never TF32.

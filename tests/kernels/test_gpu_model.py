@@ -8,6 +8,7 @@ is checked with greedy decoding through m3jax.model.cached.forward_cached.
 
 from __future__ import annotations
 
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import m3jax
+import pallas_kernels.gpu  # noqa: F401  (loads pallas_kernels.gpu.msa)
 from m3jax.testing import random_model
 from tests.kernels.model_cases import greedy_cached, with_impl
 
@@ -42,4 +44,18 @@ def test_cached_greedy_gpu_matches_reference(model):
     with jax.default_matmul_precision("highest"):
         want = greedy_cached(model, "reference", prompts, 3)
         got = greedy_cached(model, IMPL, prompts, 3)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cached_greedy_with_the_fused_topk_schedule(model, monkeypatch):
+    """With "fused-topk" as gpu.msa's default (what a measurement would flip), the model's decode steps (the
+    attention kernel merging the indexer's candidates itself) give the reference's greedy tokens; prefill rows
+    longer than FUSED_MAX_QUERIES keep the two-step schedule."""
+    # sys.modules: the package attribute pallas_kernels.gpu.msa is the msa function, not its module
+    monkeypatch.setattr(sys.modules["pallas_kernels.gpu.msa"], "DEFAULT_SCHEDULE", "fused-topk")
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(0, 256, 29)), list(rng.integers(0, 256, 12))]
+    with jax.default_matmul_precision("highest"):
+        want = greedy_cached(model, "reference", prompts, 4)
+        got = greedy_cached(model, IMPL, prompts, 4)
     np.testing.assert_array_equal(got, want)

@@ -133,9 +133,9 @@ def _with_dense_sparse_layers(model):
         def __call__(self, ids):
             orig = Attention._attend
 
-            def dense(self, p, kv, q_pos, block_ids, impl):
+            def dense(self, p, kv, q_pos, impl, contiguous_chunks=False):
                 o = dispatch.dense_attention(p.q_btnh, kv.k_pages, kv.v_pages, kv.page_table, q_pos, impl=impl)
-                return o.astype(p.q_btnh.dtype)
+                return o.astype(p.q_btnh.dtype), None
 
             Attention._attend = dense
             try:

@@ -38,7 +38,8 @@ program have not been swept on the GPU yet (issue 22 asks for that sweep). The f
 exact, since every row writes its keys before any row attends): which computation that gives per group is
 `Runner.dense_attention_paths` (logged at construction; see m3jax.model.cached.dense_attention_paths). With the
 default 64-token rows that is the paged kernel: rows under pallas_kernels.gpu.attention.CHUNK_MIN_QUERIES (512)
-were measured no faster through cuDNN on the H200.
+were measured no faster through cuDNN on the H200. The MSA layers' computation per group (how the kernels join
+selection and attention: pallas_kernels.gpu.msa) is `Runner.msa_paths`, logged likewise.
 
 Weights are read in place. Each LayerStack runs as a `lax.scan` (compile time flat in the layer count), and every
 matmul weight of a stack is an `InPlace` parameter (m3jax.model.layers.InPlace): the step holds the stack [L, ...]
@@ -68,7 +69,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m3jax import cache as cache_lib
 from m3jax.distributed import start_to_host, to_host
-from m3jax.model.cached import StepGroup, dense_attention_paths, forward_cached, stacked_matmul_paths
+from m3jax.model.cached import StepGroup, dense_attention_paths, forward_cached, msa_paths, stacked_matmul_paths
 from m3jax.sampling import Sampled, SamplingBatch, SamplingParams, TopLogprob, sample
 from m3jax.scheduler import Batch, Row, SampledToken
 from m3jax.sharding import DATA
@@ -220,6 +221,9 @@ class Runner:
         if self.dense_attention_paths:
             log.info("full-attention layers: %s", ", ".join(f"{k} rows -> {v}"
                                                             for k, v in self.dense_attention_paths.items()))
+        self.msa_paths = msa_paths(model, {"decode": 1, "prefill": row_len})
+        if self.msa_paths:
+            log.info("MSA layers: %s", ", ".join(f"{k} rows -> {v}" for k, v in self.msa_paths.items()))
         # the attention projections and dense / shared MLPs of the largest decode step and of a prompt-chunk group
         # (the kernels see every row of the step: rows are not split over "data" for them)
         shards = self.data_shards

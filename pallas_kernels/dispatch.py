@@ -126,6 +126,23 @@ def dense_attention_path(dtype, num_queries: int, *, contiguous_chunks: bool = F
     return f"{name}:paged"
 
 
+def msa_path(num_queries: int, *, impl=None) -> str:
+    """Which computation msa(..., impl=impl) runs for rows of T = num_queries queries, stated without running it:
+    "reference", "gpu:two-step" / "gpu:fused-topk" (gpu.msa.schedule_for decides), "tpu:two-step", with
+    "-interpret" in the name for the interpreter variants. The first implementation of the order is named: msa
+    has no fallback on GPU and TPU."""
+    order = default_impls() if impl is None else ((impl,) if isinstance(impl, str) else tuple(impl))
+    name = order[0]
+    if name not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {name!r}")
+    if name == "reference":
+        return name
+    if name.startswith("gpu"):
+        gpu_msa = importlib.import_module("pallas_kernels.gpu.msa")
+        return f"{name}:{gpu_msa.schedule_for(num_queries, gpu_msa.DEFAULT_SCHEDULE)}"
+    return f"{name}:two-step"
+
+
 def grouped_matmul(lhs_md, rhs_gdn, group_sizes, *, impl=None):
     """MoE grouped matmul, float32 [M, N]; see reference.grouped_matmul. The requested (or default)
     implementation, then XLA's ragged_dot where it refuses the input (logged with the reason)."""

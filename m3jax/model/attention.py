@@ -198,6 +198,13 @@ class Attention(nnx.Module):
                                      contiguous_chunks=contiguous_chunks)
         return o.astype(p.q_btnh.dtype), None
 
+    def msa_path(self, num_queries: int) -> str:
+        """The computation this MSA layer runs for rows of `num_queries` queries: dispatch.msa_path of this layer's
+        kernel choice, e.g. "gpu:two-step" (indexer_topk, then sparse_attention), "reference" on CPU."""
+        if not self.sparse:
+            raise ValueError("msa_path: this is a full-attention layer; its attention is dense_attention")
+        return dispatch.msa_path(num_queries, impl=self.impl)
+
     def dense_path(self, num_queries: int, dtype, *, cached: bool = True) -> str:
         """The computation this full-attention layer's dense attention runs for rows of `num_queries` queries of
         `dtype` (the model's): pallas_kernels.dispatch.dense_attention_path of this layer's kernel choice, with

@@ -71,6 +71,17 @@ def dense_attention_paths(model, queries_per_row: dict[str, int]) -> dict[str, s
     return {}
 
 
+def msa_paths(model, queries_per_row: dict[str, int]) -> dict[str, str]:
+    """{group name: the computation the MSA layers run for rows of that many queries} (Attention.msa_path), e.g.
+    {"decode": "gpu:two-step", "prefill": "gpu:two-step"}; {} for a model without MSA layers. Every MSA layer
+    shares the model's kernel choice, so the first one answers for all."""
+    for stack in model.stacks:
+        attn = stack.layers.attn
+        if attn.sparse:
+            return {name: attn.msa_path(t) for name, t in queries_per_row.items()}
+    return {}
+
+
 def stacked_matmul_paths(model, rows_per_group: dict[str, int]) -> dict[str, str]:
     """{group name: what the stacked matmuls (attention projections, dense MLP, shared expert) run for steps of
     that many rows}: one path ("gpu": the kernels read each layer's weights in place; "xla": the layer's slice,

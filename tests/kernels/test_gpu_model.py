@@ -59,3 +59,19 @@ def test_cached_greedy_with_the_fused_topk_schedule(model, monkeypatch):
         want = greedy_cached(model, "reference", prompts, 4)
         got = greedy_cached(model, IMPL, prompts, 4)
     np.testing.assert_array_equal(got, want)
+
+
+def test_msa_paths_say_which_schedule_runs(model, monkeypatch):
+    """Runner.msa_paths / m3jax.model.cached.msa_paths state the MSA computation per group without running it:
+    the two-step default, fused-topk for decode rows when it is the default (prompt rows keep two-step), the
+    reference on the reference path; an Engine logs them."""
+    from m3jax.model.cached import msa_paths
+    from tests.kernels.model_cases import with_impl
+    groups = {"decode": 1, "prefill": 64}
+    assert msa_paths(with_impl(model, IMPL), groups) == {"decode": f"{IMPL}:two-step", "prefill": f"{IMPL}:two-step"}
+    assert msa_paths(with_impl(model, "reference"), groups) == {"decode": "reference", "prefill": "reference"}
+    assert msa_paths(with_impl(model, "tpu-interpret"), {"decode": 1}) == {"decode": "tpu-interpret:two-step"}
+    monkeypatch.setattr(sys.modules["pallas_kernels.gpu.msa"], "DEFAULT_SCHEDULE", "fused-topk")
+    assert msa_paths(with_impl(model, IMPL), groups) == {"decode": f"{IMPL}:fused-topk", "prefill": f"{IMPL}:two-step"}
+    engine = m3jax.Engine(with_impl(model, IMPL), max_batch_size=2, max_seq_len=64, compile_cache=False)
+    assert engine.runner.msa_paths == {"decode": f"{IMPL}:fused-topk", "prefill": f"{IMPL}:two-step"}

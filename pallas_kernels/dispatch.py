@@ -62,6 +62,15 @@ def _resolve(op: str, name: str) -> Callable:
     return fn
 
 
+def _first_impl(impl) -> str:
+    """The implementation an op runs first for `impl` (None: the backend's default); the *_path functions name it,
+    since the kernel ops have no fallback on GPU and TPU."""
+    order = default_impls() if impl is None else ((impl,) if isinstance(impl, str) else tuple(impl))
+    if order[0] not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {order[0]!r}")
+    return order[0]
+
+
 def _call(op: str, impl: str | Sequence[str] | None, *args, **kwargs):
     order = default_impls() if impl is None else ((impl,) if isinstance(impl, str) else tuple(impl))
     errors = []
@@ -114,10 +123,7 @@ def dense_attention_path(dtype, num_queries: int, *, contiguous_chunks: bool = F
     (gpu.attention.dense_schedule decides), "tpu:paged" (the promise changes nothing there), with "-interpret"
     in the name for the interpreter variants. The first implementation of the order is named: dense_attention
     has no fallback on GPU and TPU (an input it refuses raises)."""
-    order = default_impls() if impl is None else ((impl,) if isinstance(impl, str) else tuple(impl))
-    name = order[0]
-    if name not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {name!r}")
+    name = _first_impl(impl)
     if name == "reference":
         return name
     if name.startswith("gpu"):
@@ -131,10 +137,7 @@ def msa_path(num_queries: int, *, impl=None) -> str:
     "reference", "gpu:two-step" / "gpu:fused-topk" (gpu.msa.schedule_for decides), "tpu:two-step", with
     "-interpret" in the name for the interpreter variants. The first implementation of the order is named: msa
     has no fallback on GPU and TPU."""
-    order = default_impls() if impl is None else ((impl,) if isinstance(impl, str) else tuple(impl))
-    name = order[0]
-    if name not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {name!r}")
+    name = _first_impl(impl)
     if name == "reference":
         return name
     if name.startswith("gpu"):
@@ -179,10 +182,7 @@ def linear_path(rows: int, *, k: int, n: int, dtype, impl=None) -> str:
     "xla" (the layer's slice, then XLA's matmul) or the kernel implementation that reads the weight in place
     ("gpu", "tpu", or their "-interpret" variants). The reference implementation is "xla" (it is a slice and a
     matmul); so are rows above LINEAR_KERNEL_MAX_ROWS and shapes the kernel does not accept (its `accepts`)."""
-    order = default_impls() if impl is None else ((impl,) if isinstance(impl, str) else tuple(impl))
-    name = order[0]
-    if name not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {name!r}")
+    name = _first_impl(impl)
     if name == "reference" or rows > LINEAR_KERNEL_MAX_ROWS:
         return "xla"
     backend = name.partition("-")[0]

@@ -21,8 +21,8 @@ demo: install
 	@$(PY) -m m3jax.cli generate --prompt "$$(printf '$(DEMO_PROMPT)')" --max-new-tokens 64
 
 # The full suite (what CI runs); the 15 slowest tests are listed at the end so the suite's cost stays visible.
-# One process: with two pytest-xdist workers on the 2-core CI box the suite took 10-11 min instead of ~27, but one
-# of two such runs lost a worker to a segfault inside XLA's CPU compiler (tests/test_vision.py, 2026-12-08).
+# One process (13.6 min on the 2-core CI box, 2026-12-08): two pytest-xdist workers took 10-11 min, but one of two
+# such runs lost a worker to a segfault inside XLA's CPU compiler (tests/test_vision.py), so the gain is not worth it.
 test: install-test
 	$(PY) -m pytest -q --durations=15
 

@@ -33,7 +33,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pallas_kernels import gpu  # noqa: E402
-from pallas_kernels.gpu.attention import KV_MAJOR_MIN_QUERIES  # noqa: E402
+from pallas_kernels.gpu.attention import (KV_MAJOR_MIN_QUERIES, SPARSE_TUNING,  # noqa: E402
+                                           sparse_attention_tuned)
+from pallas_kernels.gpu.msa import msa_tuned  # noqa: E402
 
 N, K, H, I, R, C = 64, 4, 128, 128, 128, 16
 G = N // K
@@ -104,20 +106,14 @@ OURS_DENSE = jax.jit(gpu.dense_attention)
 OURS_DENSE_CHUNK = jax.jit(lambda *a: gpu.dense_attention(*a, contiguous_chunks=True))
 
 
-def _query_outer(*args):
-    from pallas_kernels.gpu.attention import SPARSE_TUNING, sparse_attention_tuned
-    return sparse_attention_tuned(*args, scale=None, interpret=False, schedule="query", **SPARSE_TUNING)
+def _sparse_with_schedule(schedule: str):
+    """Sparse attention pinned to one schedule ("query": query-outer, "kv": KV-block-major), jitted."""
+    return jax.jit(lambda *args: sparse_attention_tuned(*args, scale=None, interpret=False, schedule=schedule,
+                                                        **SPARSE_TUNING))
 
 
-ATT_QUERY_OUTER = jax.jit(_query_outer)
-
-
-def _kv_major(*args):
-    from pallas_kernels.gpu.attention import SPARSE_TUNING, sparse_attention_tuned
-    return sparse_attention_tuned(*args, scale=None, interpret=False, schedule="kv", **SPARSE_TUNING)
-
-
-ATT_KV_MAJOR = jax.jit(_kv_major)
+ATT_QUERY_OUTER = _sparse_with_schedule("query")
+ATT_KV_MAJOR = _sparse_with_schedule("kv")
 
 
 def cudnn_dense(q, k, v, causal):
@@ -231,7 +227,6 @@ KV_SWEEP = [(16, 4, 3, False), (4, 4, 2, True), (8, 4, 2, True), (8, 8, 2, True)
 
 def sweep(out_dir):
     """Time the two sparse-attention schedules and their launch variants in prefill (8K, 32K; best at 128K)."""
-    from pallas_kernels.gpu.attention import sparse_attention_tuned
     results = []
 
     def make(cfg):
@@ -316,7 +311,6 @@ def msa_layer(q, iq, k, v, ik, table, pos, ik_scale=None, schedule="two-step"):
     """One MSA layer's attention (indexer + sparse attention) through gpu.msa's schedule: "two-step" (the
     default: indexer_topk, then sparse_attention) or "fused-topk" (the attention kernel merges the indexer's
     split candidates)."""
-    from pallas_kernels.gpu.msa import msa_tuned
     return msa_tuned(q, k, v, table, pos, iq, ik, topk=C, ik_scale=ik_scale, schedule=schedule)[0]
 
 
@@ -340,7 +334,6 @@ def decode_case_13(batch, ctx, idx, att):
                                         q, iq, k_pages, v_pages, codes, table, pos, scale)
     fused = lambda q, iq, *a: msa_layer(q, iq, *a, schedule="fused-topk")
     r["t_layer_fused_jit"] = bench_in_jit(in_jit(fused), q, iq, k_pages, v_pages, ik_pages, table, pos)
-    from pallas_kernels.gpu.msa import msa_tuned
     _, sel_fused = jax.jit(lambda *a: msa_tuned(*a, topk=C, schedule="fused-topk"))(q, k_pages, v_pages, table, pos,
                                                                                       iq, ik_pages)
     r["fused_same_sets"] = float(jnp.mean(jnp.all(jnp.sort(sel, -1) == jnp.sort(sel_fused, -1), axis=-1)))
